@@ -1,0 +1,1 @@
+"""aibridge: a mitmproxy addon that bridges AI clients to LLM providers and audits them."""
