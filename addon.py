@@ -1,0 +1,7 @@
+"""Entry point: ``mitmdump -s addon.py`` (or ``mitmweb -s addon.py``) runs AI Bridge."""
+
+from pathlib import Path
+
+from aibridge.bridge import AIBridge
+
+addons = [AIBridge(default_config_dir=Path(__file__).resolve().parent)]

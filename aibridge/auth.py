@@ -1,0 +1,99 @@
+"""Who sent a request, and which credential goes upstream (DESIGN.md §6).
+
+Three ways in, checked in this order:
+1. a personal bridge token in ``Authorization: Bearer`` or ``X-Api-Key``;
+2. mitmproxy's ``proxyauth`` identity (regular proxy mode), the user's name;
+3. with ``byok`` on, an unknown bearer token is the user's own provider key.
+Anything else is refused before it can reach the provider.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import http
+
+from aibridge.config import Config, Provider
+
+CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user_id: str
+    credential_kind: str  # "centralized" | "byok"
+    upstream_key: str
+    credential_hint: str
+
+
+class AuthError(Exception):
+    """The client could not be identified; the message is safe to show it."""
+
+
+def hint(secret: str) -> str:
+    """A masked form of a secret: enough to tell keys apart, never enough to use one."""
+    n = len(secret)
+    keep = 4 if n >= 20 else 2 if n >= 10 else 1 if n >= 5 else 0
+    if keep == 0:
+        return "..."
+    return f"{secret[:keep]}...{secret[-keep:]}"
+
+
+def presented_token(headers: http.Headers) -> str | None:
+    """The token a client presents as its API key, if any."""
+    auth = headers.get("authorization", "").strip()
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    api_key = headers.get("x-api-key", "").strip()
+    return api_key or None
+
+
+def proxyauth_user(metadata: dict[str, Any]) -> str | None:
+    """The user mitmproxy's proxyauth addon authenticated, if it ran."""
+    found = metadata.get("proxyauth")
+    if isinstance(found, tuple | list) and found and isinstance(found[0], str) and found[0]:
+        return found[0]
+    return None
+
+
+def identify(
+    config: Config, provider: Provider, headers: http.Headers, metadata: dict[str, Any]
+) -> Identity:
+    token = presented_token(headers)
+    if token is not None:
+        user = config.user_for_token(token)
+        if user is not None:
+            return _centralized(user.id, provider)
+    proxy_user = proxyauth_user(metadata)
+    if token is not None and config.byok:
+        return Identity(proxy_user or f"byok:{hint(token)}", "byok", token, hint(token))
+    if proxy_user is not None:
+        return _centralized(proxy_user, provider)
+    if token is None:
+        raise AuthError(
+            "missing bridge token: send your personal AI Bridge token as the API key "
+            "(Authorization: Bearer <token>)"
+        )
+    raise AuthError(f"unknown bridge token {hint(token)}: ask your admin for a personal token")
+
+
+def _centralized(user_id: str, provider: Provider) -> Identity:
+    return Identity(user_id, "centralized", provider.api_key, hint(provider.api_key))
+
+
+def install_credentials(headers: http.Headers, provider: Provider, identity: Identity) -> None:
+    """Remove everything the client authenticated with; present the upstream key instead."""
+    for name in CLIENT_CREDENTIAL_HEADERS:
+        headers.pop(name, None)
+    if identity.upstream_key:
+        headers["authorization"] = f"Bearer {identity.upstream_key}"
+    for name, value in provider.extra_headers.items():
+        headers[name] = value
+
+
+def mask_credentials(headers: http.Headers, identity: Identity) -> None:
+    """After the request went upstream: keep only the hint in the flow (mitmweb, saved flows)."""
+    if "authorization" in headers and identity.upstream_key:
+        headers["authorization"] = f"Bearer {identity.credential_hint}"

@@ -1,0 +1,345 @@
+"""The mitmproxy addon: the data path of DESIGN.md §2, hook by hook.
+
+Hooks stay short: routing, identity, request parsing, the stream tee and record extraction
+live in their own modules as plain functions; the recorder writes on its own thread. A hook
+never raises into mitmproxy for a bad flow: the worst case is an error row and a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from mitmproxy import ctx, exceptions, http
+
+from aibridge import auth, records
+from aibridge.clients import guess_client, session_id_from_headers
+from aibridge.config import Config, ConfigError, Provider, load_config
+from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_response
+from aibridge.extract import RequestError, RequestInfo, ResponseAccumulator, parse_request
+from aibridge.recorder import Recorder, RecorderError
+from aibridge.routing import Route, RouteKind, classify
+from aibridge.stream import StreamTee
+
+log = logging.getLogger(__name__)
+
+API = "responses"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the bridge keeps about one flow between its request and its end."""
+
+    interception_id: str
+    provider: Provider
+    identity: auth.Identity
+    request: RequestInfo | None = None  # None for passthrough flows (no interception)
+    accumulator: ResponseAccumulator = field(default_factory=ResponseAccumulator)
+    tee: StreamTee | None = None
+    masked: bool = False
+
+
+class AIBridge:
+    """Bridges OpenAI Responses API flows: authenticate, swap keys, record the exchange.
+
+    Cases, decided by ``routing.classify``:
+    - not a configured provider's traffic: untouched;
+    - ``POST /v1/responses``: validated, authenticated, credential swapped, recorded;
+    - an allow-listed provider path: authenticated and credential swapped, not recorded;
+    - any other provider path: 403.
+    """
+
+    def __init__(self, default_config_dir: Path | None = None) -> None:
+        self.config: Config | None = None
+        self.recorder: Recorder | None = None
+        self._default_config_dir = default_config_dir
+        self._exchanges: dict[str, Exchange] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "aibridge_config",
+            str,
+            "config.yaml",
+            "AI Bridge configuration file (YAML). A relative path is looked up in the current "
+            "directory, then next to addon.py.",
+        )
+        loader.add_option(
+            "aibridge_db",
+            str,
+            "",
+            "SQLite file for the AI Bridge audit log; overrides `database` in the config file.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "aibridge_config" not in updated and "aibridge_db" not in updated:
+            return
+        path = self._config_path(ctx.options.aibridge_config)
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            raise exceptions.OptionsError(f"AI Bridge configuration error: {e}") from None
+        for warning in config.warnings:
+            log.warning(warning)
+        db_path = ctx.options.aibridge_db or config.database
+        if self.recorder is None or self.recorder.path != str(db_path):
+            recorder = Recorder(db_path)
+            try:
+                recorder.start()
+            except RecorderError as e:
+                raise exceptions.OptionsError(f"AI Bridge cannot open its database: {e}") from None
+            if self.recorder is not None:
+                self.recorder.close()
+            self.recorder = recorder
+            log.info(f"AI Bridge: recording to {db_path}")
+        self.config = config
+        names = ", ".join(f"{p.name} ({p.base_url})" for p in config.providers)
+        log.info(f"AI Bridge: {len(config.users)} user(s), providers: {names}")
+
+    def _config_path(self, option: str) -> Path:
+        path = Path(option).expanduser()
+        if path.is_absolute() or path.exists() or self._default_config_dir is None:
+            return path
+        beside_addon = self._default_config_dir / path
+        return beside_addon if beside_addon.exists() else path
+
+    def done(self) -> None:
+        for flow_id in list(self._exchanges):
+            self._finish_interrupted(flow_id)
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
+
+    # ---- request side ----------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if self.config is None or flow.response is not None:
+            return
+        req = flow.request
+        route = classify(
+            self.config,
+            req.method,
+            req.host,
+            req.port,
+            req.path,
+            websocket_upgrade=req.headers.get("upgrade", "").lower() == "websocket",
+        )
+        if route.kind is RouteKind.UNRELATED:
+            return
+        assert route.provider is not None
+        if route.kind is RouteKind.FORBIDDEN:
+            flow.response = error_response(
+                403, f"{route.api_path or req.path} is not available through AI Bridge"
+            )
+            return
+        try:
+            identity = auth.identify(self.config, route.provider, req.headers, flow.metadata)
+        except auth.AuthError as e:
+            if route.kind is RouteKind.RESPONSES:
+                self._record_rejection(flow, route, None, 401, str(e))
+            flow.response = error_response(401, str(e))
+            return
+        if route.kind is RouteKind.WEBSOCKET:
+            # The WebSocket transport is not bridged yet: refuse fast so clients use HTTP.
+            flow.response = error_response(
+                426, "AI Bridge records the Responses API over HTTP only: use POST /v1/responses"
+            )
+            return
+        if route.kind is RouteKind.RESPONSES:
+            info = self._validate(flow, route, identity)
+            if info is None:
+                return
+        else:
+            info = None
+        self._retarget(flow, route)
+        auth.install_credentials(req.headers, route.provider, identity)
+        exchange = Exchange(uuid.uuid4().hex, route.provider, identity, info)
+        self._exchanges[flow.id] = exchange
+        if info is not None:
+            self._record_start(flow, exchange)
+
+    def _validate(
+        self, flow: http.HTTPFlow, route: Route, identity: auth.Identity
+    ) -> RequestInfo | None:
+        try:
+            body = flow.request.content or b""
+        except ValueError as e:
+            return self._reject(flow, route, identity, 400, f"request body cannot be decoded: {e}")
+        try:
+            _, info = parse_request(body)
+        except RequestError as e:
+            return self._reject(flow, route, identity, 400, str(e))
+        if info.background:
+            return self._reject(flow, route, identity, 501, BACKGROUND_NOT_SUPPORTED, info)
+        return info
+
+    def _reject(
+        self,
+        flow: http.HTTPFlow,
+        route: Route,
+        identity: auth.Identity | None,
+        status: int,
+        message: str,
+        info: RequestInfo | None = None,
+    ) -> None:
+        self._record_rejection(flow, route, identity, status, message, info)
+        flow.response = error_response(status, message)
+        return None
+
+    @staticmethod
+    def _retarget(flow: http.HTTPFlow, route: Route) -> None:
+        if route.upstream_path is None:
+            return
+        provider = route.provider
+        assert provider is not None
+        flow.request.scheme = provider.scheme
+        flow.request.host = provider.host
+        flow.request.port = provider.port
+        flow.request.path = route.upstream_path
+
+    # ---- response side ---------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = self._exchanges.get(flow.id)
+        if exchange is None or flow.response is None:
+            return
+        self._mask(flow, exchange)
+        if exchange.request is None:
+            return
+        content_type = flow.response.headers.get("content-type", "")
+        if content_type.lower().startswith("text/event-stream"):
+            exchange.tee = StreamTee(
+                exchange.accumulator, flow.response.headers.get("content-encoding", "")
+            )
+            flow.response.stream = exchange.tee
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, flow.error.msg if flow.error else "unknown error")
+
+    def _mask(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        if not exchange.masked:
+            auth.mask_credentials(flow.request.headers, exchange.identity)
+            exchange.masked = True
+
+    def _finish(self, flow: http.HTTPFlow, error: str | None) -> None:
+        exchange = self._exchanges.pop(flow.id, None)
+        if exchange is None:
+            return
+        self._mask(flow, exchange)
+        if exchange.request is None:
+            return
+        try:
+            outcome = records.finish_exchange(
+                exchange.accumulator, exchange.tee, flow.response, error
+            )
+            self._record_end(flow, exchange, outcome)
+        except Exception:  # an addon must never take a flow down with it
+            log.exception("AI Bridge: failed to record flow %s", flow.id)
+
+    def _finish_interrupted(self, flow_id: str) -> None:
+        exchange = self._exchanges.pop(flow_id, None)
+        if exchange is None or exchange.request is None:
+            return
+        outcome = records.finish_exchange(
+            exchange.accumulator, exchange.tee, None, "the bridge shut down during the exchange"
+        )
+        outcome.status = outcome.status if outcome.result.terminal_seen else "shutdown"
+        self._write_end(exchange, outcome, None)
+
+    # ---- records -----------------------------------------------------------------------------
+
+    def _record_start(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        if self.recorder is None or exchange.request is None:
+            return
+        row = records.interception_start(
+            interception_id=exchange.interception_id,
+            flow_id=flow.id,
+            started_at=utc_now(),
+            provider=exchange.provider,
+            info=exchange.request,
+            headers=flow.request.headers,
+            identity=exchange.identity,
+            client=guess_client(
+                flow.request.headers.get("user-agent"), flow.request.headers.get("originator")
+            ),
+            session_id=session_id_from_headers(flow.request.headers),
+            request_bytes=len(flow.request.raw_content or b""),
+        )
+        self.recorder.upsert("interceptions", row)
+
+    def _record_rejection(
+        self,
+        flow: http.HTTPFlow,
+        route: Route,
+        identity: auth.Identity | None,
+        status: int,
+        message: str,
+        info: RequestInfo | None = None,
+    ) -> None:
+        if self.recorder is None or route.provider is None:
+            return
+        now = utc_now()
+        token = auth.presented_token(flow.request.headers)
+        row = records.interception_start(
+            interception_id=uuid.uuid4().hex,
+            flow_id=flow.id,
+            started_at=now,
+            provider=route.provider,
+            info=info,
+            headers=flow.request.headers,
+            identity=identity,
+            client=guess_client(
+                flow.request.headers.get("user-agent"), flow.request.headers.get("originator")
+            ),
+            session_id=session_id_from_headers(flow.request.headers),
+            request_bytes=len(flow.request.raw_content or b""),
+        )
+        if identity is None and token is not None:
+            row["credential_hint"] = auth.hint(token)
+        row.update(ended_at=now, http_status=status, status="rejected", error=message)
+        self.recorder.upsert("interceptions", row)
+        if info is not None and info.prompt is not None and self.config is not None:
+            self.recorder.insert(
+                "user_prompts",
+                records.prompt_row(row["id"], None, info.prompt, self.config.privacy, now),
+            )
+
+    def _record_end(
+        self, flow: http.HTTPFlow, exchange: Exchange, outcome: records.Outcome
+    ) -> None:
+        self._write_end(exchange, outcome, flow.response.status_code if flow.response else None)
+        flow.comment = records.flow_comment(exchange.identity.user_id, exchange.request, outcome)
+        if outcome.status != "completed":
+            flow.marked = ":warning:"
+
+    def _write_end(
+        self, exchange: Exchange, outcome: records.Outcome, http_status: int | None
+    ) -> None:
+        if self.recorder is None or self.config is None or exchange.request is None:
+            return
+        now = utc_now()
+        for table, row in records.end_rows(
+            exchange.interception_id, exchange.request, outcome, http_status, self.config.privacy,
+            now,
+        ):
+            if table == "interceptions":
+                self.recorder.upsert(table, row)
+            else:
+                self.recorder.insert(table, row)
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()

@@ -1,0 +1,316 @@
+"""Loading and validating the bridge's YAML configuration (DESIGN.md §5).
+
+Every error names the file, the key (as a path such as ``providers[0].api_key``) and what
+is wrong, so an operator can fix it without reading code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+PROVIDER_TYPES = ("openai",)
+DEFAULT_PASSTHROUGH = ("/v1/models", "/v1/models/*", "/v1/responses/*", "/v1/conversations*")
+WEBSOCKET_POLICIES = ("bridge", "refuse")
+
+# ${VAR} must be set; ${VAR:-default} falls back when VAR is unset or empty (as in POSIX shells).
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the operator."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str, problem: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.problem = problem
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        super().__init__(where + problem)
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    type: str
+    base_url: str
+    api_key: str
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.base_url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.base_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def base_path(self) -> str:
+        """The API root on the provider, e.g. ``/v1`` for api.openai.com."""
+        return urlsplit(self.base_url).path.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    token_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Privacy:
+    store_prompts: bool = True
+    store_tool_args: bool = True
+    store_thoughts: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    database: str
+    providers: tuple[Provider, ...]
+    users: tuple[User, ...]
+    byok: bool = False
+    passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
+    privacy: Privacy = Privacy()
+    websocket: str = "refuse"
+    warnings: tuple[str, ...] = ()
+
+    def provider_named(self, name: str) -> Provider | None:
+        for provider in self.providers:
+            if provider.name == name:
+                return provider
+        return None
+
+    def user_for_token(self, token: str) -> User | None:
+        digest = sha256_hex(token)
+        for user in self.users:
+            if user.token_sha256 == digest:
+                return user
+        return None
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def expand_env(value: str, file: str, key: str, env: dict[str, str] | os._Environ[str]) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` with values from the environment."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = env.get(name)
+        if found:
+            return found
+        if default is not None:
+            return default
+        raise ConfigError(
+            file, key, f"environment variable {name} is not set (referenced as ${{{name}}})"
+        )
+
+    return _ENV_REF.sub(replace, value)
+
+
+class _Reader:
+    """Walks the parsed YAML with the file name at hand, so every error can say where it is."""
+
+    def __init__(self, file: str, env: dict[str, str] | os._Environ[str]) -> None:
+        self.file = file
+        self.env = env
+        self.warnings: list[str] = []
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, key, problem)
+
+    def mapping(self, value: Any, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a mapping, got {_kind(value)}")
+        return value
+
+    def string(self, parent: dict[str, Any], name: str, key: str, *, default: str | None = None,
+               allow_empty: bool = False) -> str:
+        value = parent.get(name, default)
+        if value is None:
+            raise self.fail(key, "is required")
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(key, f"must be a string, got {_kind(value)}")
+        text = expand_env(str(value), self.file, key, self.env)
+        if not text and not allow_empty:
+            raise self.fail(key, "must not be empty")
+        return text
+
+    def boolean(self, parent: dict[str, Any], name: str, key: str, default: bool) -> bool:
+        value = parent.get(name, default)
+        if isinstance(value, str):
+            value = expand_env(value, self.file, key, self.env).strip().lower()
+            if value in ("true", "yes", "on", "1"):
+                return True
+            if value in ("false", "no", "off", "0"):
+                return False
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def string_list(self, parent: dict[str, Any], name: str, key: str,
+                    default: tuple[str, ...]) -> tuple[str, ...]:
+        value = parent.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "must be a list of strings")
+        return tuple(value)
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError naming file, key and problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file not found (set the aibridge_config option)") from None
+    except OSError as e:
+        raise ConfigError(file, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(file, "", f"not valid YAML: {e}") from None
+    return parse_config(raw if raw is not None else {}, file, os.environ if env is None else env)
+
+
+def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) -> Config:
+    r = _Reader(file, env)
+    top = r.mapping(raw, "")
+    known = {"database", "providers", "users", "byok", "passthrough", "privacy", "websocket"}
+    for name in top:
+        if name not in known:
+            raise r.fail(str(name), f"unknown key (known keys: {', '.join(sorted(known))})")
+
+    database = r.string(top, "database", "database", default="aibridge.db")
+    if not Path(database).is_absolute():
+        # Relative to the config file, so the bridge writes the same file from any directory.
+        database = str(Path(file).resolve().parent / database)
+
+    providers = _providers(r, top.get("providers"))
+    users = _users(r, top.get("users"))
+
+    privacy_raw = r.mapping(top.get("privacy") or {}, "privacy")
+    for name in privacy_raw:
+        if name not in ("store_prompts", "store_tool_args", "store_thoughts"):
+            raise r.fail(f"privacy.{name}", "unknown key")
+    privacy = Privacy(
+        store_prompts=r.boolean(privacy_raw, "store_prompts", "privacy.store_prompts", True),
+        store_tool_args=r.boolean(privacy_raw, "store_tool_args", "privacy.store_tool_args", True),
+        store_thoughts=r.boolean(privacy_raw, "store_thoughts", "privacy.store_thoughts", True),
+    )
+    websocket = r.string(top, "websocket", "websocket", default="refuse")
+    if websocket not in WEBSOCKET_POLICIES:
+        raise r.fail("websocket", f"must be one of {', '.join(WEBSOCKET_POLICIES)}, got {websocket!r}")
+    passthrough = r.string_list(top, "passthrough", "passthrough", DEFAULT_PASSTHROUGH)
+    for i, pattern in enumerate(passthrough):
+        if not pattern.startswith("/"):
+            raise r.fail(f"passthrough[{i}]", f"must be a path starting with '/', got {pattern!r}")
+
+    return Config(
+        path=file,
+        database=database,
+        providers=providers,
+        users=users,
+        byok=r.boolean(top, "byok", "byok", False),
+        passthrough=passthrough,
+        privacy=privacy,
+        websocket=websocket,
+        warnings=tuple(r.warnings),
+    )
+
+
+def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
+    if raw is None:
+        raise r.fail("providers", "is required: list at least one provider")
+    if not isinstance(raw, list) or not raw:
+        raise r.fail("providers", "must be a non-empty list")
+    providers: list[Provider] = []
+    for i, item in enumerate(raw):
+        key = f"providers[{i}]"
+        entry = r.mapping(item, key)
+        known = {"name", "type", "base_url", "api_key", "extra_headers"}
+        for name in entry:
+            if name not in known:
+                raise r.fail(f"{key}.{name}", f"unknown key (known: {', '.join(sorted(known))})")
+        name = r.string(entry, "name", f"{key}.name")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise r.fail(f"{key}.name", "may hold only letters, digits, '.', '_' and '-'")
+        if any(p.name == name for p in providers):
+            raise r.fail(f"{key}.name", f"duplicate provider name {name!r}")
+        ptype = r.string(entry, "type", f"{key}.type", default="openai")
+        if ptype not in PROVIDER_TYPES:
+            raise r.fail(f"{key}.type", f"unsupported provider type {ptype!r} "
+                                        f"(supported: {', '.join(PROVIDER_TYPES)})")
+        base_url = r.string(entry, "base_url", f"{key}.base_url")
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise r.fail(f"{key}.base_url", f"must be an http(s) URL such as "
+                                            f"https://api.openai.com/v1, got {base_url!r}")
+        api_key = r.string(entry, "api_key", f"{key}.api_key", allow_empty=True)
+        if not api_key:
+            r.warnings.append(f"{r.file}: {key}.api_key is empty: requests to provider {name!r} "
+                              f"go upstream without a provider key until it is set")
+        headers_raw = r.mapping(entry.get("extra_headers") or {}, f"{key}.extra_headers")
+        extra_headers = {
+            str(h): r.string(headers_raw, h, f"{key}.extra_headers.{h}", allow_empty=True)
+            for h in headers_raw
+        }
+        providers.append(Provider(name, ptype, base_url.rstrip("/"), api_key, extra_headers))
+    return tuple(providers)
+
+
+def _users(r: _Reader, raw: Any) -> tuple[User, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise r.fail("users", "must be a list")
+    users: list[User] = []
+    for i, item in enumerate(raw):
+        key = f"users[{i}]"
+        entry = r.mapping(item, key)
+        for name in entry:
+            if name not in ("id", "token", "token_sha256"):
+                raise r.fail(f"{key}.{name}", "unknown key (known: id, token, token_sha256)")
+        user_id = r.string(entry, "id", f"{key}.id")
+        if "token" in entry and "token_sha256" in entry:
+            raise r.fail(key, "give either token or token_sha256, not both")
+        if "token_sha256" in entry:
+            digest = r.string(entry, "token_sha256", f"{key}.token_sha256").lower()
+            if not _SHA256_HEX.fullmatch(digest):
+                raise r.fail(f"{key}.token_sha256", "must be 64 hexadecimal characters "
+                                                    "(sha256 of the token)")
+        elif "token" in entry:
+            token = r.string(entry, "token", f"{key}.token", allow_empty=True)
+            if not token:
+                r.warnings.append(f"{r.file}: {key}.token is empty: user {user_id!r} "
+                                  f"cannot sign in until it is set")
+                continue
+            if len(token) < 8:
+                raise r.fail(f"{key}.token", "is too short: use at least 8 characters")
+            digest = sha256_hex(token)
+        else:
+            raise r.fail(key, "needs token (e.g. ${MY_TOKEN}) or token_sha256")
+        if any(u.token_sha256 == digest for u in users):
+            raise r.fail(key, "the same token is given to two users")
+        users.append(User(user_id, digest))
+    return tuple(users)

@@ -1,0 +1,43 @@
+"""The one place that builds the bridge's own error responses (DESIGN.md §7).
+
+The body carries the reference's flat fields (``code``, ``message``) and the same message
+nested the way OpenAI's API does, so the official SDKs surface it as an ordinary API error.
+"""
+
+from __future__ import annotations
+
+import orjson
+from mitmproxy import http
+
+BACKGROUND_NOT_SUPPORTED = "background requests are currently not supported by AI Bridge"
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    501: "not_implemented",
+    502: "upstream_unreachable",
+}
+
+
+def error_body(status: int, message: str) -> bytes:
+    return orjson.dumps(
+        {
+            "code": str(status),
+            "message": message,
+            "error": {
+                "message": message,
+                "type": _ERROR_TYPES.get(status, "aibridge_error"),
+                "code": str(status),
+            },
+        }
+    )
+
+
+def error_response(status: int, message: str) -> http.Response:
+    return http.Response.make(
+        status,
+        error_body(status, message),
+        {"content-type": "application/json", "x-aibridge-error": "1"},
+    )

@@ -1,0 +1,210 @@
+"""From a finished exchange to rows of the audit log (DESIGN.md §3, §4).
+
+Pure functions: they take what the hooks saw and return dicts whose keys are the columns of
+``aibridge.schema``. The privacy switches of the config are applied here, in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from mitmproxy import http
+
+from aibridge.auth import Identity
+from aibridge.config import Privacy, Provider
+from aibridge.extract import RequestInfo, ResponseAccumulator, ResponseResult
+from aibridge.stream import StreamTee
+
+API = "responses"
+# Our own rows say which table they belong in: one tuple per row to write, in order.
+Row = tuple[str, dict[str, Any]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: str
+    error: str | None
+    result: ResponseResult
+
+
+def interception_start(
+    *,
+    interception_id: str,
+    flow_id: str,
+    started_at: str,
+    provider: Provider,
+    info: RequestInfo | None,
+    headers: Mapping[str, str],
+    identity: Identity | None,
+    client: str | None,
+    session_id: str | None,
+    request_bytes: int,
+) -> dict[str, Any]:
+    return {
+        "id": interception_id,
+        "flow_id": flow_id,
+        "started_at": started_at,
+        "ended_at": None,
+        "initiator_id": identity.user_id if identity else None,
+        "provider": provider.type,
+        "provider_name": provider.name,
+        "api": API,
+        "model": info.model if info else None,
+        "response_model": None,
+        "streaming": int(info.stream) if info else None,
+        "client": client,
+        "user_agent": headers.get("user-agent"),
+        "client_session_id": session_id or (info.session_id if info else None),
+        "correlating_tool_call_id": info.correlating_tool_call_id if info else None,
+        "previous_response_id": info.previous_response_id if info else None,
+        "credential_kind": identity.credential_kind if identity else None,
+        "credential_hint": identity.credential_hint if identity else None,
+        "http_status": None,
+        "status": "in_progress",
+        "error": None,
+        "response_id": None,
+        "malformed_events": 0,
+        "metadata": {"request_bytes": request_bytes},
+    }
+
+
+def finish_exchange(
+    accumulator: ResponseAccumulator,
+    tee: StreamTee | None,
+    response: http.Response | None,
+    error: str | None,
+) -> Outcome:
+    """Decide how an exchange ended, from everything the hooks saw of it."""
+    parse_error: str | None = None
+    if tee is not None:
+        if not tee.ended and error is None:
+            tee(b"")  # mitmproxy always ends a finished stream; be safe if it did not
+        parse_error = tee.parse_error
+    elif response is not None and error is None and 200 <= response.status_code < 300:
+        parse_error = _feed_buffered(accumulator, response)
+    result = accumulator.result()
+
+    if response is not None and response.status_code >= 400:
+        return Outcome("upstream_error", upstream_error_text(response), result)
+    if result.terminal_seen and result.status:
+        # A terminal event means nothing is missing, even if the client hung up right after.
+        return Outcome(result.status, result.error, result)
+    if error is not None:
+        lowered = error.lower()
+        status = "client_disconnected" if "client disconnected" in lowered else "error"
+        return Outcome(status, result.error or error, result)
+    if result.status:
+        return Outcome(result.status, result.error, result)
+    if parse_error:
+        return Outcome("error", parse_error, result)
+    if tee is not None:
+        return Outcome("error", "the stream ended before a terminal event", result)
+    return Outcome("error", "the response held no Responses API object", result)
+
+
+def _feed_buffered(accumulator: ResponseAccumulator, response: http.Response) -> str | None:
+    try:
+        body = response.content or b""
+    except ValueError as e:
+        return f"response body cannot be decoded: {e}"
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        return f"response body is not JSON: {e}"
+    accumulator.feed_response_object(obj)
+    return None
+
+
+def upstream_error_text(response: http.Response) -> str:
+    """The provider's own error message when it sent one, else the status line."""
+    text = f"upstream answered HTTP {response.status_code}"
+    body: bytes | None = None
+    with contextlib.suppress(ValueError):
+        body = response.content
+    if not body:
+        return text
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return f"{text}: {body[:300].decode('utf-8', 'replace')}"
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return f"{text}: {err['message']}"
+    if isinstance(err, str):
+        return f"{text}: {err}"
+    return text
+
+
+def prompt_row(
+    interception_id: str, response_id: str | None, prompt: str, privacy: Privacy, now: str
+) -> dict[str, Any]:
+    return {
+        "interception_id": interception_id,
+        "response_id": response_id,
+        "prompt": prompt if privacy.store_prompts else None,
+        "created_at": now,
+    }
+
+
+def end_rows(
+    interception_id: str,
+    info: RequestInfo,
+    outcome: Outcome,
+    http_status: int | None,
+    privacy: Privacy,
+    now: str,
+) -> Iterator[Row]:
+    """The interception's final state, then its prompt, usage, tools and thoughts."""
+    result = outcome.result
+    yield (
+        "interceptions",
+        {
+            "id": interception_id,
+            "ended_at": now,
+            "http_status": http_status,
+            "status": outcome.status,
+            "error": outcome.error,
+            "response_id": result.response_id,
+            "response_model": result.response_model,
+            "malformed_events": result.malformed_events,
+        },
+    )
+    if info.prompt is not None:
+        yield "user_prompts", prompt_row(interception_id, result.response_id, info.prompt,
+                                         privacy, now)
+    if result.token_usage is not None:
+        yield "token_usages", {"interception_id": interception_id, **result.token_usage,
+                               "created_at": now}
+    for tool in result.tool_usages:
+        row = {"interception_id": interception_id, **tool, "created_at": now}
+        if not privacy.store_tool_args:
+            row["args"] = None
+        yield "tool_usages", row
+    for thought in result.thoughts:
+        row = {"interception_id": interception_id, **thought, "created_at": now}
+        if not privacy.store_thoughts:
+            row["content"] = None
+        yield "model_thoughts", row
+
+
+def flow_comment(user_id: str, info: RequestInfo | None, outcome: Outcome) -> str:
+    """One line for mitmweb's flow list: who, which model, how many tokens, which tools."""
+    result = outcome.result
+    parts = [user_id, result.response_model or (info.model if info else None) or "?"]
+    usage = result.token_usage
+    if usage:
+        cached = usage.get("cache_read_input_tokens") or 0
+        parts.append(
+            f"in {usage.get('input_tokens') or 0}"
+            + (f" ({cached} cached)" if cached else "")
+            + f" / out {usage.get('output_tokens') or 0} tokens"
+        )
+    if result.tool_usages:
+        parts.append("tools: " + ", ".join(str(t.get("tool")) for t in result.tool_usages))
+    if outcome.status != "completed":
+        parts.append(f"{outcome.status}: {outcome.error}" if outcome.error else outcome.status)
+    return " · ".join(parts)

@@ -1,0 +1,105 @@
+"""Which flows the bridge handles, and where they go (DESIGN.md §1).
+
+Every provider's ``base_url`` is its API root, the place a client's ``/v1`` stands for.
+A request is judged by its *API path*: ``/v1`` followed by the path relative to that root,
+so ``POST /v1/responses`` means "create a response" on every deployment shape:
+
+- route prefix: ``/<provider name>/v1/...`` on any listener is sent to that provider's
+  ``base_url`` (the prefix and ``/v1`` are replaced by the root);
+- reverse or regular proxy: a request whose destination host and port are a provider's.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from aibridge.config import Config, Provider
+
+RESPONSES_API_PATH = "/v1/responses"
+
+
+class RouteKind(enum.Enum):
+    UNRELATED = "unrelated"  # not a provider's traffic: left untouched
+    RESPONSES = "responses"  # POST /v1/responses: bridged and recorded
+    WEBSOCKET = "websocket"  # GET /v1/responses with Upgrade: websocket
+    PASSTHROUGH = "passthrough"  # allow-listed provider path: authenticated, key injected
+    FORBIDDEN = "forbidden"  # any other provider path: 403
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: RouteKind
+    provider: Provider | None = None
+    api_path: str = ""
+    # Set when the request must be re-targeted (route prefix): path and query for upstream.
+    upstream_path: str | None = None
+
+
+UNRELATED = Route(RouteKind.UNRELATED)
+
+
+def classify(
+    config: Config,
+    method: str,
+    host: str,
+    port: int,
+    path: str,
+    *,
+    websocket_upgrade: bool = False,
+) -> Route:
+    """Decide what to do with a request; pure, so every deployment shape is unit-tested."""
+    raw_path, sep, query = path.partition("?")
+    provider, api_path, prefixed_path = _by_prefix(config, raw_path)
+    upstream_path: str | None = None
+    if provider is not None:
+        if api_path is None:
+            return Route(RouteKind.FORBIDDEN, provider, raw_path)
+        upstream_path = prefixed_path + sep + query
+    else:
+        provider = _by_host(config, host, port, raw_path)
+        if provider is None:
+            return UNRELATED
+        root = provider.base_path
+        if root and (raw_path == root or raw_path.startswith(root + "/")):
+            api_path = "/v1" + raw_path[len(root) :]
+        elif not root:
+            api_path = raw_path
+        else:
+            return Route(RouteKind.FORBIDDEN, provider, raw_path)
+
+    normalized = api_path.rstrip("/") or "/"
+    if normalized == RESPONSES_API_PATH:
+        if method == "POST":
+            return Route(RouteKind.RESPONSES, provider, normalized, upstream_path)
+        if method == "GET" and websocket_upgrade:
+            return Route(RouteKind.WEBSOCKET, provider, normalized, upstream_path)
+    if any(fnmatchcase(normalized, pattern) for pattern in config.passthrough):
+        return Route(RouteKind.PASSTHROUGH, provider, normalized, upstream_path)
+    return Route(RouteKind.FORBIDDEN, provider, normalized, upstream_path)
+
+
+def _by_prefix(config: Config, raw_path: str) -> tuple[Provider | None, str | None, str]:
+    """``/<name>/v1/rest`` → (provider, ``/v1/rest``, ``<base_path>/rest``)."""
+    first, slash, rest = raw_path.lstrip("/").partition("/")
+    provider = config.provider_named(first) if first else None
+    if provider is None:
+        return None, None, ""
+    rest = "/" + rest if slash else ""
+    if rest != "/v1" and not rest.startswith("/v1/"):
+        return provider, None, ""
+    return provider, rest, provider.base_path + rest[3:]
+
+
+def _by_host(config: Config, host: str, port: int, raw_path: str) -> Provider | None:
+    """The provider at this destination; with several on one host, the longest matching root."""
+    best: Provider | None = None
+    for provider in config.providers:
+        if provider.host.lower() != host.lower() or provider.port != port:
+            continue
+        root = provider.base_path
+        under_root = not root or raw_path == root or raw_path.startswith(root + "/")
+        if best is None or (under_root and len(root) > len(best.base_path)):
+            best = provider
+    return best

@@ -1,0 +1,270 @@
+"""Incremental Server-Sent Events parser: bytes in, events out.
+
+Follows the WHATWG "interpreting an event stream" rules (HTML Living Standard, server-sent
+events): lines end in LF, CRLF or CR (mixed, and a CRLF may be split across chunks); a blank
+line dispatches the event; lines starting with ":" are comments; a field without a colon has
+an empty value; one space after the colon is stripped; `data:` lines are joined with "\\n";
+`retry:` counts only when all ASCII digits; `id:` is ignored when it contains NUL and, as in
+the spec, persists to later events; unknown fields are ignored; a block without `data` is not
+dispatched; one leading UTF-8 BOM is dropped. Text is decoded as UTF-8 with replacement, so
+invalid bytes never raise.
+
+Deliberate differences, because this feeds an audit log rather than a browser:
+- `close()` dispatches a trailing event (and a trailing unterminated line) that the spec
+  would discard: a stream cut right after its last `data:` line still counts.
+- `event` is None both when absent and when empty (the spec treats both as "message").
+- `retry` is reported on the event whose block carried it; a block with `retry:` but no data
+  is not dispatched, so its value is not reported.
+- An event larger than `max_event_bytes` (its bytes up to the blank line, CRLF counting as
+  one byte) is dropped and counted in `oversized_events`; parsing resumes after it.
+- `data: [DONE]` is an ordinary event whose data is "[DONE]"; the caller decides what it means.
+
+Speed: every line end is normalised to LF first (only when the chunk holds a CR), after which
+events are found with `bytes.find`/`bytes.split` on b"\\n\\n", never a per-byte Python loop.
+Only the unfinished event is buffered, and it never contains b"\\n\\n", so each new chunk is
+searched on its own (plus one byte of overlap) instead of rescanning the buffer.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_BOM = b"\xef\xbb\xbf"
+# Event names come from upstream; cap the per-name cache so a hostile stream cannot grow it.
+_NAME_CACHE_MAX = 256
+_LF = 10  # b"\n"[0]
+_SPACE = 32  # b" "[0]
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    """One dispatched event."""
+
+    event: str | None  # value of the last `event:` field, None if absent or empty
+    data: str  # the `data:` lines joined with "\n"
+    id: str | None = None  # last event id seen on the stream so far (spec: it persists)
+    retry: int | None = None  # `retry:` of this event's block, if any and all digits
+
+
+class SSEParser:
+    """Feed raw stream bytes in chunks of any size; get complete events back.
+
+    `wanted`, when given, is asked about each event name (once per distinct name); events
+    whose name it rejects are neither decoded nor returned, only counted in
+    `skipped_events`. Events without an `event:` field are always returned.
+    """
+
+    __slots__ = (
+        "_after_cr",
+        "_buf",
+        "_discard_nl",
+        "_discarding",
+        "_head",
+        "_last_id",
+        "_names",
+        "_started",
+        "_wanted",
+        "bytes_seen",
+        "max_event_bytes",
+        "oversized_events",
+        "skipped_events",
+    )
+
+    def __init__(
+        self,
+        max_event_bytes: int = 32 * 1024 * 1024,
+        wanted: Callable[[str], bool] | None = None,
+    ) -> None:
+        if max_event_bytes < 1:
+            raise ValueError("max_event_bytes must be positive")
+        self.max_event_bytes = max_event_bytes
+        self.oversized_events = 0
+        self.skipped_events = 0
+        self.bytes_seen = 0
+        self._wanted = wanted
+        self._started = False  # past the point where a BOM may appear
+        self._head = b""  # first bytes of the stream while they may still be a split BOM
+        self._after_cr = False  # previous chunk ended in CR: a leading LF here is its pair
+        self._discarding = False  # inside an oversized event, skipping to its blank line
+        self._discard_nl = False  # the bytes skipped so far ended with a line end
+        # The unfinished event, LF-normalised, never starting with a blank line and never
+        # containing b"\n\n".
+        self._buf = bytearray()
+        self._last_id: str | None = None
+        self._names: dict[bytes, tuple[str | None, bool]] = {}
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for the unfinished event (what this parser costs in memory)."""
+        return len(self._buf) + len(self._head)
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """Parse one chunk; return the events it completed."""
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        self.bytes_seen += len(chunk)
+        if not self._started:
+            head = self._head + chunk
+            if len(head) < len(_BOM) and _BOM.startswith(head):
+                self._head = head
+                return []
+            self._started = True
+            self._head = b""
+            chunk = head[len(_BOM) :] if head.startswith(_BOM) else head
+        return self._feed_body(chunk)
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: return the trailing event that had no final blank line, if any."""
+        out: list[SSEEvent] = []
+        if self._head:  # a stream shorter than a BOM that merely began like one
+            self._started = True
+            head, self._head = self._head, b""
+            out = self._feed_body(head)
+        self._after_cr = False
+        if self._discarding:  # already counted when it overflowed
+            self._discarding = False
+        elif self._buf:
+            buf = self._buf
+            if buf[-1] == _LF:  # the last line's own line end, not a blank line
+                del buf[-1]
+            block = bytes(buf)
+            buf.clear()
+            self._dispatch(block, out)
+        return out
+
+    def _feed_body(self, chunk: bytes) -> list[SSEEvent]:
+        if self._after_cr:
+            self._after_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            # A CR at the very end may be the first half of a CRLF split across chunks: it
+            # counts as a line end now, and a LF opening the next chunk is then dropped.
+            self._after_cr = chunk[-1] == 13
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        out: list[SSEEvent] = []
+        if not chunk:
+            return out
+        if self._discarding:
+            rest = self._skip_oversized(chunk)
+            if not rest:
+                return out
+            chunk = rest
+        buf = self._buf
+        if buf:
+            # The buffer holds no b"\n\n", so the event's end is either the overlap of its
+            # last byte with this chunk's first, or inside this chunk.
+            if buf[-1] == _LF and chunk[0] == _LF:
+                del buf[-1]
+                chunk = chunk[1:]
+            else:
+                end = chunk.find(b"\n\n")
+                if end < 0:
+                    buf += chunk
+                    if len(buf) > self.max_event_bytes + 1:
+                        self._start_discard()
+                    return out
+                buf += chunk[:end]
+                chunk = chunk[end + 2 :]
+            block = bytes(buf)
+            buf.clear()
+            self._dispatch(block, out)
+        blocks = chunk.split(b"\n\n")
+        rest = blocks.pop()
+        dispatch = self._dispatch
+        for block in blocks:
+            dispatch(block, out)
+        if rest:
+            if rest[0] == _LF:  # a blank line right after an event's end: an empty block
+                rest = rest[1:]
+            buf += rest
+            # The event is at least len(buf) - 1 bytes (buf may end with its last line end).
+            if len(buf) > self.max_event_bytes + 1:
+                self._start_discard()
+        return out
+
+    def _start_discard(self) -> None:
+        self.oversized_events += 1
+        self._discarding = True
+        self._discard_nl = self._buf[-1] == _LF
+        self._buf.clear()
+
+    def _skip_oversized(self, chunk: bytes) -> bytes | None:
+        """Drop the oversized event's bytes; return what follows its end, None if not yet."""
+        if self._discard_nl and chunk[0] == _LF:
+            end = 1
+        else:
+            found = chunk.find(b"\n\n")
+            if found < 0:
+                self._discard_nl = chunk[-1] == _LF
+                return None
+            end = found + 2
+        self._discarding = False
+        return chunk[end:]
+
+    def _name(self, raw: bytes) -> tuple[str | None, bool]:
+        """Decode an `event:` value and ask `wanted` about it, once per distinct name."""
+        cached = self._names.get(raw)
+        if cached is not None:
+            return cached
+        name = raw.decode("utf-8", "replace") or None
+        keep = name is None or self._wanted is None or bool(self._wanted(name))
+        result = (name, keep)
+        if len(self._names) < _NAME_CACHE_MAX:
+            self._names[raw] = result
+        return result
+
+    def _dispatch(self, block: bytes, out: list[SSEEvent]) -> None:
+        """Turn one event block (LF line ends, no final line end) into an event, or not."""
+        if block[:1] == b"\n":  # a blank line right after the previous event's end
+            block = block[1:]
+        if not block:
+            return
+        if len(block) > self.max_event_bytes:
+            self.oversized_events += 1
+            return
+        # Fast path for nearly every real event: exactly "event: <name>\ndata: <json>".
+        if block.startswith(b"event:"):
+            nl = block.find(b"\n")
+            if nl > 0 and block.startswith(b"data:", nl + 1) and block.find(b"\n", nl + 1) < 0:
+                start = 7 if nl > 6 and block[6] == _SPACE else 6
+                name, keep = self._name(block[start:nl])
+                if not keep:
+                    self.skipped_events += 1
+                    return
+                start = nl + 6
+                if start < len(block) and block[start] == _SPACE:
+                    start += 1
+                out.append(
+                    SSEEvent(name, block[start:].decode("utf-8", "replace"), self._last_id)
+                )
+                return
+        raw_name: bytes | None = None
+        data: list[bytes] = []
+        retry: int | None = None
+        for line in block.split(b"\n"):
+            field, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if field == b"data":
+                data.append(value)
+            elif field == b"event":
+                raw_name = value
+            elif field == b"id":
+                if b"\x00" not in value:
+                    self._last_id = value.decode("utf-8", "replace")
+            elif field == b"retry" and value.isdigit():
+                try:
+                    retry = int(value)
+                except ValueError:  # beyond Python's int-from-string digit limit
+                    pass
+            # Anything else is a comment (empty field name) or an unknown field: ignored.
+        if not data:
+            return
+        name: str | None = None
+        if raw_name is not None:
+            name, keep = self._name(raw_name)
+            if not keep:
+                self.skipped_events += 1
+                return
+        text = data[0] if len(data) == 1 else b"\n".join(data)
+        out.append(SSEEvent(name, text.decode("utf-8", "replace"), self._last_id, retry))

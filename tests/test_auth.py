@@ -1,0 +1,93 @@
+import pytest
+from mitmproxy import http
+
+from aibridge import auth
+from aibridge.config import parse_config
+
+PROVIDER_KEY = "sk-provider-0123456789abcdef"
+CONFIG = parse_config(
+    {
+        "providers": [{"name": "openai", "base_url": "https://api.openai.com/v1",
+                       "api_key": PROVIDER_KEY, "extra_headers": {"OpenAI-Project": "p1"}}],
+        "users": [{"id": "alice", "token": "alice-token-1"}],
+    },
+    "test.yaml",
+    {},
+)
+BYOK = parse_config({**{"byok": True}, "providers": [{"name": "openai",
+                    "base_url": "https://api.openai.com/v1", "api_key": PROVIDER_KEY}],
+                     "users": [{"id": "alice", "token": "alice-token-1"}]}, "t.yaml", {})
+PROVIDER = CONFIG.providers[0]
+
+
+@pytest.mark.parametrize(
+    ("secret", "expected"),
+    [
+        ("", "..."),
+        ("abcd", "..."),
+        ("abcde", "a...e"),
+        ("abcdefghi", "a...i"),
+        ("abcdefghij", "ab...ij"),
+        ("a" * 19, "aa...aa"),
+        ("sk-proj-0123456789abcdefXYZ", "sk-p...fXYZ"),
+    ],
+)
+def test_hint(secret, expected):
+    assert auth.hint(secret) == expected
+
+
+def headers(**kw) -> http.Headers:
+    return http.Headers(**{k.replace("_", "-"): v for k, v in kw.items()})
+
+
+def test_personal_token_bearer_and_x_api_key():
+    for h in (headers(authorization="Bearer alice-token-1"), headers(x_api_key="alice-token-1")):
+        identity = auth.identify(CONFIG, PROVIDER, h, {})
+        assert identity.user_id == "alice"
+        assert identity.credential_kind == "centralized"
+        assert identity.upstream_key == PROVIDER_KEY
+        assert identity.credential_hint == "sk-p...cdef"
+
+
+def test_unknown_and_missing_tokens_refused():
+    with pytest.raises(auth.AuthError, match="unknown bridge token"):
+        auth.identify(CONFIG, PROVIDER, headers(authorization="Bearer stranger-token"), {})
+    with pytest.raises(auth.AuthError, match="missing bridge token"):
+        auth.identify(CONFIG, PROVIDER, headers(), {})
+    with pytest.raises(auth.AuthError):
+        auth.identify(CONFIG, PROVIDER, headers(authorization="Basic YWxpY2U6eA=="), {})
+
+
+def test_unknown_token_message_shows_only_hint():
+    with pytest.raises(auth.AuthError) as info:
+        auth.identify(CONFIG, PROVIDER, headers(authorization="Bearer stranger-token-xyz"), {})
+    assert "stranger-token-xyz" not in str(info.value)
+
+
+def test_proxyauth_identity():
+    identity = auth.identify(CONFIG, PROVIDER, headers(), {"proxyauth": ("carol", "pw")})
+    assert (identity.user_id, identity.credential_kind) == ("carol", "centralized")
+
+
+def test_byok():
+    identity = auth.identify(BYOK, PROVIDER, headers(authorization="Bearer sk-users-own-key-123"),
+                             {})
+    assert identity.credential_kind == "byok"
+    assert identity.upstream_key == "sk-users-own-key-123"
+    assert identity.user_id == "byok:sk-u...-123"
+    # a known personal token still wins
+    assert auth.identify(BYOK, PROVIDER, headers(authorization="Bearer alice-token-1"),
+                         {}).user_id == "alice"
+
+
+def test_install_and_mask_credentials():
+    h = headers(authorization="Bearer alice-token-1", x_api_key="alice-token-1",
+                proxy_authorization="Basic abc", user_agent="ua")
+    identity = auth.identify(CONFIG, PROVIDER, h, {})
+    auth.install_credentials(h, PROVIDER, identity)
+    assert h["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert "x-api-key" not in h and "proxy-authorization" not in h
+    assert h["openai-project"] == "p1" and h["user-agent"] == "ua"
+    auth.mask_credentials(h, identity)
+    assert h["authorization"] == "Bearer sk-p...cdef"
+    assert PROVIDER_KEY not in str(h)

@@ -1,0 +1,109 @@
+from pathlib import Path
+
+import pytest
+
+from aibridge.config import ConfigError, load_config, sha256_hex
+
+GOOD = """
+database: audit.db
+providers:
+  - name: openai
+    type: openai
+    base_url: https://api.openai.com/v1/
+    api_key: ${PROVIDER_KEY}
+    extra_headers:
+      OpenAI-Organization: org-1
+users:
+  - id: alice
+    token: ${ALICE_TOKEN}
+  - id: bob
+    token_sha256: %s
+byok: true
+privacy:
+  store_prompts: false
+websocket: bridge
+""" % sha256_hex("bob-secret-token")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_full_config(tmp_path: Path) -> None:
+    env = {"PROVIDER_KEY": "sk-provider-123456789012345", "ALICE_TOKEN": "alice-secret"}
+    config = load_config(write(tmp_path, GOOD), env)
+    assert config.database == str(tmp_path.resolve() / "audit.db")
+    (provider,) = config.providers
+    assert provider.base_url == "https://api.openai.com/v1"
+    assert (provider.scheme, provider.host, provider.port, provider.base_path) == (
+        "https", "api.openai.com", 443, "/v1")
+    assert provider.api_key == env["PROVIDER_KEY"]
+    assert provider.extra_headers == {"OpenAI-Organization": "org-1"}
+    assert config.user_for_token("alice-secret").id == "alice"
+    assert config.user_for_token("bob-secret-token").id == "bob"
+    assert config.user_for_token("nobody-token") is None
+    assert config.byok is True
+    assert config.privacy.store_prompts is False and config.privacy.store_thoughts is True
+    assert config.websocket == "bridge"
+    assert config.passthrough[0] == "/v1/models"
+
+
+def test_shipped_example_config_loads() -> None:
+    example = Path(__file__).resolve().parent.parent / "config.yaml"
+    config = load_config(example, {"AIBRIDGE_TOKEN": "a-long-token", "USER": "dev"})
+    assert config.providers[0].name == "openai"
+    assert config.user_for_token("a-long-token").id == "dev"
+    # Without the environment it still starts, with warnings that say what to set.
+    bare = load_config(example, {})
+    assert bare.users == ()
+    assert any("api_key is empty" in w for w in bare.warnings)
+    assert any("users[0].token is empty" in w for w in bare.warnings)
+
+
+def test_env_default_syntax(tmp_path: Path) -> None:
+    text = GOOD.replace("${PROVIDER_KEY}", "${NOPE:-fallback-key}")
+    config = load_config(write(tmp_path, text), {"ALICE_TOKEN": "alice-secret"})
+    assert config.providers[0].api_key == "fallback-key"
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "problem"),
+    [
+        (("${PROVIDER_KEY}", "${MISSING_VAR}"), "providers[0].api_key", "MISSING_VAR is not set"),
+        (("https://api.openai.com/v1/", "ftp://x"), "providers[0].base_url", "http(s) URL"),
+        (("type: openai", "type: bogus"), "providers[0].type", "unsupported provider type"),
+        (("websocket: bridge", "websocket: maybe"), "websocket", "must be one of"),
+        (("byok: true", "byok: perhaps"), "byok", "true or false"),
+        (("database: audit.db", "databse: audit.db"), "databse", "unknown key"),
+        (("    token: ${ALICE_TOKEN}", "    token: short"), "users[0].token", "too short"),
+        (("token_sha256: ", "token_sha256: zz"), "users[1].token_sha256", "64 hexadecimal"),
+        (("  - id: bob\n", "  - idx: bob\n"), "users[1].idx", "unknown key"),
+    ],
+)
+def test_errors_name_file_key_and_problem(tmp_path: Path, edit, key, problem) -> None:
+    path = write(tmp_path, GOOD.replace(*edit))
+    env = {"PROVIDER_KEY": "k" * 30, "ALICE_TOKEN": "alice-secret"}
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env)
+    message = str(info.value)
+    assert str(path) in message
+    assert info.value.key == key
+    assert problem in message
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml", {})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "providers: [unclosed"), {})
+    with pytest.raises(ConfigError, match="providers: is required"):
+        load_config(write(tmp_path, "database: x.db\n"), {})
+
+
+def test_duplicate_tokens_and_names_rejected(tmp_path: Path) -> None:
+    text = GOOD.replace("token_sha256: %s" % sha256_hex("bob-secret-token"),
+                        "token: alice-secret")
+    with pytest.raises(ConfigError, match="same token"):
+        load_config(write(tmp_path, text), {"PROVIDER_KEY": "k", "ALICE_TOKEN": "alice-secret"})

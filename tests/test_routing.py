@@ -1,0 +1,74 @@
+import pytest
+
+from aibridge.config import parse_config
+from aibridge.routing import RouteKind, classify
+
+CONFIG = parse_config(
+    {
+        "providers": [
+            {"name": "openai", "base_url": "https://api.openai.com/v1", "api_key": "k"},
+            {"name": "azure", "base_url": "https://x.example.com/openai/v1", "api_key": "k"},
+            {"name": "local", "base_url": "http://127.0.0.1:9999/v1", "api_key": "k"},
+        ]
+    },
+    "test.yaml",
+    {},
+)
+
+
+def route(method, host, port, path, **kw):
+    return classify(CONFIG, method, host, port, path, **kw)
+
+
+def test_reverse_or_regular_by_host():
+    r = route("POST", "api.openai.com", 443, "/v1/responses")
+    assert r.kind is RouteKind.RESPONSES and r.provider.name == "openai"
+    assert r.upstream_path is None
+    assert route("POST", "127.0.0.1", 9999, "/v1/responses").provider.name == "local"
+    assert route("POST", "API.OPENAI.COM", 443, "/v1/responses/").kind is RouteKind.RESPONSES
+
+
+def test_other_hosts_untouched():
+    assert route("POST", "example.org", 443, "/v1/responses").kind is RouteKind.UNRELATED
+    assert route("POST", "api.openai.com", 80, "/v1/responses").kind is RouteKind.UNRELATED
+    assert route("POST", "127.0.0.1", 9998, "/v1/responses").kind is RouteKind.UNRELATED
+
+
+def test_route_prefix_rewrites_to_base_url():
+    r = route("POST", "bridge.local", 8080, "/azure/v1/responses?api-version=1")
+    assert r.kind is RouteKind.RESPONSES and r.provider.name == "azure"
+    assert r.upstream_path == "/openai/v1/responses?api-version=1"
+    r = route("GET", "127.0.0.1", 8080, "/openai/v1/models")
+    assert (r.kind, r.upstream_path) == (RouteKind.PASSTHROUGH, "/v1/models")
+    assert route("POST", "x", 1, "/openai/responses").kind is RouteKind.FORBIDDEN
+
+
+def test_base_path_maps_to_v1():
+    r = route("POST", "x.example.com", 443, "/openai/v1/responses")
+    assert r.kind is RouteKind.RESPONSES and r.api_path == "/v1/responses"
+    assert route("POST", "x.example.com", 443, "/elsewhere").kind is RouteKind.FORBIDDEN
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind"),
+    [
+        ("GET", "/v1/models", RouteKind.PASSTHROUGH),
+        ("GET", "/v1/models/gpt-5", RouteKind.PASSTHROUGH),
+        ("GET", "/v1/responses/resp_1", RouteKind.PASSTHROUGH),
+        ("DELETE", "/v1/responses/resp_1", RouteKind.PASSTHROUGH),
+        ("POST", "/v1/conversations", RouteKind.PASSTHROUGH),
+        ("GET", "/v1/conversations/c1/items", RouteKind.PASSTHROUGH),
+        ("POST", "/v1/chat/completions", RouteKind.FORBIDDEN),
+        ("GET", "/v1/files", RouteKind.FORBIDDEN),
+        ("GET", "/v1/responses", RouteKind.FORBIDDEN),
+        ("PUT", "/v1/responses", RouteKind.FORBIDDEN),
+        ("POST", "/v1/responses", RouteKind.RESPONSES),
+    ],
+)
+def test_passthrough_allow_list(method, path, kind):
+    assert route(method, "api.openai.com", 443, path).kind is kind
+
+
+def test_websocket_upgrade_on_responses_path():
+    r = route("GET", "api.openai.com", 443, "/v1/responses", websocket_upgrade=True)
+    assert r.kind is RouteKind.WEBSOCKET
