@@ -273,7 +273,9 @@ class AIBridge:
             headers=flow.request.headers,
             identity=exchange.identity,
             client=guess_client(
-                flow.request.headers.get("user-agent"), flow.request.headers.get("originator")
+                flow.request.headers.get("user-agent"),
+                flow.request.headers.get("originator"),
+                headers=flow.request.headers,
             ),
             session_id=session_id_from_headers(flow.request.headers),
             request_bytes=len(flow.request.raw_content or b""),
@@ -302,7 +304,9 @@ class AIBridge:
             headers=flow.request.headers,
             identity=identity,
             client=guess_client(
-                flow.request.headers.get("user-agent"), flow.request.headers.get("originator")
+                flow.request.headers.get("user-agent"),
+                flow.request.headers.get("originator"),
+                headers=flow.request.headers,
             ),
             session_id=session_id_from_headers(flow.request.headers),
             request_bytes=len(flow.request.raw_content or b""),

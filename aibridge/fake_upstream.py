@@ -28,6 +28,7 @@ re-cuts the whole stream into N-byte chunks, splitting events anywhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import secrets
 import signal
@@ -39,7 +40,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType
 from typing import Any
 
 import orjson
@@ -71,7 +71,9 @@ RATE_LIMIT_ERROR = {
         "code": "rate_limit_exceeded",
     }
 }
-MALFORMED_FRAME = b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", oops\n\n'
+MALFORMED_FRAME = (
+    b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", oops\n\n'
+)
 
 MODELS = (
     "fake-text",
@@ -195,14 +197,18 @@ def response_object(
         "completed_at": int(time.time()) if status == "completed" else None,
         "error": None if outcome is None else outcome.error,
         "incomplete_details": None if outcome is None else outcome.incomplete_details,
-        "instructions": req.get("instructions") if isinstance(req.get("instructions"), str) else None,
+        "instructions": req.get("instructions")
+        if isinstance(req.get("instructions"), str)
+        else None,
         "max_output_tokens": _int_or_none(req.get("max_output_tokens")),
         "metadata": req.get("metadata") if isinstance(req.get("metadata"), dict) else {},
         "model": req.get("model") if isinstance(req.get("model"), str) else "fake-text",
         "output": [] if outcome is None else outcome.items,
         "parallel_tool_calls": req.get("parallel_tool_calls") is not False,
         "previous_response_id": _str_or_none(req.get("previous_response_id")),
-        "reasoning": reasoning if isinstance(reasoning, dict) else {"effort": None, "summary": None},
+        "reasoning": reasoning
+        if isinstance(reasoning, dict)
+        else {"effort": None, "summary": None},
         "store": req.get("store") is not False,
         "temperature": 1.0,
         "text": {"format": {"type": "text"}},
@@ -282,7 +288,9 @@ def tool_output_text(output: Any) -> str:
     if isinstance(output, str):
         return output.strip()
     if isinstance(output, list):
-        texts = [p["text"] for p in output if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        texts = [
+            p["text"] for p in output if isinstance(p, dict) and isinstance(p.get("text"), str)
+        ]
         return "\n".join(texts).strip()
     return orjson.dumps(output).decode()
 
@@ -434,15 +442,15 @@ def item_frames(sse: SseWriter, index: int, item: dict) -> Iterator[bytes]:
             yield sse.frame(
                 "response.reasoning_summary_text.done", **ids, summary_index=si, text=text
             )
-            yield sse.frame("response.reasoning_summary_part.done", **ids, summary_index=si, part=part)
+            yield sse.frame(
+                "response.reasoning_summary_part.done", **ids, summary_index=si, part=part
+            )
     elif kind == "function_call":
         added = {**item, "status": "in_progress", "arguments": ""}
         yield sse.frame("response.output_item.added", output_index=index, item=added)
         for delta in split_arguments(item["arguments"]):
             yield sse.frame("response.function_call_arguments.delta", **ids, delta=delta)
-        yield sse.frame(
-            "response.function_call_arguments.done", **ids, arguments=item["arguments"]
-        )
+        yield sse.frame("response.function_call_arguments.done", **ids, arguments=item["arguments"])
     else:
         yield sse.frame("response.output_item.added", output_index=index, item=item)
     yield sse.frame("response.output_item.done", output_index=index, item=item)
@@ -485,7 +493,9 @@ def bulk_frames(
     yield sse.frame("response.in_progress", response=response_object(req, resp_id, created_at))
     added = {**item, "status": "in_progress", "content": []}
     yield sse.frame("response.output_item.added", output_index=0, item=added)
-    yield sse.frame("response.content_part.added", **ids, content_index=0, part={**part, "text": ""})
+    yield sse.frame(
+        "response.content_part.added", **ids, content_index=0, part={**part, "text": ""}
+    )
     head = _DELTA_PREFIX + b'data: {"type":"response.output_text.delta","sequence_number":'
     tail = (
         b',"item_id":"'
@@ -658,7 +668,12 @@ def decode_body(body: bytes, encoding: str) -> bytes:
 
 
 def model_object(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "aibridge-fake"}
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 1_700_000_000,
+        "owned_by": "aibridge-fake",
+    }
 
 
 # --- HTTP plumbing --------------------------------------------------------------------------
@@ -689,10 +704,8 @@ class _Server(ThreadingHTTPServer):
         with self.sockets_lock:
             sockets = list(self.open_sockets)
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):  # already closed by the client
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -817,8 +830,9 @@ class FakeUpstream:
     def start(self) -> FakeUpstream:
         if self._server is None:
             self._server = _Server((self.host, self.port), self)
+            # A short poll interval keeps stop() quick: tests start and stop many fakes.
             self._thread = threading.Thread(
-                target=self._server.serve_forever, name="fake-upstream", daemon=True
+                target=self._server.serve_forever, args=(0.05,), name="fake-upstream", daemon=True
             )
             self._thread.start()
         return self
@@ -862,17 +876,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args(argv)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # Blocked before any thread starts, so every thread inherits the mask and sigwait()
+    # in the main thread is the one place that receives them.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     with FakeUpstream(args.host, args.port) as fake:
         print(fake.url, flush=True)
-        while not stopping.wait(0.5):
-            pass
+        signal.sigwait(stop_signals)
 
 
 if __name__ == "__main__":

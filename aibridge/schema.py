@@ -59,9 +59,7 @@ def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _child_of_interception(
-    db: sqlite_utils.Database, name: str, columns: dict[str, type]
-) -> None:
+def _child_of_interception(db: sqlite_utils.Database, name: str, columns: dict[str, type]) -> None:
     db[name].create(
         {"id": int, "interception_id": str, **columns},
         pk="id",
@@ -183,9 +181,7 @@ def migrate(db: sqlite_utils.Database) -> None:
         raise RuntimeError("migrate() must not run inside an open transaction")
     db.conn.execute("BEGIN IMMEDIATE")
     with db.conn:
-        db[MIGRATIONS_TABLE].create(
-            {"name": str, "applied_at": str}, pk="name", if_not_exists=True
-        )
+        db[MIGRATIONS_TABLE].create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
         done = set(applied_migrations(db))
         known = {m.__name__ for m in MIGRATIONS}
         if unknown := sorted(done - known):

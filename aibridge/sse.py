@@ -26,6 +26,7 @@ searched on its own (plus one byte of overlap) instead of rescanning the buffer.
 """
 
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 
 _BOM = b"\xef\xbb\xbf"
@@ -48,7 +49,7 @@ class SSEEvent:
 class SSEParser:
     """Feed raw stream bytes in chunks of any size; get complete events back.
 
-    `wanted`, when given, is asked about each event name (once per distinct name); events
+    `wanted`, when given, is asked about each event name (about once per name); events
     whose name it rejects are neither decoded nor returned, only counted in
     `skipped_events`. Events without an `event:` field are always returned.
     """
@@ -103,35 +104,7 @@ class SSEParser:
             chunk = bytes(chunk)
         self.bytes_seen += len(chunk)
         if not self._started:
-            head = self._head + chunk
-            if len(head) < len(_BOM) and _BOM.startswith(head):
-                self._head = head
-                return []
-            self._started = True
-            self._head = b""
-            chunk = head[len(_BOM) :] if head.startswith(_BOM) else head
-        return self._feed_body(chunk)
-
-    def close(self) -> list[SSEEvent]:
-        """End of stream: return the trailing event that had no final blank line, if any."""
-        out: list[SSEEvent] = []
-        if self._head:  # a stream shorter than a BOM that merely began like one
-            self._started = True
-            head, self._head = self._head, b""
-            out = self._feed_body(head)
-        self._after_cr = False
-        if self._discarding:  # already counted when it overflowed
-            self._discarding = False
-        elif self._buf:
-            buf = self._buf
-            if buf[-1] == _LF:  # the last line's own line end, not a blank line
-                del buf[-1]
-            block = bytes(buf)
-            buf.clear()
-            self._dispatch(block, out)
-        return out
-
-    def _feed_body(self, chunk: bytes) -> list[SSEEvent]:
+            chunk = self._drop_bom(chunk)
         if self._after_cr:
             self._after_cr = False
             if chunk[:1] == b"\n":
@@ -165,14 +138,13 @@ class SSEParser:
                     return out
                 buf += chunk[:end]
                 chunk = chunk[end + 2 :]
-            block = bytes(buf)
+            blocks = [bytes(buf), *chunk.split(b"\n\n")]
             buf.clear()
-            self._dispatch(block, out)
-        blocks = chunk.split(b"\n\n")
+        else:
+            blocks = chunk.split(b"\n\n")
         rest = blocks.pop()
-        dispatch = self._dispatch
-        for block in blocks:
-            dispatch(block, out)
+        if blocks:
+            self._dispatch_all(blocks, out)
         if rest:
             if rest[0] == _LF:  # a blank line right after an event's end: an empty block
                 rest = rest[1:]
@@ -181,6 +153,36 @@ class SSEParser:
             if len(buf) > self.max_event_bytes + 1:
                 self._start_discard()
         return out
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: return the trailing event that had no final blank line, if any."""
+        out: list[SSEEvent] = []
+        if self._head:  # a stream shorter than a BOM that merely began like one
+            self._started = True
+            head, self._head = self._head, b""
+            self.bytes_seen -= len(head)  # feed() counts them again
+            out = self.feed(head)
+        self._after_cr = False
+        if self._discarding:  # already counted when it overflowed
+            self._discarding = False
+        elif self._buf:
+            buf = self._buf
+            if buf[-1] == _LF:  # the last line's own line end, not a blank line
+                del buf[-1]
+            block = bytes(buf)
+            buf.clear()
+            self._dispatch_all([block], out)
+        return out
+
+    def _drop_bom(self, chunk: bytes) -> bytes:
+        """Hold the stream's first bytes until it is clear whether they are a BOM."""
+        head = self._head + chunk
+        if len(head) < len(_BOM) and _BOM.startswith(head):
+            self._head = head
+            return b""
+        self._started = True
+        self._head = b""
+        return head[len(_BOM) :] if head.startswith(_BOM) else head
 
     def _start_discard(self) -> None:
         self.oversized_events += 1
@@ -201,20 +203,47 @@ class SSEParser:
         self._discarding = False
         return chunk[end:]
 
-    def _name(self, raw: bytes) -> tuple[str | None, bool]:
-        """Decode an `event:` value and ask `wanted` about it, once per distinct name."""
-        cached = self._names.get(raw)
-        if cached is not None:
-            return cached
-        name = raw.decode("utf-8", "replace") or None
+    def _name(self, line: bytes) -> tuple[str | None, bool]:
+        """Decode an `event:` line's value and ask `wanted` about it, once per distinct line."""
+        value = line[6:]
+        if value[:1] == b" ":
+            value = value[1:]
+        name = value.decode("utf-8", "replace") or None
         keep = name is None or self._wanted is None or bool(self._wanted(name))
         result = (name, keep)
         if len(self._names) < _NAME_CACHE_MAX:
-            self._names[raw] = result
+            self._names[line] = result
         return result
 
+    def _dispatch_all(self, blocks: list[bytes], out: list[SSEEvent]) -> None:
+        """Turn event blocks (LF line ends, no final line end) into events."""
+        names = self._names
+        limit = self.max_event_bytes
+        append = out.append
+        for block in blocks:
+            # Fast path, inlined, for nearly every real event: "event: <name>\ndata: <json>".
+            if block.startswith(b"event:"):
+                nl = block.find(b"\n")
+                if nl > 0 and block.find(b"\n", nl + 1) < 0 and len(block) <= limit:
+                    if block.startswith(b"data: ", nl + 1):
+                        start = nl + 7
+                    elif block.startswith(b"data:", nl + 1):
+                        start = nl + 6
+                    else:
+                        self._dispatch(block, out)
+                        continue
+                    line = block[:nl]
+                    name, keep = names.get(line) or self._name(line)
+                    if keep:
+                        data = block[start:].decode("utf-8", "replace")
+                        append(SSEEvent(name, data, self._last_id))
+                    else:
+                        self.skipped_events += 1
+                    continue
+            self._dispatch(block, out)
+
     def _dispatch(self, block: bytes, out: list[SSEEvent]) -> None:
-        """Turn one event block (LF line ends, no final line end) into an event, or not."""
+        """Any event block, by the spec's field rules."""
         if block[:1] == b"\n":  # a blank line right after the previous event's end
             block = block[1:]
         if not block:
@@ -222,22 +251,6 @@ class SSEParser:
         if len(block) > self.max_event_bytes:
             self.oversized_events += 1
             return
-        # Fast path for nearly every real event: exactly "event: <name>\ndata: <json>".
-        if block.startswith(b"event:"):
-            nl = block.find(b"\n")
-            if nl > 0 and block.startswith(b"data:", nl + 1) and block.find(b"\n", nl + 1) < 0:
-                start = 7 if nl > 6 and block[6] == _SPACE else 6
-                name, keep = self._name(block[start:nl])
-                if not keep:
-                    self.skipped_events += 1
-                    return
-                start = nl + 6
-                if start < len(block) and block[start] == _SPACE:
-                    start += 1
-                out.append(
-                    SSEEvent(name, block[start:].decode("utf-8", "replace"), self._last_id)
-                )
-                return
         raw_name: bytes | None = None
         data: list[bytes] = []
         retry: int | None = None
@@ -253,16 +266,15 @@ class SSEParser:
                 if b"\x00" not in value:
                     self._last_id = value.decode("utf-8", "replace")
             elif field == b"retry" and value.isdigit():
-                try:
+                with suppress(ValueError):  # beyond Python's int-from-string digit limit
                     retry = int(value)
-                except ValueError:  # beyond Python's int-from-string digit limit
-                    pass
             # Anything else is a comment (empty field name) or an unknown field: ignored.
         if not data:
             return
         name: str | None = None
         if raw_name is not None:
-            name, keep = self._name(raw_name)
+            line = b"event: " + raw_name  # _name strips exactly this space
+            name, keep = self._names.get(line) or self._name(line)
             if not keep:
                 self.skipped_events += 1
                 return

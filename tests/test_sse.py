@@ -1,5 +1,6 @@
 """Tests for the incremental SSE parser (aibridge/sse.py)."""
 
+import itertools
 import re
 
 import pytest
@@ -47,13 +48,26 @@ VARIANTS = {
     "lf": SAMPLE_LF,
     "crlf": SAMPLE_LF.replace(b"\n", b"\r\n"),
     "cr": SAMPLE_LF.replace(b"\n", b"\r"),
-    # Every third line end CRLF, every third CR: mixed endings in one stream.
-    "mixed": b"".join(
-        line + (b"\n", b"\r\n", b"\r")[i % 3]
-        for i, line in enumerate(SAMPLE_LF.split(b"\n")[:-1])
-    )
-    + SAMPLE_LF.split(b"\n")[-1],
 }
+
+
+def join_lines(lines: list[bytes], endings: list[bytes]) -> bytes:
+    """Join lines with endings taken in turn, never letting a CR and a LF fuse into a CRLF."""
+    out: list[bytes] = []
+    previous = b""
+    for i, line in enumerate(lines):
+        ending = endings[i % len(endings)]
+        if previous == b"\r" and not line and ending.startswith(b"\n"):
+            ending = b"\r"
+        out += (line, ending)
+        previous = ending
+    return b"".join(out)
+
+
+# Mixed endings in one stream; the sample's last line has no line end.
+VARIANTS["mixed"] = (
+    join_lines(SAMPLE_LF.split(b"\n")[:-1], [b"\n", b"\r\n", b"\r"]) + SAMPLE_LF.split(b"\n")[-1]
+)
 
 
 def parse(chunks: list[bytes], **kwargs: object) -> tuple[list[SSEEvent], SSEParser]:
@@ -72,7 +86,7 @@ def events_of(stream: bytes, **kwargs: object) -> list[SSEEvent]:
 def random_split(stream: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(stream) + 1) for c in cuts})
     bounds = [0, *points, len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [stream[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # A plain, obviously-correct reading of the spec over the whole decoded stream, to compare
@@ -91,7 +105,7 @@ def reference(stream: bytes) -> list[SSEEvent]:
                 events.append(SSEEvent(name or None, "\n".join(data), last_id, retry))
             name, data, retry = "", [], None
             continue
-        field, colon, value = line.partition(":")
+        field, _, value = line.partition(":")
         if value.startswith(" "):
             value = value[1:]
         if field == "data":
@@ -183,7 +197,12 @@ def test_id_persists_and_nul_ids_are_ignored() -> None:
 
 
 def test_retry_only_when_all_ascii_digits() -> None:
-    stream = b"retry: 10\ndata: a\n\nretry: 1x\ndata: b\n\nretry:\ndata: c\n\nretry: \xd9\xa3\ndata: d\n\n"
+    stream = (
+        b"retry: 10\ndata: a\n\n"
+        b"retry: 1x\ndata: b\n\n"
+        b"retry:\ndata: c\n\n"
+        b"retry: \xd9\xa3\ndata: d\n\n"  # ARABIC-INDIC DIGIT THREE: a digit, not ASCII
+    )
     assert [e.retry for e in events_of(stream)] == [10, None, None, None]
     assert events_of(b"retry: " + b"9" * 5000 + b"\ndata: x\n\n") == [SSEEvent(None, "x")]
 
@@ -249,7 +268,9 @@ def test_oversized_event_is_skipped_counted_and_parsing_goes_on() -> None:
         events, parser = parse([stream[:i], stream[i:]], max_event_bytes=100)
         assert events == expected, f"split at {i}"
         assert parser.oversized_events == 1
-    events, parser = parse([stream[i : i + 7] for i in range(0, len(stream), 7)], max_event_bytes=100)
+    events, parser = parse(
+        [stream[i : i + 7] for i in range(0, len(stream), 7)], max_event_bytes=100
+    )
     assert events == expected
     assert parser.oversized_events == 1
 
@@ -343,7 +364,7 @@ soupy_streams = st.lists(st.sampled_from(PIECES), max_size=60).map(b"".join)
 cuts = st.lists(st.integers(min_value=0, max_value=10_000), max_size=8)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(stream=soupy_streams | st.binary(max_size=200), cuts=cuts)
 def test_arbitrary_bytes_match_the_reference_under_any_chunking(
     stream: bytes, cuts: list[int]
@@ -353,7 +374,7 @@ def test_arbitrary_bytes_match_the_reference_under_any_chunking(
     assert parse(random_split(stream, cuts))[0] == expected
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(stream=soupy_streams, cuts=cuts, limit=st.integers(min_value=1, max_value=40))
 def test_oversized_handling_does_not_depend_on_chunking(
     stream: bytes, cuts: list[int], limit: int
@@ -362,7 +383,10 @@ def test_oversized_handling_does_not_depend_on_chunking(
     split, split_parser = parse(random_split(stream, cuts), max_event_bytes=limit)
     assert split == whole
     assert split_parser.oversized_events == whole_parser.oversized_events
-    assert set(whole) <= set(reference(stream)) if whole else True
+    # What is kept is what the reference finds, minus dropped events (ids aside: an id:
+    # line inside a dropped event is dropped with it).
+    remaining = iter([(e.event, e.data, e.retry) for e in reference(stream)])
+    assert all(item in remaining for item in [(e.event, e.data, e.retry) for e in whole])
 
 
 line_text = st.text(
@@ -377,15 +401,15 @@ sse_events = st.builds(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     events=st.lists(sse_events, max_size=8),
-    endings=st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=1),
+    endings=st.lists(st.sampled_from([b"\n", b"\r\n", b"\r"]), min_size=1),
     comments=st.booleans(),
     cuts=cuts,
 )
 def test_serialized_events_round_trip(
-    events: list[SSEEvent], endings: list[str], comments: bool, cuts: list[int]
+    events: list[SSEEvent], endings: list[bytes], comments: bool, cuts: list[int]
 ) -> None:
     lines: list[str] = []
     for event in events:
@@ -399,7 +423,7 @@ def test_serialized_events_round_trip(
             lines.append(f"retry: {event.retry}")
         lines += [f"data: {part}" for part in event.data.split("\n")]
         lines.append("")
-    stream = "".join(line + endings[i % len(endings)] for i, line in enumerate(lines)).encode()
+    stream = join_lines([line.encode() for line in lines], endings)
 
     # The spec's id persists from one event to the next until another id: line.
     expected: list[SSEEvent] = []

@@ -1,0 +1,573 @@
+"""The single writer of the audit database (DESIGN.md §4).
+
+Hooks run on mitmproxy's event loop and must never wait for SQLite, so they only
+append to an in-memory queue. One thread owns the connection (sqlite-utils
+objects cannot cross threads), takes whatever is queued, and writes it in one
+transaction per batch.
+
+Cases it handles:
+- SQLite refuses writes for a while (locked, disk full, read-only): the batch is
+  kept and retried with backoff; hooks keep enqueueing meanwhile.
+- The queue outgrows `max_queue` while writes are refused: past half of it, the
+  oldest rows lose their large content field (prompt, thought, tool arguments);
+  past all of it, the oldest such rows are dropped whole. Interceptions and token
+  usages are never dropped. Every loss is counted into `recorder_losses`.
+- A row SQLite rejects (constraint, bad value): the batch is written row by row so
+  that only that row is lost, and the loss is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter, deque
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+import sqlite_utils
+from sqlite_utils.db import Table
+
+from aibridge import schema
+
+log = logging.getLogger(__name__)
+
+INSERT: Final = "insert"
+UPSERT: Final = "upsert"
+
+REASON_CONTENT_SHED: Final = "queue overflow: content dropped"
+REASON_ROW_SHED: Final = "queue overflow: row dropped"
+
+# SQLite primary result codes that say "not now" rather than "not this row".
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+# A connection that opened the file read-only (or lost it) stays that way;
+# only a new connection sees the file writable again.
+_REOPEN_CODES: Final = frozenset(
+    {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
+)
+_BACKOFF_FIRST: Final = 0.05
+_BACKOFF_MAX: Final = 2.0
+
+# A queue entry: [seq, kind, table, row]; row None means it was shed whole.
+_SEQ, _KIND, _TABLE, _ROW = 0, 1, 2, 3
+
+LossKey = tuple[str, str | None, str]  # (table_name, field or None for the row, reason)
+
+
+class RecorderError(Exception):
+    """The audit database cannot be used at all (start-up)."""
+
+
+def _primary_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when `exc` means SQLite cannot write now, so the same rows may succeed later."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = _primary_code(exc)
+    if code is not None:
+        return code in _TRANSIENT_CODES
+    message = str(exc).lower()
+    return any(s in message for s in ("locked", "readonly", "read-only", "disk", "unable to open"))
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Recorder:
+    """Queue rows from any thread; one background thread writes them to SQLite."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_queue: int = 100_000,
+        batch_size: int = 1000,
+        busy_timeout_ms: int = 5000,
+    ) -> None:
+        if max_queue < 2 or batch_size < 1 or busy_timeout_ms < 0:
+            raise ValueError("need max_queue >= 2, batch_size >= 1, busy_timeout_ms >= 0")
+        self.path = os.fspath(path)
+        self.max_queue = max_queue
+        self.batch_size = batch_size
+        self.busy_timeout_ms = busy_timeout_ms
+        self._shed_content_above = max_queue // 2
+
+        # Shared between producers and the writer; guarded by _lock, which is
+        # only ever held for O(1) work by producers and O(batch) by the writer.
+        self._lock = threading.Lock()
+        self._pending: deque[list[Any]] = deque()
+        self._with_content: deque[list[Any]] = deque()  # entries still carrying content
+        self._sheddable: deque[list[Any]] = deque()  # entries of content tables
+        self._seq = 0  # last sequence number handed out
+        self._taken = 0  # last sequence number the writer took
+        self._live = 0  # pending rows not shed whole
+        self._losses: Counter[LossKey] = Counter()
+        self._overflow_logged = False
+        self._accepting = True
+        self._closing = False
+        self._ignored_after_close = 0
+
+        self._wakeup = threading.Event()
+        self._done = threading.Condition()
+        self._completed = 0  # every seq up to this one is committed or accounted as lost
+
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._abandon = False
+
+        # Owned by the writer thread.
+        self._db: sqlite_utils.Database | None = None
+        self._tables: dict[str, Table] = {}
+        self._columns: dict[str, frozenset[str]] = {}
+        self._carried: Counter[LossKey] = Counter()  # losses not yet in the database
+
+        # Counters: the first two change under _lock, the rest only in the writer.
+        self._shed_rows = 0
+        self._stripped = 0
+        self._written = 0
+        self._batches = 0
+        self._retries = 0
+        self._lost_rows = 0
+
+    # ---- producer side -------------------------------------------------------
+
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        """Queue `row` for insertion into `table`. The recorder owns `row` from now on."""
+        self._enqueue(INSERT, table, row)
+
+    def upsert(self, table: str, row: dict[str, Any]) -> None:
+        """Queue an upsert by primary key "id": only the columns present in `row` change."""
+        self._enqueue(UPSERT, table, row)
+
+    def _enqueue(self, kind: str, table: str, row: dict[str, Any]) -> None:
+        try:
+            content_field = schema.CONTENT_FIELDS.get(table)
+            with self._lock:
+                if not self._accepting:
+                    self._ignored_after_close += 1
+                    warn_closed = self._ignored_after_close == 1
+                elif not isinstance(row, dict):
+                    self._losses[(str(table), None, "row is not a dict")] += 1
+                    self._shed_rows += 1
+                    return
+                else:
+                    warn_closed = False
+                    self._seq += 1
+                    entry = [self._seq, kind, table, row]
+                    self._pending.append(entry)
+                    self._live += 1
+                    if content_field is not None:
+                        self._sheddable.append(entry)
+                        if row.get(content_field) is not None:
+                            self._with_content.append(entry)
+                    if self._live > self._shed_content_above:
+                        self._shed()
+            if warn_closed:
+                log.warning("recorder is closed; ignoring rows for %s (and any later ones)", table)
+                return
+            if not self._wakeup.is_set():
+                self._wakeup.set()
+        except Exception:
+            # The proxy must never fail because of its audit log.
+            log.exception("recorder could not queue a row for %s", table)
+
+    def _shed(self) -> None:
+        """Make room while writes lag; called with _lock held, once per row over the limit."""
+        if not self._overflow_logged:
+            self._overflow_logged = True
+            log.warning(
+                "recorder queue holds %d rows (limit %d): dropping content of the oldest",
+                self._live,
+                self.max_queue,
+            )
+        while self._with_content:
+            entry = self._with_content.popleft()
+            if entry[_SEQ] <= self._taken or entry[_ROW] is None:
+                continue
+            field = schema.CONTENT_FIELDS[entry[_TABLE]]
+            # A copy: the caller may still hold the dict it gave us.
+            entry[_ROW] = {**entry[_ROW], field: None}
+            self._losses[(entry[_TABLE], field, REASON_CONTENT_SHED)] += 1
+            self._stripped += 1
+            break
+        if self._live <= self.max_queue:
+            return
+        while self._sheddable:
+            entry = self._sheddable.popleft()
+            if entry[_SEQ] <= self._taken or entry[_ROW] is None:
+                continue
+            entry[_ROW] = None
+            self._live -= 1
+            self._losses[(entry[_TABLE], None, REASON_ROW_SHED)] += 1
+            self._shed_rows += 1
+            return
+        # Only interceptions and token usages remain; those are never dropped.
+
+    # ---- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer; returns once the database is open and migrated."""
+        if self._closing:
+            raise RecorderError("recorder is closed")
+        if self._thread is not None:
+            return
+        self._ready.clear()
+        self._start_error = None
+        thread = threading.Thread(target=self._run, name="aibridge-recorder", daemon=True)
+        thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            thread.join()
+            error = self._start_error
+            self._start_error = None
+            raise RecorderError(f"cannot open audit database {self.path}: {error}") from error
+        self._thread = thread
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is committed (or recorded as lost)."""
+        with self._lock:
+            target = self._seq
+        thread = self._thread
+        with self._done:
+            if self._completed >= target:
+                return True
+            if thread is None or not thread.is_alive():
+                return False
+            return self._done.wait_for(lambda: self._completed >= target, timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Write everything queued, then close the database. Later rows are ignored."""
+        with self._lock:
+            self._accepting = False
+            self._closing = True
+            unstarted = self._live if self._thread is None else 0
+        if unstarted:
+            log.warning("recorder closed before start: %d rows never written", unstarted)
+        self._wakeup.set()
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            self._abandon = True
+            log.error(
+                "recorder could not finish within %s s; about %d rows are not written",
+                timeout,
+                self._live + self.batch_size,
+            )
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            "written": self._written,
+            "batches": self._batches,
+            "retries": self._retries,
+            "dropped": self._shed_rows + self._lost_rows,
+            "stripped": self._stripped,
+            "queue_depth": self._live,
+            "ignored_after_close": self._ignored_after_close,
+        }
+
+    # ---- writer thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._open()
+        except BaseException as exc:
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._abandon:
+                self._wakeup.clear()
+                with self._lock:
+                    batch = self._take()
+                    closing = self._closing
+                if batch:
+                    self._process(batch)
+                elif closing:
+                    break
+                else:
+                    self._wakeup.wait()
+        finally:
+            self._close_connection()
+
+    def _take(self) -> list[list[Any]]:
+        """Pop up to batch_size entries; called with _lock held."""
+        pending = self._pending
+        n = min(self.batch_size, len(pending))
+        if n == 0:
+            return []
+        batch = [pending.popleft() for _ in range(n)]
+        self._taken = batch[-1][_SEQ]
+        self._live -= sum(1 for e in batch if e[_ROW] is not None)
+        # Forget index entries the writer now owns, so the indexes stay bounded.
+        for index in (self._with_content, self._sheddable):
+            while index and index[0][_SEQ] <= self._taken:
+                index.popleft()
+        if self._live <= self._shed_content_above:
+            self._overflow_logged = False
+        return batch
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000)
+        try:
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            db.enable_wal()
+            if db.journal_mode != "wal":
+                log.warning("audit database %s is not in WAL mode", self.path)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            schema.migrate(db)
+            # Probe it now: the probe writes, and must not land inside a batch.
+            _ = db.supports_on_conflict
+            self._tables = {t: db.table(t) for t in schema.WRITABLE_TABLES}
+            self._columns = {t: frozenset(self._tables[t].columns_dict) for t in self._tables}
+        except BaseException:
+            conn.close()
+            raise
+        self._db = db
+
+    def _reopen(self) -> None:
+        self._close_connection()
+        self._open()
+
+    def _close_connection(self) -> None:
+        db, self._db = self._db, None
+        if db is None:
+            return
+        try:
+            # Readers (datasette) may hold the WAL open; a passive checkpoint
+            # moves what it can without waiting for them.
+            db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.debug("checkpoint on close failed: %s", exc)
+        try:
+            db.conn.close()
+        except sqlite3.Error as exc:
+            log.warning("closing the audit database failed: %s", exc)
+
+    def _process(self, batch: list[list[Any]]) -> None:
+        ops = self._prepare(batch)
+        delay = _BACKOFF_FIRST
+        failures = 0
+        while True:
+            with self._lock:
+                self._carried.update(self._losses)
+                self._losses.clear()
+            per_row: Counter[LossKey] = Counter()
+            try:
+                if self._db is None:
+                    self._reopen()
+                written = self._write(ops, per_row)
+            except Exception as exc:
+                if not is_transient(exc):
+                    self._lose_batch(ops, exc)
+                    break
+                failures += 1
+                self._retries += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning(
+                        "audit database refused a batch of %d rows (%s); retry %d in %.2f s",
+                        len(ops),
+                        exc,
+                        failures,
+                        delay,
+                    )
+                if self._abandon:
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+                if _primary_code(exc) in _REOPEN_CODES or self._db is None:
+                    self._safe_reopen()
+                continue
+            if failures:
+                log.warning("audit database accepted the batch after %d retries", failures)
+            self._written += written
+            self._batches += 1
+            self._log_losses(self._carried + per_row)
+            self._carried.clear()
+            break
+        with self._done:
+            self._completed = batch[-1][_SEQ]
+            self._done.notify_all()
+
+    def _safe_reopen(self) -> None:
+        try:
+            self._reopen()
+        except Exception as exc:
+            # Still unusable: the next attempt notices _db is None and tries again.
+            log.debug("reopening the audit database failed: %s", exc)
+
+    def _prepare(self, batch: list[list[Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+        """Validate rows and turn JSON values into text; what cannot be kept is counted."""
+        ops: list[tuple[str, str, dict[str, Any]]] = []
+        losses = self._carried
+        for _, kind, table, row in batch:
+            if row is None:
+                continue
+            columns = self._columns.get(table)
+            if columns is None:
+                losses[(str(table), None, "unknown table")] += 1
+                self._lost_rows += 1
+                continue
+            clean: dict[str, Any] = {}
+            for key, value in row.items():
+                if key not in columns:
+                    losses[(table, str(key), "unknown column")] += 1
+                    continue
+                if isinstance(value, (dict, list, tuple)):
+                    try:
+                        value = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+                    except TypeError as exc:
+                        losses[(table, key, f"not JSON serializable: {exc}")] += 1
+                        value = None
+                clean[key] = value
+            if kind == UPSERT and clean.get("id") is None:
+                losses[(table, None, "upsert without an id")] += 1
+                self._lost_rows += 1
+                continue
+            ops.append((kind, table, clean))
+        return ops
+
+    def _write(self, ops: list[tuple[str, str, dict[str, Any]]], per_row: Counter[LossKey]) -> int:
+        """Write `ops` and the pending losses in one transaction; return rows written."""
+        db = self._db
+        assert db is not None
+        conn = db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            with conn:
+                try:
+                    with db.atomic():
+                        for kind, table, rows in _plan(ops):
+                            self._write_rows(kind, table, rows)
+                    written = len(ops)
+                except Exception as exc:
+                    if is_transient(exc) or not conn.in_transaction:
+                        raise
+                    written = self._write_one_by_one(db, ops, per_row)
+                losses = self._carried + per_row
+                if losses:
+                    now = _utc_now()
+                    self._tables[schema.RECORDER_LOSSES].insert_all(
+                        {
+                            "happened_at": now,
+                            "table_name": table,
+                            "field": field,
+                            "rows": count,
+                            "reason": reason,
+                        }
+                        for (table, field, reason), count in losses.items()
+                    )
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+        return written
+
+    def _write_one_by_one(
+        self,
+        db: sqlite_utils.Database,
+        ops: list[tuple[str, str, dict[str, Any]]],
+        per_row: Counter[LossKey],
+    ) -> int:
+        written = 0
+        for kind, table, row in ops:
+            try:
+                with db.atomic():
+                    self._write_rows(kind, table, [row])
+                written += 1
+            except Exception as exc:
+                if is_transient(exc) or not db.conn.in_transaction:
+                    raise
+                per_row[(table, None, _describe(exc))] += 1
+                self._lost_rows += 1
+        return written
+
+    def _write_rows(self, kind: str, table: str, rows: list[dict[str, Any]]) -> None:
+        if kind == UPSERT:
+            self._tables[table].upsert_all(rows, pk="id")
+        else:
+            self._tables[table].insert_all(rows)
+
+    def _lose_batch(self, ops: list[tuple[str, str, dict[str, Any]]], exc: BaseException) -> None:
+        log.error("audit database failed a batch of %d rows", len(ops), exc_info=exc)
+        for _, table, _ in ops:
+            self._carried[(table, None, _describe(exc))] += 1
+        self._lost_rows += len(ops)
+
+    def _log_losses(self, losses: Counter[LossKey]) -> None:
+        for (table, field, reason), count in losses.items():
+            what = f"{table}.{field}" if field else f"{table} rows"
+            log.warning("audit log lost %d %s: %s", count, what, reason)
+
+
+def _plan(
+    ops: list[tuple[str, str, dict[str, Any]]],
+) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """Arrange one batch into as few insert_all/upsert_all calls as its meaning allows.
+
+    The batch is one transaction, so only what SQLite checks row by row can tell
+    an order: the foreign keys to interceptions, and the order of rows within a
+    table. Hence interceptions go first, then each other table, every table's
+    operations kept in the order queued. Consecutive upserts of one id merge into
+    one row (later values win, as if applied in turn), and a run of upserts is
+    cut where the columns change: sqlite-utils would set a column missing from
+    one row to NULL, and an upsert must leave it alone.
+    """
+    by_table: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for kind, table, row in ops:
+        by_table.setdefault(table, []).append((kind, row))
+    tables = sorted(by_table, key=lambda t: t != schema.INTERCEPTIONS)
+
+    groups: list[tuple[str, str, list[dict[str, Any]]]] = []
+    for table in tables:
+        ordered: list[tuple[str, dict[str, Any]]] = []
+        merged: dict[Any, dict[str, Any]] = {}
+        for kind, row in by_table[table]:
+            if kind == UPSERT:
+                previous = merged.get(row["id"])
+                merged[row["id"]] = row if previous is None else {**previous, **row}
+                continue
+            # An insert may conflict with an upserted id: keep it after them.
+            ordered.extend((UPSERT, r) for r in merged.values())
+            merged = {}
+            ordered.append((kind, row))
+        ordered.extend((UPSERT, r) for r in merged.values())
+
+        last_key: tuple[Any, ...] | None = None
+        for kind, row in ordered:
+            key = (kind, tuple(row)) if kind == UPSERT else (kind,)
+            if key == last_key:
+                groups[-1][2].append(row)
+            else:
+                groups.append((kind, table, [row]))
+                last_key = key
+    return groups
