@@ -181,8 +181,10 @@ def end_rows(
                                "created_at": now}
     for tool in result.tool_usages:
         row = {"interception_id": interception_id, **tool, "created_at": now}
-        if not privacy.store_tool_args:
-            row["args"] = None
+        # Always JSON (a raw string becomes a JSON string) so json_extract works on every row.
+        args = row.get("args")
+        row["args"] = orjson.dumps(args).decode() if privacy.store_tool_args and args is not None \
+            else None
         yield "tool_usages", row
     for thought in result.thoughts:
         row = {"interception_id": interception_id, **thought, "created_at": now}
