@@ -97,3 +97,14 @@ def mask_credentials(headers: http.Headers, identity: Identity) -> None:
     """After the request went upstream: keep only the hint in the flow (mitmweb, saved flows)."""
     if "authorization" in headers and identity.upstream_key:
         headers["authorization"] = f"Bearer {identity.credential_hint}"
+
+
+def mask_client_credentials(headers: http.Headers) -> None:
+    """For a refused request: keep only hints of what the client presented."""
+    token = presented_token(headers)
+    if "authorization" in headers:
+        headers["authorization"] = f"Bearer {hint(token)}" if token else "<masked>"
+    if "x-api-key" in headers:
+        headers["x-api-key"] = hint(headers["x-api-key"])
+    if "proxy-authorization" in headers:
+        headers["proxy-authorization"] = "<masked>"

@@ -29,6 +29,8 @@ from aibridge.stream import StreamTee
 log = logging.getLogger(__name__)
 
 API = "responses"
+# What the bridge notes on a flow (saved with it), so offline mode knows who sent it.
+METADATA_KEY = "aibridge"
 
 
 def utc_now() -> str:
@@ -123,7 +125,12 @@ class AIBridge:
     # ---- request side ----------------------------------------------------------------------
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if self.config is None or flow.response is not None:
+        if self.config is None:
+            return
+        if not flow.live:
+            self._replay_request(flow)
+            return
+        if flow.response is not None:
             return
         req = flow.request
         route = classify(
@@ -138,6 +145,7 @@ class AIBridge:
             return
         assert route.provider is not None
         if route.kind is RouteKind.FORBIDDEN:
+            auth.mask_client_credentials(req.headers)
             flow.response = error_response(
                 403, f"{route.api_path or req.path} is not available through AI Bridge"
             )
@@ -147,10 +155,12 @@ class AIBridge:
         except auth.AuthError as e:
             if route.kind is RouteKind.RESPONSES:
                 self._record_rejection(flow, route, None, 401, str(e))
+            auth.mask_client_credentials(req.headers)
             flow.response = error_response(401, str(e))
             return
         if route.kind is RouteKind.WEBSOCKET:
             # The WebSocket transport is not bridged yet: refuse fast so clients use HTTP.
+            auth.mask_client_credentials(req.headers)
             flow.response = error_response(
                 426, "AI Bridge records the Responses API over HTTP only: use POST /v1/responses"
             )
@@ -166,7 +176,39 @@ class AIBridge:
         exchange = Exchange(uuid.uuid4().hex, route.provider, identity, info)
         self._exchanges[flow.id] = exchange
         if info is not None:
+            flow.metadata[METADATA_KEY] = {
+                "interception_id": exchange.interception_id,
+                "initiator_id": identity.user_id,
+                "credential_kind": identity.credential_kind,
+                "credential_hint": identity.credential_hint,
+            }
             self._record_start(flow, exchange)
+
+    def _replay_request(self, flow: http.HTTPFlow) -> None:
+        """A flow read from a file (offline mode): rebuild its records, never authenticate.
+
+        Who sent it is taken from what the bridge noted on the flow when it was live.
+        """
+        assert self.config is not None
+        noted = flow.metadata.get(METADATA_KEY)
+        req = flow.request
+        route = classify(self.config, req.method, req.host, req.port, req.path)
+        if not isinstance(noted, dict) or route.kind is not RouteKind.RESPONSES:
+            return
+        assert route.provider is not None
+        identity = auth.Identity(
+            str(noted.get("initiator_id")), str(noted.get("credential_kind")), "",
+            str(noted.get("credential_hint")),
+        )
+        try:
+            _, info = parse_request(req.content or b"")
+        except (RequestError, ValueError):
+            return
+        exchange = Exchange(
+            str(noted.get("interception_id") or uuid.uuid4().hex), route.provider, identity, info
+        )
+        self._exchanges[flow.id] = exchange
+        self._record_start(flow, exchange)
 
     def _validate(
         self, flow: http.HTTPFlow, route: Route, identity: auth.Identity
@@ -193,6 +235,7 @@ class AIBridge:
         info: RequestInfo | None = None,
     ) -> None:
         self._record_rejection(flow, route, identity, status, message, info)
+        auth.mask_client_credentials(flow.request.headers)
         flow.response = error_response(status, message)
         return None
 
@@ -217,7 +260,7 @@ class AIBridge:
         if exchange.request is None:
             return
         content_type = flow.response.headers.get("content-type", "")
-        if content_type.lower().startswith("text/event-stream"):
+        if flow.live and content_type.lower().startswith("text/event-stream"):
             exchange.tee = StreamTee(
                 exchange.accumulator, flow.response.headers.get("content-encoding", "")
             )

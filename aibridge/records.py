@@ -111,6 +111,12 @@ def _feed_buffered(accumulator: ResponseAccumulator, response: http.Response) ->
         body = response.content or b""
     except ValueError as e:
         return f"response body cannot be decoded: {e}"
+    if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+        # A stream read back from a flow file (offline mode) arrives whole.
+        tee = StreamTee(accumulator)
+        tee(body)
+        tee(b"")
+        return tee.parse_error
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as e:

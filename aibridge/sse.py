@@ -220,27 +220,21 @@ class SSEParser:
         names = self._names
         limit = self.max_event_bytes
         append = out.append
+        skipped = 0
         for block in blocks:
             # Fast path, inlined, for nearly every real event: "event: <name>\ndata: <json>".
             if block.startswith(b"event:"):
-                nl = block.find(b"\n")
-                if nl > 0 and block.find(b"\n", nl + 1) < 0 and len(block) <= limit:
-                    if block.startswith(b"data: ", nl + 1):
-                        start = nl + 7
-                    elif block.startswith(b"data:", nl + 1):
-                        start = nl + 6
-                    else:
-                        self._dispatch(block, out)
-                        continue
-                    line = block[:nl]
+                line, _, rest = block.partition(b"\n")
+                if rest.startswith(b"data:") and b"\n" not in rest and len(block) <= limit:
                     name, keep = names.get(line) or self._name(line)
                     if keep:
-                        data = block[start:].decode("utf-8", "replace")
-                        append(SSEEvent(name, data, self._last_id))
+                        data = rest[6:] if rest.startswith(b" ", 5) else rest[5:]
+                        append(SSEEvent(name, data.decode("utf-8", "replace"), self._last_id))
                     else:
-                        self.skipped_events += 1
+                        skipped += 1
                     continue
             self._dispatch(block, out)
+        self.skipped_events += skipped
 
     def _dispatch(self, block: bytes, out: list[SSEEvent]) -> None:
         """Any event block, by the spec's field rules."""

@@ -1,0 +1,42 @@
+"""The offline demo runs as documented, and its saved flows rebuild the same log offline."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aibridge import demo
+from tests.harness import ADDON, MITMDUMP, query
+
+
+def test_demo_and_offline_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "demo-run"
+    assert demo.main(["--dir", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "refused: 501 background requests are currently not supported" in printed
+    assert "datasette" in printed and "mitmweb" in printed
+    live = query(out_dir / "aibridge.db", "select initiator_id, status, model, streaming, "
+                 "response_id from interceptions where status = 'completed' order by started_at")
+    assert [r["initiator_id"] for r in live] == ["alice", "bob", "alice", "alice", "bob"]
+    assert len(query(out_dir / "aibridge.db", "select * from interceptions "
+                     "where status = 'rejected'")) == 2
+
+    flows = (out_dir / "flows.mitm").read_bytes()
+    assert b"demo-alice-" not in flows and b"demo-bob-" not in flows
+    assert b"sk-demo-" not in flows
+
+    rebuilt = tmp_path / "rebuilt.db"
+    subprocess.run(
+        [str(MITMDUMP), "-n", "--rfile", str(out_dir / "flows.mitm"), "-s", str(ADDON),
+         "--set", f"aibridge_config={out_dir / 'config.yaml'}", "--set", f"aibridge_db={rebuilt}",
+         "--set", f"confdir={tmp_path / 'conf'}"],
+        check=True, capture_output=True, timeout=60,
+    )
+    again = query(rebuilt, "select initiator_id, status, model, streaming, response_id "
+                  "from interceptions order by started_at")
+    assert again == live
+    for table in ("token_usages", "tool_usages", "model_thoughts"):
+        assert len(query(rebuilt, f"select * from {table}")) == len(
+            query(out_dir / "aibridge.db", f"select * from {table}"))
