@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,3 +66,48 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+class Datasette:
+    """``datasette serve`` on a free loopback port, reading a database the bridge writes."""
+
+    _RUNNING = re.compile(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+    def __init__(self, db_path: Path, *extra_args: str) -> None:
+        self.db_path = db_path
+        self.args = list(extra_args)
+        self.log_path = db_path.parent / "datasette.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Datasette:
+        exe = Path(sys.executable).parent / "datasette"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(exe), "serve", str(self.db_path), "-h", "127.0.0.1", "-p", "0", *self.args],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            found = self._RUNNING.search(self.log_path.read_bytes())
+            if found:
+                self.port = int(found.group(1))
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.__exit__()
+        raise RuntimeError(f"datasette did not start:\n{self.log_path.read_text()}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
