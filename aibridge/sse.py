@@ -33,7 +33,7 @@ _BOM = b"\xef\xbb\xbf"
 # Event names come from upstream; cap the per-name cache so a hostile stream cannot grow it.
 _NAME_CACHE_MAX = 256
 _LF = 10  # b"\n"[0]
-_SPACE = 32  # b" "[0]
+_CR = 13  # b"\r"[0]
 
 
 @dataclass(slots=True)
@@ -109,10 +109,11 @@ class SSEParser:
             self._after_cr = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        if b"\r" in chunk:
+        # An int operand makes `in` a plain memchr; a bytes operand is many times slower.
+        if _CR in chunk:
             # A CR at the very end may be the first half of a CRLF split across chunks: it
             # counts as a line end now, and a LF opening the next chunk is then dropped.
-            self._after_cr = chunk[-1] == 13
+            self._after_cr = chunk[-1] == _CR
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         out: list[SSEEvent] = []
         if not chunk:
@@ -225,7 +226,7 @@ class SSEParser:
             # Fast path, inlined, for nearly every real event: "event: <name>\ndata: <json>".
             if block.startswith(b"event:"):
                 line, _, rest = block.partition(b"\n")
-                if rest.startswith(b"data:") and b"\n" not in rest and len(block) <= limit:
+                if rest.startswith(b"data:") and _LF not in rest and len(block) <= limit:
                     name, keep = names.get(line) or self._name(line)
                     if keep:
                         data = rest[6:] if rest.startswith(b" ", 5) else rest[5:]
@@ -257,7 +258,7 @@ class SSEParser:
             elif field == b"event":
                 raw_name = value
             elif field == b"id":
-                if b"\x00" not in value:
+                if 0 not in value:
                     self._last_id = value.decode("utf-8", "replace")
             elif field == b"retry" and value.isdigit():
                 with suppress(ValueError):  # beyond Python's int-from-string digit limit

@@ -333,6 +333,13 @@ def test_wanted_filter_skips_and_counts() -> None:
         assert sorted(set(calls)) == sorted(calls)  # asked once per name
 
 
+def test_wanted_filter_with_more_names_than_the_cache_holds() -> None:
+    stream = b"".join(b"event: n%d\ndata: %d\n\n" % (i, i) for i in range(1000))
+    events, parser = parse([stream], wanted=lambda name: int(name[1:]) % 2 == 0)
+    assert [e.data for e in events] == [str(i) for i in range(0, 1000, 2)]
+    assert parser.skipped_events == 500
+
+
 def test_rejects_a_non_positive_limit() -> None:
     with pytest.raises(ValueError):
         SSEParser(max_event_bytes=0)
@@ -364,7 +371,7 @@ soupy_streams = st.lists(st.sampled_from(PIECES), max_size=60).map(b"".join)
 cuts = st.lists(st.integers(min_value=0, max_value=10_000), max_size=8)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(stream=soupy_streams | st.binary(max_size=200), cuts=cuts)
 def test_arbitrary_bytes_match_the_reference_under_any_chunking(
     stream: bytes, cuts: list[int]
@@ -401,7 +408,7 @@ sse_events = st.builds(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     events=st.lists(sse_events, max_size=8),
     endings=st.lists(st.sampled_from([b"\n", b"\r\n", b"\r"]), min_size=1),
