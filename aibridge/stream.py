@@ -72,7 +72,9 @@ class StreamTee:
         content_encoding: str = "",
     ) -> None:
         self.accumulator = accumulator
-        self.parser = SSEParser(wanted=WANTED_EVENTS.__contains__)
+        # 8 MiB is far above any real event (a large response.completed is a few MB) and keeps
+        # one hostile event from holding much memory.
+        self.parser = SSEParser(max_event_bytes=8 << 20, wanted=WANTED_EVENTS.__contains__)
         self.ended = False
         self.parse_error: str | None = None
         self.bytes_forwarded = 0
