@@ -3,5 +3,6 @@
 from pathlib import Path
 
 from aibridge.bridge import AIBridge
+from aibridge.contentview import AIBridgeView
 
-addons = [AIBridge(default_config_dir=Path(__file__).resolve().parent)]
+addons = [AIBridge(default_config_dir=Path(__file__).resolve().parent), AIBridgeView()]
