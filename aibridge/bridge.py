@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from mitmproxy import ctx, exceptions, http
 
 from aibridge import auth, records
@@ -42,6 +41,7 @@ class Exchange:
     """What the bridge keeps about one flow between its request and its end."""
 
     interception_id: str
+    flow: http.HTTPFlow
     provider: Provider
     identity: auth.Identity
     request: RequestInfo | None = None  # None for passthrough flows (no interception)
@@ -145,25 +145,20 @@ class AIBridge:
             return
         assert route.provider is not None
         if route.kind is RouteKind.FORBIDDEN:
-            auth.mask_client_credentials(req.headers)
-            flow.response = error_response(
-                403, f"{route.api_path or req.path} is not available through AI Bridge"
-            )
+            message = f"{route.api_path or req.path} is not available through AI Bridge"
+            self._refuse(flow, 403, message, None)
             return
         try:
             identity = auth.identify(self.config, route.provider, req.headers, flow.metadata)
         except auth.AuthError as e:
             if route.kind is RouteKind.RESPONSES:
                 self._record_rejection(flow, route, None, 401, str(e))
-            auth.mask_client_credentials(req.headers)
-            flow.response = error_response(401, str(e))
+            self._refuse(flow, 401, str(e), None)
             return
         if route.kind is RouteKind.WEBSOCKET:
             # The WebSocket transport is not bridged yet: refuse fast so clients use HTTP.
-            auth.mask_client_credentials(req.headers)
-            flow.response = error_response(
-                426, "AI Bridge records the Responses API over HTTP only: use POST /v1/responses"
-            )
+            message = "AI Bridge records the Responses API over HTTP only: use POST /v1/responses"
+            self._refuse(flow, 426, message, identity.user_id)
             return
         if route.kind is RouteKind.RESPONSES:
             info = self._validate(flow, route, identity)
@@ -173,7 +168,7 @@ class AIBridge:
             info = None
         self._retarget(flow, route)
         auth.install_credentials(req.headers, route.provider, identity)
-        exchange = Exchange(uuid.uuid4().hex, route.provider, identity, info)
+        exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, info)
         self._exchanges[flow.id] = exchange
         if info is not None:
             flow.metadata[METADATA_KEY] = {
@@ -197,7 +192,9 @@ class AIBridge:
             return
         assert route.provider is not None
         identity = auth.Identity(
-            str(noted.get("initiator_id")), str(noted.get("credential_kind")), "",
+            str(noted.get("initiator_id")),
+            str(noted.get("credential_kind")),
+            "",
             str(noted.get("credential_hint")),
         )
         try:
@@ -205,7 +202,11 @@ class AIBridge:
         except (RequestError, ValueError):
             return
         exchange = Exchange(
-            str(noted.get("interception_id") or uuid.uuid4().hex), route.provider, identity, info
+            str(noted.get("interception_id") or uuid.uuid4().hex),
+            flow,
+            route.provider,
+            identity,
+            info,
         )
         self._exchanges[flow.id] = exchange
         self._record_start(flow, exchange)
@@ -235,9 +236,16 @@ class AIBridge:
         info: RequestInfo | None = None,
     ) -> None:
         self._record_rejection(flow, route, identity, status, message, info)
+        self._refuse(flow, status, message, identity.user_id if identity else None)
+        return None
+
+    @staticmethod
+    def _refuse(flow: http.HTTPFlow, status: int, message: str, user_id: str | None) -> None:
+        """Answer the client ourselves: the provider never sees the request."""
         auth.mask_client_credentials(flow.request.headers)
         flow.response = error_response(status, message)
-        return None
+        flow.comment = f"{user_id or 'unknown client'} · refused {status}: {message}"
+        flow.marked = ":no_entry:"
 
     @staticmethod
     def _retarget(flow: http.HTTPFlow, route: Route) -> None:
@@ -293,14 +301,21 @@ class AIBridge:
             log.exception("AI Bridge: failed to record flow %s", flow.id)
 
     def _finish_interrupted(self, flow_id: str) -> None:
+        """At shutdown: a flow still in flight is recorded as cut, and its key masked now,
+        because mitmproxy saves active flows (``-w``) after this addon's ``done``."""
         exchange = self._exchanges.pop(flow_id, None)
-        if exchange is None or exchange.request is None:
+        if exchange is None:
+            return
+        self._mask(exchange.flow, exchange)
+        if exchange.request is None:
             return
         outcome = records.finish_exchange(
             exchange.accumulator, exchange.tee, None, "the bridge shut down during the exchange"
         )
-        outcome.status = outcome.status if outcome.result.terminal_seen else "shutdown"
+        if not outcome.result.terminal_seen:
+            outcome.status = "shutdown"
         self._write_end(exchange, outcome, None)
+        self._annotate(exchange, outcome)
 
     # ---- records -----------------------------------------------------------------------------
 
@@ -368,9 +383,16 @@ class AIBridge:
         self, flow: http.HTTPFlow, exchange: Exchange, outcome: records.Outcome
     ) -> None:
         self._write_end(exchange, outcome, flow.response.status_code if flow.response else None)
-        flow.comment = records.flow_comment(exchange.identity.user_id, exchange.request, outcome)
+        self._annotate(exchange, outcome)
+
+    @staticmethod
+    def _annotate(exchange: Exchange, outcome: records.Outcome) -> None:
+        """What mitmweb shows in its flow list."""
+        exchange.flow.comment = records.flow_comment(
+            exchange.identity.user_id, exchange.request, outcome
+        )
         if outcome.status != "completed":
-            flow.marked = ":warning:"
+            exchange.flow.marked = ":warning:"
 
     def _write_end(
         self, exchange: Exchange, outcome: records.Outcome, http_status: int | None
@@ -379,14 +401,14 @@ class AIBridge:
             return
         now = utc_now()
         for table, row in records.end_rows(
-            exchange.interception_id, exchange.request, outcome, http_status, self.config.privacy,
+            exchange.interception_id,
+            exchange.request,
+            outcome,
+            http_status,
+            self.config.privacy,
             now,
         ):
             if table == "interceptions":
                 self.recorder.upsert(table, row)
             else:
                 self.recorder.insert(table, row)
-
-
-def dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()

@@ -139,8 +139,15 @@ class _Reader:
             raise self.fail(key, f"must be a mapping, got {_kind(value)}")
         return value
 
-    def string(self, parent: dict[str, Any], name: str, key: str, *, default: str | None = None,
-               allow_empty: bool = False) -> str:
+    def string(
+        self,
+        parent: dict[str, Any],
+        name: str,
+        key: str,
+        *,
+        default: str | None = None,
+        allow_empty: bool = False,
+    ) -> str:
         value = parent.get(name, default)
         if value is None:
             raise self.fail(key, "is required")
@@ -163,8 +170,9 @@ class _Reader:
             raise self.fail(key, f"must be true or false, got {value!r}")
         return value
 
-    def string_list(self, parent: dict[str, Any], name: str, key: str,
-                    default: tuple[str, ...]) -> tuple[str, ...]:
+    def string_list(
+        self, parent: dict[str, Any], name: str, key: str, default: tuple[str, ...]
+    ) -> tuple[str, ...]:
         value = parent.get(name)
         if value is None:
             return default
@@ -220,7 +228,9 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
     )
     websocket = r.string(top, "websocket", "websocket", default="refuse")
     if websocket not in WEBSOCKET_POLICIES:
-        raise r.fail("websocket", f"must be one of {', '.join(WEBSOCKET_POLICIES)}, got {websocket!r}")
+        raise r.fail(
+            "websocket", f"must be one of {', '.join(WEBSOCKET_POLICIES)}, got {websocket!r}"
+        )
     passthrough = r.string_list(top, "passthrough", "passthrough", DEFAULT_PASSTHROUGH)
     for i, pattern in enumerate(passthrough):
         if not pattern.startswith("/"):
@@ -259,17 +269,23 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
             raise r.fail(f"{key}.name", f"duplicate provider name {name!r}")
         ptype = r.string(entry, "type", f"{key}.type", default="openai")
         if ptype not in PROVIDER_TYPES:
-            raise r.fail(f"{key}.type", f"unsupported provider type {ptype!r} "
-                                        f"(supported: {', '.join(PROVIDER_TYPES)})")
+            raise r.fail(
+                f"{key}.type",
+                f"unsupported provider type {ptype!r} (supported: {', '.join(PROVIDER_TYPES)})",
+            )
         base_url = r.string(entry, "base_url", f"{key}.base_url")
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise r.fail(f"{key}.base_url", f"must be an http(s) URL such as "
-                                            f"https://api.openai.com/v1, got {base_url!r}")
+            raise r.fail(
+                f"{key}.base_url",
+                f"must be an http(s) URL such as https://api.openai.com/v1, got {base_url!r}",
+            )
         api_key = r.string(entry, "api_key", f"{key}.api_key", allow_empty=True)
         if not api_key:
-            r.warnings.append(f"{r.file}: {key}.api_key is empty: requests to provider {name!r} "
-                              f"go upstream without a provider key until it is set")
+            r.warnings.append(
+                f"{r.file}: {key}.api_key is empty: requests to provider {name!r} "
+                f"go upstream without a provider key until it is set"
+            )
         headers_raw = r.mapping(entry.get("extra_headers") or {}, f"{key}.extra_headers")
         extra_headers = {
             str(h): r.string(headers_raw, h, f"{key}.extra_headers.{h}", allow_empty=True)
@@ -297,13 +313,16 @@ def _users(r: _Reader, raw: Any) -> tuple[User, ...]:
         if "token_sha256" in entry:
             digest = r.string(entry, "token_sha256", f"{key}.token_sha256").lower()
             if not _SHA256_HEX.fullmatch(digest):
-                raise r.fail(f"{key}.token_sha256", "must be 64 hexadecimal characters "
-                                                    "(sha256 of the token)")
+                raise r.fail(
+                    f"{key}.token_sha256", "must be 64 hexadecimal characters (sha256 of the token)"
+                )
         elif "token" in entry:
             token = r.string(entry, "token", f"{key}.token", allow_empty=True)
             if not token:
-                r.warnings.append(f"{r.file}: {key}.token is empty: user {user_id!r} "
-                                  f"cannot sign in until it is set")
+                r.warnings.append(
+                    f"{r.file}: {key}.token is empty: user {user_id!r} "
+                    f"cannot sign in until it is set"
+                )
                 continue
             if len(token) < 8:
                 raise r.fail(f"{key}.token", "is too short: use at least 8 characters")

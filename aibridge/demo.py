@@ -25,8 +25,14 @@ USERS = ("alice", "bob")
 def demo_config(upstream_url: str) -> dict[str, Any]:
     return {
         "database": "aibridge.db",
-        "providers": [{"name": "openai", "type": "openai", "base_url": f"{upstream_url}/v1",
-                       "api_key": "${DEMO_PROVIDER_KEY:-}"}],
+        "providers": [
+            {
+                "name": "openai",
+                "type": "openai",
+                "base_url": f"{upstream_url}/v1",
+                "api_key": "${DEMO_PROVIDER_KEY:-}",
+            }
+        ],
         "users": [{"id": user, "token": f"${{DEMO_TOKEN_{user.upper()}:-}}"} for user in USERS],
     }
 
@@ -37,28 +43,43 @@ def run_exchanges(base_url: str, tokens: dict[str, str]) -> list[str]:
     bob = openai.OpenAI(base_url=base_url, api_key=tokens["bob"], max_retries=0)
     lines = []
 
-    stream = alice.responses.create(model="fake-text", input="Say hello to the audit log",
-                                    stream=True)
+    stream = alice.responses.create(
+        model="fake-text", input="Say hello to the audit log", stream=True
+    )
     deltas = sum(1 for event in stream if event.type == "response.output_text.delta")
     lines.append(f"alice  streamed text          {deltas} text deltas")
 
     answer = bob.responses.create(model="fake-reasoning", input="Is 1013 prime? Think first.")
     lines.append(f"bob    buffered + reasoning   {answer.usage.output_tokens} output tokens")
 
-    first = alice.responses.create(model="fake-tool", input="What's the weather in Paris?",
-                                   tools=[{"type": "function", "name": "get_weather",
-                                           "parameters": {"type": "object", "properties": {
-                                               "city": {"type": "string"}}}}])
+    first = alice.responses.create(
+        model="fake-tool",
+        input="What's the weather in Paris?",
+        tools=[
+            {
+                "type": "function",
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            }
+        ],
+    )
     call = next(item for item in first.output if item.type == "function_call")
     follow = alice.responses.create(
         model="fake-tool",
-        input=[{"role": "user", "content": "What's the weather in Paris?"},
-               call.model_dump(exclude_none=True),
-               {"type": "function_call_output", "call_id": call.call_id,
-                "output": '{"temperature_c": 18, "sky": "clear"}'}],
+        input=[
+            {"role": "user", "content": "What's the weather in Paris?"},
+            call.model_dump(exclude_none=True),
+            {
+                "type": "function_call_output",
+                "call_id": call.call_id,
+                "output": '{"temperature_c": 18, "sky": "clear"}',
+            },
+        ],
     )
-    lines.append(f"alice  tool call + follow-up  {call.name}({call.arguments}) -> "
-                 f"{follow.output_text[:40]!r}")
+    lines.append(
+        f"alice  tool call + follow-up  {call.name}({call.arguments}) -> "
+        f"{follow.output_text[:40]!r}"
+    )
 
     with bob.responses.stream(model="fake-cached", input="Summarise the style guide") as s:
         cached = s.get_final_response().usage.input_tokens_details.cached_tokens
@@ -81,8 +102,13 @@ def summary(db_path: Path) -> str:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         out = ["", "What landed in the audit log:"]
-        for table in ("interceptions", "user_prompts", "token_usages", "tool_usages",
-                      "model_thoughts"):
+        for table in (
+            "interceptions",
+            "user_prompts",
+            "token_usages",
+            "tool_usages",
+            "model_thoughts",
+        ):
             (count,) = conn.execute(f"select count(*) from {table}").fetchone()
             out.append(f"  {table:<15} {count:>3} rows")
         out.append("")
@@ -102,8 +128,11 @@ def summary(db_path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aibridge.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m aibridge.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dir", default="demo-run", help="output folder (default: demo-run)")
     args = parser.parse_args(argv)
     workdir = Path(args.dir).resolve()
@@ -116,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     env.update({f"DEMO_TOKEN_{user.upper()}": token for user, token in tokens.items()})
     with FakeUpstream() as upstream:
         bridge = MitmdumpProcess(
-            workdir, demo_config(upstream.url), env=env,
+            workdir,
+            demo_config(upstream.url),
+            env=env,
             extra_args=["-w", str(workdir / "flows.mitm"), "--set", "store_streamed_bodies=true"],
         )
         bridge.start()

@@ -52,11 +52,19 @@ class MitmdumpProcess:
 
     def start(self, timeout: float = 30.0) -> MitmdumpProcess:
         args = [
-            str(MITMDUMP), "--listen-host", "127.0.0.1", "--listen-port", "0",
-            "--set", f"confdir={self.workdir / 'mitmproxy-conf'}",
-            "-s", str(ADDON),
-            "--set", f"aibridge_config={self.config_path}",
-            "--set", f"aibridge_db={self.db_path}",
+            str(MITMDUMP),
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            "0",
+            "--set",
+            f"confdir={self.workdir / 'mitmproxy-conf'}",
+            "-s",
+            str(ADDON),
+            "--set",
+            f"aibridge_config={self.config_path}",
+            "--set",
+            f"aibridge_db={self.db_path}",
         ]
         if self.mode:
             args += ["--mode", self.mode]

@@ -97,8 +97,6 @@ def finish_exchange(
         lowered = error.lower()
         status = "client_disconnected" if "client disconnected" in lowered else "error"
         return Outcome(status, result.error or error, result)
-    if result.status:
-        return Outcome(result.status, result.error, result)
     if parse_error:
         return Outcome("error", parse_error, result)
     if tee is not None:
@@ -180,17 +178,22 @@ def end_rows(
         },
     )
     if info.prompt is not None:
-        yield "user_prompts", prompt_row(interception_id, result.response_id, info.prompt,
-                                         privacy, now)
+        yield (
+            "user_prompts",
+            prompt_row(interception_id, result.response_id, info.prompt, privacy, now),
+        )
     if result.token_usage is not None:
-        yield "token_usages", {"interception_id": interception_id, **result.token_usage,
-                               "created_at": now}
+        yield (
+            "token_usages",
+            {"interception_id": interception_id, **result.token_usage, "created_at": now},
+        )
     for tool in result.tool_usages:
         row = {"interception_id": interception_id, **tool, "created_at": now}
         # Always JSON (a raw string becomes a JSON string) so json_extract works on every row.
         args = row.get("args")
-        row["args"] = orjson.dumps(args).decode() if privacy.store_tool_args and args is not None \
-            else None
+        row["args"] = (
+            orjson.dumps(args).decode() if privacy.store_tool_args and args is not None else None
+        )
         yield "tool_usages", row
     for thought in result.thoughts:
         row = {"interception_id": interception_id, **thought, "created_at": now}

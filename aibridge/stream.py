@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 import zlib
+from typing import Any
+
 import brotli
 
 from aibridge.extract import WANTED_EVENTS, ResponseAccumulator
@@ -25,42 +27,55 @@ _MAX_INFLATE_STEP = 1 << 20
 
 
 class _Inflater:
-    """Incremental decoder for one Content-Encoding, for the parsing copy only."""
+    """Incremental decoder for one Content-Encoding, for the parsing copy only.
+
+    Handles what real servers send: "deflate" with or without its zlib wrapper (decided
+    from the first two bytes), and gzip members or zstd frames one after another.
+    """
 
     def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
-        if encoding in ("gzip", "x-gzip"):
-            self._zlib = zlib.decompressobj(wbits=31)
-        elif encoding == "deflate":
-            # "deflate" is meant to be zlib-wrapped, but raw deflate is common in the wild.
-            self._zlib = zlib.decompressobj(wbits=47)
-        elif encoding == "br":
-            self._brotli = brotli.Decompressor()
-        elif encoding == "zstd":
-            self._zstd = zstd.ZstdDecompressor()
-        else:
+        if encoding not in ("gzip", "x-gzip", "deflate", "br", "zstd"):
             raise ValueError(f"unsupported content-encoding {encoding!r}")
-        self._raw_deflate_fallback = encoding == "deflate"
+        self.encoding = encoding
+        self._head = b""  # deflate only: bytes held until the wrapper can be recognised
+        self._decoder: Any = None if encoding == "deflate" else self._new_decoder()
+
+    def _new_decoder(self, wbits: int = 31) -> Any:
+        if self.encoding == "br":
+            return brotli.Decompressor()
+        if self.encoding == "zstd":
+            return zstd.ZstdDecompressor()
+        return zlib.decompressobj(wbits=wbits)
 
     def decode(self, chunk: bytes) -> list[bytes]:
         if self.encoding == "br":
-            return [self._brotli.process(chunk)]
-        if self.encoding == "zstd":
-            return [self._zstd.decompress(chunk)]
-        try:
-            return self._inflate(chunk)
-        except zlib.error:
-            if not self._raw_deflate_fallback:
-                raise
-            self._raw_deflate_fallback = False
-            self._zlib = zlib.decompressobj(wbits=-15)
-            return self._inflate(chunk)
-
-    def _inflate(self, chunk: bytes) -> list[bytes]:
-        out = [self._zlib.decompress(chunk, _MAX_INFLATE_STEP)]
-        while self._zlib.unconsumed_tail:
-            out.append(self._zlib.decompress(self._zlib.unconsumed_tail, _MAX_INFLATE_STEP))
+            return [self._decoder.process(chunk)]
+        if self._decoder is None:
+            self._head += chunk
+            if len(self._head) < 2:
+                return []
+            b0, b1 = self._head[0], self._head[1]
+            wrapped = (b0 & 0x0F) == 8 and ((b0 << 8) | b1) % 31 == 0
+            self._decoder = self._new_decoder(15 if wrapped else -15)
+            chunk, self._head = self._head, b""
+        out: list[bytes] = []
+        while chunk:
+            if self.encoding == "zstd":
+                out.append(self._decoder.decompress(chunk))
+            else:
+                out.append(self._decoder.decompress(chunk, _MAX_INFLATE_STEP))
+                while self._decoder.unconsumed_tail:
+                    tail = self._decoder.unconsumed_tail
+                    out.append(self._decoder.decompress(tail, _MAX_INFLATE_STEP))
+            chunk = b""
+            if self._decoder.eof and self._decoder.unused_data:
+                # Another gzip member or zstd frame follows the one that just ended.
+                chunk = self._decoder.unused_data
+                self._decoder = self._new_decoder(self._decoder_wbits())
         return out
+
+    def _decoder_wbits(self) -> int:
+        return 31 if self.encoding in ("gzip", "x-gzip") else 15
 
 
 class StreamTee:

@@ -22,8 +22,12 @@ def bridge_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "database": "aibridge.db",
         "providers": [
-            {"name": "openai", "type": "openai", "base_url": f"{upstream_url}/v1",
-             "api_key": "${TEST_PROVIDER_KEY}"},
+            {
+                "name": "openai",
+                "type": "openai",
+                "base_url": f"{upstream_url}/v1",
+                "api_key": "${TEST_PROVIDER_KEY}",
+            },
         ],
         "users": [{"id": user, "token": token} for user, token in TOKENS.items()],
     }
@@ -89,7 +93,8 @@ class Datasette:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [str(exe), "serve", str(self.db_path), "-h", "127.0.0.1", "-p", "0", *self.args],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

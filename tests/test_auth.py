@@ -7,16 +7,30 @@ from aibridge.config import parse_config
 PROVIDER_KEY = "sk-provider-0123456789abcdef"
 CONFIG = parse_config(
     {
-        "providers": [{"name": "openai", "base_url": "https://api.openai.com/v1",
-                       "api_key": PROVIDER_KEY, "extra_headers": {"OpenAI-Project": "p1"}}],
+        "providers": [
+            {
+                "name": "openai",
+                "base_url": "https://api.openai.com/v1",
+                "api_key": PROVIDER_KEY,
+                "extra_headers": {"OpenAI-Project": "p1"},
+            }
+        ],
         "users": [{"id": "alice", "token": "alice-token-1"}],
     },
     "test.yaml",
     {},
 )
-BYOK = parse_config({**{"byok": True}, "providers": [{"name": "openai",
-                    "base_url": "https://api.openai.com/v1", "api_key": PROVIDER_KEY}],
-                     "users": [{"id": "alice", "token": "alice-token-1"}]}, "t.yaml", {})
+BYOK = parse_config(
+    {
+        **{"byok": True},
+        "providers": [
+            {"name": "openai", "base_url": "https://api.openai.com/v1", "api_key": PROVIDER_KEY}
+        ],
+        "users": [{"id": "alice", "token": "alice-token-1"}],
+    },
+    "t.yaml",
+    {},
+)
 PROVIDER = CONFIG.providers[0]
 
 
@@ -70,19 +84,26 @@ def test_proxyauth_identity():
 
 
 def test_byok():
-    identity = auth.identify(BYOK, PROVIDER, headers(authorization="Bearer sk-users-own-key-123"),
-                             {})
+    identity = auth.identify(
+        BYOK, PROVIDER, headers(authorization="Bearer sk-users-own-key-123"), {}
+    )
     assert identity.credential_kind == "byok"
     assert identity.upstream_key == "sk-users-own-key-123"
     assert identity.user_id == "byok:sk-u...-123"
     # a known personal token still wins
-    assert auth.identify(BYOK, PROVIDER, headers(authorization="Bearer alice-token-1"),
-                         {}).user_id == "alice"
+    assert (
+        auth.identify(BYOK, PROVIDER, headers(authorization="Bearer alice-token-1"), {}).user_id
+        == "alice"
+    )
 
 
 def test_install_and_mask_credentials():
-    h = headers(authorization="Bearer alice-token-1", x_api_key="alice-token-1",
-                proxy_authorization="Basic abc", user_agent="ua")
+    h = headers(
+        authorization="Bearer alice-token-1",
+        x_api_key="alice-token-1",
+        proxy_authorization="Basic abc",
+        user_agent="ua",
+    )
     identity = auth.identify(CONFIG, PROVIDER, h, {})
     auth.install_credentials(h, PROVIDER, identity)
     assert h["authorization"] == f"Bearer {PROVIDER_KEY}"

@@ -10,19 +10,19 @@ providers:
   - name: openai
     type: openai
     base_url: https://api.openai.com/v1/
-    api_key: ${PROVIDER_KEY}
+    api_key: ${{PROVIDER_KEY}}
     extra_headers:
       OpenAI-Organization: org-1
 users:
   - id: alice
-    token: ${ALICE_TOKEN}
+    token: ${{ALICE_TOKEN}}
   - id: bob
-    token_sha256: %s
+    token_sha256: {}
 byok: true
 privacy:
   store_prompts: false
 websocket: bridge
-""" % sha256_hex("bob-secret-token")
+""".format(sha256_hex("bob-secret-token"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -38,7 +38,11 @@ def test_full_config(tmp_path: Path) -> None:
     (provider,) = config.providers
     assert provider.base_url == "https://api.openai.com/v1"
     assert (provider.scheme, provider.host, provider.port, provider.base_path) == (
-        "https", "api.openai.com", 443, "/v1")
+        "https",
+        "api.openai.com",
+        443,
+        "/v1",
+    )
     assert provider.api_key == env["PROVIDER_KEY"]
     assert provider.extra_headers == {"OpenAI-Organization": "org-1"}
     assert config.user_for_token("alice-secret").id == "alice"
@@ -103,7 +107,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_duplicate_tokens_and_names_rejected(tmp_path: Path) -> None:
-    text = GOOD.replace("token_sha256: %s" % sha256_hex("bob-secret-token"),
-                        "token: alice-secret")
+    bob_line = "token_sha256: {}".format(sha256_hex("bob-secret-token"))
+    text = GOOD.replace(bob_line, "token: alice-secret")
     with pytest.raises(ConfigError, match="same token"):
         load_config(write(tmp_path, text), {"PROVIDER_KEY": "k", "ALICE_TOKEN": "alice-secret"})

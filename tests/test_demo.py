@@ -17,11 +17,16 @@ def test_demo_and_offline_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[
     printed = capsys.readouterr().out
     assert "refused: 501 background requests are currently not supported" in printed
     assert "datasette" in printed and "mitmweb" in printed
-    live = query(out_dir / "aibridge.db", "select initiator_id, status, model, streaming, "
-                 "response_id from interceptions where status = 'completed' order by started_at")
+    live = query(
+        out_dir / "aibridge.db",
+        "select initiator_id, status, model, streaming, "
+        "response_id from interceptions where status = 'completed' order by started_at",
+    )
     assert [r["initiator_id"] for r in live] == ["alice", "bob", "alice", "alice", "bob"]
-    assert len(query(out_dir / "aibridge.db", "select * from interceptions "
-                     "where status = 'rejected'")) == 2
+    assert (
+        len(query(out_dir / "aibridge.db", "select * from interceptions where status = 'rejected'"))
+        == 2
+    )
 
     flows = (out_dir / "flows.mitm").read_bytes()
     assert b"demo-alice-" not in flows and b"demo-bob-" not in flows
@@ -29,14 +34,31 @@ def test_demo_and_offline_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[
 
     rebuilt = tmp_path / "rebuilt.db"
     subprocess.run(
-        [str(MITMDUMP), "-n", "--rfile", str(out_dir / "flows.mitm"), "-s", str(ADDON),
-         "--set", f"aibridge_config={out_dir / 'config.yaml'}", "--set", f"aibridge_db={rebuilt}",
-         "--set", f"confdir={tmp_path / 'conf'}"],
-        check=True, capture_output=True, timeout=60,
+        [
+            str(MITMDUMP),
+            "-n",
+            "--rfile",
+            str(out_dir / "flows.mitm"),
+            "-s",
+            str(ADDON),
+            "--set",
+            f"aibridge_config={out_dir / 'config.yaml'}",
+            "--set",
+            f"aibridge_db={rebuilt}",
+            "--set",
+            f"confdir={tmp_path / 'conf'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
-    again = query(rebuilt, "select initiator_id, status, model, streaming, response_id "
-                  "from interceptions order by started_at")
+    again = query(
+        rebuilt,
+        "select initiator_id, status, model, streaming, response_id "
+        "from interceptions order by started_at",
+    )
     assert again == live
     for table in ("token_usages", "tool_usages", "model_thoughts"):
         assert len(query(rebuilt, f"select * from {table}")) == len(
-            query(out_dir / "aibridge.db", f"select * from {table}"))
+            query(out_dir / "aibridge.db", f"select * from {table}")
+        )

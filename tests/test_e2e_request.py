@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from aibridge.fake_upstream import FakeUpstream
 from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, wait_for
 
 
-def sdk(bridge: Mitmdump, token: str = TOKENS["alice"], prefix: str = "/openai/v1") -> openai.OpenAI:
+def sdk(
+    bridge: Mitmdump, token: str = TOKENS["alice"], prefix: str = "/openai/v1"
+) -> openai.OpenAI:
     return openai.OpenAI(base_url=bridge.url + prefix, api_key=token, max_retries=0, timeout=30)
 
 
@@ -25,8 +28,13 @@ def rejected_rows(bridge: Mitmdump, marker: str) -> list[dict]:
     return [r for r in sql_rows if marker in (prompts.get(r["id"]) or "")]
 
 
-def post(bridge: Mitmdump, body: bytes, token: str | None = TOKENS["alice"],
-         path: str = "/openai/v1/responses", **headers: str) -> httpx.Response:
+def post(
+    bridge: Mitmdump,
+    body: bytes,
+    token: str | None = TOKENS["alice"],
+    path: str = "/openai/v1/responses",
+    **headers: str,
+) -> httpx.Response:
     h = {"content-type": "application/json", **headers}
     if token is not None:
         h["authorization"] = f"Bearer {token}"
@@ -56,8 +64,9 @@ def test_rejections_never_reach_upstream(bridge: Mitmdump, upstream: FakeUpstrea
 
     r = post(bridge, b"{}", path="/openai/v1/chat/completions")
     assert r.status_code == 403 and r.json()["code"] == "403"
-    r = httpx.get(bridge.url + "/openai/v1/files",
-                  headers={"authorization": f"Bearer {TOKENS['alice']}"})
+    r = httpx.get(
+        bridge.url + "/openai/v1/files", headers={"authorization": f"Bearer {TOKENS['alice']}"}
+    )
     assert r.status_code == 403
 
     assert len(upstream.requests) == before, "a rejected request reached the upstream"
@@ -88,9 +97,15 @@ def test_key_swap_and_byte_identical_body(bridge: Mitmdump, upstream: FakeUpstre
     assert "proxy-authorization" not in received.headers
     for token in TOKENS.values():
         assert all(token not in v for v in received.headers.values())
-    row = wait_for(lambda: [x for x in bridge.rows("interceptions")
-                            if x["status"] == "completed" and x["metadata"]
-                            and orjson.loads(x["metadata"])["request_bytes"] == len(body)])
+    row = wait_for(
+        lambda: [
+            x
+            for x in bridge.rows("interceptions")
+            if x["status"] == "completed"
+            and x["metadata"]
+            and orjson.loads(x["metadata"])["request_bytes"] == len(body)
+        ]
+    )
     assert row[0]["credential_hint"] == "sk-t...cdef"
     assert row[0]["credential_kind"] == "centralized"
 
@@ -113,23 +128,31 @@ def test_reverse_mode(upstream: FakeUpstream, tmp_path: Path) -> None:
         assert upstream.requests[-1].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
         with pytest.raises(openai.AuthenticationError):
             sdk(m, token="wrong-token-123", prefix="/v1").responses.create(
-                model="fake-text", input="x")
-        rows = wait_for(lambda: [r for r in m.rows("interceptions") if r["ended_at"]
-                                 and r["status"] == "completed"])
+                model="fake-text", input="x"
+            )
+        rows = wait_for(
+            lambda: [
+                r for r in m.rows("interceptions") if r["ended_at"] and r["status"] == "completed"
+            ]
+        )
         assert rows[0]["initiator_id"] == "alice"
 
 
 def test_regular_proxy_by_host(upstream: FakeUpstream, bridge: Mitmdump) -> None:
     """A client using the bridge as its HTTP proxy, talking to the provider's own URL."""
     client = openai.OpenAI(
-        base_url=f"{upstream.url}/v1", api_key=TOKENS["bob"], max_retries=0,
+        base_url=f"{upstream.url}/v1",
+        api_key=TOKENS["bob"],
+        max_retries=0,
         http_client=httpx.Client(proxy=bridge.url, trust_env=False),
     )
     marker = uuid.uuid4().hex
     assert client.responses.create(model="fake-text", input=marker).output_text
     assert upstream.requests[-1].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     rows = wait_for(lambda: [r for r in bridge.rows("user_prompts") if r["prompt"] == marker])
-    interception = [r for r in bridge.rows("interceptions") if r["id"] == rows[0]["interception_id"]]
+    interception = [
+        r for r in bridge.rows("interceptions") if r["id"] == rows[0]["interception_id"]
+    ]
     assert interception[0]["initiator_id"] == "bob"
 
 
@@ -137,10 +160,8 @@ def test_bad_config_stops_startup(upstream: FakeUpstream, tmp_path: Path) -> Non
     config = bridge_config(upstream.url)
     config["providers"][0]["base_url"] = "not a url"
     proc = Mitmdump(tmp_path, config)
-    try:
+    with contextlib.suppress(RuntimeError):  # it may exit before it even listens
         proc.start()
-    except RuntimeError:
-        pass  # it may exit before it even listens
     assert proc.proc is not None
     assert proc.proc.wait(20) != 0
     log = proc.log()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,21 +20,20 @@ UPSTREAM_STATUS = {"api_error_buffered": 401}
 
 
 @pytest.fixture(scope="module")
-def golden() -> Iterator[tuple[FixtureUpstream, Mitmdump]]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp, FixtureUpstream() as up:
-        with Mitmdump(Path(tmp), bridge_config(up.url)) as proc:
-            yield up, proc
-
-
-
-
+def golden(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[FixtureUpstream, Mitmdump]]:
+    workdir = tmp_path_factory.mktemp("golden")
+    with FixtureUpstream() as up, Mitmdump(workdir, bridge_config(up.url)) as proc:
+        yield up, proc
 
 
 def children(proc: Mitmdump, table: str, interception_id: str) -> list[dict[str, Any]]:
-    return query(proc.db_path, f"select * from {table} where interception_id = ? order by id",
-                 (interception_id,))
+    return query(
+        proc.db_path,
+        f"select * from {table} where interception_id = ? order by id",
+        (interception_id,),
+    )
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -43,21 +41,34 @@ def test_golden_scenario(golden: tuple[FixtureUpstream, Mitmdump], scenario: str
     up, proc = golden
     request_body = (FIXTURES / f"{scenario}.request.json").read_bytes()
     expected = orjson.loads((FIXTURES / f"{scenario}.expected.json").read_bytes())
-    upstream_bytes, content_type = fixture_response(scenario)
+    upstream_bytes, _content_type = fixture_response(scenario)
     status = UPSTREAM_STATUS.get(scenario, 200)
     session = uuid.uuid4().hex
     with httpx.stream(
-        "POST", f"{proc.url}/openai/v1/responses", content=request_body, timeout=30,
-        headers={"authorization": f"Bearer {TOKENS['alice']}", "content-type": "application/json",
-                 "x-fixture": scenario, "x-fixture-status": str(status), "session_id": session},
+        "POST",
+        f"{proc.url}/openai/v1/responses",
+        content=request_body,
+        timeout=30,
+        headers={
+            "authorization": f"Bearer {TOKENS['alice']}",
+            "content-type": "application/json",
+            "x-fixture": scenario,
+            "x-fixture-status": str(status),
+            "session_id": session,
+        },
     ) as r:
         received = b"".join(r.iter_raw())
         assert r.status_code == status
     assert received == upstream_bytes, "the client must receive exactly the upstream bytes"
     assert up.received[-1][3] == request_body
 
-    rows = wait_for(lambda: query(proc.db_path, "select * from interceptions where "
-                                  "client_session_id = ? and ended_at is not null", (session,)))
+    rows = wait_for(
+        lambda: query(
+            proc.db_path,
+            "select * from interceptions where client_session_id = ? and ended_at is not null",
+            (session,),
+        )
+    )
     assert len(rows) == 1
     row = rows[0]
     result = expected["result"]
@@ -92,14 +103,38 @@ def test_golden_scenario(golden: tuple[FixtureUpstream, Mitmdump], scenario: str
             assert (orjson.loads(u[column]) if column == "usage" else u[column]) == value, column
     tools = children(proc, "tool_usages", row["id"])
     assert [
-        {**{k: t[k] for k in ("response_id", "call_id", "tool", "type", "server_url",
-                              "invocation_error")},
-         "args": orjson.loads(t["args"]) if t["args"] is not None else None,
-         "injected": bool(t["injected"])}
+        {
+            **{
+                k: t[k]
+                for k in (
+                    "response_id",
+                    "call_id",
+                    "tool",
+                    "type",
+                    "server_url",
+                    "invocation_error",
+                )
+            },
+            "args": orjson.loads(t["args"]) if t["args"] is not None else None,
+            "injected": bool(t["injected"]),
+        }
         for t in tools
-    ] == [{k: e[k] for k in ("response_id", "call_id", "tool", "type", "server_url",
-                             "invocation_error", "args", "injected")}
-          for e in result["tool_usages"]]
+    ] == [
+        {
+            k: e[k]
+            for k in (
+                "response_id",
+                "call_id",
+                "tool",
+                "type",
+                "server_url",
+                "invocation_error",
+                "args",
+                "injected",
+            )
+        }
+        for e in result["tool_usages"]
+    ]
     thoughts = children(proc, "model_thoughts", row["id"])
     assert [{k: t[k] for k in ("response_id", "source", "content")} for t in thoughts] == [
         {k: e[k] for k in ("response_id", "source", "content")} for e in result["thoughts"]
@@ -107,16 +142,21 @@ def test_golden_scenario(golden: tuple[FixtureUpstream, Mitmdump], scenario: str
 
 
 def client(bridge: Mitmdump) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{bridge.url}/openai/v1", api_key=TOKENS["alice"],
-                         max_retries=0, timeout=30)
+    return openai.OpenAI(
+        base_url=f"{bridge.url}/openai/v1", api_key=TOKENS["alice"], max_retries=0, timeout=30
+    )
 
 
 def rows_for_prompt(bridge: Mitmdump, prompt: str) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
-        rows = query(bridge.db_path, "select i.* from interceptions i join user_prompts p on "
-                     "p.interception_id = i.id where p.prompt = ? and i.ended_at is not null",
-                     (prompt,))
+        rows = query(
+            bridge.db_path,
+            "select i.* from interceptions i join user_prompts p on "
+            "p.interception_id = i.id where p.prompt = ? and i.ended_at is not null",
+            (prompt,),
+        )
         return rows[0] if rows else None
+
     row = wait_for(find)
     assert row, f"no finished interception with prompt {prompt!r}"
     return row
@@ -151,20 +191,29 @@ def test_sdk_buffered_streamed_and_stream_helper(bridge: Mitmdump, upstream: Fak
     r3 = rows_for_prompt(bridge, p3)
     (call,) = [o for o in final.output if o.type == "function_call"]
     (tool,) = children(bridge, "tool_usages", r3["id"])
-    assert (tool["call_id"], tool["tool"], tool["type"]) == (call.call_id, call.name,
-                                                           "function_call")
+    assert (tool["call_id"], tool["tool"], tool["type"]) == (
+        call.call_id,
+        call.name,
+        "function_call",
+    )
     assert orjson.loads(tool["args"]) == orjson.loads(call.arguments)
 
     # The follow-up turn carries the tool's output: it correlates with the call.
     follow = c.responses.create(
         model="fake-tool",
-        input=[{"role": "user", "content": p3}, call.model_dump(exclude_none=True),
-               {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        input=[
+            {"role": "user", "content": p3},
+            call.model_dump(exclude_none=True),
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        ],
     )
     assert "sunny" in follow.output_text
+
     def follow_row() -> list[dict[str, Any]]:
-        return query(bridge.db_path, "select * from interceptions where response_id = ?",
-                     (follow.id,))
+        return query(
+            bridge.db_path, "select * from interceptions where response_id = ?", (follow.id,)
+        )
+
     (r4,) = wait_for(follow_row)
     assert r4["correlating_tool_call_id"] == call.call_id
     assert children(bridge, "user_prompts", r4["id"]) == []
@@ -184,8 +233,9 @@ def test_sdk_buffered_streamed_and_stream_helper(bridge: Mitmdump, upstream: Fak
         ("fake-failed", False, "upstream_error", None),
     ],
 )
-def test_sdk_terminal_states(bridge: Mitmdump, model: str, stream: bool, status: str,
-                             error_part: str | None) -> None:
+def test_sdk_terminal_states(
+    bridge: Mitmdump, model: str, stream: bool, status: str, error_part: str | None
+) -> None:
     prompt = f"{model} {uuid.uuid4().hex}"
     try:
         result = client(bridge).responses.create(model=model, input=prompt, stream=stream)
