@@ -61,6 +61,8 @@ _REOPEN_CODES: Final = frozenset(
 )
 _BACKOFF_FIRST: Final = 0.05
 _BACKOFF_MAX: Final = 2.0
+# Stored as JSON text by us, so that sqlite-utils never reaches for json.
+_JSON_TYPES: Final = (dict, list, tuple)
 
 # A queue entry: [seq, kind, table, row]; row None means it was shed whole.
 _SEQ, _KIND, _TABLE, _ROW = 0, 1, 2, 3
@@ -169,28 +171,25 @@ class Recorder:
             with self._lock:
                 if not self._accepting:
                     self._ignored_after_close += 1
-                    warn_closed = self._ignored_after_close == 1
-                elif not isinstance(row, dict):
-                    self._losses[(str(table), None, "row is not a dict")] += 1
-                    self._shed_rows += 1
-                    return
+                    first_ignored = self._ignored_after_close == 1
                 else:
-                    warn_closed = False
                     self._seq += 1
                     entry = [self._seq, kind, table, row]
                     self._pending.append(entry)
                     self._live += 1
-                    if content_field is not None:
+                    # A row that is not a dict travels on, to be counted as lost.
+                    if content_field is not None and isinstance(row, dict):
                         self._sheddable.append(entry)
                         if row.get(content_field) is not None:
                             self._with_content.append(entry)
                     if self._live > self._shed_content_above:
                         self._shed()
-            if warn_closed:
+                    first_ignored = None
+            if first_ignored is None:
+                if not self._wakeup.is_set():
+                    self._wakeup.set()
+            elif first_ignored:
                 log.warning("recorder is closed; ignoring rows for %s (and any later ones)", table)
-                return
-            if not self._wakeup.is_set():
-                self._wakeup.set()
         except Exception:
             # The proxy must never fail because of its audit log.
             log.exception("recorder could not queue a row for %s", table)
@@ -302,20 +301,42 @@ class Recorder:
             self._ready.set()
             return
         self._ready.set()
+        final_losses_written = False
         try:
             while not self._abandon:
                 self._wakeup.clear()
                 with self._lock:
                     batch = self._take()
                     closing = self._closing
+                    losses_waiting = bool(self._losses or self._carried)
                 if batch:
-                    self._process(batch)
+                    self._process_guarded(batch)
+                elif closing and losses_waiting and not final_losses_written:
+                    # Losses counted without a batch to carry them (once: if
+                    # that fails too, the log already said so).
+                    final_losses_written = True
+                    self._process_guarded(batch)
                 elif closing:
                     break
                 else:
                     self._wakeup.wait()
         finally:
             self._close_connection()
+
+    def _process_guarded(self, batch: list[list[Any]]) -> None:
+        try:
+            self._process(batch)
+        except Exception as exc:
+            # A bug here must cost one batch, never the writer (and so the log).
+            lost = [e for e in batch if e[_ROW] is not None]
+            self._lose_batch([(e[_KIND], e[_TABLE], e[_ROW]) for e in lost], exc)
+            self._mark_completed(batch)
+
+    def _mark_completed(self, batch: list[list[Any]]) -> None:
+        if batch:
+            with self._done:
+                self._completed = batch[-1][_SEQ]
+                self._done.notify_all()
 
     def _take(self) -> list[list[Any]]:
         """Pop up to batch_size entries; called with _lock held."""
@@ -414,9 +435,7 @@ class Recorder:
             self._log_losses(self._carried + per_row)
             self._carried.clear()
             break
-        with self._done:
-            self._completed = batch[-1][_SEQ]
-            self._done.notify_all()
+        self._mark_completed(batch)
 
     def _safe_reopen(self) -> None:
         try:
@@ -426,7 +445,10 @@ class Recorder:
             log.debug("reopening the audit database failed: %s", exc)
 
     def _prepare(self, batch: list[list[Any]]) -> list[tuple[str, str, dict[str, Any]]]:
-        """Validate rows and turn JSON values into text; what cannot be kept is counted."""
+        """Validate rows and turn JSON values into text; what cannot be kept is counted.
+
+        The caller's dict is never changed: a row that needs changes is copied.
+        """
         ops: list[tuple[str, str, dict[str, Any]]] = []
         losses = self._carried
         for _, kind, table, row in batch:
@@ -437,18 +459,26 @@ class Recorder:
                 losses[(str(table), None, "unknown table")] += 1
                 self._lost_rows += 1
                 continue
-            clean: dict[str, Any] = {}
-            for key, value in row.items():
-                if key not in columns:
+            if not isinstance(row, dict):
+                losses[(table, None, "row is not a dict")] += 1
+                self._lost_rows += 1
+                continue
+            clean = row
+            if unknown := row.keys() - columns:
+                for key in unknown:
                     losses[(table, str(key), "unknown column")] += 1
-                    continue
-                if isinstance(value, (dict, list, tuple)):
+                clean = {k: v for k, v in row.items() if k in columns}
+            if json_keys := [k for k, v in clean.items() if isinstance(v, _JSON_TYPES)]:
+                if clean is row:
+                    clean = dict(row)
+                for key in json_keys:
                     try:
-                        value = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+                        clean[key] = orjson.dumps(
+                            clean[key], option=orjson.OPT_NON_STR_KEYS
+                        ).decode()
                     except TypeError as exc:
                         losses[(table, key, f"not JSON serializable: {exc}")] += 1
-                        value = None
-                clean[key] = value
+                        clean[key] = None
             if kind == UPSERT and clean.get("id") is None:
                 losses[(table, None, "upsert without an id")] += 1
                 self._lost_rows += 1
@@ -542,16 +572,20 @@ def _plan(
     cut where the columns change: sqlite-utils would set a column missing from
     one row to NULL, and an upsert must leave it alone.
     """
-    by_table: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for kind, table, row in ops:
-        by_table.setdefault(table, []).append((kind, row))
+    by_table: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+    for op in ops:
+        by_table.setdefault(op[1], []).append(op)
     tables = sorted(by_table, key=lambda t: t != schema.INTERCEPTIONS)
 
     groups: list[tuple[str, str, list[dict[str, Any]]]] = []
     for table in tables:
+        table_ops = by_table[table]
+        if all(kind == INSERT for kind, _, _ in table_ops):
+            groups.append((INSERT, table, [row for _, _, row in table_ops]))
+            continue
         ordered: list[tuple[str, dict[str, Any]]] = []
         merged: dict[Any, dict[str, Any]] = {}
-        for kind, row in by_table[table]:
+        for kind, _, row in table_ops:
             if kind == UPSERT:
                 previous = merged.get(row["id"])
                 merged[row["id"]] = row if previous is None else {**previous, **row}

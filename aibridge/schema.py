@@ -171,23 +171,38 @@ def applied_migrations(db: sqlite_utils.Database) -> list[str]:
     return [row[0] for row in db.execute(f"select name from [{MIGRATIONS_TABLE}] order by rowid")]
 
 
+def _is_current(db: sqlite_utils.Database) -> bool:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    done = set(applied_migrations(db))
+    return version >= SCHEMA_VERSION and all(m.__name__ in done for m in MIGRATIONS)
+
+
+def _warn_newer(unknown: list[str]) -> None:
+    # A newer aibridge migrated this file; it can still take the rows we know
+    # how to write, so warn rather than refuse to start.
+    log.warning("database has migrations this version does not know: %s", unknown)
+
+
 def migrate(db: sqlite_utils.Database) -> None:
     """Bring `db` up to SCHEMA_VERSION; a database already there is left untouched.
 
     Runs in one IMMEDIATE transaction so that two processes starting at once
     cannot both apply the same migration, and a failure leaves nothing half-made.
+    An up-to-date database is only read, so it opens even while read-only.
     """
     if db.conn.in_transaction:
         raise RuntimeError("migrate() must not run inside an open transaction")
+    if _is_current(db):
+        if unknown := sorted(set(applied_migrations(db)) - {m.__name__ for m in MIGRATIONS}):
+            _warn_newer(unknown)
+        return
     db.conn.execute("BEGIN IMMEDIATE")
     with db.conn:
         db[MIGRATIONS_TABLE].create({"name": str, "applied_at": str}, pk="name", if_not_exists=True)
         done = set(applied_migrations(db))
         known = {m.__name__ for m in MIGRATIONS}
         if unknown := sorted(done - known):
-            # A newer aibridge migrated this file; we can still append to the
-            # tables we know, so warn rather than refuse to start.
-            log.warning("database has migrations this version does not know: %s", unknown)
+            _warn_newer(unknown)
         for fn in MIGRATIONS:
             if fn.__name__ in done:
                 continue

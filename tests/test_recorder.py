@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -26,6 +27,7 @@ from aibridge.recorder import (
     Recorder,
     RecorderError,
     _plan,
+    is_transient,
 )
 
 WAIT = 30.0  # generous upper bound for waits; never asserted as a duration
@@ -291,8 +293,9 @@ def test_plan_puts_interceptions_first_and_merges_upserts() -> None:
         (UPSERT, schema.INTERCEPTIONS, {"id": a, "status": "completed"}),
     ]
     plan = _plan(ops)
-    assert plan[0][:2] == (UPSERT, schema.INTERCEPTIONS)
-    assert [(kind, table) for kind, table, _ in plan[1:]] == [
+    assert [(kind, table) for kind, table, _ in plan] == [
+        (UPSERT, schema.INTERCEPTIONS),
+        (UPSERT, schema.INTERCEPTIONS),
         (INSERT, schema.TOOL_USAGES),
         (INSERT, schema.USER_PROMPTS),
     ]
@@ -382,9 +385,9 @@ def test_close_drains_everything_and_is_idempotent(db_path: Path) -> None:
         rec.insert(schema.MODEL_THOUGHTS, {"interception_id": iid, "content": f"t{n}"})
     rec.close()
     rec.close()
-    assert open_db(db_path)[schema.MODEL_THOUGHTS].count == 3_000
     # A clean close of the only connection checkpoints and removes the WAL.
     assert not Path(f"{db_path}-wal").exists()
+    assert open_db(db_path)[schema.MODEL_THOUGHTS].count == 3_000
     assert rec.flush(0)
 
 
@@ -465,7 +468,9 @@ def test_unknown_columns_tables_and_values_are_recorded_losses(
     iid = new_id()
     recorder.upsert(schema.INTERCEPTIONS, {"id": iid, "model": "m", "not_a_column": 1})
     recorder.insert("no_such_table", {"x": 1})
-    recorder.insert(schema.TOOL_USAGES, {"interception_id": iid, "args": {1, 2}, "tool": "t"})
+    recorder.insert(
+        schema.TOOL_USAGES, {"interception_id": iid, "args": {"s": {1, 2}}, "tool": "t"}
+    )
     recorder.upsert(schema.INTERCEPTIONS, {"model": "no id"})
     recorder.insert(schema.TOOL_USAGES, "not a dict")  # type: ignore[arg-type]
     assert recorder.flush(WAIT)
@@ -566,46 +571,144 @@ def test_start_raises_when_a_read_only_database_needs_migrating(tmp_path: Path) 
         _set_read_only(path, False)
 
 
-def test_overflow_sheds_content_first_and_never_token_usages(db_path: Path) -> None:
-    rec = Recorder(db_path, max_queue=20, busy_timeout_ms=20)
-    rec.start()
-    iid = new_id()
-    rec.upsert(schema.INTERCEPTIONS, {"id": iid})
-    assert rec.flush(WAIT)
-
+@contextlib.contextmanager
+def writer_stuck(rec: Recorder, db_path: Path, iid: str) -> Iterator[None]:
+    """Hold the write lock so the writer retries one sentinel token usage meanwhile."""
     blocker = sqlite3.connect(db_path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
         rec.insert(schema.TOKEN_USAGES, {"interception_id": iid, "input_tokens": -1})
-        wait_until(lambda: rec.stats["retries"] >= 1)  # the writer holds just that row
-        for n in range(30):
-            rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": f"p{n}"})
-            rec.insert(schema.TOKEN_USAGES, {"interception_id": iid, "input_tokens": n})
+        wait_until(lambda: rec.stats["retries"] >= 1)  # its batch is just that row
+        yield
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+def started_with_interception(db_path: Path, max_queue: int) -> tuple[Recorder, str]:
+    rec = Recorder(db_path, max_queue=max_queue, busy_timeout_ms=20)
+    rec.start()
+    iid = new_id()
+    rec.upsert(schema.INTERCEPTIONS, {"id": iid})
+    assert rec.flush(WAIT)
+    return rec, iid
+
+
+def test_overflow_sheds_oldest_content_then_oldest_rows(db_path: Path) -> None:
+    rec, iid = started_with_interception(db_path, max_queue=20)
+    with writer_stuck(rec, db_path, iid):
+        # 23 queued rows: prompts p0..p19, a token usage after p4, p9 and p14.
+        for n in range(20):
+            rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": f"p{n}"})
+            if n in (4, 9, 14):
+                rec.insert(schema.TOKEN_USAGES, {"interception_id": iid, "input_tokens": n})
+        # Rows 11..23 each took the content of the oldest row still holding some
+        # (p0..p12); rows 21..23 each dropped the oldest prompt row (p0..p2).
+        assert rec.stats["stripped"] == 13
+        assert rec.stats["dropped"] == 3
+        assert rec.stats["queue_depth"] == 20
+    assert rec.flush(WAIT)
+    rec.close()
+
+    db = open_db(db_path)
+    prompts = [r["prompt"] for r in db[schema.USER_PROMPTS].rows_where(order_by="id")]
+    assert prompts == [None] * 10 + [f"p{n}" for n in range(13, 20)]
+    tokens = [r["input_tokens"] for r in db[schema.TOKEN_USAGES].rows_where(order_by="id")]
+    assert tokens == [-1, 4, 9, 14]
+    assert losses(db) == {
+        (schema.USER_PROMPTS, "prompt", REASON_CONTENT_SHED): 13,
+        (schema.USER_PROMPTS, None, REASON_ROW_SHED): 3,
+    }
+
+
+def test_overflow_never_drops_token_usages_or_interceptions(db_path: Path) -> None:
+    rec, iid = started_with_interception(db_path, max_queue=20)
+    with writer_stuck(rec, db_path, iid):
+        for n in range(30):
+            rec.insert(schema.MODEL_THOUGHTS, {"interception_id": iid, "content": f"t{n}"})
+            rec.insert(schema.TOKEN_USAGES, {"interception_id": iid, "input_tokens": n})
+            rec.upsert(schema.INTERCEPTIONS, {"id": iid, "status": f"s{n}"})
     assert rec.flush(WAIT)
     rec.close()
 
     db = open_db(db_path)
     tokens = [r["input_tokens"] for r in db[schema.TOKEN_USAGES].rows_where(order_by="id")]
     assert tokens == list(range(-1, 30))
+    assert db[schema.INTERCEPTIONS].get(iid)["status"] == "s29"
     lost = losses(db)
-    stripped = lost.get((schema.USER_PROMPTS, "prompt", REASON_CONTENT_SHED), 0)
-    dropped = lost.get((schema.USER_PROMPTS, None, REASON_ROW_SHED), 0)
-    assert stripped > 0
-    assert dropped > 0
     assert set(lost) == {
-        (schema.USER_PROMPTS, "prompt", REASON_CONTENT_SHED),
-        (schema.USER_PROMPTS, None, REASON_ROW_SHED),
+        (schema.MODEL_THOUGHTS, "content", REASON_CONTENT_SHED),
+        (schema.MODEL_THOUGHTS, None, REASON_ROW_SHED),
     }
-    assert rec.stats["stripped"] == stripped
-    assert rec.stats["dropped"] == dropped
+    thoughts = db[schema.MODEL_THOUGHTS].count
+    assert thoughts + lost[(schema.MODEL_THOUGHTS, None, REASON_ROW_SHED)] == 30
+    assert rec.stats["dropped"] == lost[(schema.MODEL_THOUGHTS, None, REASON_ROW_SHED)]
 
-    prompts = [r["prompt"] for r in db[schema.USER_PROMPTS].rows_where(order_by="id")]
-    assert len(prompts) + dropped == 30
-    # Oldest first: the rows that kept their content are the newest ones, in order.
-    kept = [p for p in prompts if p is not None]
-    assert kept == [f"p{n}" for n in range(30 - len(kept), 30)]
-    assert prompts == [None] * (len(prompts) - len(kept)) + kept
-    assert stripped >= len(prompts) - len(kept)
+
+def test_writer_survives_an_unexpected_error(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder(db_path)
+    rec.start()
+    real_prepare = Recorder._prepare
+    calls = 0
+
+    def failing_once(self: Recorder, batch: list[list[Any]]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("bug")
+        return real_prepare(self, batch)
+
+    monkeypatch.setattr(Recorder, "_prepare", failing_once)
+    with caplog.at_level(logging.ERROR, logger="aibridge.recorder"):
+        rec.upsert(schema.INTERCEPTIONS, {"id": "lost"})
+        assert rec.flush(WAIT)
+    assert "bug" in caplog.text
+    rec.upsert(schema.INTERCEPTIONS, {"id": "kept"})
+    assert rec.flush(WAIT)
+    rec.close()
+    db = open_db(db_path)
+    assert [r["id"] for r in db[schema.INTERCEPTIONS].rows] == ["kept"]
+    assert losses(db) == {(schema.INTERCEPTIONS, None, "RuntimeError: bug"): 1}
+
+
+def _sqlite_error(code: int, message: str) -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError(message)
+    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "transient"),
+    [
+        (sqlite3.SQLITE_BUSY, True),
+        (sqlite3.SQLITE_LOCKED, True),
+        (sqlite3.SQLITE_READONLY, True),
+        (sqlite3.SQLITE_FULL, True),
+        (sqlite3.SQLITE_IOERR | (4 << 8), True),  # an extended code: IOERR_WRITE
+        (sqlite3.SQLITE_CANTOPEN, True),
+        (sqlite3.SQLITE_ERROR, False),  # "no such column": retrying cannot help
+        (sqlite3.SQLITE_CONSTRAINT, False),
+    ],
+)
+def test_only_not_now_errors_are_retried(code: int, transient: bool) -> None:
+    assert is_transient(_sqlite_error(code, "x")) is transient
+
+
+def test_error_without_code_is_classified_by_message() -> None:
+    assert is_transient(sqlite3.OperationalError("database is locked"))
+    assert not is_transient(sqlite3.OperationalError("no such table: x"))
+    assert not is_transient(sqlite3.IntegrityError("database is locked"))
+
+
+def test_newer_database_is_used_with_a_warning(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = migrated(db_path)
+    db[schema.MIGRATIONS_TABLE].insert({"name": "m999_from_the_future", "applied_at": "x"})
+    db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
+    with caplog.at_level(logging.WARNING, logger="aibridge.schema"):
+        schema.migrate(db)
+    assert "m999_from_the_future" in caplog.text
+    assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION + 1
