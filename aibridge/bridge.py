@@ -14,16 +14,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http, websocket
 
 from aibridge import auth, records
 from aibridge.clients import guess_client, session_id_from_headers
 from aibridge.config import Config, ConfigError, Provider, load_config
-from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_response
+from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_event, error_response
 from aibridge.extract import RequestError, RequestInfo, ResponseAccumulator, parse_request
 from aibridge.recorder import Recorder, RecorderError
 from aibridge.routing import Route, RouteKind, classify
 from aibridge.stream import StreamTee
+from aibridge.websocket import SocketState, is_create, worth_decoding
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class AIBridge:
         self.recorder: Recorder | None = None
         self._default_config_dir = default_config_dir
         self._exchanges: dict[str, Exchange] = {}
+        self._sockets: dict[str, SocketState] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -117,7 +119,11 @@ class AIBridge:
 
     def done(self) -> None:
         for flow_id in list(self._exchanges):
-            self._finish_interrupted(flow_id)
+            self._finish_interrupted(self._exchanges.pop(flow_id))
+        for state in self._sockets.values():
+            while state.open_turns:
+                self._finish_interrupted(state.open_turns.popleft())
+        self._sockets.clear()
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
@@ -156,10 +162,12 @@ class AIBridge:
             self._refuse(flow, 401, str(e), None)
             return
         if route.kind is RouteKind.WEBSOCKET:
-            # The WebSocket transport is not bridged yet: refuse fast so clients use HTTP.
-            message = "AI Bridge records the Responses API over HTTP only: use POST /v1/responses"
-            self._refuse(flow, 426, message, identity.user_id)
-            return
+            if self.config.websocket == "refuse":
+                # Fast and final, so clients fall back to HTTP at once.
+                message = "AI Bridge takes the Responses API over HTTP: use POST /v1/responses"
+                self._refuse(flow, 426, message, identity.user_id)
+                return
+            self._sockets[flow.id] = SocketState(route.provider, identity)
         if route.kind is RouteKind.RESPONSES:
             info = self._validate(flow, route, identity)
             if info is None:
@@ -300,12 +308,9 @@ class AIBridge:
         except Exception:  # an addon must never take a flow down with it
             log.exception("AI Bridge: failed to record flow %s", flow.id)
 
-    def _finish_interrupted(self, flow_id: str) -> None:
+    def _finish_interrupted(self, exchange: Exchange) -> None:
         """At shutdown: a flow still in flight is recorded as cut, and its key masked now,
         because mitmproxy saves active flows (``-w``) after this addon's ``done``."""
-        exchange = self._exchanges.pop(flow_id, None)
-        if exchange is None:
-            return
         self._mask(exchange.flow, exchange)
         if exchange.request is None:
             return
@@ -316,6 +321,85 @@ class AIBridge:
             outcome.status = "shutdown"
         self._write_end(exchange, outcome, None)
         self._annotate(exchange, outcome)
+
+    # ---- WebSocket transport ---------------------------------------------------------------
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        state = self._sockets.get(flow.id)
+        if state is None or flow.websocket is None:
+            return
+        message = flow.websocket.messages[-1]
+        try:
+            if message.from_client:
+                self._socket_request(flow, state, message)
+            else:
+                self._socket_event(flow, state, message)
+        except Exception:  # an addon must never take a socket down with it
+            log.exception("AI Bridge: failed to handle a WebSocket message of flow %s", flow.id)
+
+    def _socket_request(
+        self, flow: http.HTTPFlow, state: SocketState, message: websocket.WebSocketMessage
+    ) -> None:
+        content = message.content
+        if not is_create(content):
+            return  # other client events (e.g. response.steer) go through untouched
+        route = Route(RouteKind.RESPONSES, state.provider, "/v1/responses")
+        try:
+            _, info = parse_request(content)
+        except RequestError as e:
+            self._refuse_on_socket(flow, message, route, state, 400, str(e), None)
+            return
+        if info.background:
+            self._refuse_on_socket(flow, message, route, state, 501, BACKGROUND_NOT_SUPPORTED, info)
+            return
+        info.stream = True  # WebSocket mode always streams
+        turn = Exchange(uuid.uuid4().hex, flow, state.provider, state.identity, info, masked=True)
+        state.open_turns.append(turn)
+        self._record_start(flow, turn)
+
+    def _refuse_on_socket(
+        self,
+        flow: http.HTTPFlow,
+        message: websocket.WebSocketMessage,
+        route: Route,
+        state: SocketState,
+        status: int,
+        text: str,
+        info: RequestInfo | None,
+    ) -> None:
+        """Drop the message (the provider never sees it) and answer with an error event."""
+        message.drop()
+        self._record_rejection(flow, route, state.identity, status, text, info)
+        ctx.master.commands.call("inject.websocket", flow, True, error_event(status, text), True)
+
+    def _socket_event(
+        self, flow: http.HTTPFlow, state: SocketState, message: websocket.WebSocketMessage
+    ) -> None:
+        if not state.open_turns or not worth_decoding(message.content):
+            return
+        turn = state.open_turns[0]
+        turn.accumulator.feed_event(None, message.content)
+        if turn.accumulator.ended:
+            state.open_turns.popleft()
+            outcome = records.finish_exchange(turn.accumulator, None, None, None)
+            self._write_end(turn, outcome, 101)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        state = self._sockets.pop(flow.id, None)
+        if state is None:
+            return
+        ws = flow.websocket
+        if flow.error is not None:
+            why = flow.error.msg
+        elif ws is not None and ws.closed_by_client:
+            why = f"Client disconnected: the client closed the WebSocket (code {ws.close_code})"
+        else:
+            code = ws.close_code if ws is not None else None
+            why = f"the WebSocket closed before the response ended (code {code})"
+        while state.open_turns:
+            turn = state.open_turns.popleft()
+            outcome = records.finish_exchange(turn.accumulator, None, None, why)
+            self._write_end(turn, outcome, 101)
 
     # ---- records -----------------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ class Config:
     byok: bool = False
     passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
     privacy: Privacy = Privacy()
-    websocket: str = "refuse"
+    websocket: str = "bridge"
     warnings: tuple[str, ...] = ()
 
     def provider_named(self, name: str) -> Provider | None:
@@ -226,7 +226,7 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         store_tool_args=r.boolean(privacy_raw, "store_tool_args", "privacy.store_tool_args", True),
         store_thoughts=r.boolean(privacy_raw, "store_thoughts", "privacy.store_thoughts", True),
     )
-    websocket = r.string(top, "websocket", "websocket", default="refuse")
+    websocket = r.string(top, "websocket", "websocket", default="bridge")
     if websocket not in WEBSOCKET_POLICIES:
         raise r.fail(
             "websocket", f"must be one of {', '.join(WEBSOCKET_POLICIES)}, got {websocket!r}"

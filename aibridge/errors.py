@@ -41,3 +41,18 @@ def error_response(status: int, message: str) -> http.Response:
         error_body(status, message),
         {"content-type": "application/json", "x-aibridge-error": "1"},
     )
+
+
+def error_event(status: int, message: str) -> bytes:
+    """The same error as a WebSocket-mode server event, for a refused ``response.create``."""
+    return orjson.dumps(
+        {
+            "type": "error",
+            "status": status,
+            "error": {
+                "message": message,
+                "type": _ERROR_TYPES.get(status, "aibridge_error"),
+                "code": str(status),
+            },
+        }
+    )

@@ -314,6 +314,11 @@ class ResponseAccumulator:
             # but an audit log must never break a client's stream.
             self.malformed_events += 1
 
+    @property
+    def ended(self) -> bool:
+        """A terminal event or an ``error`` event arrived: nothing more belongs to this response."""
+        return self.terminal is not None or self._error_event is not None
+
     def feed_response_body(self, body: bytes) -> None:
         """Take a buffered response body as received; undecodable JSON counts as malformed."""
         try:

@@ -28,7 +28,9 @@ re-cuts the whole stream into N-byte chunks, splitting events anywhere.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import re
 import secrets
 import signal
@@ -43,6 +45,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection, Ping, TextMessage
+
+from aibridge.sse import SSEParser
 
 TEXT_ANSWER = "Hello from the fake upstream. This answer is deterministic and short."
 SLOW_ANSWER = (
@@ -730,10 +736,49 @@ class _Handler(BaseHTTPRequestHandler):
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         self.server.fake._record(ReceivedRequest(self.command, self.path, headers, body))
+        if self.command == "GET" and headers.get("upgrade", "").lower() == "websocket":
+            self._websocket(headers)
+            return
         try:
             self._send(self._route(body, headers))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _websocket(self, headers: dict[str, str]) -> None:
+        """Responses API WebSocket mode: each ``response.create`` message is answered with the
+        same events the HTTP stream would carry, one JSON message per event."""
+        if not self.path.split("?", 1)[0].endswith("/responses") or not self.server.fake.websocket:
+            self._send(Reply(404, error_body("WebSocket not available", "invalid_request_error")))
+            return
+        key = headers.get("sec-websocket-key", "")
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        ws = Connection(ConnectionType.SERVER)
+        sock = self.connection
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            ws.receive_data(data or None)
+            for event in ws.events():
+                if isinstance(event, CloseConnection):
+                    with contextlib.suppress(OSError):
+                        sock.sendall(ws.send(event.response()))
+                    return
+                if isinstance(event, Ping):
+                    sock.sendall(ws.send(event.response()))
+                elif isinstance(event, TextMessage):
+                    for message in ws_replies(event.data, headers):
+                        sock.sendall(ws.send(TextMessage(data=message)))
+            if not data:
+                return
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
@@ -809,6 +854,41 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.fake._store(reply.stored)
 
 
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_replies(message: str, headers: dict[str, str]) -> Iterator[str]:
+    """The server messages answering one client message in WebSocket mode."""
+    try:
+        req = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        req = None
+    if not isinstance(req, dict) or req.get("type") != "response.create":
+        yield orjson.dumps(
+            {
+                "type": "error",
+                "status": 400,
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "unknown_event",
+                    "message": "expected a response.create event",
+                },
+            }
+        ).decode()
+        return
+    reply = plan_responses({**req, "stream": True}, headers)
+    if reply.chunks is None:  # an HTTP error: WebSocket mode sends it as an error event
+        err = orjson.loads(reply.body).get("error", {})
+        yield orjson.dumps({"type": "error", "status": reply.status, "error": err}).decode()
+        return
+    parser = SSEParser()
+    for chunk in reply.chunks:
+        for event in parser.feed(chunk):
+            yield event.data
+    for event in parser.close():
+        yield event.data
+
+
 class FakeUpstream:
     """The fake served from a daemon thread; `requests` records everything it received."""
 
@@ -816,6 +896,7 @@ class FakeUpstream:
         self.host = host
         self.port = port
         self.requests: list[ReceivedRequest] = []
+        self.websocket = True  # accept WebSocket mode on /v1/responses
         self._lock = threading.Lock()
         self._responses: OrderedDict[str, dict] = OrderedDict()
         self._server: _Server | None = None

@@ -500,7 +500,8 @@ def test_rejection(
         assert prompts == []
 
 
-def test_websocket_upgrade_is_refused_fast(bridge: Bridge) -> None:
+def test_websocket_upgrade_is_refused_fast(make_bridge: Callable[..., Bridge]) -> None:
+    bridge = make_bridge(websocket="refuse")
     flow = make_flow(b"", method="GET", connection="Upgrade", upgrade="websocket")
     bridge.addon.request(flow)
     assert flow.response is not None

@@ -1,0 +1,188 @@
+"""The Responses API over WebSocket, bridged or refused, through a real mitmdump."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from aibridge.errors import BACKGROUND_NOT_SUPPORTED
+from aibridge.fake_upstream import FakeUpstream
+from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.ws_client import ResponsesSocket, WebSocketRejected
+
+
+@pytest.fixture(scope="module")
+def ws_bridge(
+    upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mitmdump]:
+    workdir = tmp_path_factory.mktemp("ws")
+    with Mitmdump(workdir, bridge_config(upstream.url, websocket="bridge")) as proc:
+        yield proc
+
+
+def connect(bridge: Mitmdump, token: str = TOKENS["alice"]) -> ResponsesSocket:
+    return ResponsesSocket(
+        f"{bridge.url}/openai/v1/responses",
+        {
+            "authorization": f"Bearer {token}",
+            "session-id": f"ws-{uuid.uuid4().hex}",
+            "originator": "codex_cli_rs",
+            "user-agent": "codex_cli_rs/0.171.0",
+        },
+    )
+
+
+def finished(bridge: Mitmdump, prompt: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        rows = query(
+            bridge.db_path,
+            "select i.* from interceptions i join user_prompts p on "
+            "p.interception_id = i.id where p.prompt = ? and i.ended_at is not null",
+            (prompt,),
+        )
+        return rows[0] if rows else None
+
+    row = wait_for(find)
+    assert row, f"no finished interception for {prompt!r}"
+    return row
+
+
+def records(bridge: Mitmdump, interception_id: str) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for table in ("token_usages", "tool_usages", "model_thoughts"):
+        rows = query(
+            bridge.db_path, f"select * from {table} where interception_id = ?", (interception_id,)
+        )
+        out[table] = [
+            {
+                k: v
+                for k, v in r.items()
+                if k not in ("id", "interception_id", "created_at", "response_id", "call_id")
+            }
+            for r in rows
+        ]
+    return out
+
+
+def test_bridged_socket_records_like_http(ws_bridge: Mitmdump, upstream: FakeUpstream) -> None:
+    ws = connect(ws_bridge)
+    prompt = f"ws turn {uuid.uuid4().hex}"
+    ws.send({"type": "response.create", "model": "fake-tool", "input": prompt})
+    events = ws.until_terminal()
+    assert events[-1]["type"] == "response.completed"
+    upgrade = [r for r in upstream.requests if r.headers.get("upgrade") == "websocket"][-1]
+    assert upgrade.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+    call = next(i for i in events[-1]["response"]["output"] if i["type"] == "function_call")
+    ws.send(
+        {
+            "type": "response.create",
+            "model": "fake-tool",
+            "previous_response_id": events[-1]["response"]["id"],
+            "input": [
+                {
+                    "type": "function_call_output",
+                    "call_id": call["call_id"],
+                    "output": "hello-from-tool",
+                }
+            ],
+        }
+    )
+    follow = ws.until_terminal()
+    assert "hello-from-tool" in follow[-1]["response"]["output"][0]["content"][0]["text"]
+
+    prompt_r = f"ws reasoning {uuid.uuid4().hex}"
+    ws.send({"type": "response.create", "model": "fake-reasoning", "input": prompt_r})
+    assert ws.until_terminal()[-1]["type"] == "response.completed"
+    ws.close()
+
+    row = finished(ws_bridge, prompt)
+    assert (row["status"], row["streaming"], row["initiator_id"], row["client"]) == (
+        "completed",
+        1,
+        "alice",
+        "Codex",
+    )
+    assert row["client_session_id"].startswith("ws-")
+    assert row["response_id"] == events[-1]["response"]["id"]
+    follow_row = wait_for(
+        lambda: query(
+            ws_bridge.db_path,
+            "select * from interceptions where response_id = ?",
+            (follow[-1]["response"]["id"],),
+        )
+    )
+    assert follow_row[0]["correlating_tool_call_id"] == call["call_id"]
+    assert follow_row[0]["previous_response_id"] == events[-1]["response"]["id"]
+
+    # The same exchanges over HTTP give the same records.
+    client = openai.OpenAI(
+        base_url=f"{ws_bridge.url}/openai/v1", api_key=TOKENS["alice"], max_retries=0
+    )
+    for model, ws_prompt in (("fake-tool", prompt), ("fake-reasoning", prompt_r)):
+        http_prompt = f"http {uuid.uuid4().hex}"
+        list(client.responses.create(model=model, input=http_prompt, stream=True))
+        ws_rows = records(ws_bridge, finished(ws_bridge, ws_prompt)["id"])
+        http_rows = records(ws_bridge, finished(ws_bridge, http_prompt)["id"])
+        assert ws_rows == http_rows
+        assert ws_rows["token_usages"]
+
+
+def test_background_and_invalid_refused_on_socket(
+    ws_bridge: Mitmdump, upstream: FakeUpstream
+) -> None:
+    ws = connect(ws_bridge)
+    before = len(upstream.requests)
+    prompt = f"ws background {uuid.uuid4().hex}"
+    ws.send({"type": "response.create", "model": "fake-text", "input": prompt, "background": True})
+    (event,) = ws.until_terminal()
+    assert event["type"] == "error" and event["status"] == 501
+    assert event["error"]["message"] == BACKGROUND_NOT_SUPPORTED
+    ws.send({"type": "response.create", "model": 42, "input": "x"})
+    (bad,) = ws.until_terminal()
+    assert bad["status"] == 400
+    # The socket still works afterwards.
+    ws.send({"type": "response.create", "model": "fake-text", "input": f"after {prompt}"})
+    assert ws.until_terminal()[-1]["type"] == "response.completed"
+    ws.close()
+    assert len(upstream.requests) == before  # same socket: no new HTTP requests upstream
+    row = finished(ws_bridge, prompt)
+    assert (row["status"], row["http_status"], row["error"]) == (
+        "rejected",
+        501,
+        BACKGROUND_NOT_SUPPORTED,
+    )
+
+
+def test_upstream_error_event_and_socket_closed_mid_response(ws_bridge: Mitmdump) -> None:
+    ws = connect(ws_bridge)
+    prompt = f"ws 429 {uuid.uuid4().hex}"
+    ws.send({"type": "response.create", "model": "fake-429", "input": prompt})
+    (event,) = ws.until_terminal()
+    assert event["status"] == 429
+    slow = f"ws slow {uuid.uuid4().hex}"
+    ws.send({"type": "response.create", "model": "fake-slow", "input": slow})
+    assert ws.receive()["type"] == "response.created"
+    ws.close()
+    assert finished(ws_bridge, prompt)["status"] == "error"
+    cut = finished(ws_bridge, slow)
+    assert cut["status"] == "client_disconnected"
+
+
+def test_unknown_token_refused_before_upgrade(ws_bridge: Mitmdump) -> None:
+    with pytest.raises(WebSocketRejected) as info:
+        connect(ws_bridge, token="not-a-token-at-all")
+    assert info.value.status == 401
+
+
+def test_refuse_mode_answers_426(upstream: FakeUpstream, tmp_path: Path) -> None:
+    with Mitmdump(tmp_path, bridge_config(upstream.url, websocket="refuse")) as proc:
+        with pytest.raises(WebSocketRejected) as info:
+            connect(proc)
+        assert info.value.status == 426
+        assert b"POST /v1/responses" in info.value.body
