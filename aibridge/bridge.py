@@ -355,7 +355,7 @@ class AIBridge:
         info.stream = True  # WebSocket mode always streams
         turn = Exchange(uuid.uuid4().hex, flow, state.provider, state.identity, info, masked=True)
         state.open_turns.append(turn)
-        self._record_start(flow, turn)
+        self._record_start(flow, turn, len(content))
 
     def _refuse_on_socket(
         self,
@@ -403,7 +403,9 @@ class AIBridge:
 
     # ---- records -----------------------------------------------------------------------------
 
-    def _record_start(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+    def _record_start(
+        self, flow: http.HTTPFlow, exchange: Exchange, request_bytes: int | None = None
+    ) -> None:
         if self.recorder is None or exchange.request is None:
             return
         row = records.interception_start(
@@ -420,7 +422,9 @@ class AIBridge:
                 headers=flow.request.headers,
             ),
             session_id=session_id_from_headers(flow.request.headers),
-            request_bytes=len(flow.request.raw_content or b""),
+            request_bytes=len(flow.request.raw_content or b"")
+            if request_bytes is None
+            else request_bytes,
         )
         self.recorder.upsert("interceptions", row)
 

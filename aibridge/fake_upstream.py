@@ -585,7 +585,7 @@ def plan_responses(req: dict, headers: dict[str, str]) -> Reply:
     if sized:
         return _plan_bulk(req, headers, resp_id, created_at, sized[1], int(sized[2]), stream)
 
-    outcome = {
+    outcome_of = {
         "fake-tool": lambda: tool_outcome(req),
         "fake-truncated": lambda: tool_outcome(req),
         "fake-reasoning": reasoning_outcome,
@@ -593,7 +593,9 @@ def plan_responses(req: dict, headers: dict[str, str]) -> Reply:
         "fake-failed": failed_outcome,
         "fake-incomplete": incomplete_outcome,
         "fake-slow": slow_outcome,
-    }.get(model, text_outcome)()
+    }.get(model, text_outcome)
+    # `generate: false` (Codex's WebSocket "prewarm") only warms the cache: no output.
+    outcome = Outcome([], usage(24, 0)) if req.get("generate") is False else outcome_of()
     final = response_object(req, resp_id, created_at, outcome)
     delay_s = _header_int(headers, "x-fake-delay-ms", _DEFAULT_DELAY_MS) / 1000
 
