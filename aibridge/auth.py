@@ -22,7 +22,7 @@ CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization"
 @dataclass(frozen=True, slots=True)
 class Identity:
     user_id: str
-    credential_kind: str  # "centralized" | "byok"
+    credential_kind: str  # "centralized" | "byok" | "client" (ChatGPT sign-in, forwarded)
     upstream_key: str
     credential_hint: str
 
@@ -62,6 +62,8 @@ def identify(
     config: Config, provider: Provider, headers: http.Headers, metadata: dict[str, Any]
 ) -> Identity:
     token = presented_token(headers)
+    if provider.forwards_client_credential:
+        return _client_credential(token, headers, metadata)
     if token is not None:
         user = config.user_for_token(token)
         if user is not None:
@@ -77,6 +79,18 @@ def identify(
             "(Authorization: Bearer <token>)"
         )
     raise AuthError(f"unknown bridge token {hint(token)}: ask your admin for a personal token")
+
+
+def _client_credential(
+    token: str | None, headers: http.Headers, metadata: dict[str, Any]
+) -> Identity:
+    """ChatGPT sign-in: the client's own token goes upstream; who it is comes from proxyauth,
+    else from the ChatGPT account the client names."""
+    if token is None:
+        raise AuthError("missing credential: sign in to ChatGPT in your client")
+    account = headers.get("chatgpt-account-id", "").strip()
+    user = proxyauth_user(metadata) or (f"chatgpt-account:{account}" if account else None)
+    return Identity(user or f"chatgpt:{hint(token)}", "client", token, hint(token))
 
 
 def _centralized(user_id: str, provider: Provider) -> Identity:

@@ -17,8 +17,8 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http, websocket
 
 from aibridge import auth, records
-from aibridge.clients import guess_client, session_id_from_headers
 from aibridge.config import Config, ConfigError, Provider, load_config
+from aibridge.cost import PriceBook
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_event, error_response
 from aibridge.extract import RequestError, RequestInfo, ResponseAccumulator, parse_request
 from aibridge.recorder import Recorder, RecorderError
@@ -64,6 +64,7 @@ class AIBridge:
     def __init__(self, default_config_dir: Path | None = None) -> None:
         self.config: Config | None = None
         self.recorder: Recorder | None = None
+        self.prices: PriceBook | None = None
         self._default_config_dir = default_config_dir
         self._exchanges: dict[str, Exchange] = {}
         self._sockets: dict[str, SocketState] = {}
@@ -106,6 +107,8 @@ class AIBridge:
                 self.recorder.close()
             self.recorder = recorder
             log.info(f"AI Bridge: recording to {db_path}")
+        # Prices are loaded once here: the hooks only look them up.
+        self.prices = PriceBook(config.pricing)
         self.config = config
         names = ", ".join(f"{p.name} ({p.base_url})" for p in config.providers)
         log.info(f"AI Bridge: {len(config.users)} user(s), providers: {names}")
@@ -416,12 +419,6 @@ class AIBridge:
             info=exchange.request,
             headers=flow.request.headers,
             identity=exchange.identity,
-            client=guess_client(
-                flow.request.headers.get("user-agent"),
-                flow.request.headers.get("originator"),
-                headers=flow.request.headers,
-            ),
-            session_id=session_id_from_headers(flow.request.headers),
             request_bytes=len(flow.request.raw_content or b"")
             if request_bytes is None
             else request_bytes,
@@ -449,12 +446,6 @@ class AIBridge:
             info=info,
             headers=flow.request.headers,
             identity=identity,
-            client=guess_client(
-                flow.request.headers.get("user-agent"),
-                flow.request.headers.get("originator"),
-                headers=flow.request.headers,
-            ),
-            session_id=session_id_from_headers(flow.request.headers),
             request_bytes=len(flow.request.raw_content or b""),
         )
         if identity is None and token is not None:
@@ -488,6 +479,7 @@ class AIBridge:
         if self.recorder is None or self.config is None or exchange.request is None:
             return
         now = utc_now()
+        prices = None if exchange.provider.forwards_client_credential else self.prices
         for table, row in records.end_rows(
             exchange.interception_id,
             exchange.request,
@@ -495,6 +487,7 @@ class AIBridge:
             http_status,
             self.config.privacy,
             now,
+            prices,
         ):
             if table == "interceptions":
                 self.recorder.upsert(table, row)

@@ -149,6 +149,9 @@ def session_id_from_headers(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
-    # mitmproxy's Headers already match any case, a plain dict does not: normalise both.
+def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
+    # mitmproxy's Headers already match any case (and copying them costs more than the
+    # look-ups); a plain dict does not, so it is normalised.
+    if hasattr(headers, "get_all"):
+        return headers
     return {str(name).lower(): value for name, value in headers.items() if isinstance(value, str)}

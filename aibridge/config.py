@@ -7,16 +7,20 @@ is wrong, so an operator can fix it without reading code.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-PROVIDER_TYPES = ("openai",)
+# "chatgpt": Codex signed in with a ChatGPT account (chatgpt.com/backend-api/codex). The
+# client's own credential goes upstream; the bridge identifies and records, holds no key.
+PROVIDER_TYPES = ("openai", "chatgpt")
 DEFAULT_PASSTHROUGH = ("/v1/models", "/v1/models/*", "/v1/responses/*", "/v1/conversations*")
 WEBSOCKET_POLICIES = ("bridge", "refuse")
 
@@ -58,6 +62,10 @@ class Provider:
         return parts.port or (443 if parts.scheme == "https" else 80)
 
     @property
+    def forwards_client_credential(self) -> bool:
+        return self.type == "chatgpt"
+
+    @property
     def base_path(self) -> str:
         """The API root on the provider, e.g. ``/v1`` for api.openai.com."""
         return urlsplit(self.base_url).path.rstrip("/")
@@ -77,6 +85,37 @@ class Privacy:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """Negotiated USD prices per million tokens for one model (or a glob of models).
+
+    Cached input, cache writes and reasoning tokens fall back to the plain input and
+    output prices when not given, as the providers bill them when they have no own rate.
+    """
+
+    model: str
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cached_input_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
+    reasoning_per_mtok: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """What the cost estimate of a token usage row uses besides the genai-prices table."""
+
+    overrides: tuple[PriceOverride, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long records are kept (None: forever); ``python -m aibridge.retention`` applies it."""
+
+    days: int | None = None
+    content_days: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     database: str
@@ -86,6 +125,8 @@ class Config:
     passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
     privacy: Privacy = Privacy()
     websocket: str = "bridge"
+    pricing: Pricing = Pricing()
+    retention: Retention = Retention()
     warnings: tuple[str, ...] = ()
 
     def provider_named(self, name: str) -> Provider | None:
@@ -180,6 +221,36 @@ class _Reader:
             raise self.fail(key, "must be a list of strings")
         return tuple(value)
 
+    def price(self, parent: dict[str, Any], name: str, key: str) -> Decimal | None:
+        """A non-negative USD amount, kept as Decimal so 0.125 stays exactly 0.125."""
+        value = parent.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = expand_env(value, self.file, key, self.env).strip()
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(key, f"must be a number of US dollars, got {_kind(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(key, f"must be a finite number, got {value!r}")
+        try:
+            amount = Decimal(str(value))
+        except InvalidOperation:
+            raise self.fail(key, f"must be a number of US dollars, got {value!r}") from None
+        if not amount.is_finite() or amount < 0:
+            raise self.fail(key, f"must be a number >= 0, got {value!r}")
+        return amount
+
+    def days(self, parent: dict[str, Any], name: str, key: str) -> int | None:
+        value = parent.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            text = expand_env(value, self.file, key, self.env).strip()
+            value = int(text) if text.isdigit() else text
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(key, f"must be a whole number of days >= 1, got {value!r}")
+        return value
+
 
 def _kind(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
@@ -204,7 +275,17 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
 def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) -> Config:
     r = _Reader(file, env)
     top = r.mapping(raw, "")
-    known = {"database", "providers", "users", "byok", "passthrough", "privacy", "websocket"}
+    known = {
+        "database",
+        "providers",
+        "users",
+        "byok",
+        "passthrough",
+        "privacy",
+        "websocket",
+        "pricing",
+        "retention",
+    }
     for name in top:
         if name not in known:
             raise r.fail(str(name), f"unknown key (known keys: {', '.join(sorted(known))})")
@@ -245,8 +326,67 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         passthrough=passthrough,
         privacy=privacy,
         websocket=websocket,
+        pricing=_pricing(r, top.get("pricing")),
+        retention=_retention(r, top.get("retention")),
         warnings=tuple(r.warnings),
     )
+
+
+_PRICE_KEYS = (
+    "input_per_mtok",
+    "output_per_mtok",
+    "cached_input_per_mtok",
+    "cache_write_per_mtok",
+    "reasoning_per_mtok",
+)
+
+
+def _pricing(r: _Reader, raw: Any) -> Pricing:
+    section = r.mapping(raw or {}, "pricing")
+    for name in section:
+        if name != "overrides":
+            raise r.fail(f"pricing.{name}", "unknown key (known: overrides)")
+    overrides_raw = r.mapping(section.get("overrides") or {}, "pricing.overrides")
+    overrides: list[PriceOverride] = []
+    for model, rates_raw in overrides_raw.items():
+        key = f"pricing.overrides.{model}"
+        if not isinstance(model, str) or not model.strip():
+            raise r.fail(key, "the model name must be a non-empty string")
+        rates = r.mapping(rates_raw, key)
+        for name in rates:
+            if name not in _PRICE_KEYS:
+                raise r.fail(f"{key}.{name}", f"unknown key (known: {', '.join(_PRICE_KEYS)})")
+        prices = {name: r.price(rates, name, f"{key}.{name}") for name in _PRICE_KEYS}
+        input_price, output_price = prices["input_per_mtok"], prices["output_per_mtok"]
+        if input_price is None or output_price is None:
+            missing = "input_per_mtok" if input_price is None else "output_per_mtok"
+            raise r.fail(f"{key}.{missing}", "is required (USD per million tokens)")
+        overrides.append(
+            PriceOverride(
+                model.strip(),
+                input_price,
+                output_price,
+                cached_input_per_mtok=prices["cached_input_per_mtok"],
+                cache_write_per_mtok=prices["cache_write_per_mtok"],
+                reasoning_per_mtok=prices["reasoning_per_mtok"],
+            )
+        )
+    return Pricing(tuple(overrides))
+
+
+def _retention(r: _Reader, raw: Any) -> Retention:
+    section = r.mapping(raw or {}, "retention")
+    for name in section:
+        if name not in ("days", "content_days"):
+            raise r.fail(f"retention.{name}", "unknown key (known: days, content_days)")
+    days = r.days(section, "days", "retention.days")
+    content_days = r.days(section, "content_days", "retention.content_days")
+    if days is not None and content_days is not None and content_days > days:
+        raise r.fail(
+            "retention.content_days",
+            f"must not exceed retention.days ({days}): content goes with its rows at the latest",
+        )
+    return Retention(days, content_days)
 
 
 def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
@@ -280,8 +420,16 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
                 f"{key}.base_url",
                 f"must be an http(s) URL such as https://api.openai.com/v1, got {base_url!r}",
             )
-        api_key = r.string(entry, "api_key", f"{key}.api_key", allow_empty=True)
-        if not api_key:
+        if ptype == "chatgpt":
+            if entry.get("api_key"):
+                raise r.fail(
+                    f"{key}.api_key",
+                    "a chatgpt provider forwards the client's own ChatGPT sign-in: remove api_key",
+                )
+            api_key = ""
+        else:
+            api_key = r.string(entry, "api_key", f"{key}.api_key", allow_empty=True)
+        if not api_key and ptype != "chatgpt":
             r.warnings.append(
                 f"{r.file}: {key}.api_key is empty: requests to provider {name!r} "
                 f"go upstream without a provider key until it is set"

@@ -10,16 +10,23 @@ Cases it handles:
   kept and retried with backoff; hooks keep enqueueing meanwhile.
 - The queue outgrows `max_queue` while writes are refused: past half of it, the
   oldest rows lose their large content field (prompt, thought, tool arguments);
-  past all of it, the oldest such rows are dropped whole. Interceptions and token
-  usages are never dropped. Every loss is counted into `recorder_losses`.
+  past all of it, the oldest prompt and thought rows are dropped whole.
+  Interceptions, token usages and tool usages (who used what) are never dropped,
+  only a tool usage's arguments. Every loss is counted into `recorder_losses` and
+  logged with its count.
 - A row SQLite rejects (constraint, bad value): the batch is written row by row so
-  that only that row is lost, and the loss is recorded with its reason.
+  that only that row is lost, and the loss is recorded with its reason. A string
+  that is not valid Unicode (header bytes that are not UTF-8) is written with
+  U+FFFD in place of the bad bytes, and that repair is recorded too.
+- Closing waits for the queue to drain, up to a time limit: a database that stays
+  locked must not keep the proxy from shutting down. What is left is logged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -40,6 +47,12 @@ UPSERT: Final = "upsert"
 
 REASON_CONTENT_SHED: Final = "queue overflow: content dropped"
 REASON_ROW_SHED: Final = "queue overflow: row dropped"
+REASON_INVALID_UNICODE: Final = "invalid Unicode replaced with U+FFFD"
+# Rows that may be dropped whole once their content is gone: they say nothing else.
+_ROW_SHEDDABLE: Final = frozenset({schema.USER_PROMPTS, schema.MODEL_THOUGHTS})
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+# How long close() waits for a database that refuses writes, by default.
+CLOSE_TIMEOUT: Final = 60.0
 
 # SQLite primary result codes that say "not now" rather than "not this row".
 _TRANSIENT_CODES: Final = frozenset(
@@ -179,7 +192,8 @@ class Recorder:
                     self._live += 1
                     # A row that is not a dict travels on, to be counted as lost.
                     if content_field is not None and isinstance(row, dict):
-                        self._sheddable.append(entry)
+                        if table in _ROW_SHEDDABLE:
+                            self._sheddable.append(entry)
                         if row.get(content_field) is not None:
                             self._with_content.append(entry)
                     if self._live > self._shed_content_above:
@@ -224,7 +238,7 @@ class Recorder:
             self._losses[(entry[_TABLE], None, REASON_ROW_SHED)] += 1
             self._shed_rows += 1
             return
-        # Only interceptions and token usages remain; those are never dropped.
+        # Only interceptions, token and tool usages remain; those are never dropped.
 
     # ---- lifecycle -----------------------------------------------------------
 
@@ -258,8 +272,12 @@ class Recorder:
                 return False
             return self._done.wait_for(lambda: self._completed >= target, timeout)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Write everything queued, then close the database. Later rows are ignored."""
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
+        """Write everything queued, then close the database. Later rows are ignored.
+
+        Waits at most `timeout` seconds (None: for ever) for a database that refuses
+        writes; what is still queued then is not written, and the log says how much.
+        """
         with self._lock:
             self._accepting = False
             self._closing = True
@@ -273,10 +291,14 @@ class Recorder:
         thread.join(timeout)
         if thread.is_alive():
             self._abandon = True
+            stats = self.stats
             log.error(
-                "recorder could not finish within %s s; about %d rows are not written",
+                "recorder could not finish within %s s: about %d rows are not written "
+                "(before that, %d content fields and %d rows were shed)",
                 timeout,
-                self._live + self.batch_size,
+                stats["queue_depth"] + self.batch_size,
+                stats["stripped"],
+                stats["dropped"],
             )
 
     @property
@@ -531,8 +553,17 @@ class Recorder:
         written = 0
         for kind, table, row in ops:
             try:
-                with db.atomic():
-                    self._write_rows(kind, table, [row])
+                try:
+                    with db.atomic():
+                        self._write_rows(kind, table, [row])
+                except UnicodeEncodeError:
+                    # sqlite3 cannot bind a str holding lone surrogates (undecodable
+                    # bytes, as mitmproxy keeps them in header values): keep the row.
+                    repaired, fields = _repair_unicode(row)
+                    with db.atomic():
+                        self._write_rows(kind, table, [repaired])
+                    for field in fields:
+                        per_row[(table, field, REASON_INVALID_UNICODE)] += 1
                 written += 1
             except Exception as exc:
                 if is_transient(exc) or not db.conn.in_transaction:
@@ -557,6 +588,19 @@ class Recorder:
         for (table, field, reason), count in losses.items():
             what = f"{table}.{field}" if field else f"{table} rows"
             log.warning("audit log lost %d %s: %s", count, what, reason)
+
+
+def _repair_unicode(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`row` with every str made encodable as UTF-8, and the names of the fields changed."""
+    repaired = dict(row)
+    fields = []
+    for key, value in row.items():
+        if isinstance(value, str):
+            fixed = _SURROGATE.sub("\ufffd", value)
+            if fixed != value:
+                repaired[key] = fixed
+                fields.append(str(key))
+    return repaired, fields
 
 
 def _plan(

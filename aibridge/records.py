@@ -15,7 +15,9 @@ import orjson
 from mitmproxy import http
 
 from aibridge.auth import Identity
+from aibridge.clients import guess_client, session_id_from_headers
 from aibridge.config import Privacy, Provider
+from aibridge.cost import PriceBook
 from aibridge.extract import RequestInfo, ResponseAccumulator, ResponseResult
 from aibridge.stream import StreamTee
 
@@ -40,10 +42,10 @@ def interception_start(
     info: RequestInfo | None,
     headers: Mapping[str, str],
     identity: Identity | None,
-    client: str | None,
-    session_id: str | None,
     request_bytes: int,
 ) -> dict[str, Any]:
+    session_id = session_id_from_headers(headers)
+    client = guess_client(headers.get("user-agent"), headers.get("originator"), headers=headers)
     return {
         "id": interception_id,
         "flow_id": flow_id,
@@ -161,8 +163,12 @@ def end_rows(
     http_status: int | None,
     privacy: Privacy,
     now: str,
+    prices: PriceBook | None = None,
 ) -> Iterator[Row]:
-    """The interception's final state, then its prompt, usage, tools and thoughts."""
+    """The interception's final state, then its prompt, usage, tools and thoughts.
+
+    With `prices` (made once, at start-up), the usage row carries its estimated cost.
+    """
     result = outcome.result
     yield (
         "interceptions",
@@ -183,10 +189,17 @@ def end_rows(
             prompt_row(interception_id, result.response_id, info.prompt, privacy, now),
         )
     if result.token_usage is not None:
-        yield (
-            "token_usages",
-            {"interception_id": interception_id, **result.token_usage, "created_at": now},
-        )
+        usage = {"interception_id": interception_id, **result.token_usage, "created_at": now}
+        if prices is not None:
+            usage.update(
+                prices.cost_columns(
+                    result.token_usage,
+                    model=info.model,
+                    response_model=result.response_model,
+                    at=now,
+                )
+            )
+        yield "token_usages", usage
     for tool in result.tool_usages:
         row = {"interception_id": interception_id, **tool, "created_at": now}
         # Always JSON (a raw string becomes a JSON string) so json_extract works on every row.

@@ -66,6 +66,8 @@ def classify(
             api_path = "/v1" + raw_path[len(root) :]
         elif not root:
             api_path = raw_path
+        elif provider.forwards_client_credential:
+            return UNRELATED  # the rest of chatgpt.com (the web app) is none of our business
         else:
             return Route(RouteKind.FORBIDDEN, provider, raw_path)
 
@@ -75,7 +77,9 @@ def classify(
             return Route(RouteKind.RESPONSES, provider, normalized, upstream_path)
         if method == "GET" and websocket_upgrade:
             return Route(RouteKind.WEBSOCKET, provider, normalized, upstream_path)
-    if any(fnmatchcase(normalized, pattern) for pattern in config.passthrough):
+    if provider.forwards_client_credential or any(
+        fnmatchcase(normalized, pattern) for pattern in config.passthrough
+    ):
         return Route(RouteKind.PASSTHROUGH, provider, normalized, upstream_path)
     return Route(RouteKind.FORBIDDEN, provider, normalized, upstream_path)
 

@@ -160,6 +160,17 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m002_token_usage_cost(db: sqlite_utils.Database) -> None:
+    # ADD COLUMN only rewrites the schema, never the rows: instant on a large log, and no
+    # trigger or index is added, so inserts cost what they did.
+    table = db[TOKEN_USAGES]
+    table.add_column("estimated_cost_usd", float)
+    table.add_column("price_source", str)
+    table.add_column("price_version", str)
+    table.add_column("priced_model", str)
+
+
 # Every migration is registered above this line.
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -116,3 +116,20 @@ class Datasette:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def finished_with_prompt(db_path: Path, prompt: str) -> dict[str, Any]:
+    """The finished interception whose user prompt is exactly ``prompt`` (waits for it)."""
+
+    def find() -> dict[str, Any] | None:
+        rows = query(
+            db_path,
+            "select i.* from interceptions i join user_prompts p on p.interception_id = i.id "
+            "where p.prompt = ? and i.ended_at is not null",
+            (prompt,),
+        )
+        return rows[0] if rows else None
+
+    row = wait_for(find)
+    assert row, f"no finished interception with prompt {prompt!r}"
+    return row

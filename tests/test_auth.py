@@ -112,3 +112,29 @@ def test_install_and_mask_credentials():
     auth.mask_credentials(h, identity)
     assert h["authorization"] == "Bearer sk-p...cdef"
     assert PROVIDER_KEY not in str(h)
+
+
+CHATGPT = parse_config(
+    {
+        "providers": [
+            {
+                "name": "chatgpt",
+                "type": "chatgpt",
+                "base_url": "https://chatgpt.com/backend-api/codex",
+            }
+        ]
+    },
+    "test.yaml",
+    {},
+).providers[0]
+
+
+def test_chatgpt_sign_in_is_forwarded_and_identified():
+    h = headers(authorization="Bearer eyJchatgpt-oauth-token-xyz", chatgpt_account_id="acc-9")
+    identity = auth.identify(CONFIG, CHATGPT, h, {})
+    assert (identity.user_id, identity.credential_kind) == ("chatgpt-account:acc-9", "client")
+    assert auth.identify(CONFIG, CHATGPT, h, {"proxyauth": ("dana", "pw")}).user_id == "dana"
+    auth.install_credentials(h, CHATGPT, identity)
+    assert h["authorization"] == "Bearer eyJchatgpt-oauth-token-xyz"
+    with pytest.raises(auth.AuthError):
+        auth.identify(CONFIG, CHATGPT, headers(), {})

@@ -167,3 +167,37 @@ def test_bad_config_stops_startup(upstream: FakeUpstream, tmp_path: Path) -> Non
     log = proc.log()
     assert "providers[0].base_url: must be an http(s) URL" in log
     assert "config.yaml" in log
+
+
+def test_chatgpt_sign_in_endpoint_recorded_in_regular_proxy_mode(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Codex signed in with ChatGPT talks to chatgpt.com/backend-api/codex/responses."""
+    config = bridge_config(upstream.url)
+    config["providers"].append(
+        {"name": "chatgpt", "type": "chatgpt", "base_url": f"{upstream.url}/backend-api/codex"}
+    )
+    with Mitmdump(tmp_path, config) as proc:
+        client = httpx.Client(proxy=proc.url, trust_env=False, timeout=30)
+        r = client.post(
+            f"{upstream.url}/backend-api/codex/responses",
+            content=b'{"model": "fake-text", "input": "via chatgpt sign-in", "stream": true}',
+            headers={
+                "authorization": "Bearer chatgpt-oauth-token-0123456789",
+                "chatgpt-account-id": "acc-42",
+                "originator": "codex_cli_rs",
+                "content-type": "application/json",
+            },
+        )
+        assert r.status_code == 200 and b"response.completed" in r.content
+        received = upstream.requests[-1]
+        assert received.path == "/backend-api/codex/responses"
+        assert received.headers["authorization"] == "Bearer chatgpt-oauth-token-0123456789"
+        rows = wait_for(lambda: [x for x in proc.rows("interceptions") if x["ended_at"]])
+        assert (rows[0]["initiator_id"], rows[0]["credential_kind"], rows[0]["status"]) == (
+            "chatgpt-account:acc-42",
+            "client",
+            "completed",
+        )
+        assert rows[0]["credential_hint"] == "chat...6789"
+        assert rows[0]["provider_name"] == "chatgpt"

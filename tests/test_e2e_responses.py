@@ -13,7 +13,15 @@ import pytest
 
 from aibridge.fake_upstream import FakeUpstream
 from tests.fixture_upstream import FIXTURES, FixtureUpstream, fixture_response
-from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import (
+    PROVIDER_KEY,
+    TOKENS,
+    Mitmdump,
+    bridge_config,
+    finished_with_prompt,
+    query,
+    wait_for,
+)
 
 SCENARIOS = sorted(p.name.removesuffix(".expected.json") for p in FIXTURES.glob("*.expected.json"))
 UPSTREAM_STATUS = {"api_error_buffered": 401}
@@ -147,21 +155,6 @@ def client(bridge: Mitmdump) -> openai.OpenAI:
     )
 
 
-def rows_for_prompt(bridge: Mitmdump, prompt: str) -> dict[str, Any]:
-    def find() -> dict[str, Any] | None:
-        rows = query(
-            bridge.db_path,
-            "select i.* from interceptions i join user_prompts p on "
-            "p.interception_id = i.id where p.prompt = ? and i.ended_at is not null",
-            (prompt,),
-        )
-        return rows[0] if rows else None
-
-    row = wait_for(find)
-    assert row, f"no finished interception with prompt {prompt!r}"
-    return row
-
-
 def test_sdk_buffered_streamed_and_stream_helper(bridge: Mitmdump, upstream: FakeUpstream) -> None:
     c = client(bridge)
     p1, p2, p3 = (f"{kind} {uuid.uuid4().hex}" for kind in ("buffered", "streamed", "helper"))
@@ -171,7 +164,7 @@ def test_sdk_buffered_streamed_and_stream_helper(bridge: Mitmdump, upstream: Fak
     with c.responses.stream(model="fake-tool", input=p3) as stream:
         final = stream.get_final_response()
 
-    r1 = rows_for_prompt(bridge, p1)
+    r1 = finished_with_prompt(bridge.db_path, p1)
     assert (r1["status"], r1["streaming"], r1["response_id"]) == ("completed", 0, answer.id)
     (u1,) = children(bridge, "token_usages", r1["id"])
     assert u1["input_tokens"] == answer.usage.input_tokens
@@ -180,7 +173,7 @@ def test_sdk_buffered_streamed_and_stream_helper(bridge: Mitmdump, upstream: Fak
         u1["input_tokens"] - u1["cache_read_input_tokens"] - (u1["cache_write_input_tokens"] or 0)
     )
 
-    r2 = rows_for_prompt(bridge, p2)
+    r2 = finished_with_prompt(bridge.db_path, p2)
     completed = events[-1].response
     assert (r2["status"], r2["streaming"], r2["response_id"]) == ("completed", 1, completed.id)
     sources = [t["source"] for t in children(bridge, "model_thoughts", r2["id"])]
@@ -188,7 +181,7 @@ def test_sdk_buffered_streamed_and_stream_helper(bridge: Mitmdump, upstream: Fak
     (u2,) = children(bridge, "token_usages", r2["id"])
     assert u2["reasoning_tokens"] == completed.usage.output_tokens_details.reasoning_tokens > 0
 
-    r3 = rows_for_prompt(bridge, p3)
+    r3 = finished_with_prompt(bridge.db_path, p3)
     (call,) = [o for o in final.output if o.type == "function_call"]
     (tool,) = children(bridge, "tool_usages", r3["id"])
     assert (tool["call_id"], tool["tool"], tool["type"]) == (
@@ -243,7 +236,7 @@ def test_sdk_terminal_states(
             list(result)
     except (openai.APIError, ValueError):
         pass  # the SDK raises for these (a malformed event is a JSON error); the record counts
-    row = rows_for_prompt(bridge, prompt)
+    row = finished_with_prompt(bridge.db_path, prompt)
     assert row["status"] == status
     if status != "completed":
         assert row["error"]

@@ -121,6 +121,10 @@ def test_schema_tables_and_columns_in_order(db_path: Path) -> None:
         "total_tokens",
         "usage",
         "created_at",
+        "estimated_cost_usd",
+        "price_source",
+        "price_version",
+        "priced_model",
     ]
     assert list(db[schema.USER_PROMPTS].columns_dict) == [
         "id",

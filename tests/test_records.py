@@ -537,8 +537,6 @@ def test_interception_start_row() -> None:
         info=info,
         headers={"user-agent": "codex_cli_rs/0.50.0"},
         identity=identity,
-        client="Codex",
-        session_id=None,
         request_bytes=1234,
     )
     assert row["status"] == "in_progress"
@@ -550,6 +548,7 @@ def test_interception_start_row() -> None:
     )
     assert (row["provider"], row["provider_name"], row["api"]) == ("openai", "openai", "responses")
     assert (row["model"], row["streaming"]) == ("gpt-5", 1)
+    assert row["client"] == "Codex"
     assert row["client_session_id"] == "sess-weather-42"  # from the body when no header
     assert row["metadata"] == {"request_bytes": 1234}
     assert PROVIDER.api_key not in repr(row)
@@ -562,10 +561,8 @@ def test_interception_start_row_of_a_rejection_without_identity() -> None:
         started_at=NOW,
         provider=PROVIDER,
         info=None,
-        headers={},
+        headers={"session-id": "sess-h"},
         identity=None,
-        client=None,
-        session_id="sess-h",
         request_bytes=0,
     )
     assert row["initiator_id"] is None

@@ -72,3 +72,29 @@ def test_passthrough_allow_list(method, path, kind):
 def test_websocket_upgrade_on_responses_path():
     r = route("GET", "api.openai.com", 443, "/v1/responses", websocket_upgrade=True)
     assert r.kind is RouteKind.WEBSOCKET
+
+
+CHATGPT = parse_config(
+    {
+        "providers": [
+            {
+                "name": "chatgpt",
+                "type": "chatgpt",
+                "base_url": "https://chatgpt.com/backend-api/codex",
+            }
+        ]
+    },
+    "test.yaml",
+    {},
+)
+
+
+def test_chatgpt_codex_endpoint_in_regular_proxy_mode():
+    r = classify(CHATGPT, "POST", "chatgpt.com", 443, "/backend-api/codex/responses")
+    assert r.kind is RouteKind.RESPONSES and r.provider.name == "chatgpt"
+    # Other Codex backend paths pass with the client's credential; the web app is untouched.
+    assert (
+        classify(CHATGPT, "GET", "chatgpt.com", 443, "/backend-api/codex/models").kind
+        is RouteKind.PASSTHROUGH
+    )
+    assert classify(CHATGPT, "GET", "chatgpt.com", 443, "/c/123").kind is RouteKind.UNRELATED

@@ -12,7 +12,15 @@ import pytest
 
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED
 from aibridge.fake_upstream import FakeUpstream
-from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import (
+    PROVIDER_KEY,
+    TOKENS,
+    Mitmdump,
+    bridge_config,
+    finished_with_prompt,
+    query,
+    wait_for,
+)
 from tests.ws_client import ResponsesSocket, WebSocketRejected
 
 
@@ -35,21 +43,6 @@ def connect(bridge: Mitmdump, token: str = TOKENS["alice"]) -> ResponsesSocket:
             "user-agent": "codex_cli_rs/0.171.0",
         },
     )
-
-
-def finished(bridge: Mitmdump, prompt: str) -> dict[str, Any]:
-    def find() -> dict[str, Any] | None:
-        rows = query(
-            bridge.db_path,
-            "select i.* from interceptions i join user_prompts p on "
-            "p.interception_id = i.id where p.prompt = ? and i.ended_at is not null",
-            (prompt,),
-        )
-        return rows[0] if rows else None
-
-    row = wait_for(find)
-    assert row, f"no finished interception for {prompt!r}"
-    return row
 
 
 def records(bridge: Mitmdump, interception_id: str) -> dict[str, list[dict[str, Any]]]:
@@ -101,7 +94,7 @@ def test_bridged_socket_records_like_http(ws_bridge: Mitmdump, upstream: FakeUps
     assert ws.until_terminal()[-1]["type"] == "response.completed"
     ws.close()
 
-    row = finished(ws_bridge, prompt)
+    row = finished_with_prompt(ws_bridge.db_path, prompt)
     assert (row["status"], row["streaming"], row["initiator_id"], row["client"]) == (
         "completed",
         1,
@@ -127,8 +120,8 @@ def test_bridged_socket_records_like_http(ws_bridge: Mitmdump, upstream: FakeUps
     for model, ws_prompt in (("fake-tool", prompt), ("fake-reasoning", prompt_r)):
         http_prompt = f"http {uuid.uuid4().hex}"
         list(client.responses.create(model=model, input=http_prompt, stream=True))
-        ws_rows = records(ws_bridge, finished(ws_bridge, ws_prompt)["id"])
-        http_rows = records(ws_bridge, finished(ws_bridge, http_prompt)["id"])
+        ws_rows = records(ws_bridge, finished_with_prompt(ws_bridge.db_path, ws_prompt)["id"])
+        http_rows = records(ws_bridge, finished_with_prompt(ws_bridge.db_path, http_prompt)["id"])
         assert ws_rows == http_rows
         assert ws_rows["token_usages"]
 
@@ -151,7 +144,7 @@ def test_background_and_invalid_refused_on_socket(
     assert ws.until_terminal()[-1]["type"] == "response.completed"
     ws.close()
     assert len(upstream.requests) == before  # same socket: no new HTTP requests upstream
-    row = finished(ws_bridge, prompt)
+    row = finished_with_prompt(ws_bridge.db_path, prompt)
     assert (row["status"], row["http_status"], row["error"]) == (
         "rejected",
         501,
@@ -169,8 +162,8 @@ def test_upstream_error_event_and_socket_closed_mid_response(ws_bridge: Mitmdump
     ws.send({"type": "response.create", "model": "fake-slow", "input": slow})
     assert ws.receive()["type"] == "response.created"
     ws.close()
-    assert finished(ws_bridge, prompt)["status"] == "error"
-    cut = finished(ws_bridge, slow)
+    assert finished_with_prompt(ws_bridge.db_path, prompt)["status"] == "error"
+    cut = finished_with_prompt(ws_bridge.db_path, slow)
     assert cut["status"] == "client_disconnected"
 
 

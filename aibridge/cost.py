@@ -1,0 +1,414 @@
+"""Estimated cost of each token usage row, in US dollars.
+
+Prices come from the config's ``pricing.overrides`` (negotiated rates) first, then from the
+`genai-prices <https://github.com/pydantic/genai-prices>`_ table, which ships its data inside
+the package, so no network is needed. Beside each estimate the row keeps where its price came
+from (``price_source``: ``config`` or ``genai-prices``), which version of it
+(``price_version``: the package version, or a fingerprint of the override's rates) and under
+which name the model was priced (``priced_model``), so a number can always be traced back.
+
+Semantics follow the provider's bill: ``input_tokens`` includes cached input; cached input and
+cache writes have their own rates where the model has them and the input rate otherwise;
+``output_tokens`` includes reasoning tokens, billed at the output rate unless an override gives
+``reasoning_per_mtok``. Long-context tiers apply to the whole request, as the provider bills
+them. A model without any known price gets NULL, never an error.
+
+A `PriceBook` reads the table once when it is made (about half a second, so make it at
+start-up); after that a row costs a dictionary lookup and a few Decimal operations.
+
+Fill in rows written before costs existed, or after new rates were agreed::
+
+    python -m aibridge.cost --config config.yaml [--all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sqlite3
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Final
+
+import sqlite_utils
+
+from aibridge.config import ConfigError, PriceOverride, Pricing, load_config
+from aibridge.schema import migrate
+
+log = logging.getLogger(__name__)
+
+SOURCE_CONFIG: Final = "config"
+SOURCE_CATALOG: Final = "genai-prices"
+COST_COLUMNS: Final = ("estimated_cost_usd", "price_source", "price_version", "priced_model")
+# The provider whose list prices apply: the bridge speaks OpenAI's Responses API.
+CATALOG_PROVIDER: Final = "openai"
+
+_MTOK: Final = Decimal(1_000_000)
+_NO_COST: Final[dict[str, Any]] = dict.fromkeys(COST_COLUMNS)
+# Model names are chosen by clients; bound what a stream of invented names can make us keep.
+_MAX_CACHED_NAMES: Final = 4096
+_GLOB_CHARS: Final = frozenset("*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    cost_usd: Decimal
+    source: str
+    version: str
+    priced_model: str
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "estimated_cost_usd": float(self.cost_usd),
+            "price_source": self.source,
+            "price_version": self.version,
+            "priced_model": self.priced_model,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    """Token counts of one usage row, split into what is billed at distinct rates."""
+
+    input: int
+    uncached: int
+    cache_read: int
+    cache_write: int
+    output: int
+    reasoning: int
+
+    @classmethod
+    def of(cls, usage: Mapping[str, Any]) -> _Counts | None:
+        input_tokens = _count(usage.get("input_tokens"))
+        output_tokens = _count(usage.get("output_tokens"))
+        if input_tokens is None and output_tokens is None:
+            return None
+        total_in = input_tokens or 0
+        cache_read = min(_count(usage.get("cache_read_input_tokens")) or 0, total_in)
+        cache_write = min(_count(usage.get("cache_write_input_tokens")) or 0, total_in - cache_read)
+        out = output_tokens or 0
+        return cls(
+            input=total_in,
+            uncached=total_in - cache_read - cache_write,
+            cache_read=cache_read,
+            cache_write=cache_write,
+            output=out,
+            reasoning=min(_count(usage.get("reasoning_tokens")) or 0, out),
+        )
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def override_fingerprint(override: PriceOverride) -> str:
+    """A short, stable name for one set of negotiated rates: it changes when a rate does."""
+    text = "|".join(
+        str(getattr(override, name))
+        for name in (
+            "model",
+            "input_per_mtok",
+            "output_per_mtok",
+            "cached_input_per_mtok",
+            "cache_write_per_mtok",
+            "reasoning_per_mtok",
+        )
+    )
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def override_cost(override: PriceOverride, counts: _Counts) -> Decimal:
+    cached = override.cached_input_per_mtok
+    write = override.cache_write_per_mtok
+    reasoning = override.reasoning_per_mtok
+    inp, out = override.input_per_mtok, override.output_per_mtok
+    total = (
+        counts.uncached * inp
+        + counts.cache_read * (inp if cached is None else cached)
+        + counts.cache_write * (inp if write is None else write)
+        + (counts.output - counts.reasoning) * out
+        + counts.reasoning * (out if reasoning is None else reasoning)
+    )
+    return total / _MTOK
+
+
+class _Catalog:
+    """The genai-prices table, looked up through a cache of model names."""
+
+    def __init__(self) -> None:
+        # Imported here: the table takes about half a second to load, paid once per PriceBook.
+        import genai_prices
+        from genai_prices import data_snapshot, types
+
+        self.version: str = genai_prices.__version__
+        self._snapshot = data_snapshot.get_snapshot()
+        self._tiered = types.TieredPrices
+        self._models: dict[str, Any] = {}
+        # Loading the data is the slow part: do it now rather than at the first request.
+        self._snapshot.find_provider(None, CATALOG_PROVIDER, None)
+
+    def model(self, name: str) -> Any | None:
+        key = name.lower()
+        try:
+            return self._models[key]
+        except KeyError:
+            pass
+        try:
+            _, info = self._snapshot.find_provider_model(key, None, CATALOG_PROVIDER, None)
+        except LookupError:
+            info = None
+        if len(self._models) >= _MAX_CACHED_NAMES:
+            self._models.clear()
+        self._models[key] = info
+        return info
+
+    def cost(
+        self, info: Any, counts: _Counts, at: datetime, service_tier: str | None
+    ) -> Decimal | None:
+        context = {"service_tier": service_tier} if service_tier else None
+        prices = info.get_prices(at, context)
+        inp = self._rate(prices.input_mtok, counts.input)
+        out = self._rate(prices.output_mtok, counts.input)
+        if inp is None and out is None:
+            return None  # not a model billed by the token (images, audio, embeddings, …)
+        inp = inp or Decimal(0)
+        cached = self._rate(prices.cache_read_mtok, counts.input)
+        write = self._rate(prices.cache_write_mtok, counts.input)
+        total = (
+            counts.uncached * inp
+            + counts.cache_read * (inp if cached is None else cached)
+            + counts.cache_write * (inp if write is None else write)
+            + counts.output * (out or Decimal(0))
+        )
+        return total / _MTOK
+
+    def _rate(self, price: Any, input_tokens: int) -> Decimal | None:
+        if price is None or isinstance(price, Decimal):
+            return price
+        if isinstance(price, self._tiered):
+            # A tier, once crossed, prices the whole request (the providers' "cliff" rule).
+            rate = price.base
+            for tier in price.tiers:
+                if input_tokens > tier.start:
+                    rate = tier.price
+            return rate
+        return None
+
+
+class PriceBook:
+    """Config overrides, then the genai-prices table: the price of one token usage row."""
+
+    def __init__(self, pricing: Pricing | None = None, *, catalog: bool = True) -> None:
+        overrides = pricing.overrides if pricing is not None else ()
+        self._exact: dict[str, PriceOverride] = {}
+        self._globs: list[PriceOverride] = []
+        for override in overrides:
+            if _GLOB_CHARS & set(override.model):
+                self._globs.append(override)
+            else:
+                self._exact.setdefault(override.model.lower(), override)
+        self._fingerprints = {id(o): override_fingerprint(o) for o in overrides}
+        self._catalog: _Catalog | None = None
+        if catalog:
+            try:
+                self._catalog = _Catalog()
+            except Exception as exc:
+                # Costs are a convenience of the audit log: never fail the bridge over them.
+                log.warning("genai-prices is unavailable (%s): only configured prices apply", exc)
+
+    @property
+    def catalog_version(self) -> str | None:
+        return self._catalog.version if self._catalog is not None else None
+
+    def override_for(self, name: str) -> PriceOverride | None:
+        key = name.lower()
+        if found := self._exact.get(key):
+            return found
+        for override in self._globs:
+            if fnmatchcase(key, override.model.lower()):
+                return override
+        return None
+
+    def estimate(
+        self,
+        usage: Mapping[str, Any],
+        models: Sequence[str | None],
+        at: datetime | None = None,
+        service_tier: str | None = None,
+    ) -> Estimate | None:
+        """The cost of `usage` under the first of `models` that has a price, else None.
+
+        `models` is usually (the model upstream reported, the model requested): the reported
+        one is more precise (a dated snapshot), the requested one is what overrides often name.
+        """
+        counts = _Counts.of(usage)
+        if counts is None:
+            return None
+        names = [m for m in models if isinstance(m, str) and m]
+        for name in names:
+            if override := self.override_for(name):
+                return Estimate(
+                    override_cost(override, counts),
+                    SOURCE_CONFIG,
+                    self._fingerprints[id(override)],
+                    override.model,
+                )
+        catalog = self._catalog
+        if catalog is None:
+            return None
+        when = at or datetime.now(UTC)
+        for name in names:
+            info = catalog.model(name)
+            if info is None:
+                continue
+            cost = catalog.cost(info, counts, when, service_tier)
+            if cost is not None:
+                return Estimate(cost, SOURCE_CATALOG, catalog.version, info.id)
+        return None
+
+    def cost_columns(
+        self,
+        usage: Mapping[str, Any],
+        *,
+        model: str | None,
+        response_model: str | None,
+        at: str | datetime | None = None,
+        service_tier: str | None = None,
+    ) -> dict[str, Any]:
+        """The token_usages cost columns for one row; all NULL when no price is known."""
+        try:
+            when = _parse_time(at)
+            estimate = self.estimate(usage, (response_model, model), when, service_tier)
+        except Exception:
+            # A bad price entry must cost one estimate, never the row that carries it.
+            log.exception("estimating the cost of a token usage row failed")
+            return dict(_NO_COST)
+        return estimate.columns() if estimate is not None else dict(_NO_COST)
+
+
+def _parse_time(at: str | datetime | None) -> datetime | None:
+    if at is None or isinstance(at, datetime):
+        return at
+    try:
+        parsed = datetime.fromisoformat(at)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+# ------------------------------------------------------------------------------ backfill
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillReport:
+    examined: int
+    priced: int
+    unpriced: int
+
+
+_SELECT: Final = """
+select t.id, t.input_tokens, t.cache_read_input_tokens, t.cache_write_input_tokens,
+       t.output_tokens, t.reasoning_tokens, t.created_at, i.model, i.response_model
+from token_usages t join interceptions i on i.id = t.interception_id
+where t.id > ? {only_missing}
+order by t.id limit ?
+"""
+_UPDATE: Final = (
+    "update token_usages set estimated_cost_usd = ?, price_source = ?, price_version = ?, "
+    "priced_model = ? where id = ?"
+)
+
+
+def backfill(
+    db_path: str | Path,
+    book: PriceBook,
+    *,
+    recompute: bool = False,
+    batch_size: int = 500,
+    busy_timeout_ms: int = 10_000,
+) -> BackfillReport:
+    """Estimate the cost of rows that have none (or of every row, with `recompute`).
+
+    Safe while the bridge writes: short transactions, each waiting its turn for the lock.
+    """
+    conn = sqlite3.connect(str(db_path), timeout=busy_timeout_ms / 1000)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # An older file may not have the cost columns yet.
+        migrate(sqlite_utils.Database(conn, execute_plugins=False))
+        sql = _SELECT.format(only_missing="" if recompute else "and t.estimated_cost_usd is null")
+        last_id, examined, priced = 0, 0, 0
+        while True:
+            rows = conn.execute(sql, (last_id, batch_size)).fetchall()
+            if not rows:
+                break
+            updates = list(_priced_updates(book, rows))
+            with conn:
+                conn.executemany(_UPDATE, updates)
+            examined += len(rows)
+            priced += sum(1 for u in updates if u[0] is not None)
+            last_id = rows[-1][0]
+        return BackfillReport(examined, priced, examined - priced)
+    finally:
+        conn.close()
+
+
+def _priced_updates(book: PriceBook, rows: Iterable[tuple[Any, ...]]) -> Iterable[tuple[Any, ...]]:
+    for row_id, inp, cache_read, cache_write, out, reasoning, created_at, model, resp_model in rows:
+        usage = {
+            "input_tokens": inp,
+            "cache_read_input_tokens": cache_read,
+            "cache_write_input_tokens": cache_write,
+            "output_tokens": out,
+            "reasoning_tokens": reasoning,
+        }
+        columns = book.cost_columns(usage, model=model, response_model=resp_model, at=created_at)
+        yield (*(columns[c] for c in COST_COLUMNS), row_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aibridge.cost",
+        description="Estimate the cost of token usage rows that have none yet "
+        "(rows recorded before costs existed, or models priced since).",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config", help="bridge config: its database and pricing.overrides (default config.yaml)"
+    )
+    where.add_argument("--db", help="the SQLite file, priced with the genai-prices table only")
+    parser.add_argument(
+        "--all", action="store_true", help="recompute every row, e.g. after new rates were agreed"
+    )
+    args = parser.parse_args(argv)
+    if args.db:
+        db_path, pricing = args.db, Pricing()
+    else:
+        try:
+            config = load_config(args.config or "config.yaml")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        db_path, pricing = config.database, config.pricing
+    if not Path(db_path).exists():
+        print(f"error: {db_path}: no such database", file=sys.stderr)
+        return 2
+    book = PriceBook(pricing)
+    report = backfill(db_path, book, recompute=args.all)
+    print(
+        f"{db_path}: {report.examined} token usage rows examined, {report.priced} priced, "
+        f"{report.unpriced} without a known price (genai-prices {book.catalog_version})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Real datasette serves the bridge's log; headless Chromium renders the usage page and the chart.
+
+Chromium is Debian's ``chromium`` package (``apt-get install -y chromium``); set
+AIBRIDGE_CHROMIUM to use another binary. Without it the test is skipped on a workstation, and
+fails in CI (``CI`` set), where it must run. The README's screenshots are made here:
+
+    AIBRIDGE_UPDATE_SCREENSHOTS=1 ./dev pytest tests/test_screenshot.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import struct
+import subprocess
+import zlib
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from aibridge.mitmdump_process import REPO
+from tests.harness import Datasette
+from tests.test_datasette_queries import DB_NAME, METADATA, UsageLog, build_usage_log
+
+SCREENSHOTS = REPO / "docs" / "screenshots"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# No network beyond loopback, no profile state, nothing running after the page is captured.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def find_chromium() -> str | None:
+    if chosen := os.environ.get("AIBRIDGE_CHROMIUM"):
+        return chosen
+    for name in CHROMIUM_NAMES:
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = find_chromium()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is required in CI: apt-get install -y chromium")
+        pytest.skip("Chromium is not installed (apt-get install -y chromium); CI runs this test")
+    return found
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> UsageLog:
+    return build_usage_log(tmp_path_factory.mktemp("usage-log"))
+
+
+@pytest.fixture(scope="module")
+def datasette(log: UsageLog) -> Iterator[Datasette]:
+    with Datasette(log.db_path, "-m", str(METADATA)) as ds:
+        yield ds
+
+
+class Browser:
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.runs = 0
+
+    def run(self, url: str, *args: str) -> str:
+        self.runs += 1
+        profile = self.workdir / f"profile-{self.runs}"
+        done = subprocess.run(
+            [self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
+            capture_output=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+        return done.stdout.decode(errors="replace")
+
+    def dom(self, url: str, *args: str) -> str:
+        """The page's DOM once its scripts ran (and their requests were answered)."""
+        return self.run(url, "--dump-dom", *args)
+
+    def screenshot(self, url: str, name: str, size: tuple[int, int], *args: str) -> Path:
+        path = self.workdir / name
+        self.run(url, f"--screenshot={path}", f"--window-size={size[0]},{size[1]}", *args)
+        assert path.exists(), f"no screenshot of {url}"
+        if os.environ.get("AIBRIDGE_UPDATE_SCREENSHOTS"):
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, SCREENSHOTS / name)
+        return path
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Browser:
+    return Browser(chromium, tmp_path_factory.mktemp("chromium"))
+
+
+class ResultTable(HTMLParser):
+    """The cells of datasette's results table (``table.rows-and-columns``), row by row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[str] = []
+        self.rows: list[list[str]] = []
+        self._in_table = self._in_body = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        classes = (dict(attrs).get("class") or "").split()
+        if tag == "table" and "rows-and-columns" in classes:
+            self._in_table = True
+        elif self._in_table and tag == "tbody":
+            self._in_body = True
+        elif self._in_body and tag == "tr":
+            self.rows.append([])
+        elif self._in_table and tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            text = " ".join("".join(self._cell).split())
+            (self.rows[-1] if self._in_body else self.headers).append(text)
+            self._cell = None
+        elif tag == "table":
+            self._in_table = self._in_body = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def png_facts(path: Path) -> tuple[int, int, int]:
+    """Width, height and how many distinct byte values its image data holds."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    pos, idat = 8, b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    return width, height, len(set(zlib.decompress(idat)))
+
+
+def test_usage_page_renders_its_rows(browser: Browser, datasette: Datasette, log: UsageLog) -> None:
+    url = f"{datasette.url}/{DB_NAME}/usage_per_user_per_day"
+    table = ResultTable()
+    table.feed(browser.dom(url))
+    assert table.headers[:4] == ["day", "user", "requests", "input_tokens"]
+    assert "estimated_cost_usd" in table.headers
+    # The same seven rows the canned query answers, in the same order.
+    assert [(r[0], r[1], r[2]) for r in table.rows] == [
+        ("2025-06-02", "(unauthenticated)", "1"),
+        ("2025-06-02", "alice", "2"),
+        ("2025-06-02", "bob", "2"),
+        ("2025-06-01", "alice", "3"),
+        ("2025-06-01", "bob", "1"),
+        ("2025-05-31", "alice", "1"),
+        ("2025-05-31", "bob", "1"),
+    ]
+    cost = table.headers.index("estimated_cost_usd")
+    assert table.rows[4][cost] == "0.001488"
+
+    shot = browser.screenshot(url, "usage.png", (1400, 760))
+    width, height, distinct = png_facts(shot)
+    assert (width, height) == (1400, 760)
+    assert distinct > 64, "the screenshot looks blank"
+
+
+def test_dashboard_draws_the_charts(browser: Browser, datasette: Datasette, log: UsageLog) -> None:
+    url = f"{datasette.url}/-/dashboards/usage"
+    # Charts are drawn by scripts after their queries return: let them finish first.
+    wait = "--virtual-time-budget=20000"
+    dom = browser.dom(url, wait)
+    conn = sqlite3.connect(f"file:{log.db_path}?mode=ro", uri=True)
+    try:
+        (total,) = conn.execute("select sum(estimated_cost_usd) from token_usages").fetchone()
+    finally:
+        conn.close()
+    assert "Tokens per day and person" in dom
+    assert f"${total:.4f}" in dom  # the metric, computed by the page from its query
+    # vega-embed draws each of the four charts into a canvas of class "marks".
+    assert dom.count('class="marks"') >= 4, dom[-2000:]
+
+    shot = browser.screenshot(url, "dashboard.png", (1400, 1240), wait)
+    width, height, distinct = png_facts(shot)
+    assert (width, height) == (1400, 1240)
+    assert distinct > 64, "the screenshot looks blank"
