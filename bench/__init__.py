@@ -1,0 +1,1 @@
+"""The aibridge benchmark: ``python -m bench`` (see BENCHMARKS.md)."""

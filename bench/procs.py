@@ -1,0 +1,244 @@
+"""The processes a benchmark run starts: the upstream and one mitmdump per variant.
+
+Every mitmdump gets the same flags; variants differ only in the scripts they load (and the
+bridge's two options), so a ratio measures the addon and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aibridge.mitmdump_process import ADDON, MITMDUMP, REPO
+
+BENCH = Path(__file__).resolve().parent
+STREAM_ONLY = BENCH / "stream_only.py"
+LAG_PROBE = BENCH / "lagprobe.py"
+BURST = BENCH / "burst.py"
+
+TOKEN = "bench-personal-token-alice"
+PROVIDER_KEY = "sk-bench-provider-key-0123456789"
+_LISTENING = re.compile(rb"listening at [\d.]+:(\d+)")
+_STARTUP_FAILED = b"Error logged during startup"
+
+
+def bridge_config(upstream_url: str) -> dict[str, Any]:
+    """The bridge in reverse-proxy mode (DESIGN §1.1) in front of the bench upstream."""
+    return {
+        "database": "aibridge.db",
+        "providers": [
+            {
+                "name": "openai",
+                "type": "openai",
+                "base_url": f"{upstream_url}/v1",
+                "api_key": "${BENCH_PROVIDER_KEY}",
+            }
+        ],
+        "users": [{"id": "alice", "token": TOKEN}],
+    }
+
+
+def _env() -> dict[str, str]:
+    # mitmdump loads bench scripts that import the bench package.
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO),
+        "BENCH_PROVIDER_KEY": PROVIDER_KEY,
+    }
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class UpstreamProcess:
+    """``python -m bench.upstream`` on a free loopback port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.log_path = workdir / "upstream.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 20.0) -> UpstreamProcess:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.upstream"],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=_env(),
+                cwd=REPO,
+            )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("http://") or time.monotonic() > deadline:
+            self.stop()
+            raise RuntimeError(f"bench upstream did not start:\n{self.log_path.read_text()}")
+        self.url = line
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+@dataclass
+class Proxy:
+    """One mitmdump variant in reverse mode in front of the upstream."""
+
+    name: str
+    workdir: Path
+    upstream_url: str
+    scripts: list[Path] = field(default_factory=list)
+    bridge: bool = False  # load addon.py with its own config and database
+    options: dict[str, str] = field(default_factory=dict)  # --set for the scripts' options
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mitmdump.log"
+
+    @property
+    def db_path(self) -> Path:
+        return self.workdir / "aibridge.db"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def args(self) -> list[str]:
+        args = [
+            str(MITMDUMP),
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            "0",
+            "--mode",
+            f"reverse:{self.upstream_url}",
+            "--set",
+            f"confdir={self.workdir / 'mitmproxy-conf'}",
+            # One log line per flow would cost more than some of what is measured.
+            "--set",
+            "flow_detail=0",
+        ]
+        for script in self.scripts:
+            args += ["-s", str(script)]
+        if self.bridge:
+            config = self.workdir / "config.yaml"
+            config.write_text(yaml.safe_dump(bridge_config(self.upstream_url)))
+            args += [
+                "-s",
+                str(ADDON),
+                "--set",
+                f"aibridge_config={config}",
+                "--set",
+                f"aibridge_db={self.db_path}",
+            ]
+        for name, value in self.options.items():
+            args += ["--set", f"{name}={value}"]
+        return args
+
+    def launch(self) -> None:
+        """Start without waiting; ``wait_listening`` finishes the start (so several start
+        in parallel)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.args(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**_env(), **self.env},
+                cwd=self.workdir,
+            )
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()
+            if _STARTUP_FAILED in text or self.proc.poll() is not None:
+                break
+            found = _LISTENING.search(text)
+            if found:
+                # mitmdump listens before it notices an error its addons logged at start-up.
+                time.sleep(0.3)
+                if _STARTUP_FAILED in self.log_path.read_bytes() or self.proc.poll() is not None:
+                    break
+                self.port = int(found.group(1))
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"mitmdump ({self.name}) did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, KiB (Linux)."""
+    return _status_field(pid, "VmRSS")
+
+
+def peak_rss_kib(pid: int) -> int:
+    return _status_field(pid, "VmHWM")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False if the kernel refuses."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _status_field(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no {name}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process and all its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, quiet: float = 0.1, timeout: float = 5.0) -> None:
+    """Wait until the process used (almost) no CPU for ``quiet`` seconds: the bridge's
+    writer thread has caught up, so its work is billed to the measurement that caused it."""
+    tick = 1.5 / os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(quiet)
+        if cpu_seconds(pid) - before <= tick:
+            return

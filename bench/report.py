@@ -1,0 +1,411 @@
+"""Turning measurements into the result JSON, the target verdicts and the Markdown table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sqlite3
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mitmproxy.version import VERSION as MITMPROXY_VERSION
+
+DOC_START = "<!-- bench:results:start -->"
+DOC_END = "<!-- bench:results:end -->"
+
+# Every number a run must produce (dotted paths into "metrics"); the smoke test checks them.
+METRIC_PATHS: tuple[str, ...] = tuple(
+    [
+        f"sse.{c}.{side}.{m}"
+        for c in ("c1", "c16")
+        for side in ("baseline", "addon", "ratio")
+        for m in ("events_per_s", "ttfb_ms", "cpu_ms_per_1k_events")
+    ]
+    + ["sse.events"]
+    + [
+        f"buffered.{c}.{side}.{m}"
+        for c in ("c1", "c16")
+        for side in ("baseline", "addon", "ratio")
+        for m in ("req_per_s", "p50_ms", "p99_ms", "cpu_ms_per_req")
+    ]
+    + [
+        f"paced.{side}.{m}"
+        for side in ("baseline", "addon", "ratio")
+        for m in ("transit_p50_ms", "transit_p99_ms")
+    ]
+    + ["paced.added_delay_p50_ms", "paced.added_delay_p99_ms", "paced.events"]
+    + [
+        "recorder.alone_rows",
+        "recorder.alone_rows_per_s",
+        "recorder.burst_rows",
+        "recorder.burst_rows_per_s",
+        "recorder.burst_max_stall_ms",
+        "recorder.burst_stalls_over_5ms",
+        "recorder.idle_max_lag_ms",
+        "recorder.probe_samples",
+    ]
+    + [
+        f"memory.flows.{side}.{m}"
+        for side in ("baseline", "addon")
+        for m in ("rss_before_mib", "rss_after_mib", "growth_mib")
+    ]
+    + ["memory.flows.count"]
+    + [
+        f"memory.big_stream.{side}.{m}"
+        for side in ("baseline", "addon")
+        for m in ("rss_before_mib", "rss_peak_mib", "added_mib", "mib_per_s")
+    ]
+    + ["memory.big_stream.stream_mib"]
+)
+
+
+def lookup(metrics: Mapping[str, Any], path: str) -> Any:
+    value: Any = metrics
+    for key in path.split("."):
+        value = value[key]
+    return value
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model or platform.processor() or "unknown",
+        "python": platform.python_version(),
+        "mitmproxy": MITMPROXY_VERSION,
+        "sqlite": sqlite3.sqlite_version,
+        "platform": platform.platform(),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---- aggregation ---------------------------------------------------------------------------
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def paired(baseline: list[dict[str, float]], addon: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians of each side over the rounds, and the median of the per-round ratios
+    (addon / baseline): pairing each round with its neighbour cancels slow drifts."""
+    keys = baseline[0].keys()
+    return {
+        "baseline": {k: median(r[k] for r in baseline) for k in keys},
+        "addon": {k: median(r[k] for r in addon) for k in keys},
+        "ratio": {
+            k: median(a[k] / b[k] for a, b in zip(addon, baseline, strict=True) if b[k])
+            for k in keys
+        },
+        "rounds": len(baseline),
+        "per_round": {"baseline": baseline, "addon": addon},
+    }
+
+
+# ---- targets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    name: str
+    target: str
+    value: str
+    met: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "target": self.target,
+            "value": self.value,
+            "met": self.met,
+            "reason": self.reason,
+        }
+
+
+def verdicts(m: Mapping[str, Any]) -> list[Verdict]:
+    out = []
+    for c, label in (("c1", "c=1"), ("c16", "c=16")):
+        sse = m["sse"][c]
+        ratio = sse["ratio"]["events_per_s"]
+        out.append(
+            Verdict(
+                f"SSE events/s vs stream-only mitmdump, {label}",
+                ">= 0.95x",
+                f"{ratio:.2f}x",
+                ratio >= 0.95,
+                f"mitmdump spends {sse['ratio']['cpu_ms_per_1k_events']:.2f}x the CPU per event "
+                f"({sse['addon']['cpu_ms_per_1k_events']:.1f} vs "
+                f"{sse['baseline']['cpu_ms_per_1k_events']:.1f} ms per 1,000 events)",
+            )
+        )
+    buf = m["buffered"]["c16"]
+    ratio = buf["ratio"]["req_per_s"]
+    cpu_a, cpu_b = buf["addon"]["cpu_ms_per_req"], buf["baseline"]["cpu_ms_per_req"]
+    out.append(
+        Verdict(
+            "Buffered req/s vs plain mitmdump, c=16, 40 KB bodies",
+            ">= 0.90x",
+            f"{ratio:.2f}x",
+            ratio >= 0.90,
+            f"mitmdump spends {cpu_a:.2f} ms CPU per request with the addon, {cpu_b:.2f} ms "
+            f"without: {cpu_a - cpu_b:.2f} ms added per request",
+        )
+    )
+    rec = m["recorder"]
+    rate = rec["alone_rows_per_s"]
+    out.append(
+        Verdict(
+            "Recorder alone, rows/s",
+            ">= 20,000",
+            f"{rate:,.0f}",
+            rate >= 20_000,
+            f"{1e6 / rate:.0f} us per row; inside mitmdump a burst wrote "
+            f"{rec['burst_rows_per_s']:,.0f} rows/s",
+        )
+    )
+    stall = rec["burst_max_stall_ms"]
+    out.append(
+        Verdict(
+            "Longest event-loop stall while a burst is written",
+            "<= 5 ms",
+            f"{stall:.1f} ms",
+            stall <= 5.0,
+            f"{rec['burst_stalls_over_5ms']} wake-ups over 5 ms late during the burst of "
+            f"{rec['burst_rows']:,} rows; an idle loop's worst was {rec['idle_max_lag_ms']:.1f} ms",
+        )
+    )
+    flows = m["memory"]["flows"]
+    growth = flows["addon"]["growth_mib"]
+    out.append(
+        Verdict(
+            f"RSS flat over {flows['count']:,} streamed flows",
+            "< 5 MiB growth",
+            f"{growth:+.1f} MiB",
+            growth < 5.0,
+            f"stream-only mitmdump grew {flows['baseline']['growth_mib']:+.1f} MiB over the "
+            "same flows",
+        )
+    )
+    big = m["memory"]["big_stream"]
+    added = big["addon"]["added_mib"]
+    out.append(
+        Verdict(
+            f"RSS added during one {big['stream_mib']} MiB stream",
+            "< 20 MiB",
+            f"{added:+.1f} MiB",
+            added < 20.0,
+            f"stream-only mitmdump: {big['baseline']['added_mib']:+.1f} MiB",
+        )
+    )
+    return out
+
+
+# ---- table -----------------------------------------------------------------------------------
+
+
+def _n(value: float, unit: str = "", digits: int = 0) -> str:
+    return f"{value:,.{digits}f}{unit}"
+
+
+def _pair(m: Mapping[str, Any], key: str, unit: str, digits: int) -> tuple[str, str, str]:
+    """Ratio, addon figure and baseline figure of one paired metric."""
+    return (
+        f"{m['ratio'][key]:.2f}x",
+        _n(m["addon"][key], unit, digits),
+        _n(m["baseline"][key], unit, digits),
+    )
+
+
+def _p50_p99(m: Mapping[str, Any], p50: str, p99: str) -> tuple[str, str, str]:
+    return (
+        f"{m['ratio'][p50]:.2f}x / {m['ratio'][p99]:.2f}x",
+        f"{m['addon'][p50]:.2f} / {m['addon'][p99]:.2f} ms",
+        f"{m['baseline'][p50]:.2f} / {m['baseline'][p99]:.2f} ms",
+    )
+
+
+def table(m: Mapping[str, Any], verdict_list: list[Verdict]) -> str:
+    """The Markdown table: ratio first, then the addon's and the baseline's figures."""
+    by_name = {v.name: v for v in verdict_list}
+
+    def status(name: str) -> str:
+        v = by_name.get(name)
+        return "" if v is None else ("met" if v.met else "**missed**")
+
+    rows: list[tuple[str, ...]] = []
+    sse = m["sse"]
+    for c, label in (("c1", "c=1"), ("c16", "c=16")):
+        s = sse[c]
+        rows += [
+            (
+                f"SSE events/s, {sse['events']:,}-event stream, {label}",
+                *_pair(s, "events_per_s", "", 0),
+                ">= 0.95x",
+                status(f"SSE events/s vs stream-only mitmdump, {label}"),
+            ),
+            (f"SSE time to first byte, {label}", *_pair(s, "ttfb_ms", " ms", 1), "", ""),
+            (
+                f"SSE mitmdump CPU per 1,000 events, {label}",
+                *_pair(s, "cpu_ms_per_1k_events", " ms", 1),
+                "",
+                "",
+            ),
+        ]
+    for c, label in (("c1", "c=1"), ("c16", "c=16")):
+        b = m["buffered"][c]
+        target, name = "", ""
+        if c == "c16":
+            target, name = ">= 0.90x", "Buffered req/s vs plain mitmdump, c=16, 40 KB bodies"
+        rows += [
+            (
+                f"Buffered req/s, 40 KB bodies, {label}",
+                *_pair(b, "req_per_s", "", 0),
+                target,
+                status(name),
+            ),
+            (f"Buffered latency p50 / p99, {label}", *_p50_p99(b, "p50_ms", "p99_ms"), "", ""),
+            (
+                f"Buffered mitmdump CPU per request, {label}",
+                *_pair(b, "cpu_ms_per_req", " ms", 2),
+                "",
+                "",
+            ),
+        ]
+    p = m["paced"]
+    rows += [
+        (
+            f"Paced stream ({p['events']} events): transit per event p50 / p99",
+            *_p50_p99(p, "transit_p50_ms", "transit_p99_ms"),
+            "",
+            "",
+        ),
+        (
+            "Paced stream: delay the addon adds per event, p50 / p99",
+            "",
+            f"{p['added_delay_p50_ms']:+.2f} / {p['added_delay_p99_ms']:+.2f} ms",
+            "",
+            "",
+            "",
+        ),
+    ]
+    r = m["recorder"]
+    rows += [
+        (
+            f"Recorder alone, {r['alone_rows']:,} rows",
+            "",
+            _n(r["alone_rows_per_s"], " rows/s"),
+            "",
+            ">= 20,000",
+            status("Recorder alone, rows/s"),
+        ),
+        (
+            f"Recorder inside mitmdump, burst of {r['burst_rows']:,} rows",
+            "",
+            _n(r["burst_rows_per_s"], " rows/s"),
+            "",
+            "",
+            "",
+        ),
+        (
+            "Longest event-loop stall while the burst is written",
+            "",
+            _n(r["burst_max_stall_ms"], " ms", 1),
+            f"idle loop: {r['idle_max_lag_ms']:.1f} ms",
+            "<= 5 ms",
+            status("Longest event-loop stall while a burst is written"),
+        ),
+    ]
+    f, g = m["memory"]["flows"], m["memory"]["big_stream"]
+    rows += [
+        (
+            f"RSS growth over {f['count']:,} streamed flows",
+            "",
+            f"{f['addon']['growth_mib']:+.1f} MiB (to {f['addon']['rss_after_mib']:.0f})",
+            f"{f['baseline']['growth_mib']:+.1f} MiB (to {f['baseline']['rss_after_mib']:.0f})",
+            "< 5 MiB",
+            status(f"RSS flat over {f['count']:,} streamed flows"),
+        ),
+        (
+            f"RSS added during one {g['stream_mib']} MiB stream",
+            "",
+            f"{g['addon']['added_mib']:+.1f} MiB ({g['addon']['mib_per_s']:.0f} MiB/s)",
+            f"{g['baseline']['added_mib']:+.1f} MiB ({g['baseline']['mib_per_s']:.0f} MiB/s)",
+            "< 20 MiB",
+            status(f"RSS added during one {g['stream_mib']} MiB stream"),
+        ),
+    ]
+    header = ("Measurement", "Ratio (addon / baseline)", "With aibridge", "Baseline", "Target", "")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def misses(verdict_list: list[Verdict]) -> str:
+    missed = [v for v in verdict_list if not v.met]
+    if not missed:
+        return "Every target met."
+    return "\n".join(
+        f"- Missed: {v.name}: {v.value}, target {v.target}. {v.reason}." for v in missed
+    )
+
+
+def machine_line(info: Mapping[str, Any]) -> str:
+    load = ", ".join(f"{x:.2f}" for x in info["load_average"])
+    return (
+        f"{info['cores']} cores, {info['cpu_model']}; Python {info['python']}, "
+        f"mitmproxy {info['mitmproxy']}, SQLite {info['sqlite']}; {info['platform']}; "
+        f"load average at start {load}"
+    )
+
+
+def results_section(result: Mapping[str, Any]) -> str:
+    verdict_list = [Verdict(**v) for v in result["targets"]]
+    return "\n".join(
+        [
+            f"Run {result['finished_at']} ({result['mode']} mode, {result['rounds']} rounds, "
+            f"{result['duration_s']:.0f} s).",
+            "",
+            f"Machine: {machine_line(result['machine'])}.",
+            "",
+            table(result["metrics"], verdict_list),
+            "",
+            misses(verdict_list),
+        ]
+    )
+
+
+def update_doc(doc: Path, section: str) -> None:
+    """Replace the results between the markers of BENCHMARKS.md (or append them)."""
+    text = doc.read_text() if doc.exists() else ""
+    block = f"{DOC_START}\n{section}\n{DOC_END}"
+    if DOC_START in text and DOC_END in text:
+        head, rest = text.split(DOC_START, 1)
+        tail = rest.split(DOC_END, 1)[1]
+        text = head + block + tail
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+    doc.write_text(text)

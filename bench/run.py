@@ -1,0 +1,529 @@
+"""The benchmark: ``python -m bench`` (``--quick`` for a seconds-long smoke run).
+
+Starts the bench upstream and four mitmdumps on loopback, all in reverse mode with the same
+flags: stream-only (the SSE baseline), plain (the buffered baseline), the bridge, and the
+bridge with the lag probe and the burst script. Variants run alternately, baseline then
+bridge, for several rounds after a warm-up round; medians are reported, and ratios are
+medians of the per-round ratios. See BENCHMARKS.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from aibridge.recorder import Recorder
+from bench import report
+from bench.client import LoadResult, build_request, one_request, run_load
+from bench.procs import (
+    BENCH,
+    BURST,
+    LAG_PROBE,
+    STREAM_ONLY,
+    TOKEN,
+    Proxy,
+    UpstreamProcess,
+    cpu_seconds,
+    peak_rss_kib,
+    reset_peak_rss,
+    rss_kib,
+    wait_idle,
+)
+from bench.workloads import CODEX_HEADERS, codex_body, flow_rows
+
+DOC = BENCH.parent / "BENCHMARKS.md"
+DEFAULT_OUT = BENCH / "results" / "latest.json"
+HOST = "127.0.0.1"
+STALL_MS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    rounds: int
+    warmup_rounds: int
+    sse_events: int
+    sse_streams_c1: int
+    sse_streams_c16: int
+    buffered_c1: int
+    buffered_c16: int
+    paced_delay_ms: int
+    recorder_flows: int
+    burst_flows: int
+    memory_warmup_flows: int
+    memory_flows: int
+    big_stream_mib: int
+
+
+FULL = Sizes(
+    rounds=5,
+    warmup_rounds=1,
+    sse_events=1000,
+    sse_streams_c1=4,
+    sse_streams_c16=16,
+    buffered_c1=100,
+    buffered_c16=300,
+    paced_delay_ms=50,
+    recorder_flows=5000,
+    burst_flows=2000,
+    memory_warmup_flows=100,
+    memory_flows=1000,
+    big_stream_mib=100,
+)
+QUICK = Sizes(
+    rounds=1,
+    warmup_rounds=0,
+    sse_events=50,
+    sse_streams_c1=2,
+    sse_streams_c16=16,
+    buffered_c1=5,
+    buffered_c16=16,
+    paced_delay_ms=2,
+    recorder_flows=100,
+    burst_flows=20,
+    memory_warmup_flows=5,
+    memory_flows=20,
+    big_stream_mib=2,
+)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def request_bytes(proxy: Proxy, body: bytes, **headers: str) -> bytes:
+    all_headers = {**CODEX_HEADERS, "authorization": f"Bearer {TOKEN}", **headers}
+    return build_request(HOST, proxy.port, "/v1/responses", body, all_headers)
+
+
+def load(
+    proxy: Proxy, raws: list[bytes], total: int, concurrency: int, **kw: Any
+) -> tuple[LoadResult, float]:
+    """Run a load; return it with mitmdump's CPU seconds for the timed part, counted until
+    the process is idle again (the bridge's writer thread finishing its rows included)."""
+    marks: list[float] = []
+    result = asyncio.run(
+        run_load(
+            HOST,
+            proxy.port,
+            raws,
+            total,
+            concurrency,
+            on_start=lambda: marks.append(cpu_seconds(proxy.pid)),
+            **kw,
+        )
+    )
+    wait_idle(proxy.pid)
+    cpu = cpu_seconds(proxy.pid) - marks[0]
+    bad = [r.status for r in result.replies if not 200 <= r.status < 300]
+    if bad or len(result.replies) != total:
+        raise BenchError(
+            f"{proxy.name}: {len(bad)} failed replies {bad[:5]}\n{proxy.log()[-3000:]}"
+        )
+    return result, cpu
+
+
+def alternate(
+    rounds: int, warmup: int, sides: dict[str, Callable[[], dict[str, float]]]
+) -> dict[str, list[dict[str, float]]]:
+    """Each round runs every side once, in order (baseline first); warm-up rounds are
+    measured the same way and thrown away."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    for n in range(warmup + rounds):
+        for name, measure in sides.items():
+            result = measure()
+            if n >= warmup:
+                runs[name].append(result)
+    return runs
+
+
+# ---- 1. SSE throughput --------------------------------------------------------------------------
+
+
+def sse_once(proxy: Proxy, sizes: Sizes, concurrency: int, streams: int) -> dict[str, float]:
+    body = codex_body(f"fake-long-{sizes.sse_events}", stream=True)
+    raw = request_bytes(proxy, body, **{"x-fake-flush-each": "1"})
+    result, cpu = load(proxy, [raw], streams, concurrency)
+    if any(r.events < sizes.sse_events for r in result.replies):
+        raise BenchError(f"{proxy.name}: a stream lost events")
+    return {
+        "events_per_s": result.events / result.wall,
+        "ttfb_ms": statistics.median(r.ttfb for r in result.replies) * 1000,
+        "cpu_ms_per_1k_events": cpu * 1e6 / result.events,
+    }
+
+
+def bench_sse(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
+    out: dict[str, Any] = {"events": sizes.sse_events}
+    for label, concurrency, streams in (
+        ("c1", 1, sizes.sse_streams_c1),
+        ("c16", 16, sizes.sse_streams_c16),
+    ):
+        log(f"SSE {sizes.sse_events}-event streams, concurrency {concurrency}")
+        runs = alternate(
+            sizes.rounds,
+            sizes.warmup_rounds,
+            {
+                "baseline": lambda c=concurrency, s=streams: sse_once(baseline, sizes, c, s),
+                "addon": lambda c=concurrency, s=streams: sse_once(addon, sizes, c, s),
+            },
+        )
+        out[label] = report.paired(runs["baseline"], runs["addon"])
+    return out
+
+
+# ---- 2. buffered requests -----------------------------------------------------------------------
+
+
+def buffered_once(proxy: Proxy, total: int, concurrency: int) -> dict[str, float]:
+    raw = request_bytes(proxy, codex_body("fake-text", stream=False))
+    result, cpu = load(proxy, [raw], total, concurrency)
+    latencies = [r.latency * 1000 for r in result.replies]
+    return {
+        "req_per_s": len(result.replies) / result.wall,
+        "p50_ms": report.percentile(latencies, 0.50),
+        "p99_ms": report.percentile(latencies, 0.99),
+        "cpu_ms_per_req": cpu * 1000 / len(result.replies),
+    }
+
+
+def bench_buffered(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, concurrency, total in (
+        ("c1", 1, sizes.buffered_c1),
+        ("c16", 16, sizes.buffered_c16),
+    ):
+        log(f"buffered requests with 40 KB bodies, concurrency {concurrency}")
+        runs = alternate(
+            sizes.rounds,
+            sizes.warmup_rounds,
+            {
+                "baseline": lambda c=concurrency, t=total: buffered_once(baseline, t, c),
+                "addon": lambda c=concurrency, t=total: buffered_once(addon, t, c),
+            },
+        )
+        out[label] = report.paired(runs["baseline"], runs["addon"])
+    return out
+
+
+# ---- 3. paced stream ----------------------------------------------------------------------------
+
+
+def paced_once(proxy: Proxy, sizes: Sizes) -> dict[str, float]:
+    raw = request_bytes(
+        proxy,
+        codex_body("fake-slow", stream=True),
+        **{"x-fake-delay-ms": str(sizes.paced_delay_ms)},
+    )
+    result, _ = load(proxy, [raw], 1, 1, stamped=True)
+    transits = [t * 1000 for t in result.replies[0].transits]
+    if not transits:
+        raise BenchError(f"{proxy.name}: the paced stream carried no timestamps")
+    return {
+        "transit_p50_ms": report.percentile(transits, 0.50),
+        "transit_p99_ms": report.percentile(transits, 0.99),
+        "events": float(len(transits)),
+    }
+
+
+def bench_paced(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
+    log(f"paced stream, {sizes.paced_delay_ms} ms between events")
+    runs = alternate(
+        sizes.rounds,
+        sizes.warmup_rounds,
+        {
+            "baseline": lambda: paced_once(baseline, sizes),
+            "addon": lambda: paced_once(addon, sizes),
+        },
+    )
+    out = report.paired(runs["baseline"], runs["addon"])
+    events = int(out["addon"].pop("events"))
+    out["baseline"].pop("events")
+    out["ratio"].pop("events")
+    for q in ("p50", "p99"):
+        key = f"transit_{q}_ms"
+        out[f"added_delay_{q}_ms"] = report.median(
+            a[key] - b[key] for a, b in zip(runs["addon"], runs["baseline"], strict=True)
+        )
+    out["events"] = events
+    return out
+
+
+# ---- 4. recorder --------------------------------------------------------------------------------
+
+
+def bench_recorder_alone(workdir: Path, flows: int) -> dict[str, float]:
+    """The Recorder in this process, nothing else running: queue the rows of ``flows``
+    Codex turns at once, time until all are committed."""
+    log(f"recorder alone, {flows:,} flows")
+    recorder = Recorder(workdir / "recorder-alone.db")
+    recorder.start()
+    try:
+        prepared = [flow_rows(n) for n in range(flows)]
+        rows = sum(len(p) for p in prepared)
+        started = time.monotonic()
+        for turn in prepared:
+            for kind, table, row in turn:
+                if kind == "upsert":
+                    recorder.upsert(table, row)
+                else:
+                    recorder.insert(table, row)
+        if not recorder.flush(timeout=300):
+            raise BenchError("the recorder did not finish writing")
+        elapsed = time.monotonic() - started
+    finally:
+        recorder.close()
+    if recorder.stats["written"] != rows:
+        raise BenchError(f"the recorder wrote {recorder.stats['written']} of {rows} rows")
+    return {"alone_rows": rows, "alone_rows_per_s": rows / elapsed}
+
+
+def bench_burst(probed: Proxy, flows: int) -> dict[str, float]:
+    """Ask the burst script in the probed mitmdump to write ``flows`` turns' rows."""
+    log(f"recorder burst inside mitmdump, {flows:,} flows, with the loop-lag probe")
+    idle_start = time.monotonic()
+    time.sleep(0.5)
+    idle_end = time.monotonic()
+    raw = build_request(
+        HOST,
+        probed.port,
+        f"/__bench/burst?flows={flows}",
+        b"",
+        {"authorization": f"Bearer {TOKEN}"},
+    )
+    reply = asyncio.run(one_request(HOST, probed.port, raw))
+    if reply.status != 200:
+        raise BenchError(f"burst failed: HTTP {reply.status}\n{probed.log()[-3000:]}")
+    burst = orjson.loads(reply.body)
+    if burst.get("written") != burst.get("rows"):
+        raise BenchError(f"burst wrote {burst.get('written')} of {burst.get('rows')} rows")
+    return {
+        "idle_start": idle_start,
+        "idle_end": idle_end,
+        "t_start": burst["t_start"],
+        "t_written": burst["t_written"],
+        "burst_rows": burst["rows"],
+        "burst_rows_per_s": burst["rows"] / (burst["t_written"] - burst["t_start"]),
+    }
+
+
+def lag_figures(probe_file: Path, burst: dict[str, float]) -> dict[str, float]:
+    """Worst lateness of the probe's wake-ups in the idle window and during the burst."""
+    probe = orjson.loads(probe_file.read_bytes())
+    late = probe["late"]
+
+    def window(start: float, end: float) -> list[float]:
+        return [lag for t, lag in late if start <= t <= end]
+
+    during = window(burst["t_start"], burst["t_written"])
+    idle = window(burst["idle_start"], burst["idle_end"])
+    return {
+        "burst_max_stall_ms": max(during, default=0.0),
+        "burst_stalls_over_5ms": sum(1 for lag in during if lag > STALL_MS),
+        "idle_max_lag_ms": max(idle, default=0.0),
+        "probe_samples": probe["samples"],
+    }
+
+
+# ---- 5. memory ----------------------------------------------------------------------------------
+
+MIB = 1024.0
+
+
+def memory_flows(proxy: Proxy, sizes: Sizes) -> dict[str, float]:
+    """RSS before and after ``memory_flows`` streamed Codex turns (text, tool, reasoning)."""
+    raws = [
+        request_bytes(proxy, codex_body(model, stream=True))
+        for model in ("fake-reasoning", "fake-tool", "fake-text")
+    ]
+    load(proxy, raws, sizes.memory_warmup_flows, 16)
+    before = rss_kib(proxy.pid)
+    load(proxy, raws, sizes.memory_flows, 16)
+    after = rss_kib(proxy.pid)
+    return {
+        "rss_before_mib": before / MIB,
+        "rss_after_mib": after / MIB,
+        "growth_mib": (after - before) / MIB,
+    }
+
+
+@contextlib.contextmanager
+def rss_sampler(pid: int, every: float = 0.005) -> Iterator[list[int]]:
+    """Sample RSS in a thread while the block runs (a backstop if VmHWM cannot be reset)."""
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError, RuntimeError):
+                samples.append(rss_kib(pid))
+            stop.wait(every)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
+def memory_big_stream(proxy: Proxy, mib: int) -> dict[str, float]:
+    raw = request_bytes(proxy, codex_body(f"fake-big-{mib}", stream=True))
+    wait_idle(proxy.pid)
+    before = rss_kib(proxy.pid)
+    exact_peak = reset_peak_rss(proxy.pid)
+    with rss_sampler(proxy.pid) as samples:
+        result, _ = load(proxy, [raw], 1, 1, warmup=False)
+    peak = max([before, *samples, *([peak_rss_kib(proxy.pid)] if exact_peak else [])])
+    return {
+        "rss_before_mib": before / MIB,
+        "rss_peak_mib": peak / MIB,
+        "added_mib": (peak - before) / MIB,
+        "mib_per_s": result.replies[0].body_bytes / 2**20 / result.wall,
+    }
+
+
+def bench_memory(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
+    log(f"memory: {sizes.memory_flows:,} flows, then one {sizes.big_stream_mib} MiB stream")
+    flows = {
+        "baseline": memory_flows(baseline, sizes),
+        "addon": memory_flows(addon, sizes),
+        "count": sizes.memory_flows,
+    }
+    big = {
+        "baseline": memory_big_stream(baseline, sizes.big_stream_mib),
+        "addon": memory_big_stream(addon, sizes.big_stream_mib),
+        "stream_mib": sizes.big_stream_mib,
+    }
+    return {"flows": flows, "big_stream": big}
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
+    started = time.monotonic()
+    machine = report.machine()
+    metrics: dict[str, Any] = {"recorder": bench_recorder_alone(workdir, sizes.recorder_flows)}
+    probe_file = workdir / "probed" / "lagprobe.json"
+    with contextlib.ExitStack() as stack:
+        upstream = UpstreamProcess(workdir).start()
+        stack.callback(upstream.stop)
+        proxies = {
+            "stream_only": Proxy(
+                "stream-only", workdir / "stream-only", upstream.url, [STREAM_ONLY]
+            ),
+            "plain": Proxy("plain", workdir / "plain", upstream.url),
+            "addon": Proxy("aibridge", workdir / "aibridge", upstream.url, bridge=True),
+            "probed": Proxy(
+                "aibridge+probe",
+                workdir / "probed",
+                upstream.url,
+                [LAG_PROBE, BURST],
+                bridge=True,
+                options={"lagprobe_file": str(probe_file)},
+            ),
+        }
+        log("starting the upstream and 4 mitmdumps")
+        for proxy in proxies.values():
+            proxy.launch()
+            stack.callback(proxy.stop)
+        probed = proxies["probed"]
+        for proxy in proxies.values():
+            proxy.wait_listening()
+
+        addon = proxies["addon"]
+        metrics["sse"] = bench_sse(proxies["stream_only"], addon, sizes)
+        metrics["buffered"] = bench_buffered(proxies["plain"], addon, sizes)
+        metrics["paced"] = bench_paced(proxies["stream_only"], addon, sizes)
+        burst = bench_burst(probed, sizes.burst_flows)
+        metrics["memory"] = bench_memory(proxies["stream_only"], addon, sizes)
+        probed.stop()  # writes the probe's samples
+    if not probe_file.exists():
+        raise BenchError(f"the lag probe wrote nothing\n{probed.log()[-3000:]}")
+    metrics["recorder"].update(lag_figures(probe_file, burst))
+    metrics["recorder"]["burst_rows"] = burst["burst_rows"]
+    metrics["recorder"]["burst_rows_per_s"] = burst["burst_rows_per_s"]
+    verdicts = report.verdicts(metrics)
+    return {
+        "schema": 1,
+        "mode": mode,
+        "finished_at": report.now_iso(),
+        "duration_s": time.monotonic() - started,
+        "rounds": sizes.rounds,
+        "sizes": asdict(sizes),
+        "machine": machine,
+        "metrics": metrics,
+        "targets": [v.as_dict() for v in verdicts],
+    }
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and one round: checks the benchmark works, in seconds",
+    )
+    parser.add_argument("--rounds", type=int, help="measured rounds per comparison")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result JSON file")
+    parser.add_argument(
+        "--no-doc", action="store_true", help="do not rewrite the results section of BENCHMARKS.md"
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the working directory (logs, databases) and print its path",
+    )
+    args = parser.parse_args(argv)
+
+    sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = replace(sizes, rounds=args.rounds)
+    mode = "quick" if args.quick else "full"
+    workdir = Path(tempfile.mkdtemp(prefix="aibridge-bench-"))
+    try:
+        result = run(sizes, workdir, mode)
+    finally:
+        if args.keep:
+            log(f"working directory kept: {workdir}")
+        else:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(orjson.dumps(_finite(result), option=orjson.OPT_INDENT_2))
+    section = report.results_section(result)
+    print(section)
+    log(f"results written to {args.out}")
+    if not args.quick and not args.no_doc:
+        report.update_doc(DOC, section)
+        log(f"results section of {DOC.name} updated")
+    return 0
