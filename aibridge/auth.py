@@ -99,12 +99,14 @@ def _centralized(user_id: str, provider: Provider) -> Identity:
 
 def install_credentials(headers: http.Headers, provider: Provider, identity: Identity) -> None:
     """Remove everything the client authenticated with; present the upstream key instead."""
-    for name in CLIENT_CREDENTIAL_HEADERS:
-        headers.pop(name, None)
+    # One pass over the raw fields: each Headers.pop/set would rescan them all.
+    drop = {n.encode() for n in CLIENT_CREDENTIAL_HEADERS}
+    drop.update(n.lower().encode() for n in provider.extra_headers)
+    fields = [(k, v) for k, v in headers.fields if k.lower() not in drop]
     if identity.upstream_key:
-        headers["authorization"] = f"Bearer {identity.upstream_key}"
-    for name, value in provider.extra_headers.items():
-        headers[name] = value
+        fields.append((b"authorization", f"Bearer {identity.upstream_key}".encode()))
+    fields.extend((n.encode(), v.encode()) for n, v in provider.extra_headers.items())
+    headers.fields = tuple(fields)
 
 
 def mask_credentials(headers: http.Headers, identity: Identity) -> None:

@@ -48,27 +48,23 @@ class Provider:
     api_key: str
     extra_headers: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def scheme(self) -> str:
-        return urlsplit(self.base_url).scheme
+    # Parsed once: routing looks at these for every flow.
+    scheme: str = field(init=False)
+    host: str = field(init=False)
+    port: int = field(init=False)
+    base_path: str = field(init=False)  # the API root on the provider, e.g. "/v1"
 
-    @property
-    def host(self) -> str:
-        return urlsplit(self.base_url).hostname or ""
-
-    @property
-    def port(self) -> int:
+    def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
-        return parts.port or (443 if parts.scheme == "https" else 80)
+        set_ = object.__setattr__  # frozen dataclass
+        set_(self, "scheme", parts.scheme)
+        set_(self, "host", parts.hostname or "")
+        set_(self, "port", parts.port or (443 if parts.scheme == "https" else 80))
+        set_(self, "base_path", parts.path.rstrip("/"))
 
     @property
     def forwards_client_credential(self) -> bool:
         return self.type == "chatgpt"
-
-    @property
-    def base_path(self) -> str:
-        """The API root on the provider, e.g. ``/v1`` for api.openai.com."""
-        return urlsplit(self.base_url).path.rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,9 @@ def finish_exchange(
     if tee is not None:
         if not tee.ended and error is None:
             tee(b"")  # mitmproxy always ends a finished stream; be safe if it did not
+        # On an error the stream did not end: still parse every whole event that arrived
+        # (Codex hangs up right after response.completed).
+        tee.flush()
         parse_error = tee.parse_error
     elif response is not None and error is None and 200 <= response.status_code < 300:
         parse_error = _feed_buffered(accumulator, response)

@@ -22,6 +22,8 @@ if sys.version_info >= (3, 14):
 else:  # mitmproxy 12 depends on the backport on older Pythons
     from backports import zstd
 
+# The copy for parsing is parsed in batches of about this size (bounded memory, low cost).
+PARSE_BATCH_BYTES = 64 * 1024
 # Decompress at most this much per call, so a tiny compressed chunk cannot balloon memory.
 _MAX_INFLATE_STEP = 1 << 20
 
@@ -93,6 +95,8 @@ class StreamTee:
         self.ended = False
         self.parse_error: str | None = None
         self.bytes_forwarded = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         encoding = content_encoding.strip().lower()
         self._inflater: _Inflater | None = None
         if encoding and encoding != "identity":
@@ -105,25 +109,47 @@ class StreamTee:
         if chunk:
             self.bytes_forwarded += len(chunk)
             if self.parse_error is None:
-                self._parse(chunk)
+                # Parsing a copy in batches costs far less per byte than chunk by chunk (SSE
+                # chunks are often one small event); the client's bytes are never held back.
+                self._pending.append(chunk)
+                self._pending_bytes += len(chunk)
+                if self._pending_bytes >= PARSE_BATCH_BYTES:
+                    self.flush()
         else:
             self._end()
         return chunk
 
-    def _parse(self, chunk: bytes) -> None:
+    def flush(self) -> None:
+        """Parse what is held for parsing (at most PARSE_BATCH_BYTES)."""
+        chunks, self._pending = self._pending, []
+        self._pending_bytes = 0
+        if not chunks or self.parse_error is not None:
+            return
+        decoded: list[bytes] = []
+        failure: Exception | None = None
+        if self._inflater is None:
+            decoded = chunks
+        else:
+            for chunk in chunks:
+                try:
+                    decoded.extend(self._inflater.decode(chunk))
+                except Exception as e:  # what decoded before the damage still counts
+                    failure = e
+                    break
         try:
-            pieces = self._inflater.decode(chunk) if self._inflater else (chunk,)
             feed = self.accumulator.feed_event
-            for piece in pieces:
-                for event in self.parser.feed(piece):
-                    feed(event.event, event.data)
+            for event in self.parser.feed(b"".join(decoded)):
+                feed(event.event, event.data)
         except Exception as e:  # parsing must never break the client's stream
-            self.parse_error = f"stream parsing stopped: {type(e).__name__}: {e}"
+            failure = failure or e
+        if failure is not None:
+            self.parse_error = f"stream parsing stopped: {type(failure).__name__}: {failure}"
 
     def _end(self) -> None:
         if self.ended:
             return
         self.ended = True
+        self.flush()
         if self.parse_error is None:
             try:
                 for event in self.parser.close():
