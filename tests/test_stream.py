@@ -159,7 +159,6 @@ def test_compressed_stream_is_forwarded_untouched_and_parsed(variant: str) -> No
             check_parse(variant, name, random_chunks(data, seed))
 
 
-
 @pytest.mark.parametrize("variant", ["deflate-raw-whole", "deflate-raw-flushed"])
 def test_raw_deflate_in_one_byte_chunks(variant: str) -> None:
     name = NAMES[0]
@@ -190,7 +189,6 @@ MULTI_MEMBER_BUG = (
     "rest in unused_data silently, zstd raises EOFError; after eof a new decompressor "
     "must take over with the unused data"
 )
-
 
 
 @pytest.mark.parametrize(
