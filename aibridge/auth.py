@@ -9,6 +9,7 @@ Anything else is refused before it can reach the provider.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,10 +110,60 @@ def install_credentials(headers: http.Headers, provider: Provider, identity: Ide
     headers.fields = tuple(fields)
 
 
-def mask_credentials(headers: http.Headers, identity: Identity) -> None:
+def upstream_credential_headers(provider: Provider) -> tuple[str, ...]:
+    """The headers that carry a secret to the provider once credentials are installed."""
+    return ("authorization", *provider.extra_headers)
+
+
+def mask_credentials(headers: http.Headers, identity: Identity, provider: Provider) -> None:
     """After the request went upstream: keep only the hint in the flow (mitmweb, saved flows)."""
     if "authorization" in headers and identity.upstream_key:
         headers["authorization"] = f"Bearer {identity.credential_hint}"
+    for name in provider.extra_headers:
+        if name in headers:
+            headers[name] = hint(headers[name])
+
+
+# (index in Headers.fields, name, real value, value shown instead)
+Concealed = list[tuple[int, bytes, bytes, bytes]]
+
+
+def conceal(headers: http.Headers, names: Iterable[str]) -> Concealed:
+    """Show hints instead of the secrets in these headers while mitmweb looks at the flow;
+    ``reveal`` puts the real values back before the request is sent."""
+    wanted = {n.lower().encode() for n in names}
+    fields = list(headers.fields)
+    concealed: Concealed = []
+    for index, (name, value) in enumerate(fields):
+        if name.lower() in wanted:
+            shown = _hinted(value)
+            fields[index] = (name, shown)
+            concealed.append((index, name, value, shown))
+    if concealed:
+        headers.fields = tuple(fields)
+    return concealed
+
+
+def reveal(headers: http.Headers, concealed: Concealed) -> None:
+    if not concealed:
+        return
+    fields = list(headers.fields)
+    for index, name, real, shown in concealed:
+        if index < len(fields) and fields[index] == (name, shown):
+            fields[index] = (name, real)
+        elif (name, shown) in fields:  # another addon moved it
+            fields[fields.index((name, shown))] = (name, real)
+    headers.fields = tuple(fields)
+
+
+def _hinted(value: bytes) -> bytes:
+    text = value.decode("utf-8", "surrogateescape")
+    scheme, space, secret = text.partition(" ")
+    if space and scheme.lower() in ("bearer", "basic"):
+        masked = f"{scheme} {hint(secret.strip())}"
+    else:
+        masked = hint(text.strip())
+    return masked.encode("utf-8", "surrogateescape")
 
 
 def mask_client_credentials(headers: http.Headers) -> None:

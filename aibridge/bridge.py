@@ -7,8 +7,10 @@ never raises into mitmproxy for a bad flow: the worst case is an error row and a
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +19,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http, websocket
 
-from aibridge import auth, records
+from aibridge import auth, mitm_compat, records
 from aibridge.config import Config, ConfigError, Provider, load_config
 from aibridge.cost import PriceBook
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_event, error_response
@@ -69,10 +71,16 @@ class AIBridge:
         self._default_config_dir = default_config_dir
         self._exchanges: dict[str, Exchange] = {}
         self._sockets: dict[str, SocketState] = {}
+        # mitmweb pushes a flow to browsers after each hook: secrets in its headers are
+        # concealed while it looks and revealed by _RevealForUpstream, the last addon.
+        self._concealed: dict[str, auth.Concealed] = {}  # until the request hooks end
+        self._concealed_for_update: dict[str, auth.Concealed] = {}  # until update hooks end
+        self._revealer: _RevealForUpstream | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
+        mitm_compat.install()
         loader.add_option(
             "aibridge_config",
             str,
@@ -125,8 +133,18 @@ class AIBridge:
         # mitmproxy's start-up leaves ~100k long-lived objects; without this every full
         # garbage collection walks them all and stalls the event loop for 100+ ms.
         gc.freeze()
+        if self._revealer is None and ctx.master.addons.get("view") is not None:
+            # Added now, so it comes after mitmweb's view in the addon chain.
+            self._revealer = _RevealForUpstream(self._concealed, self._concealed_for_update)
+            ctx.master.addons.add(self._revealer)
 
     def done(self) -> None:
+        if self._revealer is not None:
+            with contextlib.suppress(Exception):
+                ctx.master.addons.remove(self._revealer)
+            self._revealer = None
+        self._concealed.clear()
+        self._concealed_for_update.clear()
         for flow_id in list(self._exchanges):
             self._finish_interrupted(self._exchanges.pop(flow_id))
         for state in self._sockets.values():
@@ -139,7 +157,43 @@ class AIBridge:
 
     # ---- request side ----------------------------------------------------------------------
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self._revealer is None or self.config is None or not flow.live:
+            return
+        if self._route(flow).kind is not RouteKind.UNRELATED:
+            self._concealed[flow.id] = auth.conceal(
+                flow.request.headers, auth.CLIENT_CREDENTIAL_HEADERS
+            )
+
     def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._request(flow)
+        except Exception:
+            # Fail closed: a request the bridge could not judge never reaches a provider.
+            log.exception("AI Bridge: failed to handle request of flow %s", flow.id)
+            self._exchanges.pop(flow.id, None)
+            self._sockets.pop(flow.id, None)
+            self._concealed.pop(flow.id, None)
+            if flow.live and flow.response is None:
+                message = "AI Bridge failed on this request and did not forward it; see its log"
+                self._refuse(flow, 500, message, None)
+
+    def _route(self, flow: http.HTTPFlow) -> Route:
+        assert self.config is not None
+        req = flow.request
+        return classify(
+            self.config,
+            req.method,
+            req.host,
+            req.port,
+            req.path,
+            websocket_upgrade=req.headers.get("upgrade", "").lower() == "websocket",
+        )
+
+    def _request(self, flow: http.HTTPFlow) -> None:
+        concealed = self._concealed.pop(flow.id, None)
+        if concealed:
+            auth.reveal(flow.request.headers, concealed)
         if self.config is None:
             return
         if not flow.live:
@@ -148,14 +202,7 @@ class AIBridge:
         if flow.response is not None:
             return
         req = flow.request
-        route = classify(
-            self.config,
-            req.method,
-            req.host,
-            req.port,
-            req.path,
-            websocket_upgrade=req.headers.get("upgrade", "").lower() == "websocket",
-        )
+        route = self._route(flow)
         if route.kind is RouteKind.UNRELATED:
             return
         assert route.provider is not None
@@ -187,6 +234,8 @@ class AIBridge:
         auth.install_credentials(req.headers, route.provider, identity)
         exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, info)
         self._exchanges[flow.id] = exchange
+        if self._revealer is not None:
+            self._conceal_upstream_key(exchange)
         if info is not None:
             flow.metadata[METADATA_KEY] = {
                 "interception_id": exchange.interception_id,
@@ -295,14 +344,64 @@ class AIBridge:
         self._finish(flow, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, flow.error.msg if flow.error else "unknown error")
+        self._concealed.pop(flow.id, None)
+        # Present only when mitmproxy is about to answer the client itself (mitm_compat).
+        answerable = flow.metadata.pop(mitm_compat.ANSWERABLE, None)
+        error = flow.error.msg if flow.error else "unknown error"
+        exchange = self._exchanges.get(flow.id)
+        if exchange is None:
+            return
+        if answerable is not None and flow.response is None:
+            message = f"AI Bridge could not reach provider {exchange.provider.name!r}: {error}"
+            flow.response = error_response(int(answerable), message)
+            self._finish(flow, error, answered=True)
+            return
+        self._finish(flow, self._explain_silence(flow, exchange, error))
+
+    def update(self, flows: list[Any]) -> None:
+        """mitmweb is about to show these flows again (a user acted on them)."""
+        if self._revealer is None:
+            return
+        for flow in flows:
+            exchange = self._exchanges.get(getattr(flow, "id", ""))
+            if exchange is not None and not exchange.masked and flow.id not in self._concealed:
+                # In flight: the key is still needed if the connection is being opened.
+                self._conceal_upstream_key(exchange, self._concealed_for_update)
+
+    def _conceal_upstream_key(
+        self, exchange: Exchange, into: dict[str, auth.Concealed] | None = None
+    ) -> None:
+        headers = exchange.flow.request.headers
+        names = auth.upstream_credential_headers(exchange.provider)
+        (self._concealed if into is None else into)[exchange.flow.id] = auth.conceal(headers, names)
+
+    @staticmethod
+    def _explain_silence(flow: http.HTTPFlow, exchange: Exchange, error: str) -> str:
+        """mitmproxy reports its tcp_timeout, which closes a connection on which nothing
+        moved, as "Client disconnected."; when upstream was silent that long, say so."""
+        if "client disconnected" not in error.lower():
+            return error
+        timeout = float(ctx.options.tcp_timeout)
+        seen = [flow.request.timestamp_end or flow.request.timestamp_start]
+        if flow.response is not None:
+            seen.append(flow.response.timestamp_start)
+        if exchange.tee is not None:
+            seen.append(exchange.tee.last_chunk_at)
+        silent = time.time() - max(t for t in seen if t is not None)
+        if timeout <= 0 or silent < 0.95 * timeout:
+            return error
+        return (
+            f"upstream sent nothing for {silent:.1f} s, so mitmproxy's tcp_timeout "
+            f"({timeout:g} s) closed the connection"
+        )
 
     def _mask(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         if not exchange.masked:
-            auth.mask_credentials(flow.request.headers, exchange.identity)
+            self._concealed.pop(flow.id, None)
+            auth.mask_credentials(flow.request.headers, exchange.identity, exchange.provider)
             exchange.masked = True
 
-    def _finish(self, flow: http.HTTPFlow, error: str | None) -> None:
+    def _finish(self, flow: http.HTTPFlow, error: str | None, answered: bool = False) -> None:
         exchange = self._exchanges.pop(flow.id, None)
         if exchange is None:
             return
@@ -310,9 +409,9 @@ class AIBridge:
         if exchange.request is None:
             return
         try:
-            outcome = records.finish_exchange(
-                exchange.accumulator, exchange.tee, flow.response, error
-            )
+            # A response the bridge answered with is not upstream's: judge by the error.
+            response = None if answered else flow.response
+            outcome = records.finish_exchange(exchange.accumulator, exchange.tee, response, error)
             self._record_end(flow, exchange, outcome)
         except Exception:  # an addon must never take a flow down with it
             log.exception("AI Bridge: failed to record flow %s", flow.id)
@@ -499,3 +598,29 @@ class AIBridge:
                 self.recorder.upsert(table, row)
             else:
                 self.recorder.insert(table, row)
+
+
+class _RevealForUpstream:
+    """The last addon in mitmweb's chain: puts back the secrets AIBridge concealed from
+    the view, after the view has pushed the flow and before mitmproxy sends it."""
+
+    def __init__(
+        self,
+        concealed: dict[str, auth.Concealed],
+        concealed_for_update: dict[str, auth.Concealed],
+    ) -> None:
+        self._concealed = concealed
+        self._concealed_for_update = concealed_for_update
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        self._reveal(flow, self._concealed)
+
+    def update(self, flows: list[Any]) -> None:
+        for flow in flows:
+            self._reveal(flow, self._concealed_for_update)
+
+    @staticmethod
+    def _reveal(flow: Any, concealed: dict[str, auth.Concealed]) -> None:
+        fields = concealed.pop(getattr(flow, "id", ""), None)
+        if fields and isinstance(flow, http.HTTPFlow):
+            auth.reveal(flow.request.headers, fields)

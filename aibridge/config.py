@@ -140,7 +140,9 @@ class Config:
 
 
 def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    # surrogateescape: mitmproxy hands undecodable header bytes over as lone surrogates, and
+    # such a token must hash (to no user) rather than raise.
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def expand_env(value: str, file: str, key: str, env: dict[str, str] | os._Environ[str]) -> str:

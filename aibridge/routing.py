@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from urllib.parse import unquote
 
 from aibridge.config import Config, Provider
 
@@ -51,16 +52,20 @@ def classify(
 ) -> Route:
     """Decide what to do with a request; pure, so every deployment shape is unit-tested."""
     raw_path, sep, query = path.partition("?")
-    provider, api_path, prefixed_path = _by_prefix(config, raw_path)
+    by_prefix, api_path, prefixed_path = _by_prefix(config, raw_path)
+    provider = by_prefix or _by_host(config, host, port, raw_path)
+    if provider is None:
+        return UNRELATED
+    if _has_dot_segment(raw_path):
+        # A server that resolves "/v1/models/../responses" would serve the Responses API
+        # past the audit log; clients never send such paths, so they are refused outright.
+        return Route(RouteKind.FORBIDDEN, provider, raw_path)
     upstream_path: str | None = None
-    if provider is not None:
+    if by_prefix is not None:
         if api_path is None:
             return Route(RouteKind.FORBIDDEN, provider, raw_path)
         upstream_path = prefixed_path + sep + query
     else:
-        provider = _by_host(config, host, port, raw_path)
-        if provider is None:
-            return UNRELATED
         root = provider.base_path
         if root and (raw_path == root or raw_path.startswith(root + "/")):
             api_path = "/v1" + raw_path[len(root) :]
@@ -71,7 +76,8 @@ def classify(
         else:
             return Route(RouteKind.FORBIDDEN, provider, raw_path)
 
-    normalized = api_path.rstrip("/") or "/"
+    # Judged as the upstream server would read it: percent-decoded, empty segments collapsed.
+    normalized = "/" + "/".join(segment for segment in unquote(api_path).split("/") if segment)
     if normalized == RESPONSES_API_PATH:
         if method == "POST":
             return Route(RouteKind.RESPONSES, provider, normalized, upstream_path)
@@ -82,6 +88,14 @@ def classify(
     ):
         return Route(RouteKind.PASSTHROUGH, provider, normalized, upstream_path)
     return Route(RouteKind.FORBIDDEN, provider, normalized, upstream_path)
+
+
+def _has_dot_segment(raw_path: str) -> bool:
+    """``.`` or ``..`` as a segment, percent-encoded or not, ``\\`` read as ``/``."""
+    if "." not in raw_path and "%" not in raw_path:
+        return False
+    decoded = unquote(raw_path).replace("\\", "/")
+    return any(segment in (".", "..") for segment in decoded.split("/"))
 
 
 def _by_prefix(config: Config, raw_path: str) -> tuple[Provider | None, str | None, str]:

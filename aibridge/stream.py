@@ -9,6 +9,7 @@ reported), never the stream.
 from __future__ import annotations
 
 import sys
+import time
 import zlib
 from typing import Any
 
@@ -95,6 +96,8 @@ class StreamTee:
         self.ended = False
         self.parse_error: str | None = None
         self.bytes_forwarded = 0
+        # When upstream last sent something (epoch seconds, as mitmproxy's timestamps).
+        self.last_chunk_at = time.time()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         encoding = content_encoding.strip().lower()
@@ -108,6 +111,7 @@ class StreamTee:
     def __call__(self, chunk: bytes) -> bytes:
         if chunk:
             self.bytes_forwarded += len(chunk)
+            self.last_chunk_at = time.time()
             if self.parse_error is None:
                 # Parsing a copy in batches costs far less per byte than chunk by chunk (SSE
                 # chunks are often one small event); the client's bytes are never held back.

@@ -109,9 +109,31 @@ def test_install_and_mask_credentials():
     assert h["authorization"] == f"Bearer {PROVIDER_KEY}"
     assert "x-api-key" not in h and "proxy-authorization" not in h
     assert h["openai-project"] == "p1" and h["user-agent"] == "ua"
-    auth.mask_credentials(h, identity)
+    auth.mask_credentials(h, identity, PROVIDER)
     assert h["authorization"] == "Bearer sk-p...cdef"
+    # Configured provider headers may hold secrets too (Azure's api-key): hints only.
+    assert h["openai-project"] == auth.hint("p1")
     assert PROVIDER_KEY not in str(h)
+
+
+def test_conceal_shows_hints_and_reveal_restores_the_exact_fields():
+    h = headers(authorization="Bearer alice-token-1", x_api_key="alice-token-1", accept="*/*")
+    before = h.fields
+    concealed = auth.conceal(h, auth.CLIENT_CREDENTIAL_HEADERS)
+    assert h["authorization"] == "Bearer al...-1" and h["x-api-key"] == "al...-1"
+    assert "alice-token-1" not in str(h.fields)
+    h["user-agent"] = "added by another addon"
+    auth.reveal(h, concealed)
+    assert h.fields == (*before, (b"user-agent", b"added by another addon"))
+    assert auth.conceal(h, ["proxy-authorization"]) == []
+
+
+def test_conceal_survives_undecodable_bytes():
+    h = http.Headers([(b"authorization", b"Bearer tok-\xff\xfe-secret-value-long")])
+    concealed = auth.conceal(h, ["authorization"])
+    assert b"secret-value" not in h.fields[0][1]
+    auth.reveal(h, concealed)
+    assert h.fields[0][1] == b"Bearer tok-\xff\xfe-secret-value-long"
 
 
 CHATGPT = parse_config(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from mitmproxy.flow import Error
 from mitmproxy.options import Options
 from mitmproxy.test import taddons, tflow
 
+from aibridge import mitm_compat
 from aibridge.auth import hint
 from aibridge.bridge import METADATA_KEY, AIBridge
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED
@@ -781,6 +783,52 @@ def test_upstream_unreachable(bridge: Bridge) -> None:
     assert row["error"].startswith("Server connection to")
     assert flow.marked
     assert flow.request.headers["authorization"] == f"Bearer {hint(PROVIDER_KEY)}"
+
+
+def test_upstream_unreachable_is_answered_in_our_shape(bridge: Bridge) -> None:
+    flow = bridged(bridge, "text_buffered")
+    # What mitm_compat notes while mitmproxy is about to send its own 502 page.
+    flow.metadata[mitm_compat.ANSWERABLE] = 502
+    flow.error = Error("Connect call failed ('127.0.0.1', 9)")
+    bridge.addon.error(flow)
+    assert mitm_compat.ANSWERABLE not in flow.metadata  # never saved with the flow
+    assert flow.response is not None and flow.response.status_code == 502
+    answer = error_json(flow)
+    assert answer["code"] == "502" and "could not reach provider 'openai'" in answer["message"]
+    row = bridge.interception(flow)
+    assert (row["status"], row["http_status"]) == ("error", 502)
+    assert "Connect call failed" in row["error"]
+
+
+def test_silence_that_hit_tcp_timeout_is_an_upstream_error(bridge: Bridge) -> None:
+    flow = bridged(bridge, "text_streamed")
+    flow.request.timestamp_end = flow.request.timestamp_start = 1.0  # long ago
+    flow.error = Error("Client disconnected.")
+    bridge.addon.error(flow)
+    row = bridge.interception(flow)
+    assert row["status"] == "error"
+    assert "tcp_timeout" in row["error"] and "upstream sent nothing" in row["error"]
+
+
+def test_a_client_leaving_early_is_still_a_client_disconnect(bridge: Bridge) -> None:
+    flow = bridged(bridge, "text_streamed")
+    flow.request.timestamp_end = time.time()
+    flow.error = Error("Client disconnected.")
+    bridge.addon.error(flow)
+    assert bridge.interception(flow)["status"] == "client_disconnected"
+
+
+def test_request_hook_fails_closed(bridge: Bridge, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("aibridge.auth.install_credentials", broken)
+    flow = make_flow(fixture("text_streamed", "request.json"))
+    bridge.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 500
+    assert error_json(flow)["code"] == "500"
+    assert TOKENS["alice"] not in str(flow.request.headers.fields)
+    assert flow.id not in bridge.addon._exchanges
 
 
 def test_done_finishes_flows_in_flight_and_closes_the_recorder(

@@ -283,10 +283,6 @@ def test_unreachable_upstream_is_recorded(faults: Faults, provider: str) -> None
     assert row["status"] == "error" and row["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mitmproxy 12 sends its own HTML 502 page; needs mitm_compat + AIBridge.error change",
-)
 @pytest.mark.parametrize("provider", ["dead", "resetearly"])
 def test_unreachable_upstream_answers_502_in_our_shape(faults: Faults, provider: str) -> None:
     session = uuid.uuid4().hex
@@ -339,11 +335,6 @@ def test_upstream_that_never_answers_is_finalized(
         assert row["ended_at"] and row["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mitmproxy reports its tcp_timeout as 'Client disconnected.'; needs AIBridge.error "
-    "to tell the two apart (StreamTee.last_chunk_at)",
-)
 def test_upstream_timeout_is_an_error_not_a_client_disconnect(
     cut_by_timeout: dict[str, dict[str, Any]],
 ) -> None:

@@ -113,9 +113,6 @@ def normalized(path: str) -> str:
     return "/".join(out)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="dot segments pass through unrecorded; needs the routing.classify check"
-)
 def test_no_path_reaches_the_responses_api_unrecorded() -> None:
     """Every path of up to three segments between a prefix and a last one, exhaustively:
     whatever a server that removes dot segments would serve as the Responses API is
@@ -618,11 +615,6 @@ def test_undecodable_header_bytes_are_recorded(served: Served) -> None:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an undecodable token makes the request hook raise, and the flow goes upstream "
-    "with it; needs config.sha256_hex (surrogateescape) and a fail-closed request hook",
-)
 def test_an_undecodable_token_is_refused(served: Served) -> None:
     before = len(served.fake.requests)
     answer = raw_request(
@@ -636,9 +628,6 @@ def test_an_undecodable_token_is_refused(served: Served) -> None:
     assert "Addon error" not in served.bridge.log()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="dot segments pass through unrecorded; needs the routing.classify check"
-)
 @pytest.mark.parametrize(
     "path", ["/v1/models/../responses", "/v1/conversations/%2e%2e/responses", "/v1/responses/./"]
 )

@@ -98,3 +98,22 @@ def test_chatgpt_codex_endpoint_in_regular_proxy_mode():
         is RouteKind.PASSTHROUGH
     )
     assert classify(CHATGPT, "GET", "chatgpt.com", 443, "/c/123").kind is RouteKind.UNRELATED
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/models/../responses", "/v1/x/%2E%2e/responses", "/openai/v1/./responses", "/v1\\..\\x"],
+)
+def test_dot_segments_are_refused(path):
+    assert route("POST", "api.openai.com", 443, path).kind is RouteKind.FORBIDDEN
+
+
+def test_dot_segments_on_chatgpt_com_cannot_reach_the_codex_endpoint_unrecorded():
+    path = "/c/../backend-api/codex/responses"
+    assert classify(CHATGPT, "POST", "chatgpt.com", 443, path).kind is RouteKind.FORBIDDEN
+
+
+@pytest.mark.parametrize("path", ["/v1//responses", "/v1/respons%65s", "/openai/v1/responses//"])
+def test_paths_a_server_would_read_as_the_responses_api_are_recorded(path):
+    r = route("POST", "api.openai.com", 443, path)
+    assert (r.kind, r.api_path) == (RouteKind.RESPONSES, "/v1/responses")

@@ -225,11 +225,6 @@ def test_mitmweb_serves_no_secret(web_run: WebRun) -> None:
         assert leaked(body) == [], path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mitmweb pushes each flow after requestheaders (client token) and after request "
-    "(provider key); needs AIBridge.requestheaders and the update/_Unhide pair",
-)
 def test_mitmweb_pushes_no_secret(web_run: WebRun) -> None:
     for message in web_run.pushed:
         assert leaked(message) == [], message[:300]
