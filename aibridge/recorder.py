@@ -3,7 +3,13 @@
 Hooks run on mitmproxy's event loop and must never wait for SQLite, so they only
 append to an in-memory queue. One thread owns the connection (sqlite-utils
 objects cannot cross threads), takes whatever is queued, and writes it in one
-transaction per batch.
+transaction per batch. Rows go in through plain sqlite3 `executemany` on statements
+built once per table and column set; sqlite-utils only creates and migrates the
+schema (it re-reads the schema on every write, which costs more than the write).
+
+A writer woken for a few rows lingers (`linger` seconds) so that light but steady
+traffic shares a transaction rather than paying one per flow; it never lingers
+while flush() or close() waits, nor once `batch_size` rows are queued.
 
 Cases it handles:
 - SQLite refuses writes for a while (locked, disk full, read-only): the batch is
@@ -24,19 +30,24 @@ Cases it handles:
 
 from __future__ import annotations
 
+import contextlib
+import decimal
 import logging
+import operator
 import os
 import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections import Counter, deque
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as time_of_day
 from typing import Any, Final
 
 import orjson
 import sqlite_utils
-from sqlite_utils.db import Table
 
 from aibridge import schema
 
@@ -74,13 +85,20 @@ _REOPEN_CODES: Final = frozenset(
 )
 _BACKOFF_FIRST: Final = 0.05
 _BACKOFF_MAX: Final = 2.0
-# Stored as JSON text by us, so that sqlite-utils never reaches for json.
+# Stored as JSON text (orjson), as sqlite-utils stored them when it wrote our rows.
 _JSON_TYPES: Final = (dict, list, tuple)
+# Values sqlite3 binds as they are; any other type goes through _to_sql first.
+_BINDABLE: Final = frozenset({str, int, float, bool, bytes, type(None)})
+# Statements kept per (kind, table, columns); our rows come in a handful of shapes,
+# so the limit only guards against a caller that varies its key order endlessly.
+_STATEMENTS_MAX: Final = 256
 
 # A queue entry: [seq, kind, table, row]; row None means it was shed whole.
 _SEQ, _KIND, _TABLE, _ROW = 0, 1, 2, 3
 
 LossKey = tuple[str, str | None, str]  # (table_name, field or None for the row, reason)
+# A prepared write: the SQL, and how to take its parameters from a row dict.
+Statement = tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]
 
 
 class RecorderError(Exception):
@@ -121,13 +139,17 @@ class Recorder:
         max_queue: int = 100_000,
         batch_size: int = 1000,
         busy_timeout_ms: int = 5000,
+        linger: float = 0.05,
     ) -> None:
-        if max_queue < 2 or batch_size < 1 or busy_timeout_ms < 0:
-            raise ValueError("need max_queue >= 2, batch_size >= 1, busy_timeout_ms >= 0")
+        if max_queue < 2 or batch_size < 1 or busy_timeout_ms < 0 or not linger >= 0:
+            raise ValueError(
+                "need max_queue >= 2, batch_size >= 1, busy_timeout_ms >= 0, linger >= 0"
+            )
         self.path = os.fspath(path)
         self.max_queue = max_queue
         self.batch_size = batch_size
         self.busy_timeout_ms = busy_timeout_ms
+        self.linger = linger
         self._shed_content_above = max_queue // 2
 
         # Shared between producers and the writer; guarded by _lock, which is
@@ -146,6 +168,9 @@ class Recorder:
         self._ignored_after_close = 0
 
         self._wakeup = threading.Event()
+        # Cuts a linger short: set by flush(), close() and a queue of batch_size rows.
+        self._urgent = threading.Event()
+        self._flush_waiters = 0  # flush() calls waiting now; changes under _lock
         self._done = threading.Condition()
         self._completed = 0  # every seq up to this one is committed or accounted as lost
 
@@ -156,8 +181,8 @@ class Recorder:
 
         # Owned by the writer thread.
         self._db: sqlite_utils.Database | None = None
-        self._tables: dict[str, Table] = {}
         self._columns: dict[str, frozenset[str]] = {}
+        self._statements: dict[tuple[str, str, tuple[str, ...]], Statement] = {}
         self._carried: Counter[LossKey] = Counter()  # losses not yet in the database
 
         # Counters: the first two change under _lock, the rest only in the writer.
@@ -181,6 +206,7 @@ class Recorder:
     def _enqueue(self, kind: str, table: str, row: dict[str, Any]) -> None:
         try:
             content_field = schema.CONTENT_FIELDS.get(table)
+            full = False
             with self._lock:
                 if not self._accepting:
                     self._ignored_after_close += 1
@@ -199,9 +225,13 @@ class Recorder:
                     if self._live > self._shed_content_above:
                         self._shed()
                     first_ignored = None
+                    # A full batch is waiting: no reason to linger for more.
+                    full = len(self._pending) >= self.batch_size
             if first_ignored is None:
                 if not self._wakeup.is_set():
                     self._wakeup.set()
+                if full and not self._urgent.is_set():
+                    self._urgent.set()
             elif first_ignored:
                 log.warning("recorder is closed; ignoring rows for %s (and any later ones)", table)
         except Exception:
@@ -248,6 +278,10 @@ class Recorder:
             raise RecorderError("recorder is closed")
         if self._thread is not None:
             return
+        if sqlite3.sqlite_version_info < (3, 24, 0):  # INSERT ... ON CONFLICT DO UPDATE
+            raise RecorderError(
+                f"SQLite {sqlite3.sqlite_version} is too old: the audit log needs 3.24 or newer"
+            )
         self._ready.clear()
         self._start_error = None
         thread = threading.Thread(target=self._run, name="aibridge-recorder", daemon=True)
@@ -270,7 +304,17 @@ class Recorder:
                 return True
             if thread is None or not thread.is_alive():
                 return False
-            return self._done.wait_for(lambda: self._completed >= target, timeout)
+        # Counted before _urgent is set, so a writer about to linger either sees
+        # the count or is woken by the event (see _linger).
+        with self._lock:
+            self._flush_waiters += 1
+        try:
+            self._urgent.set()
+            with self._done:
+                return self._done.wait_for(lambda: self._completed >= target, timeout)
+        finally:
+            with self._lock:
+                self._flush_waiters -= 1
 
     def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
         """Write everything queued, then close the database. Later rows are ignored.
@@ -284,6 +328,7 @@ class Recorder:
             unstarted = self._live if self._thread is None else 0
         if unstarted:
             log.warning("recorder closed before start: %d rows never written", unstarted)
+        self._urgent.set()
         self._wakeup.set()
         thread = self._thread
         if thread is None or not thread.is_alive():
@@ -327,6 +372,7 @@ class Recorder:
         try:
             while not self._abandon:
                 self._wakeup.clear()
+                self._linger()
                 with self._lock:
                     batch = self._take()
                     closing = self._closing
@@ -344,6 +390,21 @@ class Recorder:
                     self._wakeup.wait()
         finally:
             self._close_connection()
+
+    def _linger(self) -> None:
+        """Give a few queued rows `linger` seconds to gather company before a batch."""
+        if self.linger <= 0:
+            return
+        # Cleared before looking: whoever makes lingering wrong from here on
+        # (flush, close, a full queue) sets it after changing what we look at.
+        self._urgent.clear()
+        with self._lock:
+            pending = len(self._pending)
+            wanted = (
+                0 < pending < self.batch_size and not self._closing and self._flush_waiters == 0
+            )
+        if wanted:
+            self._urgent.wait(self.linger)
 
     def _process_guarded(self, batch: list[list[Any]]) -> None:
         try:
@@ -388,10 +449,7 @@ class Recorder:
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             schema.migrate(db)
-            # Probe it now: the probe writes, and must not land inside a batch.
-            _ = db.supports_on_conflict
-            self._tables = {t: db.table(t) for t in schema.WRITABLE_TABLES}
-            self._columns = {t: frozenset(self._tables[t].columns_dict) for t in self._tables}
+            self._columns = {t: frozenset(db.table(t).columns_dict) for t in schema.WRITABLE_TABLES}
         except BaseException:
             conn.close()
             raise
@@ -467,7 +525,7 @@ class Recorder:
             log.debug("reopening the audit database failed: %s", exc)
 
     def _prepare(self, batch: list[list[Any]]) -> list[tuple[str, str, dict[str, Any]]]:
-        """Validate rows and turn JSON values into text; what cannot be kept is counted.
+        """Validate rows and make every value bindable; what cannot be kept is counted.
 
         The caller's dict is never changed: a row that needs changes is copied.
         """
@@ -486,18 +544,17 @@ class Recorder:
                 self._lost_rows += 1
                 continue
             clean = row
-            if unknown := row.keys() - columns:
-                for key in unknown:
+            # Checked without building anything first: nearly every row passes.
+            if not columns.issuperset(row):
+                for key in row.keys() - columns:
                     losses[(table, str(key), "unknown column")] += 1
                 clean = {k: v for k, v in row.items() if k in columns}
-            if json_keys := [k for k, v in clean.items() if isinstance(v, _JSON_TYPES)]:
+            if not _BINDABLE.issuperset(map(type, clean.values())):
                 if clean is row:
                     clean = dict(row)
-                for key in json_keys:
+                for key in [k for k, v in clean.items() if type(v) not in _BINDABLE]:
                     try:
-                        clean[key] = orjson.dumps(
-                            clean[key], option=orjson.OPT_NON_STR_KEYS
-                        ).decode()
+                        clean[key] = _to_sql(clean[key])
                     except TypeError as exc:
                         losses[(table, key, f"not JSON serializable: {exc}")] += 1
                         clean[key] = None
@@ -517,27 +574,18 @@ class Recorder:
         try:
             with conn:
                 try:
-                    with db.atomic():
+                    # A savepoint, so that a rejected row undoes only the batch's rows
+                    # and the same transaction can take them one by one.
+                    with _savepoint(conn):
                         for kind, table, rows in _plan(ops):
-                            self._write_rows(kind, table, rows)
+                            self._write_rows(conn, kind, table, rows)
                     written = len(ops)
                 except Exception as exc:
                     if is_transient(exc) or not conn.in_transaction:
                         raise
-                    written = self._write_one_by_one(db, ops, per_row)
-                losses = self._carried + per_row
-                if losses:
-                    now = _utc_now()
-                    self._tables[schema.RECORDER_LOSSES].insert_all(
-                        {
-                            "happened_at": now,
-                            "table_name": table,
-                            "field": field,
-                            "rows": count,
-                            "reason": reason,
-                        }
-                        for (table, field, reason), count in losses.items()
-                    )
+                    written = self._write_one_by_one(conn, ops, per_row)
+                if losses := self._carried + per_row:
+                    self._write_rows(conn, INSERT, schema.RECORDER_LOSSES, _loss_rows(losses))
         except BaseException:
             if conn.in_transaction:
                 conn.rollback()
@@ -546,7 +594,7 @@ class Recorder:
 
     def _write_one_by_one(
         self,
-        db: sqlite_utils.Database,
+        conn: sqlite3.Connection,
         ops: list[tuple[str, str, dict[str, Any]]],
         per_row: Counter[LossKey],
     ) -> int:
@@ -554,29 +602,44 @@ class Recorder:
         for kind, table, row in ops:
             try:
                 try:
-                    with db.atomic():
-                        self._write_rows(kind, table, [row])
+                    with _savepoint(conn):
+                        self._write_rows(conn, kind, table, [row])
                 except UnicodeEncodeError:
                     # sqlite3 cannot bind a str holding lone surrogates (undecodable
                     # bytes, as mitmproxy keeps them in header values): keep the row.
                     repaired, fields = _repair_unicode(row)
-                    with db.atomic():
-                        self._write_rows(kind, table, [repaired])
+                    with _savepoint(conn):
+                        self._write_rows(conn, kind, table, [repaired])
                     for field in fields:
                         per_row[(table, field, REASON_INVALID_UNICODE)] += 1
                 written += 1
             except Exception as exc:
-                if is_transient(exc) or not db.conn.in_transaction:
+                if is_transient(exc) or not conn.in_transaction:
                     raise
                 per_row[(table, None, _describe(exc))] += 1
                 self._lost_rows += 1
         return written
 
-    def _write_rows(self, kind: str, table: str, rows: list[dict[str, Any]]) -> None:
-        if kind == UPSERT:
-            self._tables[table].upsert_all(rows, pk="id")
+    def _write_rows(
+        self, conn: sqlite3.Connection, kind: str, table: str, rows: list[dict[str, Any]]
+    ) -> None:
+        """Write `rows`, which all carry the same keys in the same order (see _plan)."""
+        sql, params = self._statement(kind, table, tuple(rows[0]))
+        if len(rows) == 1:
+            conn.execute(sql, params(rows[0]))
         else:
-            self._tables[table].insert_all(rows)
+            conn.executemany(sql, map(params, rows))
+
+    def _statement(self, kind: str, table: str, columns: tuple[str, ...]) -> Statement:
+        key = (kind, table, columns)
+        statement = self._statements.get(key)
+        if statement is None:
+            if len(self._statements) >= _STATEMENTS_MAX:
+                self._statements.clear()
+            build = _upsert_sql if kind == UPSERT else _insert_sql
+            statement = (build(table, columns), _params_of(columns))
+            self._statements[key] = statement
+        return statement
 
     def _lose_batch(self, ops: list[tuple[str, str, dict[str, Any]]], exc: BaseException) -> None:
         log.error("audit database failed a batch of %d rows", len(ops), exc_info=exc)
@@ -603,18 +666,87 @@ def _repair_unicode(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return repaired, fields
 
 
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    if not columns:
+        return f"INSERT INTO {_quote(table)} DEFAULT VALUES"
+    names = ", ".join(_quote(c) for c in columns)
+    marks = ", ".join("?" * len(columns))
+    return f"INSERT INTO {_quote(table)} ({names}) VALUES ({marks})"
+
+
+def _upsert_sql(table: str, columns: tuple[str, ...]) -> str:
+    """An insert that, for an existing id, sets only `columns` (as sqlite-utils' upsert did)."""
+    if "id" not in columns:
+        raise ValueError(f"an upsert into {table} needs an id column")
+    updates = ", ".join(f"{_quote(c)} = excluded.{_quote(c)}" for c in columns if c != "id")
+    action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+    return f"{_insert_sql(table, columns)} ON CONFLICT({_quote('id')}) {action}"
+
+
+def _params_of(columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """The row's values in the order of `columns`, taken by name: a row whose keys
+    differ raises KeyError rather than putting a value in the wrong column."""
+    if len(columns) == 1:
+        (only,) = columns
+        return lambda row: (row[only],)
+    if not columns:
+        return lambda row: ()
+    return operator.itemgetter(*columns)
+
+
+def _to_sql(value: Any) -> Any:
+    """`value` as sqlite-utils would have stored it; TypeError if JSON cannot hold it."""
+    if isinstance(value, _JSON_TYPES):
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, date | time_of_day):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, timedelta | uuid.UUID):
+        return str(value)
+    return value  # a subclass of a bindable type, or for sqlite3 to judge
+
+
+def _loss_rows(losses: Counter[LossKey]) -> list[dict[str, Any]]:
+    now = _utc_now()
+    return [
+        {"happened_at": now, "table_name": table, "field": field, "rows": count, "reason": reason}
+        for (table, field, reason), count in losses.items()
+    ]
+
+
+@contextlib.contextmanager
+def _savepoint(conn: sqlite3.Connection) -> Iterator[None]:
+    """Undo what the block wrote if it raises, keeping the enclosing transaction."""
+    conn.execute("SAVEPOINT rows")
+    try:
+        yield
+    except BaseException:
+        # Some errors end the whole transaction, savepoint included; cleaning up
+        # then would hide the error with "no such savepoint".
+        if conn.in_transaction:
+            conn.execute("ROLLBACK TO rows")
+            conn.execute("RELEASE rows")
+        raise
+    conn.execute("RELEASE rows")
+
+
 def _plan(
     ops: list[tuple[str, str, dict[str, Any]]],
 ) -> list[tuple[str, str, list[dict[str, Any]]]]:
-    """Arrange one batch into as few insert_all/upsert_all calls as its meaning allows.
+    """Arrange one batch into as few statements as its meaning allows.
 
     The batch is one transaction, so only what SQLite checks row by row can tell
     an order: the foreign keys to interceptions, and the order of rows within a
     table. Hence interceptions go first, then each other table, every table's
     operations kept in the order queued. Consecutive upserts of one id merge into
-    one row (later values win, as if applied in turn), and a run of upserts is
-    cut where the columns change: sqlite-utils would set a column missing from
-    one row to NULL, and an upsert must leave it alone.
+    one row (later values win, as if applied in turn). A group shares one statement,
+    so a run is cut where the keys change: an upsert must leave alone the columns
+    its row does not carry, and an insert's statement names exactly its columns.
     """
     by_table: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
     for op in ops:
@@ -623,29 +755,33 @@ def _plan(
 
     groups: list[tuple[str, str, list[dict[str, Any]]]] = []
     for table in tables:
-        table_ops = by_table[table]
-        if all(kind == INSERT for kind, _, _ in table_ops):
-            groups.append((INSERT, table, [row for _, _, row in table_ops]))
-            continue
-        ordered: list[tuple[str, dict[str, Any]]] = []
-        merged: dict[Any, dict[str, Any]] = {}
-        for kind, _, row in table_ops:
-            if kind == UPSERT:
-                previous = merged.get(row["id"])
-                merged[row["id"]] = row if previous is None else {**previous, **row}
-                continue
-            # An insert may conflict with an upserted id: keep it after them.
-            ordered.extend((UPSERT, r) for r in merged.values())
-            merged = {}
-            ordered.append((kind, row))
-        ordered.extend((UPSERT, r) for r in merged.values())
-
         last_key: tuple[Any, ...] | None = None
-        for kind, row in ordered:
-            key = (kind, tuple(row)) if kind == UPSERT else (kind,)
+        for kind, row in _table_order(by_table[table]):
+            key = (kind, tuple(row))
             if key == last_key:
                 groups[-1][2].append(row)
             else:
                 groups.append((kind, table, [row]))
                 last_key = key
     return groups
+
+
+def _table_order(
+    table_ops: list[tuple[str, str, dict[str, Any]]],
+) -> list[tuple[str, dict[str, Any]]]:
+    """One table's operations in the order to run them, upserts of one id merged."""
+    if all(kind == INSERT for kind, _, _ in table_ops):
+        return [(kind, row) for kind, _, row in table_ops]
+    ordered: list[tuple[str, dict[str, Any]]] = []
+    merged: dict[Any, dict[str, Any]] = {}
+    for kind, _, row in table_ops:
+        if kind == UPSERT:
+            previous = merged.get(row["id"])
+            merged[row["id"]] = row if previous is None else {**previous, **row}
+            continue
+        # An insert may conflict with an upserted id: keep it after them.
+        ordered.extend((UPSERT, r) for r in merged.values())
+        merged = {}
+        ordered.append((kind, row))
+    ordered.extend((UPSERT, r) for r in merged.values())
+    return ordered

@@ -3,8 +3,8 @@
 Loaded into mitmdump before ``addon.py`` (``-s bench/burst.py -s addon.py``), it answers
 ``POST /__bench/burst?flows=N`` itself, so the request never reaches the bridge or the
 upstream. It queues the rows of N Codex turns (``bench.workloads.flow_rows``, six rows
-each) from the event loop, one turn per loop iteration as hooks would, waits until the
-writer thread has committed them all, and answers with the timings as JSON. The lag probe
+each) from the event loop, one turn per loop iteration as hooks would, waits (in a worker thread)
+until the writer thread has committed them all, and answers with the timings as JSON. The lag probe
 loaded next to it measures how long the loop stalls meanwhile.
 """
 
@@ -57,9 +57,9 @@ class Burst:
                     recorder.insert(table, row)
             await asyncio.sleep(0)
         queued = time.monotonic()
-        deadline = queued + _TIMEOUT_S
-        while recorder.stats["written"] < target and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
+        # flush() waits in a worker thread (never on the loop) and ends the writer's linger,
+        # so the last partial batch is not held back by it.
+        await asyncio.to_thread(recorder.flush, _TIMEOUT_S)
         written = time.monotonic()
         return {
             "flows": flows,

@@ -75,8 +75,13 @@ def test_rejections_never_reach_upstream(bridge: Mitmdump, upstream: FakeUpstrea
     assert [(r["status"], r["http_status"], r["initiator_id"]) for r in rows] == [
         ("rejected", 501, "alice")
     ]
-    statuses = [r["http_status"] for r in bridge.rows("interceptions") if r["status"] == "rejected"]
-    assert statuses.count(400) == 4 and statuses.count(401) == 2
+
+    def statuses() -> list[int]:
+        return [r["http_status"] for r in bridge.rows("interceptions") if r["status"] == "rejected"]
+
+    # The recorder writes in batches: wait until the last rejection landed too.
+    assert wait_for(lambda: statuses().count(401) == 2)
+    assert statuses().count(400) == 4
     unknown = [r for r in bridge.rows("interceptions") if r["http_status"] == 401]
     assert {r["credential_hint"] for r in unknown} == {"no...en", None}
     assert all(r["initiator_id"] is None for r in unknown)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import decimal
 import logging
 import os
+import random
 import sqlite3
 import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +25,20 @@ from aibridge import schema
 from aibridge.recorder import (
     INSERT,
     REASON_CONTENT_SHED,
+    REASON_INVALID_UNICODE,
     REASON_ROW_SHED,
     UPSERT,
     Recorder,
     RecorderError,
+    _insert_sql,
     _plan,
+    _upsert_sql,
     is_transient,
 )
 
 WAIT = 30.0  # generous upper bound for waits; never asserted as a duration
+# A linger no test may sit out: a write that waited for it would miss every WAIT.
+FOREVER = WAIT * 20
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
@@ -328,6 +336,137 @@ def test_plan_keeps_inserts_after_earlier_upserts_of_same_table() -> None:
     ]
 
 
+def test_plan_groups_share_kind_and_keys_and_keep_insert_order() -> None:
+    """Each group is one statement: same kind, same keys in the same order."""
+    rng = random.Random(7)
+    shapes = [("interception_id", "tool"), ("tool", "interception_id"), ("interception_id",)]
+    ops: list[tuple[str, str, dict[str, Any]]] = []
+    for n in range(300):
+        if rng.random() < 0.3:
+            extra = rng.choice([{"model": "m"}, {"status": "s"}, {}])
+            ops.append((UPSERT, schema.INTERCEPTIONS, {"id": f"i{rng.randrange(5)}", **extra}))
+        else:
+            shape = rng.choice(shapes)
+            row = {key: f"{key}-{n}" for key in shape}
+            ops.append((INSERT, rng.choice([schema.TOOL_USAGES, schema.USER_PROMPTS]), row))
+    plan = _plan(ops)
+    for kind, _, rows in plan:
+        assert kind in (INSERT, UPSERT)
+        assert len({tuple(row) for row in rows}) == 1
+    for table in (schema.TOOL_USAGES, schema.USER_PROMPTS):
+        queued = [row for _, t, row in ops if t == table]
+        assert [row for _, t, rows in plan if t == table for row in rows] == queued
+
+
+def test_statements_quote_identifiers_and_upsert_only_given_columns() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute('create table "odd ""t""" (id text primary key, "a b" text, "c""d" text)')
+    table, columns = 'odd "t"', ("id", "a b", 'c"d')
+    assert _insert_sql(table, columns) == (
+        'INSERT INTO "odd ""t""" ("id", "a b", "c""d") VALUES (?, ?, ?)'
+    )
+    conn.execute(_insert_sql(table, columns), ("x", "1", "2"))
+    conn.execute(_upsert_sql(table, ("id", "a b")), ("x", "3"))  # leaves "c""d" alone
+    conn.execute(_upsert_sql(table, ('c"d', "id")), ("4", "y"))  # a new row, any order
+    conn.execute(_upsert_sql(table, ("id",)), ("x",))  # only the key: nothing to change
+    conn.execute(_upsert_sql(table, ("id",)), ("z",))
+    got = conn.execute('select * from "odd ""t""" order by id').fetchall()
+    assert got == [("x", "3", "2"), ("y", None, "4"), ("z", None, None)]
+    with pytest.raises(ValueError, match="id"):
+        _upsert_sql(table, ("a b",))
+    assert _insert_sql(table, ()) == 'INSERT INTO "odd ""t""" DEFAULT VALUES'
+
+
+def test_upsert_of_only_an_id_leaves_the_row_alone(recorder: Recorder, db_path: Path) -> None:
+    old, fresh = new_id(), new_id()
+    recorder.upsert(schema.INTERCEPTIONS, {"id": old, "model": "m", "status": "s"})
+    assert recorder.flush(WAIT)
+    recorder.upsert(schema.INTERCEPTIONS, {"id": old})
+    recorder.upsert(schema.INTERCEPTIONS, {"id": fresh})
+    assert recorder.flush(WAIT)
+    db = open_db(db_path)
+    got = db[schema.INTERCEPTIONS].get(old)
+    assert (got["model"], got["status"]) == ("m", "s")
+    assert db[schema.INTERCEPTIONS].get(fresh)["model"] is None
+    assert losses(db) == {}
+
+
+def test_rows_of_one_table_with_differing_keys_in_one_batch(db_path: Path) -> None:
+    rec = Recorder(db_path)
+    iid = new_id()
+    rec.upsert(schema.INTERCEPTIONS, {"id": iid, "model": "m"})
+    rows: list[dict[str, Any]] = [
+        {"interception_id": iid, "tool": "t0", "call_id": "c0"},
+        {"call_id": "c1", "interception_id": iid, "tool": "t1"},  # same keys, other order
+        {"interception_id": iid, "tool": "t2"},
+        {"interception_id": iid, "tool": "t3", "args": {"n": 3}, "injected": True},
+        {"interception_id": iid, "tool": "t4", "call_id": "c4"},
+    ]
+    for row in rows:
+        rec.insert(schema.TOOL_USAGES, row)
+    rec.upsert(schema.INTERCEPTIONS, {"status": "completed", "id": iid})
+    rec.start()  # one batch
+    assert rec.flush(WAIT)
+    rec.close()
+    assert rec.stats["batches"] == 1
+    db = open_db(db_path)
+    got = [
+        (r["tool"], r["call_id"], r["args"], r["injected"])
+        for r in db[schema.TOOL_USAGES].rows_where(order_by="id")
+    ]
+    assert got == [
+        ("t0", "c0", None, None),
+        ("t1", "c1", None, None),
+        ("t2", None, None, None),
+        ("t3", None, '{"n":3}', 1),
+        ("t4", "c4", None, None),
+    ]
+    row = db[schema.INTERCEPTIONS].get(iid)
+    assert (row["model"], row["status"]) == ("m", "completed")
+    assert losses(db) == {}
+
+
+def test_values_are_stored_as_sqlite_utils_stored_them(recorder: Recorder, db_path: Path) -> None:
+    iid, rid = new_id(), uuid.uuid4()
+    ended = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    recorder.upsert(
+        schema.INTERCEPTIONS,
+        {
+            "id": iid,
+            "streaming": True,
+            "malformed_events": False,
+            "error": None,
+            "ended_at": ended,
+            "response_id": rid,
+            "http_status": decimal.Decimal("200"),
+            "metadata": ("a", 1),
+        },
+    )
+    assert recorder.flush(WAIT)
+    db = open_db(db_path)
+    got = db.execute(
+        "select streaming, malformed_events, error, ended_at, response_id, http_status,"
+        " metadata from interceptions"
+    ).fetchone()
+    assert got == (1, 0, None, ended.isoformat(), str(rid), 200, '["a",1]')
+    assert losses(db) == {}
+
+
+def test_invalid_unicode_is_repaired_and_the_batch_kept(db_path: Path) -> None:
+    rec = Recorder(db_path)
+    iid = new_id()
+    rec.upsert(schema.INTERCEPTIONS, {"id": iid, "user_agent": "ok"})
+    rec.upsert(schema.INTERCEPTIONS, {"id": iid, "user_agent": "bad \udcff byte"})
+    rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": "kept"})
+    rec.start()
+    assert rec.flush(WAIT)
+    rec.close()
+    db = open_db(db_path)
+    assert db[schema.INTERCEPTIONS].get(iid)["user_agent"] == "bad \ufffd byte"
+    assert [r["prompt"] for r in db[schema.USER_PROMPTS].rows] == ["kept"]
+    assert losses(db) == {(schema.INTERCEPTIONS, "user_agent", REASON_INVALID_UNICODE): 1}
+
+
 def test_twenty_thousand_rows_flushed(recorder: Recorder, db_path: Path) -> None:
     ids = [new_id() for _ in range(2_000)]
     for iid in ids:
@@ -436,6 +575,60 @@ def test_concurrent_producers(recorder: Recorder, db_path: Path) -> None:
         t.join()
     assert recorder.flush(WAIT)
     assert open_db(db_path)[schema.TOOL_USAGES].count == 4_000
+
+
+# ---- recorder: linger ------------------------------------------------------------
+
+
+def test_linger_gathers_a_few_rows_and_flush_cuts_it_short(db_path: Path) -> None:
+    rec = Recorder(db_path, linger=FOREVER)
+    rec.start()
+    iid = new_id()
+    rec.upsert(schema.INTERCEPTIONS, {"id": iid})
+    time.sleep(0.05)  # the writer wakes for the first row, then lingers
+    for n in range(3):
+        rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": f"p{n}"})
+    assert rec.stats["written"] == 0
+    assert rec.flush(WAIT)  # would miss WAIT if it sat out the linger
+    assert rec.stats["batches"] == 1 and rec.stats["written"] == 4
+    rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": "p3"})
+    assert rec.flush(WAIT)  # a second flush, while the writer lingers again
+    rec.close(timeout=WAIT)
+    assert open_db(db_path)[schema.USER_PROMPTS].count == 4
+
+
+def test_a_full_batch_and_close_do_not_wait_for_linger(db_path: Path) -> None:
+    rec = Recorder(db_path, batch_size=10, linger=FOREVER)
+    rec.start()
+    iid = new_id()
+    rec.upsert(schema.INTERCEPTIONS, {"id": iid})
+    time.sleep(0.05)  # the writer wakes for the first row, then lingers
+    for n in range(9):
+        rec.insert(schema.TOKEN_USAGES, {"interception_id": iid, "input_tokens": n})
+    wait_until(lambda: rec.stats["written"] == 10)  # no flush: batch_size rows wake it
+    for n in range(9, 12):
+        rec.insert(schema.TOKEN_USAGES, {"interception_id": iid, "input_tokens": n})
+    rec.close(timeout=WAIT)
+    assert rec.stats["written"] == 13
+    got = [
+        r["input_tokens"] for r in open_db(db_path)[schema.TOKEN_USAGES].rows_where(order_by="id")
+    ]
+    assert got == list(range(12))
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.01])
+def test_rows_are_written_without_flush_after_the_linger(db_path: Path, linger: float) -> None:
+    rec = Recorder(db_path, linger=linger)
+    rec.start()
+    rec.upsert(schema.INTERCEPTIONS, {"id": new_id()})
+    wait_until(lambda: rec.stats["written"] == 1)
+    rec.close(timeout=WAIT)
+
+
+@pytest.mark.parametrize("linger", [-0.01, float("nan")])
+def test_linger_must_not_be_negative(db_path: Path, linger: float) -> None:
+    with pytest.raises(ValueError, match="linger"):
+        Recorder(db_path, linger=linger)
 
 
 # ---- recorder: bad rows -------------------------------------------------------
