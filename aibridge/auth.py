@@ -9,7 +9,7 @@ Anything else is refused before it can reach the provider.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ def hint(secret: str) -> str:
     return f"{secret[:keep]}...{secret[-keep:]}"
 
 
-def presented_token(headers: http.Headers) -> str | None:
+def presented_token(headers: Mapping[str, str]) -> str | None:
     """The token a client presents as its API key, if any."""
     auth = headers.get("authorization", "").strip()
     scheme, _, value = auth.partition(" ")
@@ -60,7 +60,7 @@ def proxyauth_user(metadata: dict[str, Any]) -> str | None:
 
 
 def identify(
-    config: Config, provider: Provider, headers: http.Headers, metadata: dict[str, Any]
+    config: Config, provider: Provider, headers: Mapping[str, str], metadata: dict[str, Any]
 ) -> Identity:
     token = presented_token(headers)
     if provider.forwards_client_credential:
@@ -83,7 +83,7 @@ def identify(
 
 
 def _client_credential(
-    token: str | None, headers: http.Headers, metadata: dict[str, Any]
+    token: str | None, headers: Mapping[str, str], metadata: dict[str, Any]
 ) -> Identity:
     """ChatGPT sign-in: the client's own token goes upstream; who it is comes from proxyauth,
     else from the ChatGPT account the client names."""

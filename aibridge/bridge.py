@@ -12,6 +12,7 @@ import gc
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from aibridge.config import Config, ConfigError, Provider, load_config
 from aibridge.cost import PriceBook
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_event, error_response
 from aibridge.extract import RequestError, RequestInfo, ResponseAccumulator, parse_request
+from aibridge.headers import header_view
 from aibridge.recorder import Recorder, RecorderError
 from aibridge.routing import Route, RouteKind, classify
 from aibridge.stream import StreamTee
@@ -160,7 +162,7 @@ class AIBridge:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self._revealer is None or self.config is None or not flow.live:
             return
-        if self._route(flow).kind is not RouteKind.UNRELATED:
+        if self._route(flow, flow.request.headers).kind is not RouteKind.UNRELATED:
             self._concealed[flow.id] = auth.conceal(
                 flow.request.headers, auth.CLIENT_CREDENTIAL_HEADERS
             )
@@ -178,7 +180,7 @@ class AIBridge:
                 message = "AI Bridge failed on this request and did not forward it; see its log"
                 self._refuse(flow, 500, message, None)
 
-    def _route(self, flow: http.HTTPFlow) -> Route:
+    def _route(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> Route:
         assert self.config is not None
         req = flow.request
         return classify(
@@ -187,7 +189,7 @@ class AIBridge:
             req.host,
             req.port,
             req.path,
-            websocket_upgrade=req.headers.get("upgrade", "").lower() == "websocket",
+            websocket_upgrade=headers.get("upgrade", "").lower() == "websocket",
         )
 
     def _request(self, flow: http.HTTPFlow) -> None:
@@ -202,7 +204,8 @@ class AIBridge:
         if flow.response is not None:
             return
         req = flow.request
-        route = self._route(flow)
+        headers = header_view(req.headers)
+        route = self._route(flow, headers)
         if route.kind is RouteKind.UNRELATED:
             return
         assert route.provider is not None
@@ -211,7 +214,7 @@ class AIBridge:
             self._refuse(flow, 403, message, None)
             return
         try:
-            identity = auth.identify(self.config, route.provider, req.headers, flow.metadata)
+            identity = auth.identify(self.config, route.provider, headers, flow.metadata)
         except auth.AuthError as e:
             if route.kind is RouteKind.RESPONSES:
                 self._record_rejection(flow, route, None, 401, str(e))
@@ -243,7 +246,7 @@ class AIBridge:
                 "credential_kind": identity.credential_kind,
                 "credential_hint": identity.credential_hint,
             }
-            self._record_start(flow, exchange)
+            self._record_start(flow, exchange, headers=headers)
 
     def _replay_request(self, flow: http.HTTPFlow) -> None:
         """A flow read from a file (offline mode): rebuild its records, never authenticate.
@@ -512,7 +515,11 @@ class AIBridge:
     # ---- records -----------------------------------------------------------------------------
 
     def _record_start(
-        self, flow: http.HTTPFlow, exchange: Exchange, request_bytes: int | None = None
+        self,
+        flow: http.HTTPFlow,
+        exchange: Exchange,
+        request_bytes: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if self.recorder is None or exchange.request is None:
             return
@@ -522,7 +529,7 @@ class AIBridge:
             started_at=utc_now(),
             provider=exchange.provider,
             info=exchange.request,
-            headers=flow.request.headers,
+            headers=flow.request.headers if headers is None else headers,
             identity=exchange.identity,
             request_bytes=len(flow.request.raw_content or b"")
             if request_bytes is None

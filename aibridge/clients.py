@@ -35,6 +35,8 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
+from aibridge.headers import HeaderView
+
 CODEX: Final = "Codex"
 CLAUDE_CODE: Final = "Claude Code"
 CURSOR: Final = "Cursor"
@@ -151,7 +153,7 @@ def session_id_from_headers(headers: Mapping[str, str]) -> str | None:
 
 def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
     # mitmproxy's Headers already match any case (and copying them costs more than the
-    # look-ups); a plain dict does not, so it is normalised.
-    if hasattr(headers, "get_all"):
+    # look-ups), a HeaderView is lower-case already; any other dict is normalised.
+    if isinstance(headers, HeaderView) or hasattr(headers, "get_all"):
         return headers
     return {str(name).lower(): value for name, value in headers.items() if isinstance(value, str)}

@@ -53,6 +53,9 @@ from aibridge import schema
 
 log = logging.getLogger(__name__)
 
+# How much lower than the proxy's the writer thread's CPU priority is (nice levels).
+WRITER_NICENESS = 10
+
 INSERT: Final = "insert"
 UPSERT: Final = "upsert"
 
@@ -361,6 +364,7 @@ class Recorder:
     # ---- writer thread -------------------------------------------------------
 
     def _run(self) -> None:
+        _yield_cpu_to_the_proxy()
         try:
             self._open()
         except BaseException as exc:
@@ -664,6 +668,22 @@ def _repair_unicode(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 repaired[key] = fixed
                 fields.append(str(key))
     return repaired, fields
+
+
+def _yield_cpu_to_the_proxy() -> None:
+    """Lower this thread's CPU priority (Linux: niceness is per thread).
+
+    When the CPU is saturated, the event loop that serves clients should run first: the
+    writer's work can wait, because rows queue (bounded) and catch up when load drops.
+    """
+    if not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + WRITER_NICENESS))
+    except OSError:
+        pass
 
 
 def _quote(identifier: str) -> str:

@@ -6,6 +6,7 @@ import pytest
 from mitmproxy.http import Headers
 
 from aibridge.clients import guess_client, session_id_from_headers
+from aibridge.headers import header_view
 
 
 @pytest.mark.parametrize(
@@ -117,3 +118,20 @@ def test_session_id_from_mitmproxy_headers() -> None:
     )
     assert session_id_from_headers(headers) == "s-1"
     assert session_id_from_headers(Headers()) is None
+
+
+def test_header_view_reads_like_mitmproxy_headers():
+    headers = Headers(
+        [
+            (b"User-Agent", b"codex_cli_rs/0.50.0"),
+            (b"Session_Id", b"s-1"),
+            (b"X-Tag", b"a"),
+            (b"x-tag", b"b"),
+            (b"x-bytes", b"caf\xc3\xa9 \xff"),
+        ]
+    )
+    view = header_view(headers)
+    for name in ("user-agent", "session_id", "x-tag", "x-bytes"):
+        assert view[name] == headers[name]
+    assert session_id_from_headers(view) == "s-1"
+    assert guess_client(view.get("user-agent"), None, headers=view) == "Codex"
