@@ -577,6 +577,9 @@ class Recorder:
         conn.execute("BEGIN IMMEDIATE")
         try:
             with conn:
+                has_prompts = any(op[1] == schema.USER_PROMPTS for op in ops)
+                if has_prompts:
+                    last_prompt_id = conn.execute(schema.LAST_PROMPT_ID).fetchone()[0]
                 try:
                     # A savepoint, so that a rejected row undoes only the batch's rows
                     # and the same transaction can take them one by one.
@@ -588,6 +591,8 @@ class Recorder:
                     if is_transient(exc) or not conn.in_transaction:
                         raise
                     written = self._write_one_by_one(conn, ops, per_row)
+                if has_prompts:
+                    conn.execute(schema.INDEX_NEW_PROMPTS, (last_prompt_id,))
                 if losses := self._carried + per_row:
                     self._write_rows(conn, INSERT, schema.RECORDER_LOSSES, _loss_rows(losses))
         except BaseException:

@@ -171,6 +171,24 @@ def m002_token_usage_cost(db: sqlite_utils.Database) -> None:
     table.add_column("priced_model", str)
 
 
+@migration
+def m003_prompts_indexed_per_batch(db: sqlite_utils.Database) -> None:
+    # The recorder adds each batch's prompts to the search index in one statement
+    # (INDEX_NEW_PROMPTS, same transaction): about a third of the cost of a trigger per
+    # row. Updates and deletes (retention) keep their triggers.
+    db.execute(f'DROP TRIGGER IF EXISTS "{USER_PROMPTS}_ai"')
+
+
+# The prompts' full-text index, kept by the recorder: the largest prompt id before a batch,
+# then, after the batch's rows, the rows above it (the batch holds the write lock, so they
+# are exactly its own).
+LAST_PROMPT_ID = f'SELECT coalesce(max(id), 0) FROM "{USER_PROMPTS}"'
+INDEX_NEW_PROMPTS = (
+    f'INSERT INTO "{USER_PROMPTS}_fts" (rowid, "prompt") '
+    f'SELECT id, prompt FROM "{USER_PROMPTS}" WHERE id > ?'
+)
+
+
 # Every migration is registered above this line.
 SCHEMA_VERSION = len(MIGRATIONS)
 

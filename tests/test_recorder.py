@@ -232,6 +232,64 @@ def test_full_text_search_follows_inserts(recorder: Recorder, db_path: Path) -> 
     assert [h["prompt"] for h in hits] == ["refactor the parser"]
 
 
+def test_full_text_search_follows_every_batch_and_the_row_by_row_path(db_path: Path) -> None:
+    rec = Recorder(db_path, linger=0)
+    rec.start()
+    iid = new_id()
+    rec.upsert(schema.INTERCEPTIONS, {"id": iid})
+    for n in range(3):  # three batches
+        rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": f"batch{n} parser"})
+        assert rec.flush(WAIT)
+    # A batch with a row SQLite rejects is written row by row: the others are still found.
+    rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": "before the bad row"})
+    rec.insert(schema.USER_PROMPTS, {"interception_id": "no-such-interception", "prompt": "x"})
+    rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": "after the bad row"})
+    assert rec.flush(WAIT)
+    rec.close()
+    db = open_db(db_path)
+    assert sorted(h["prompt"] for h in db[schema.USER_PROMPTS].search("parser")) == [
+        "batch0 parser",
+        "batch1 parser",
+        "batch2 parser",
+    ]
+    assert [h["prompt"] for h in db[schema.USER_PROMPTS].search("row")] == [
+        "before the bad row",
+        "after the bad row",
+    ]
+    # The index holds each row exactly once.
+    count = "select count(*) from user_prompts_fts where user_prompts_fts match 'row'"
+    assert db.execute(count).fetchone()[0] == 2
+
+
+def test_a_log_made_before_m003_keeps_its_index_and_loses_the_insert_trigger(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m003 = schema.MIGRATIONS.index(schema.m003_prompts_indexed_per_batch)
+    with monkeypatch.context() as patch:  # what an older aibridge made
+        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:m003])
+        patch.setattr(schema, "SCHEMA_VERSION", m003)
+        db = migrated(db_path)
+    assert "user_prompts_ai" in {
+        r[0] for r in db.execute("select name from sqlite_master where type='trigger'")
+    }
+    iid = new_id()
+    db[schema.INTERCEPTIONS].insert({"id": iid})
+    db[schema.USER_PROMPTS].insert({"interception_id": iid, "prompt": "an old prompt"})
+    db.conn.commit()
+    rec = Recorder(db_path)
+    rec.start()
+    rec.insert(schema.USER_PROMPTS, {"interception_id": iid, "prompt": "a new prompt"})
+    assert rec.flush(WAIT)
+    rec.close()
+    db = open_db(db_path)
+    triggers = {r[0] for r in db.execute("select name from sqlite_master where type='trigger'")}
+    assert triggers == {"user_prompts_ad", "user_prompts_au"}
+    assert sorted(h["prompt"] for h in db[schema.USER_PROMPTS].search("prompt")) == [
+        "a new prompt",
+        "an old prompt",
+    ]
+
+
 # ---- recorder: normal operation --------------------------------------------------
 
 
