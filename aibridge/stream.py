@@ -25,6 +25,7 @@ else:  # mitmproxy 12 depends on the backport on older Pythons
 
 # The copy for parsing is parsed in batches of about this size (bounded memory, low cost).
 PARSE_BATCH_BYTES = 64 * 1024
+_clock = time.time
 # Decompress at most this much per call, so a tiny compressed chunk cannot balloon memory.
 _MAX_INFLATE_STEP = 1 << 20
 
@@ -95,11 +96,11 @@ class StreamTee:
         self.parser = SSEParser(max_event_bytes=8 << 20, wanted=WANTED_EVENTS.__contains__)
         self.ended = False
         self.parse_error: str | None = None
-        self.bytes_forwarded = 0
         # When upstream last sent something (epoch seconds, as mitmproxy's timestamps).
-        self.last_chunk_at = time.time()
+        self.last_chunk_at = _clock()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._flushed_bytes = 0
         encoding = content_encoding.strip().lower()
         self._inflater: _Inflater | None = None
         if encoding and encoding != "identity":
@@ -109,23 +110,27 @@ class StreamTee:
                 self.parse_error = str(e)
 
     def __call__(self, chunk: bytes) -> bytes:
+        # Called once per chunk of every stream: kept to the fewest steps. Parsing a copy
+        # in batches costs far less per byte than chunk by chunk (SSE chunks are often one
+        # small event); the client's bytes are never held back.
         if chunk:
-            self.bytes_forwarded += len(chunk)
-            self.last_chunk_at = time.time()
-            if self.parse_error is None:
-                # Parsing a copy in batches costs far less per byte than chunk by chunk (SSE
-                # chunks are often one small event); the client's bytes are never held back.
-                self._pending.append(chunk)
-                self._pending_bytes += len(chunk)
-                if self._pending_bytes >= PARSE_BATCH_BYTES:
-                    self.flush()
+            self.last_chunk_at = _clock()
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+            if self._pending_bytes >= PARSE_BATCH_BYTES:
+                self.flush()
         else:
             self._end()
         return chunk
 
+    @property
+    def bytes_forwarded(self) -> int:
+        return self._flushed_bytes + self._pending_bytes
+
     def flush(self) -> None:
-        """Parse what is held for parsing (at most PARSE_BATCH_BYTES)."""
+        """Parse what is held for parsing (at most PARSE_BATCH_BYTES, and one chunk)."""
         chunks, self._pending = self._pending, []
+        self._flushed_bytes += self._pending_bytes
         self._pending_bytes = 0
         if not chunks or self.parse_error is not None:
             return
