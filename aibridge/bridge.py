@@ -7,7 +7,6 @@ never raises into mitmproxy for a bad flow: the worst case is an error row and a
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import time
@@ -21,6 +20,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http, websocket
 
 from aibridge import auth, mitm_compat, records
+from aibridge.concealment import ViewConcealment
 from aibridge.config import Config, ConfigError, Provider, load_config
 from aibridge.cost import PriceBook
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_event, error_response
@@ -73,11 +73,7 @@ class AIBridge:
         self._default_config_dir = default_config_dir
         self._exchanges: dict[str, Exchange] = {}
         self._sockets: dict[str, SocketState] = {}
-        # mitmweb pushes a flow to browsers after each hook: secrets in its headers are
-        # concealed while it looks and revealed by _RevealForUpstream, the last addon.
-        self._concealed: dict[str, auth.Concealed] = {}  # until the request hooks end
-        self._concealed_for_update: dict[str, auth.Concealed] = {}  # until update hooks end
-        self._revealer: _RevealForUpstream | None = None
+        self._concealment = ViewConcealment()  # mitmweb only
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -135,18 +131,10 @@ class AIBridge:
         # mitmproxy's start-up leaves ~100k long-lived objects; without this every full
         # garbage collection walks them all and stalls the event loop for 100+ ms.
         gc.freeze()
-        if self._revealer is None and ctx.master.addons.get("view") is not None:
-            # Added now, so it comes after mitmweb's view in the addon chain.
-            self._revealer = _RevealForUpstream(self._concealed, self._concealed_for_update)
-            ctx.master.addons.add(self._revealer)
+        self._concealment.start(ctx.master)
 
     def done(self) -> None:
-        if self._revealer is not None:
-            with contextlib.suppress(Exception):
-                ctx.master.addons.remove(self._revealer)
-            self._revealer = None
-        self._concealed.clear()
-        self._concealed_for_update.clear()
+        self._concealment.stop(ctx.master)
         for flow_id in list(self._exchanges):
             self._finish_interrupted(self._exchanges.pop(flow_id))
         for state in self._sockets.values():
@@ -160,12 +148,10 @@ class AIBridge:
     # ---- request side ----------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if self._revealer is None or self.config is None or not flow.live:
+        if not self._concealment.active or self.config is None or not flow.live:
             return
         if self._route(flow, flow.request.headers).kind is not RouteKind.UNRELATED:
-            self._concealed[flow.id] = auth.conceal(
-                flow.request.headers, auth.CLIENT_CREDENTIAL_HEADERS
-            )
+            self._concealment.conceal_until_sent(flow, auth.CLIENT_CREDENTIAL_HEADERS)
 
     def request(self, flow: http.HTTPFlow) -> None:
         try:
@@ -175,7 +161,7 @@ class AIBridge:
             log.exception("AI Bridge: failed to handle request of flow %s", flow.id)
             self._exchanges.pop(flow.id, None)
             self._sockets.pop(flow.id, None)
-            self._concealed.pop(flow.id, None)
+            self._concealment.forget(flow)
             if flow.live and flow.response is None:
                 message = "AI Bridge failed on this request and did not forward it; see its log"
                 self._refuse(flow, 500, message, None)
@@ -193,9 +179,7 @@ class AIBridge:
         )
 
     def _request(self, flow: http.HTTPFlow) -> None:
-        concealed = self._concealed.pop(flow.id, None)
-        if concealed:
-            auth.reveal(flow.request.headers, concealed)
+        self._concealment.reveal(flow)
         if self.config is None:
             return
         if not flow.live:
@@ -237,8 +221,7 @@ class AIBridge:
         auth.install_credentials(req.headers, route.provider, identity)
         exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, info)
         self._exchanges[flow.id] = exchange
-        if self._revealer is not None:
-            self._conceal_upstream_key(exchange)
+        self._concealment.conceal_until_sent(flow, auth.upstream_credential_headers(route.provider))
         if info is not None:
             flow.metadata[METADATA_KEY] = {
                 "interception_id": exchange.interception_id,
@@ -347,7 +330,7 @@ class AIBridge:
         self._finish(flow, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._concealed.pop(flow.id, None)
+        self._concealment.forget(flow)
         # Present only when mitmproxy is about to answer the client itself (mitm_compat).
         answerable = flow.metadata.pop(mitm_compat.ANSWERABLE, None)
         error = flow.error.msg if flow.error else "unknown error"
@@ -363,20 +346,14 @@ class AIBridge:
 
     def update(self, flows: list[Any]) -> None:
         """mitmweb is about to show these flows again (a user acted on them)."""
-        if self._revealer is None:
+        if not self._concealment.active:
             return
         for flow in flows:
             exchange = self._exchanges.get(getattr(flow, "id", ""))
-            if exchange is not None and not exchange.masked and flow.id not in self._concealed:
+            if exchange is not None and not exchange.masked:
                 # In flight: the key is still needed if the connection is being opened.
-                self._conceal_upstream_key(exchange, self._concealed_for_update)
-
-    def _conceal_upstream_key(
-        self, exchange: Exchange, into: dict[str, auth.Concealed] | None = None
-    ) -> None:
-        headers = exchange.flow.request.headers
-        names = auth.upstream_credential_headers(exchange.provider)
-        (self._concealed if into is None else into)[exchange.flow.id] = auth.conceal(headers, names)
+                names = auth.upstream_credential_headers(exchange.provider)
+                self._concealment.conceal_while_shown(exchange.flow, names)
 
     @staticmethod
     def _explain_silence(flow: http.HTTPFlow, exchange: Exchange, error: str) -> str:
@@ -400,7 +377,7 @@ class AIBridge:
 
     def _mask(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         if not exchange.masked:
-            self._concealed.pop(flow.id, None)
+            self._concealment.forget(flow)
             auth.mask_credentials(flow.request.headers, exchange.identity, exchange.provider)
             exchange.masked = True
 
@@ -605,29 +582,3 @@ class AIBridge:
                 self.recorder.upsert(table, row)
             else:
                 self.recorder.insert(table, row)
-
-
-class _RevealForUpstream:
-    """The last addon in mitmweb's chain: puts back the secrets AIBridge concealed from
-    the view, after the view has pushed the flow and before mitmproxy sends it."""
-
-    def __init__(
-        self,
-        concealed: dict[str, auth.Concealed],
-        concealed_for_update: dict[str, auth.Concealed],
-    ) -> None:
-        self._concealed = concealed
-        self._concealed_for_update = concealed_for_update
-
-    def request(self, flow: http.HTTPFlow) -> None:
-        self._reveal(flow, self._concealed)
-
-    def update(self, flows: list[Any]) -> None:
-        for flow in flows:
-            self._reveal(flow, self._concealed_for_update)
-
-    @staticmethod
-    def _reveal(flow: Any, concealed: dict[str, auth.Concealed]) -> None:
-        fields = concealed.pop(getattr(flow, "id", ""), None)
-        if fields and isinstance(flow, http.HTTPFlow):
-            auth.reveal(flow.request.headers, fields)
