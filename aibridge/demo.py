@@ -59,7 +59,11 @@ def run_exchanges(base_url: str, tokens: dict[str, str]) -> list[str]:
             {
                 "type": "function",
                 "name": "get_weather",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "enum": ["Paris", "Berlin"]}},
+                    "required": ["city"],
+                },
             }
         ],
     )

@@ -17,6 +17,9 @@ def test_demo_and_offline_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[
     printed = capsys.readouterr().out
     assert "refused: 501 background requests are currently not supported" in printed
     assert "datasette" in printed and "mitmweb" in printed
+    assert 'get_weather({"city":"Paris"})' in printed
+    tools = query(out_dir / "aibridge.db", "select tool, args from tool_usages")
+    assert tools == [{"tool": "get_weather", "args": '{"city":"Paris"}'}]
     live = query(
         out_dir / "aibridge.db",
         "select initiator_id, status, model, streaming, "
