@@ -689,6 +689,9 @@ def model_object(model_id: str) -> dict[str, Any]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 makes hundreds of clients connecting at once
+    # (the concurrency tests, the benchmark) wait for SYN retries, a second or more each.
+    request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], fake: FakeUpstream) -> None:
         self.fake = fake

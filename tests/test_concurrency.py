@@ -7,15 +7,12 @@ import asyncio
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 
-from aibridge import fake_upstream
 from aibridge.fake_upstream import FakeUpstream
 from tests.harness import PROVIDER_KEY, Mitmdump, bridge_config, query, wait_for
 
@@ -34,16 +31,6 @@ class Sent:
     model: str
     stream: bool
     response_id: str = ""
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    # socketserver listens with a backlog of 5: hundreds of connections at once would wait
-    # for SYN retries.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fake_upstream._Server, "request_queue_size", 256)
-        with FakeUpstream() as fake:
-            yield fake
 
 
 async def send(client: httpx.AsyncClient, url: str, sent: Sent) -> None:

@@ -7,30 +7,17 @@ import asyncio
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 
-from aibridge import fake_upstream
 from aibridge.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config, query
 
 SAFETY = 60.0  # upper bound for waits; never asserted as a duration
 PER_PROCESS = 60
 MODELS = {"fake-text": (0, 0), "fake-tool": (1, 0), "fake-reasoning": (0, 3)}
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    # socketserver listens with a backlog of 5: many connections at once would wait for
-    # SYN retries.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fake_upstream._Server, "request_queue_size", 128)
-        with FakeUpstream() as fake:
-            yield fake
 
 
 async def send(url: str, prompts: list[str], user: str) -> None:

@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +16,11 @@ import httpx
 import orjson
 import pytest
 
-from aibridge import fake_upstream
 from aibridge.fake_upstream import FakeUpstream
 from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query
 
 SAFETY = 30.0  # upper bound for waits; never asserted as a duration
 STREAMS = 50
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    # socketserver listens with a backlog of 5: fifty connections at once would wait for
-    # SYN retries, seconds each.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fake_upstream._Server, "request_queue_size", 128)
-        with FakeUpstream() as fake:
-            yield fake
 
 
 class Streams:
