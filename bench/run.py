@@ -65,6 +65,10 @@ class Sizes:
     memory_warmup_flows: int
     memory_flows: int
     big_stream_mib: int
+    # Throughput loads are scaled up (never down) to last about this long per side and round,
+    # from a calibration run: a fixed count is over in milliseconds on a fast machine, where
+    # scheduling noise then decides the ratio. 0 keeps the counts as given.
+    seconds_per_load: float = 0.0
 
 
 FULL = Sizes(
@@ -81,6 +85,7 @@ FULL = Sizes(
     memory_warmup_flows=100,
     memory_flows=1000,
     big_stream_mib=100,
+    seconds_per_load=1.0,
 )
 QUICK = Sizes(
     rounds=1,
@@ -169,13 +174,24 @@ def sse_once(proxy: Proxy, sizes: Sizes, concurrency: int, streams: int) -> dict
     }
 
 
+def scaled(count: int, concurrency: int, per_second: float, sizes: Sizes) -> int:
+    """`count`, or more so that a load lasts about sizes.seconds_per_load at `per_second`."""
+    wanted = math.ceil(per_second * sizes.seconds_per_load)
+    if wanted <= count:
+        return count
+    return math.ceil(wanted / concurrency) * concurrency  # every connection as busy
+
+
 def bench_sse(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
     out: dict[str, Any] = {"events": sizes.sse_events}
     for label, concurrency, streams in (
         ("c1", 1, sizes.sse_streams_c1),
         ("c16", 16, sizes.sse_streams_c16),
     ):
-        log(f"SSE {sizes.sse_events}-event streams, concurrency {concurrency}")
+        if sizes.seconds_per_load:
+            rate = sse_once(baseline, sizes, concurrency, streams)["events_per_s"]
+            streams = scaled(streams, concurrency, rate / sizes.sse_events, sizes)
+        log(f"SSE {sizes.sse_events}-event streams, concurrency {concurrency}, {streams} streams")
         runs = alternate(
             sizes.rounds,
             sizes.warmup_rounds,
@@ -185,6 +201,7 @@ def bench_sse(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
             },
         )
         out[label] = report.paired(runs["baseline"], runs["addon"])
+        out[label]["streams"] = streams
     return out
 
 
@@ -209,7 +226,10 @@ def bench_buffered(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any
         ("c1", 1, sizes.buffered_c1),
         ("c16", 16, sizes.buffered_c16),
     ):
-        log(f"buffered requests with 40 KB bodies, concurrency {concurrency}")
+        if sizes.seconds_per_load:
+            rate = buffered_once(baseline, total, concurrency)["req_per_s"]
+            total = scaled(total, concurrency, rate, sizes)
+        log(f"buffered requests with 40 KB bodies, concurrency {concurrency}, {total} requests")
         runs = alternate(
             sizes.rounds,
             sizes.warmup_rounds,
@@ -219,6 +239,7 @@ def bench_buffered(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any
             },
         )
         out[label] = report.paired(runs["baseline"], runs["addon"])
+        out[label]["requests"] = total
     return out
 
 
