@@ -55,6 +55,22 @@ _PROGRESS_EVENTS: Final = frozenset({"response.created", "response.in_progress",
 # The events the stream tee must decode; anything else named (deltas above all) can be
 # skipped without parsing. Events without a name are always fed.
 WANTED_EVENTS: Final[frozenset[str]] = TERMINAL_EVENTS | _PROGRESS_EVENTS | {ITEM_DONE, ERROR_EVENT}
+# The streaming events that come by the hundred in one response (none of them wanted): the
+# SSE parser passes over runs of them without a Python step per event.
+DELTA_EVENTS: Final = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.mcp_call_arguments.delta",
+        "response.code_interpreter_call_code.delta",
+        "response.audio.delta",
+        "response.audio.transcript.delta",
+    }
+)
 
 _TERMINAL_STATUSES: Final = {"completed": COMPLETED, "incomplete": INCOMPLETE, "failed": FAILED}
 

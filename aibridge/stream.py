@@ -15,7 +15,7 @@ from typing import Any
 
 import brotli
 
-from aibridge.extract import WANTED_EVENTS, ResponseAccumulator
+from aibridge.extract import DELTA_EVENTS, WANTED_EVENTS, ResponseAccumulator
 from aibridge.sse import SSEParser
 
 if sys.version_info >= (3, 14):
@@ -93,7 +93,9 @@ class StreamTee:
         self.accumulator = accumulator
         # 8 MiB is far above any real event (a large response.completed is a few MB) and keeps
         # one hostile event from holding much memory.
-        self.parser = SSEParser(max_event_bytes=8 << 20, wanted=WANTED_EVENTS.__contains__)
+        self.parser = SSEParser(
+            max_event_bytes=8 << 20, wanted=WANTED_EVENTS.__contains__, frequent=DELTA_EVENTS
+        )
         self.ended = False
         self.parse_error: str | None = None
         # When upstream last sent something (epoch seconds, as mitmproxy's timestamps).

@@ -444,3 +444,54 @@ def test_serialized_events_round_trip(
     filtered, parser = parse(random_split(stream, cuts), wanted=keep.__contains__)
     assert filtered == [e for e in expected if e.event is None or e.event in keep]
     assert parser.skipped_events == len(expected) - len(filtered)
+
+
+# Streams of mostly plain delta events, with every way an event near them can differ from
+# the plain form: an id, a second event line, a comment, more data lines, blank lines,
+# other line ends, a wanted event, an event named almost like a delta, a data-only event.
+DELTA = b'event: d.delta\ndata: {"delta":"x"}\n\n'
+DELTA_PIECES = [
+    DELTA,
+    DELTA,
+    DELTA,
+    b"event:d.delta\ndata:y\n\n",
+    b"event: d.delta\nid: 7\ndata: z\n\n",
+    b"event: d.delta\nevent: done\ndata: {}\n\n",
+    b"event: d.delta\ndata: a\ndata: b\n\n",
+    b"event: d.delta\n: note\ndata: c\n\n",
+    b"event: d.delta\r\ndata: e\r\n\r\n",
+    b"event: d.deltas\ndata: f\n\n",
+    b"event:  d.delta\ndata: g\n\n",
+    b'event: done\ndata: {"ok":true}\n\n',
+    b"data: unnamed\n\n",
+    b"event: d.delta\ndata: cut",
+    b"\n",
+    b"\r",
+]
+delta_streams = st.lists(st.sampled_from(DELTA_PIECES), max_size=40).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=delta_streams, cuts=cuts, limit=st.sampled_from([8, 40, 1 << 20]))
+def test_passing_over_runs_of_frequent_events_changes_nothing(
+    stream: bytes, cuts: list[int], limit: int
+) -> None:
+    def wanted(name: str) -> bool:
+        return name == "done"
+
+    chunks = random_split(stream, cuts)
+    plain, plain_parser = parse(chunks, wanted=wanted, max_event_bytes=limit)
+    skim, skim_parser = parse(
+        chunks, wanted=wanted, max_event_bytes=limit, frequent={"d.delta", "done"}
+    )
+    assert skim == plain
+    assert skim_parser.skipped_events == plain_parser.skipped_events
+    assert skim_parser.oversized_events == plain_parser.oversized_events
+    assert skim == [e for e in reference(stream) if e.event in (None, "done")] or limit < 1 << 20
+
+
+def test_a_run_of_frequent_events_is_passed_over_and_counted() -> None:
+    stream = DELTA * 500 + b"event: done\ndata: {}\n\n" + DELTA * 3
+    events, parser = parse([stream], wanted={"done"}.__contains__, frequent={"d.delta"})
+    assert [(e.event, e.data) for e in events] == [("done", "{}")]
+    assert parser.skipped_events == 503
