@@ -17,24 +17,14 @@ from typing import Any
 import openai
 
 from aibridge.fake_upstream import FakeUpstream
-from aibridge.mitmdump_process import MitmdumpProcess
+from aibridge.mitmdump_process import MitmdumpProcess, local_bridge_config
 
 USERS = ("alice", "bob")
 
 
 def demo_config(upstream_url: str) -> dict[str, Any]:
-    return {
-        "database": "aibridge.db",
-        "providers": [
-            {
-                "name": "openai",
-                "type": "openai",
-                "base_url": f"{upstream_url}/v1",
-                "api_key": "${DEMO_PROVIDER_KEY:-}",
-            }
-        ],
-        "users": [{"id": user, "token": f"${{DEMO_TOKEN_{user.upper()}:-}}"} for user in USERS],
-    }
+    tokens = {user: f"${{DEMO_TOKEN_{user.upper()}:-}}" for user in USERS}
+    return local_bridge_config(upstream_url, "${DEMO_PROVIDER_KEY:-}", tokens)
 
 
 def run_exchanges(base_url: str, tokens: dict[str, str]) -> list[str]:

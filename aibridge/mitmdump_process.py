@@ -23,6 +23,27 @@ MITMDUMP = Path(sys.executable).parent / "mitmdump"
 _LISTENING = re.compile(rb"listening at (?:\*|[\d.]+|\[[^\]]+\]):(\d+)")
 
 
+def local_bridge_config(
+    upstream_url: str, api_key: str, tokens: dict[str, str], **overrides: Any
+) -> dict[str, Any]:
+    """A bridge config with one OpenAI-type provider at `upstream_url` and these users
+    (id → token; `api_key` and tokens are usually ``${VAR}`` references)."""
+    config: dict[str, Any] = {
+        "database": "aibridge.db",
+        "providers": [
+            {
+                "name": "openai",
+                "type": "openai",
+                "base_url": f"{upstream_url}/v1",
+                "api_key": api_key,
+            }
+        ],
+        "users": [{"id": user, "token": token} for user, token in tokens.items()],
+    }
+    config.update(overrides)
+    return config
+
+
 class MitmdumpProcess:
     """``mitmdump -s addon.py`` as a subprocess on a free loopback port."""
 

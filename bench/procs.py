@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from aibridge.mitmdump_process import ADDON, MITMDUMP, REPO
+from aibridge.mitmdump_process import ADDON, MITMDUMP, REPO, local_bridge_config
 
 BENCH = Path(__file__).resolve().parent
 STREAM_ONLY = BENCH / "stream_only.py"
@@ -34,18 +34,7 @@ _STARTUP_FAILED = b"Error logged during startup"
 
 def bridge_config(upstream_url: str) -> dict[str, Any]:
     """The bridge in reverse-proxy mode (DESIGN §1.1) in front of the bench upstream."""
-    return {
-        "database": "aibridge.db",
-        "providers": [
-            {
-                "name": "openai",
-                "type": "openai",
-                "base_url": f"{upstream_url}/v1",
-                "api_key": "${BENCH_PROVIDER_KEY}",
-            }
-        ],
-        "users": [{"id": "alice", "token": TOKEN}],
-    }
+    return local_bridge_config(upstream_url, "${BENCH_PROVIDER_KEY}", {"alice": TOKEN})
 
 
 def _env() -> dict[str, str]:

@@ -10,7 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aibridge.mitmdump_process import ADDON, MITMDUMP, REPO, MitmdumpProcess
+from aibridge.mitmdump_process import (
+    ADDON,
+    MITMDUMP,
+    REPO,
+    MitmdumpProcess,
+    local_bridge_config,
+)
 
 __all__ = ["ADDON", "MITMDUMP", "REPO", "Mitmdump", "bridge_config", "query", "wait_for"]
 
@@ -19,20 +25,7 @@ TOKENS = {"alice": "alice-personal-token-1", "bob": "bob-personal-token-2"}
 
 
 def bridge_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "database": "aibridge.db",
-        "providers": [
-            {
-                "name": "openai",
-                "type": "openai",
-                "base_url": f"{upstream_url}/v1",
-                "api_key": "${TEST_PROVIDER_KEY}",
-            },
-        ],
-        "users": [{"id": user, "token": token} for user, token in TOKENS.items()],
-    }
-    config.update(overrides)
-    return config
+    return local_bridge_config(upstream_url, "${TEST_PROVIDER_KEY}", TOKENS, **overrides)
 
 
 class Mitmdump(MitmdumpProcess):
