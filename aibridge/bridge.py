@@ -331,8 +331,8 @@ class AIBridge:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._concealment.forget(flow)
-        # Present only when mitmproxy is about to answer the client itself (mitm_compat).
-        answerable = flow.metadata.pop(mitm_compat.ANSWERABLE, None)
+        # Set only when mitmproxy is about to answer the client itself (mitm_compat).
+        answerable = mitm_compat.answerable_status(flow)
         error = flow.error.msg if flow.error else "unknown error"
         exchange = self._exchanges.get(flow.id)
         if exchange is None:

@@ -5,9 +5,9 @@ mitmproxy runs the ``error`` hook and then answers the client with its own HTML 
 whatever the hook did. Clients of the bridge expect our JSON error shape (DESIGN.md §7).
 
 ``install`` wraps ``HttpStream.handle_protocol_error``: while the error hook of such a failure
-runs, ``flow.metadata[ANSWERABLE]`` holds the HTTP status mitmproxy is about to send; if an
-addon sets ``flow.response`` then, that response goes to the client instead of mitmproxy's
-page. Nothing else changes. If mitmproxy's internals are not what this expects, nothing is
+runs, ``answerable_status(flow)`` is the HTTP status mitmproxy is about to send; if an addon
+sets ``flow.response`` then, that response goes to the client instead of mitmproxy's page.
+Nothing else changes. If mitmproxy's internals are not what this expects, nothing is
 installed and mitmproxy's page is sent, as before.
 """
 
@@ -19,9 +19,23 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# flow.metadata key, present only while the error hook runs.
-ANSWERABLE = "aibridge.answerable_status"
+# An attribute of the flow object, not metadata: nothing of it is saved with the flow.
+_STATUS = "_aibridge_answerable_status"
 _WRAPPED = "_aibridge_answers_upstream_errors"
+
+
+def answerable_status(flow: Any) -> int | None:
+    """During the error hook of an upstream failure the client has not been answered for:
+    the status mitmproxy is about to answer with. None otherwise."""
+    return getattr(flow, _STATUS, None)
+
+
+def mark_answerable(flow: Any, status: int | None) -> None:
+    if status is None:
+        if hasattr(flow, _STATUS):
+            delattr(flow, _STATUS)
+    else:
+        setattr(flow, _STATUS, status)
 
 
 def install() -> bool:
@@ -64,7 +78,7 @@ def install() -> bool:
         if status is None:
             yield from original(self, event)
             return
-        flow.metadata[ANSWERABLE] = status
+        mark_answerable(flow, status)
         steps = original(self, event)
         reply: Any = None
         try:
@@ -79,13 +93,13 @@ def install() -> bool:
                     and flow.response is not None
                 ):
                     # The error hook answered: that answer replaces mitmproxy's page.
-                    flow.metadata.pop(ANSWERABLE, None)
+                    mark_answerable(flow, None)
                     yield from send(self, flow.response)
                     reply = None
                     continue
                 reply = yield command
         finally:
-            flow.metadata.pop(ANSWERABLE, None)
+            mark_answerable(flow, None)
 
     setattr(handle_protocol_error, _WRAPPED, True)
     HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]

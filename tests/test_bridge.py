@@ -788,10 +788,10 @@ def test_upstream_unreachable(bridge: Bridge) -> None:
 def test_upstream_unreachable_is_answered_in_our_shape(bridge: Bridge) -> None:
     flow = bridged(bridge, "text_buffered")
     # What mitm_compat notes while mitmproxy is about to send its own 502 page.
-    flow.metadata[mitm_compat.ANSWERABLE] = 502
+    mitm_compat.mark_answerable(flow, 502)
     flow.error = Error("Connect call failed ('127.0.0.1', 9)")
     bridge.addon.error(flow)
-    assert mitm_compat.ANSWERABLE not in flow.metadata  # never saved with the flow
+    assert "answerable" not in str(flow.get_state())  # nothing of it is saved with the flow
     assert flow.response is not None and flow.response.status_code == 502
     answer = error_json(flow)
     assert answer["code"] == "502" and "could not reach provider 'openai'" in answer["message"]
