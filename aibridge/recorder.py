@@ -37,6 +37,7 @@ import operator
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -681,7 +682,8 @@ def _yield_cpu_to_the_proxy() -> None:
     When the CPU is saturated, the event loop that serves clients should run first: the
     writer's work can wait, because rows queue (bounded) and catch up when load drops.
     """
-    if not hasattr(os, "setpriority"):
+    # Only Linux takes a thread id here; elsewhere the same call would renice a process.
+    if sys.platform != "linux":
         return
     try:
         tid = threading.get_native_id()
