@@ -9,6 +9,7 @@ import os
 import random
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from aibridge.recorder import (
     REASON_INVALID_UNICODE,
     REASON_ROW_SHED,
     UPSERT,
+    WRITER_NICENESS,
     Recorder,
     RecorderError,
     _insert_sql,
@@ -967,3 +969,11 @@ def test_newer_database_is_used_with_a_warning(
         schema.migrate(db)
     assert "m999_from_the_future" in caplog.text
     assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION + 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_the_writer_runs_at_a_lower_cpu_priority(recorder: Recorder) -> None:
+    assert recorder._thread is not None and recorder._thread.native_id is not None
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    writer = os.getpriority(os.PRIO_PROCESS, recorder._thread.native_id)
+    assert writer == min(19, ours + WRITER_NICENESS)
