@@ -316,7 +316,8 @@ class BackfillReport:
 
 _SELECT: Final = """
 select t.id, t.input_tokens, t.cache_read_input_tokens, t.cache_write_input_tokens,
-       t.output_tokens, t.reasoning_tokens, t.created_at, i.model, i.response_model
+       t.output_tokens, t.reasoning_tokens, t.created_at, i.model, i.response_model,
+       t.service_tier
 from token_usages t join interceptions i on i.id = t.interception_id
 where t.id > ? {only_missing}
 order by t.id limit ?
@@ -362,7 +363,18 @@ def backfill(
 
 
 def _priced_updates(book: PriceBook, rows: Iterable[tuple[Any, ...]]) -> Iterable[tuple[Any, ...]]:
-    for row_id, inp, cache_read, cache_write, out, reasoning, created_at, model, resp_model in rows:
+    for (
+        row_id,
+        inp,
+        cache_read,
+        cache_write,
+        out,
+        reasoning,
+        created_at,
+        model,
+        resp_model,
+        tier,
+    ) in rows:
         usage = {
             "input_tokens": inp,
             "cache_read_input_tokens": cache_read,
@@ -370,7 +382,9 @@ def _priced_updates(book: PriceBook, rows: Iterable[tuple[Any, ...]]) -> Iterabl
             "output_tokens": out,
             "reasoning_tokens": reasoning,
         }
-        columns = book.cost_columns(usage, model=model, response_model=resp_model, at=created_at)
+        columns = book.cost_columns(
+            usage, model=model, response_model=resp_model, at=created_at, service_tier=tier
+        )
         yield (*(columns[c] for c in COST_COLUMNS), row_id)
 
 

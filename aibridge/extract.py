@@ -272,6 +272,10 @@ class _Summary:
     error_code: str | None
 
 
+# A service tier longer than this is not one (the API's are "default", "flex", "priority"…).
+_MAX_TIER_CHARS: Final = 32
+
+
 class ResponseAccumulator:
     """Collects the records of one upstream response from its stream events or its body.
 
@@ -464,8 +468,14 @@ def _summarize(response: dict[str, Any], event_type: str | None) -> _Summary:
         if isinstance(details, dict) and isinstance(details.get("reason"), str):
             error = details["reason"]
 
+    usage = token_usage_row(response.get("usage"))
+    tier = response.get("service_tier")
+    if usage is not None:
+        # Billing depends on it (flex is half price, priority more), so the usage row keeps it.
+        ok = isinstance(tier, str) and 0 < len(tier) <= _MAX_TIER_CHARS
+        usage["service_tier"] = tier if ok else None
     return _Summary(
-        usage=token_usage_row(response.get("usage")),
+        usage=usage,
         tools=tools,
         thoughts=thoughts,
         has_output=has_output,

@@ -215,6 +215,10 @@ def response_object(
         "reasoning": reasoning
         if isinstance(reasoning, dict)
         else {"effort": None, "summary": None},
+        # The tier that served the request ("auto" resolves to one), as the API reports it.
+        "service_tier": req.get("service_tier")
+        if req.get("service_tier") in ("flex", "priority", "scale")
+        else "default",
         "store": req.get("store") is not False,
         "temperature": 1.0,
         "text": {"format": {"type": "text"}},

@@ -200,6 +200,7 @@ def end_rows(
                     model=info.model,
                     response_model=result.response_model,
                     at=now,
+                    service_tier=result.token_usage.get("service_tier"),
                 )
             )
         yield "token_usages", usage

@@ -179,6 +179,12 @@ def m003_prompts_indexed_per_batch(db: sqlite_utils.Database) -> None:
     db.execute(f'DROP TRIGGER IF EXISTS "{USER_PROMPTS}_ai"')
 
 
+@migration
+def m004_token_usage_service_tier(db: sqlite_utils.Database) -> None:
+    # The tier that served the request (default, flex, priority…): it sets the price.
+    db[TOKEN_USAGES].add_column("service_tier", str)
+
+
 # The prompts' full-text index, kept by the recorder: the largest prompt id before a batch,
 # then, after the batch's rows, the rows above it (the batch holds the write lock, so they
 # are exactly its own).

@@ -273,10 +273,35 @@ def test_end_rows_carry_the_cost(book: PriceBook) -> None:
         "gpt-5-2025-08-07",
         provider_id="openai",
         genai_request_timestamp=AT,
+        price_context={"service_tier": "flex"},  # the tier the fixture's response reports
     )
     assert usage_row["estimated_cost_usd"] == float(want.total_price)
     assert (usage_row["price_source"], usage_row["priced_model"]) == ("genai-prices", "gpt-5")
     assert usage_row["input_tokens"] == 2006 and usage_row["created_at"] == NOW
+    assert usage_row["service_tier"] == "flex"
+
+
+def test_end_rows_price_the_tier_that_served_the_response(book: PriceBook) -> None:
+    info, outcome = cached_tokens_outcome()
+    assert outcome.result.token_usage is not None
+    when = "2026-11-30T12:00:00.000000+00:00"  # flex and priority have their own rates
+    prices: dict[str, float] = {}
+    for tier in ("default", "flex", "priority"):
+        outcome.result.token_usage["service_tier"] = tier
+        rows = end_rows("iid", info, outcome, 200, Privacy(), when, prices=book)
+        (usage_row,) = [row for table, row in rows if table == "token_usages"]
+        want = genai_prices.calc_price(
+            genai_prices.Usage(
+                input_tokens=2006, cache_read_tokens=1536, cache_write_tokens=384, output_tokens=300
+            ),
+            "gpt-5-2025-08-07",
+            provider_id="openai",
+            genai_request_timestamp=datetime(2026, 11, 30, 12, tzinfo=UTC),
+            price_context={"service_tier": tier},
+        )
+        assert usage_row["estimated_cost_usd"] == float(want.total_price), tier
+        prices[tier] = usage_row["estimated_cost_usd"]
+    assert prices["flex"] < prices["default"] < prices["priority"]
 
 
 def test_end_rows_without_prices_are_unchanged() -> None:
@@ -330,7 +355,7 @@ def test_migration_adds_cost_columns_and_keeps_rows(tmp_path: Path) -> None:
     db = sqlite_utils.Database(path)
     schema.migrate(db)
     columns = list(db["token_usages"].columns_dict)
-    assert columns[-4:] == list(COST_COLUMNS)
+    assert columns[-5:] == [*COST_COLUMNS, "service_tier"]
     assert db["token_usages"].columns_dict["estimated_cost_usd"] is float
     assert db["token_usages"].count == 3
     assert "m002_token_usage_cost" in schema.applied_migrations(db)
@@ -468,3 +493,20 @@ def test_pricing_config_errors_name_the_key(
 def test_shipped_config_documents_pricing_and_retention() -> None:
     text = (REPO / "config.yaml").read_text()
     assert "# pricing:" in text and "#   overrides:" in text and "# retention:" in text
+
+
+def test_backfill_prices_each_row_at_its_service_tier(tmp_path: Path, book: PriceBook) -> None:
+    path = tmp_path / "aibridge.db"
+    db = sqlite_utils.Database(path)
+    schema.migrate(db)
+    when = "2026-11-30T12:00:00.000000+00:00"
+    db["interceptions"].insert({"id": "a", "started_at": when, "model": "gpt-5"})
+    db["token_usages"].insert_all(
+        {"interception_id": "a", **usage(1000, 100), "created_at": when, "service_tier": tier}
+        for tier in ("flex", None, "priority")
+    )
+    db.conn.commit()
+    db.close()
+    assert cost.backfill(path, book).priced == 3
+    flex, untold, priority = [row[1] for row in costs(path)]
+    assert flex < untold < priority  # no tier reported: the default rates

@@ -159,7 +159,7 @@ def test_sdk_buffered_streamed_and_stream_helper(bridge: Mitmdump, upstream: Fak
     c = client(bridge)
     p1, p2, p3 = (f"{kind} {uuid.uuid4().hex}" for kind in ("buffered", "streamed", "helper"))
 
-    answer = c.responses.create(model="fake-cached", input=p1)
+    answer = c.responses.create(model="fake-cached", input=p1, service_tier="flex")
     events = list(c.responses.create(model="fake-reasoning", input=p2, stream=True))
     with c.responses.stream(model="fake-tool", input=p3) as stream:
         final = stream.get_final_response()
@@ -168,6 +168,7 @@ def test_sdk_buffered_streamed_and_stream_helper(bridge: Mitmdump, upstream: Fak
     assert (r1["status"], r1["streaming"], r1["response_id"]) == ("completed", 0, answer.id)
     (u1,) = children(bridge, "token_usages", r1["id"])
     assert u1["input_tokens"] == answer.usage.input_tokens
+    assert u1["service_tier"] == answer.service_tier == "flex"  # it sets the price
     assert u1["cache_read_input_tokens"] == answer.usage.input_tokens_details.cached_tokens > 0
     assert u1["uncached_input_tokens"] == (
         u1["input_tokens"] - u1["cache_read_input_tokens"] - (u1["cache_write_input_tokens"] or 0)

@@ -42,6 +42,7 @@ TOKEN_USAGE_COLUMNS = {
     "reasoning_tokens",
     "total_tokens",
     "usage",
+    "service_tier",
 }
 TOOL_USAGE_COLUMNS = {
     "response_id",

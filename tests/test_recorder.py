@@ -135,6 +135,7 @@ def test_schema_tables_and_columns_in_order(db_path: Path) -> None:
         "price_source",
         "price_version",
         "priced_model",
+        "service_tier",
     ]
     assert list(db[schema.USER_PROMPTS].columns_dict) == [
         "id",
