@@ -243,15 +243,27 @@ class AIBridge:
         if not isinstance(noted, dict) or route.kind is not RouteKind.RESPONSES:
             return
         assert route.provider is not None
-        identity = auth.Identity(
-            str(noted.get("initiator_id")),
-            str(noted.get("credential_kind")),
-            "",
-            str(noted.get("credential_hint")),
-        )
+        identity = None
+        if noted.get("initiator_id") is not None:
+            identity = auth.Identity(
+                str(noted.get("initiator_id")),
+                str(noted.get("credential_kind")),
+                "",
+                str(noted.get("credential_hint")),
+            )
         try:
             _, info = parse_request(req.content or b"")
         except (RequestError, ValueError):
+            info = None
+        rejected = noted.get("rejected")
+        if isinstance(rejected, dict):
+            status, message = rejected.get("status"), rejected.get("message")
+            if isinstance(status, int) and isinstance(message, str):
+                # The live record had the request's fields only if it got that far (501).
+                kept = info if rejected.get("request_read") else None
+                self._record_rejection(flow, route, identity, status, message, kept, noted=noted)
+            return
+        if identity is None or info is None:
             return
         exchange = Exchange(
             str(noted.get("interception_id") or uuid.uuid4().hex),
@@ -522,13 +534,17 @@ class AIBridge:
         status: int,
         message: str,
         info: RequestInfo | None = None,
+        *,
+        noted: dict[str, Any] | None = None,
     ) -> None:
+        """Record a refused request. `noted`: what the live bridge noted on a flow read back
+        from a file (offline mode), which keeps the id and the credential's hint."""
         if self.recorder is None or route.provider is None:
             return
         now = utc_now()
         token = auth.presented_token(flow.request.headers)
         row = records.interception_start(
-            interception_id=uuid.uuid4().hex,
+            interception_id=str(noted["interception_id"]) if noted else uuid.uuid4().hex,
             flow_id=flow.id,
             started_at=now,
             provider=route.provider,
@@ -537,10 +553,25 @@ class AIBridge:
             identity=identity,
             request_bytes=len(flow.request.raw_content or b""),
         )
-        if identity is None and token is not None:
+        if noted is not None:
+            row["credential_hint"] = noted.get("credential_hint")
+        elif identity is None and token is not None:
             row["credential_hint"] = auth.hint(token)
         row.update(ended_at=now, http_status=status, status="rejected", error=message)
         self.recorder.upsert("interceptions", row)
+        if noted is None and flow.websocket is None:
+            # Saved with the flow (-w): offline mode rebuilds the rejection from it.
+            flow.metadata[METADATA_KEY] = {
+                "interception_id": row["id"],
+                "initiator_id": row["initiator_id"],
+                "credential_kind": row["credential_kind"],
+                "credential_hint": row["credential_hint"],
+                "rejected": {
+                    "status": status,
+                    "message": message,
+                    "request_read": info is not None,
+                },
+            }
         if info is not None and info.prompt is not None and self.config is not None:
             self.recorder.insert(
                 "user_prompts",

@@ -785,6 +785,41 @@ def test_upstream_unreachable(bridge: Bridge) -> None:
     assert flow.request.headers["authorization"] == f"Bearer {hint(PROVIDER_KEY)}"
 
 
+@pytest.mark.parametrize(
+    ("body", "token", "status"),
+    [
+        (b'{"model": "gpt-5", "input": "later", "background": true}', TOKENS["alice"], 501),
+        (b'{"model": "gpt-5", "input": "hi"}', UNKNOWN_TOKEN, 401),
+        (b"{not json", TOKENS["bob"], 400),
+    ],
+)
+def test_a_saved_rejection_is_rebuilt_offline(
+    bridge: Bridge, body: bytes, token: str, status: int
+) -> None:
+    flow = make_flow(body, token=token)
+    bridge.addon.request(flow)
+    (live,) = bridge.interceptions(flow)
+    prompts = bridge.children("user_prompts", live["id"])
+    # What `-w` saved, read back by `mitmdump -n --rfile` into an empty log.
+    saved = http.HTTPFlow.from_state(flow.get_state())
+    saved.live = False
+    conn = sqlite3.connect(bridge.db_path)
+    with conn:
+        conn.execute("delete from user_prompts where interception_id = ?", (live["id"],))
+        conn.execute("delete from interceptions where id = ?", (live["id"],))
+    conn.close()
+    bridge.addon.request(saved)
+    (rebuilt,) = bridge.interceptions(flow)
+    times = ("started_at", "ended_at")
+    assert {k: v for k, v in rebuilt.items() if k not in times} == {
+        k: v for k, v in live.items() if k not in times
+    }
+    assert rebuilt["http_status"] == status
+    assert [p["prompt"] for p in bridge.children("user_prompts", live["id"])] == [
+        p["prompt"] for p in prompts
+    ]
+
+
 def test_upstream_unreachable_is_answered_in_our_shape(bridge: Bridge) -> None:
     flow = bridged(bridge, "text_buffered")
     # What mitm_compat notes while mitmproxy is about to send its own 502 page.

@@ -20,16 +20,15 @@ def test_demo_and_offline_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert 'get_weather({"city":"Paris"})' in printed
     tools = query(out_dir / "aibridge.db", "select tool, args from tool_usages")
     assert tools == [{"tool": "get_weather", "args": '{"city":"Paris"}'}]
-    live = query(
-        out_dir / "aibridge.db",
-        "select initiator_id, status, model, streaming, "
-        "response_id from interceptions where status = 'completed' order by started_at",
+    every_row = (
+        "select id, initiator_id, status, http_status, error, model, streaming, response_id, "
+        "credential_kind, credential_hint from interceptions order by id"
     )
-    assert [r["initiator_id"] for r in live] == ["alice", "bob", "alice", "alice", "bob"]
-    assert (
-        len(query(out_dir / "aibridge.db", "select * from interceptions where status = 'rejected'"))
-        == 2
-    )
+    live = query(out_dir / "aibridge.db", every_row)
+    completed = [r["initiator_id"] for r in live if r["status"] == "completed"]
+    assert sorted(completed) == ["alice", "alice", "alice", "bob", "bob"]
+    rejected = [(r["initiator_id"], r["http_status"]) for r in live if r["status"] == "rejected"]
+    assert sorted(rejected, key=str) == [("alice", 501), (None, 401)]
 
     flows = (out_dir / "flows.mitm").read_bytes()
     assert b"demo-alice-" not in flows and b"demo-bob-" not in flows
@@ -55,12 +54,8 @@ def test_demo_and_offline_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[
         capture_output=True,
         timeout=60,
     )
-    again = query(
-        rebuilt,
-        "select initiator_id, status, model, streaming, response_id "
-        "from interceptions order by started_at",
-    )
-    assert again == live
+    # The same exchanges, refusals included, with the same ids.
+    assert query(rebuilt, every_row) == live
     for table in ("token_usages", "tool_usages", "model_thoughts"):
         assert len(query(rebuilt, f"select * from {table}")) == len(
             query(out_dir / "aibridge.db", f"select * from {table}")
