@@ -7,6 +7,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -262,20 +263,30 @@ def cached_tokens_outcome() -> tuple[RequestInfo, Outcome]:
     return info, Outcome("completed", None, result)
 
 
-def test_end_rows_carry_the_cost(book: PriceBook) -> None:
-    info, outcome = cached_tokens_outcome()
-    rows = list(end_rows("iid", info, outcome, 200, Privacy(), NOW, prices=book))
-    (usage_row,) = [row for table, row in rows if table == "token_usages"]
-    want = genai_prices.calc_price(
+def cached_tokens_list_price(at: datetime, service_tier: str) -> float:
+    """What genai-prices says the cached-tokens fixture costs."""
+    price = genai_prices.calc_price(
         genai_prices.Usage(
             input_tokens=2006, cache_read_tokens=1536, cache_write_tokens=384, output_tokens=300
         ),
         "gpt-5-2025-08-07",
         provider_id="openai",
-        genai_request_timestamp=AT,
-        price_context={"service_tier": "flex"},  # the tier the fixture's response reports
+        genai_request_timestamp=at,
+        price_context={"service_tier": service_tier},
     )
-    assert usage_row["estimated_cost_usd"] == float(want.total_price)
+    return float(price.total_price)
+
+
+def usage_row_of(rows: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    (row,) = [row for table, row in rows if table == "token_usages"]
+    return row
+
+
+def test_end_rows_carry_the_cost(book: PriceBook) -> None:
+    info, outcome = cached_tokens_outcome()
+    usage_row = usage_row_of(end_rows("iid", info, outcome, 200, Privacy(), NOW, prices=book))
+    # The fixture's response reports the flex tier.
+    assert usage_row["estimated_cost_usd"] == cached_tokens_list_price(AT, "flex")
     assert (usage_row["price_source"], usage_row["priced_model"]) == ("genai-prices", "gpt-5")
     assert usage_row["input_tokens"] == 2006 and usage_row["created_at"] == NOW
     assert usage_row["service_tier"] == "flex"
@@ -289,25 +300,16 @@ def test_end_rows_price_the_tier_that_served_the_response(book: PriceBook) -> No
     for tier in ("default", "flex", "priority"):
         outcome.result.token_usage["service_tier"] = tier
         rows = end_rows("iid", info, outcome, 200, Privacy(), when, prices=book)
-        (usage_row,) = [row for table, row in rows if table == "token_usages"]
-        want = genai_prices.calc_price(
-            genai_prices.Usage(
-                input_tokens=2006, cache_read_tokens=1536, cache_write_tokens=384, output_tokens=300
-            ),
-            "gpt-5-2025-08-07",
-            provider_id="openai",
-            genai_request_timestamp=datetime(2026, 11, 30, 12, tzinfo=UTC),
-            price_context={"service_tier": tier},
+        prices[tier] = usage_row_of(rows)["estimated_cost_usd"]
+        assert prices[tier] == cached_tokens_list_price(
+            datetime(2026, 11, 30, 12, tzinfo=UTC), tier
         )
-        assert usage_row["estimated_cost_usd"] == float(want.total_price), tier
-        prices[tier] = usage_row["estimated_cost_usd"]
     assert prices["flex"] < prices["default"] < prices["priority"]
 
 
 def test_end_rows_without_prices_are_unchanged() -> None:
     info, outcome = cached_tokens_outcome()
-    rows = list(end_rows("iid", info, outcome, 200, Privacy(), NOW))
-    (usage_row,) = [row for table, row in rows if table == "token_usages"]
+    usage_row = usage_row_of(end_rows("iid", info, outcome, 200, Privacy(), NOW))
     assert not set(COST_COLUMNS) & set(usage_row)
 
 
