@@ -7,6 +7,9 @@ never raises into mitmproxy for a bad flow: the worst case is an error row and a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import gc
 import logging
 import time
@@ -74,11 +77,12 @@ class AIBridge:
         self._exchanges: dict[str, Exchange] = {}
         self._sockets: dict[str, SocketState] = {}
         self._concealment = ViewConcealment()  # mitmweb only
+        self._mitm = mitm_compat.Installed(False, False)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
-        mitm_compat.install()
+        self._mitm = mitm_compat.install()
         loader.add_option(
             "aibridge_config",
             str,
@@ -134,7 +138,7 @@ class AIBridge:
         self._concealment.start(ctx.master)
 
     def done(self) -> None:
-        self._concealment.stop(ctx.master)
+        self._concealment.stop()
         for flow_id in list(self._exchanges):
             self._finish_interrupted(self._exchanges.pop(flow_id))
         for state in self._sockets.values():
@@ -151,7 +155,7 @@ class AIBridge:
         if not self._concealment.active or self.config is None or not flow.live:
             return
         if self._route(flow, flow.request.headers).kind is not RouteKind.UNRELATED:
-            self._concealment.conceal_until_sent(flow, auth.CLIENT_CREDENTIAL_HEADERS)
+            self._concealment.conceal(flow, auth.CLIENT_CREDENTIAL_HEADERS)
 
     def request(self, flow: http.HTTPFlow) -> None:
         try:
@@ -221,7 +225,11 @@ class AIBridge:
         auth.install_credentials(req.headers, route.provider, identity)
         exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, info)
         self._exchanges[flow.id] = exchange
-        self._concealment.conceal_until_sent(flow, auth.upstream_credential_headers(route.provider))
+        if self._mitm.before_send:
+            # The flow shows hints; the real values are put in just for the wire.
+            names = auth.upstream_credential_headers(route.provider)
+            fields = auth.conceal(req.headers, names)
+            mitm_compat.before_send(flow, functools.partial(self._on_the_wire, exchange, fields))
         if info is not None:
             flow.metadata[METADATA_KEY] = {
                 "interception_id": exchange.interception_id,
@@ -356,16 +364,13 @@ class AIBridge:
             return
         self._finish(flow, self._explain_silence(flow, exchange, error))
 
-    def update(self, flows: list[Any]) -> None:
-        """mitmweb is about to show these flows again (a user acted on them)."""
-        if not self._concealment.active:
-            return
-        for flow in flows:
-            exchange = self._exchanges.get(getattr(flow, "id", ""))
-            if exchange is not None and not exchange.masked:
-                # In flight: the key is still needed if the connection is being opened.
-                names = auth.upstream_credential_headers(exchange.provider)
-                self._concealment.conceal_while_shown(exchange.flow, names)
+    def _on_the_wire(self, exchange: Exchange, fields: auth.Concealed) -> None:
+        """Right before mitmproxy serialises the request head (mitm_compat.before_send)."""
+        auth.reveal(exchange.flow.request.headers, fields)
+        # Runs once the head is written: nothing else runs on the loop in between. (Without
+        # a loop, never the case in the proxy, the flow is masked at the response.)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_soon(self._mask, exchange.flow, exchange)
 
     @staticmethod
     def _explain_silence(flow: http.HTTPFlow, exchange: Exchange, error: str) -> str:

@@ -7,6 +7,7 @@ read back from the SQLite file after flushing the recorder.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
@@ -541,6 +542,10 @@ def test_credentials_swapped_and_body_bytes_kept(bridge: Bridge, header: str) ->
     assert body == fixture(name, "request.json")
     bridge.addon.request(flow)
 
+    # Until the request goes on the wire, the flow (what mitmweb shows) holds only hints.
+    assert PROVIDER_KEY not in str(flow.request.headers.fields)
+    assert flow.request.headers["authorization"] == f"Bearer {hint(PROVIDER_KEY)}"
+    mitm_compat.run_before_send(flow)  # what mitmproxy does right before it sends the head
     assert flow.response is None
     assert flow.request.raw_content is body  # parsed once, never re-encoded
     headers = flow.request.headers
@@ -603,6 +608,7 @@ def test_route_prefix_retargets(
     flow = make_flow(fixture("text_streamed", "request.json"), url=url)
     body = flow.request.raw_content
     bridge.addon.request(flow)
+    mitm_compat.run_before_send(flow)
     assert flow.response is None
     req = flow.request
     assert (req.scheme, req.host, req.port, req.path) == target
@@ -615,6 +621,7 @@ def test_route_prefix_retargets(
 def test_passthrough_path_gets_the_key_and_no_record(bridge: Bridge) -> None:
     flow = make_flow(b"", method="GET", url="https://api.openai.com/v1/models")
     bridge.addon.request(flow)
+    mitm_compat.run_before_send(flow)
     assert flow.response is None
     assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     flow.response = http.Response.make(200, b'{"data": []}', {"content-type": "application/json"})
@@ -818,6 +825,23 @@ def test_a_saved_rejection_is_rebuilt_offline(
     assert [p["prompt"] for p in bridge.children("user_prompts", live["id"])] == [
         p["prompt"] for p in prompts
     ]
+
+
+def test_the_key_is_in_the_flow_only_while_the_request_head_is_sent(bridge: Bridge) -> None:
+    flow = bridged(bridge, "text_streamed")  # the request hook ran
+    shown = f"Bearer {hint(PROVIDER_KEY)}"
+    assert flow.request.headers["authorization"] == shown
+
+    async def send() -> None:
+        mitm_compat.run_before_send(flow)  # mitmproxy serialises the head right after this
+        assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+        await asyncio.sleep(0)  # the loop's next turn: the head is on the wire by then
+        assert flow.request.headers["authorization"] == shown
+        assert flow.request.headers["openai-organization"] == hint("org-test")
+
+    asyncio.run(send())
+    mitm_compat.run_before_send(flow)  # once only
+    assert flow.request.headers["authorization"] == shown
 
 
 def test_upstream_unreachable_is_answered_in_our_shape(bridge: Bridge) -> None:

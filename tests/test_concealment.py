@@ -1,4 +1,5 @@
-"""Secrets concealed from mitmweb's view while a request is on its way (aibridge.concealment)."""
+"""Client tokens concealed from mitmweb's view until the bridge reads them
+(aibridge.concealment)."""
 
 from __future__ import annotations
 
@@ -10,62 +11,49 @@ from aibridge.auth import CLIENT_CREDENTIAL_HEADERS
 from aibridge.concealment import ViewConcealment
 
 TOKEN = "alice-token-0123456789"
-KEY = "sk-proj-provider-key-0123456789"
-
-
-class Addons:
-    def __init__(self, view: bool) -> None:
-        self.chain: list[Any] = ["view"] if view else []
-
-    def get(self, name: str) -> Any:
-        return name if name in self.chain else None
-
-    def add(self, addon: Any) -> None:
-        self.chain.append(addon)
-
-    def remove(self, addon: Any) -> None:
-        self.chain.remove(addon)
 
 
 class Master:
     def __init__(self, view: bool) -> None:
-        self.addons = Addons(view)
+        self.addons = self
+        self._view = view
+
+    def get(self, name: str) -> Any:
+        return object() if name == "view" and self._view else None
+
+
+def flow_with_token() -> Any:
+    flow = tflow.tflow()
+    flow.request.headers["authorization"] = f"Bearer {TOKEN}"
+    flow.request.headers["x-api-key"] = TOKEN
+    return flow
 
 
 def test_without_mitmweb_nothing_is_touched() -> None:
-    concealment, master = ViewConcealment(), Master(view=False)
-    concealment.start(master)
-    flow = tflow.tflow()
-    flow.request.headers["authorization"] = f"Bearer {TOKEN}"
-    concealment.conceal_until_sent(flow, CLIENT_CREDENTIAL_HEADERS)
-    assert not concealment.active and master.addons.chain == []
+    concealment = ViewConcealment()
+    concealment.start(Master(view=False))
+    flow = flow_with_token()
+    concealment.conceal(flow, CLIENT_CREDENTIAL_HEADERS)
+    assert not concealment.active
     assert flow.request.headers["authorization"] == f"Bearer {TOKEN}"
 
 
-def test_the_view_sees_hints_and_upstream_gets_the_real_values() -> None:
-    concealment, master = ViewConcealment(), Master(view=True)
-    concealment.start(master)
-    view, revealer = master.addons.chain  # the revealer comes after the view
-    flow = tflow.tflow()
-    flow.request.headers["authorization"] = f"Bearer {TOKEN}"
-
-    # requestheaders: the view must not see the client's token...
-    concealment.conceal_until_sent(flow, CLIENT_CREDENTIAL_HEADERS)
-    assert TOKEN not in str(flow.request.headers)
-    # ...but the bridge's request hook reads it, swaps in the key, hides that in turn.
-    concealment.reveal(flow)
+def test_the_view_sees_hints_until_the_bridge_reads_the_token() -> None:
+    concealment = ViewConcealment()
+    concealment.start(Master(view=True))
+    flow = flow_with_token()
+    concealment.conceal(flow, CLIENT_CREDENTIAL_HEADERS)  # requestheaders
+    assert TOKEN not in str(flow.request.headers)  # what the view pushes
+    concealment.reveal(flow)  # the start of the bridge's request hook
     assert flow.request.headers["authorization"] == f"Bearer {TOKEN}"
-    flow.request.headers["authorization"] = f"Bearer {KEY}"
-    concealment.conceal_until_sent(flow, ["authorization"])
-    assert KEY not in str(flow.request.headers)  # what the view pushes
-    revealer.request(flow)  # the last request hook: what goes upstream
-    assert flow.request.headers["authorization"] == f"Bearer {KEY}"
+    assert flow.request.headers["x-api-key"] == TOKEN
+    concealment.reveal(flow)  # once only
+    assert flow.request.headers["x-api-key"] == TOKEN
 
-    # A user acts on the flow in flight: hidden for that update only.
-    concealment.conceal_while_shown(flow, ["authorization"])
-    assert KEY not in str(flow.request.headers)
-    revealer.update([flow])
-    assert flow.request.headers["authorization"] == f"Bearer {KEY}"
-
-    concealment.stop(master)
-    assert master.addons.chain == [view] and not concealment.active
+    other = flow_with_token()
+    concealment.conceal(other, CLIENT_CREDENTIAL_HEADERS)
+    concealment.forget(other)  # the flow failed before its request hook
+    concealment.reveal(other)
+    assert TOKEN not in str(other.request.headers)
+    concealment.stop()
+    assert not concealment.active

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from aibridge import records
+from aibridge import mitm_compat, records
 from aibridge.bridge import AIBridge
 from aibridge.config import Privacy, parse_config
 from aibridge.extract import RequestError, ResponseAccumulator, parse_request
@@ -345,7 +345,8 @@ def test_hooks_never_raise_and_never_leak_a_token(
     hook_bridge.request(flow)
     if flow.response is not None:
         return  # refused: the provider never sees it
-    sent = bytes(flow.request.headers)  # what would go upstream
+    mitm_compat.run_before_send(flow)  # as mitmproxy does right before sending the head
+    sent = bytes(flow.request.headers)  # what goes upstream
     assert not any(t.encode() in sent for t in TOKENS.values())
     assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     flow.response = http.Response.make(status, b"", {"content-type": content_type})

@@ -189,6 +189,28 @@ class Updates:
                 self.messages.append(orjson.dumps(message))
 
 
+def in_flight(web: Mitmweb, upstream: FakeUpstream) -> dict[str, bytes]:
+    """What mitmweb serves while a request is with the provider (sent, no answer yet)."""
+    marker = uuid.uuid4().hex
+    body = orjson.dumps({"model": "fake-slow", "input": marker})
+    slow = threading.Thread(
+        target=httpx.post,
+        args=(f"{web.url}/openai/v1/responses",),
+        kwargs={
+            "content": body,
+            # The slow scenario answers a buffered request only after 20 delays.
+            "headers": {"authorization": f"Bearer {TOKENS['alice']}", "x-fake-delay-ms": "100"},
+            "timeout": SAFETY,
+        },
+        daemon=True,
+    )
+    slow.start()
+    assert wait_for(lambda: any(marker.encode() in r.body for r in upstream.requests), SAFETY)
+    served = {f"in flight {path}": web.api(path) for path in ("/flows", "/flows/dump")}
+    slow.join(SAFETY)
+    return served
+
+
 @dataclass
 class WebRun:
     served: dict[str, bytes]  # API path -> body
@@ -205,14 +227,15 @@ def web_run(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) ->
         reader = threading.Thread(target=updates.collect, daemon=True)
         reader.start()
         traffic(web)
-        served = {path: web.api(path) for path in ("/flows", "/flows/dump", "/events")}
+        served = in_flight(web, upstream)
+        served |= {path: web.api(path) for path in ("/flows", "/flows/dump", "/events")}
         for flow in orjson.loads(served["/flows"]):
             base = f"/flows/{flow['id']}"
             for part in ("request", "response"):
                 if flow.get(part):
                     path = f"{base}/{part}/content.data"
                     served[path] = web.api(path)
-        assert len(orjson.loads(served["/flows"])) >= 11
+        assert len(orjson.loads(served["/flows"])) >= 12
         updates.socket.close()
         reader.join(SAFETY)
     assert updates.messages, "the web socket pushed nothing"
