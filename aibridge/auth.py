@@ -115,13 +115,10 @@ def upstream_credential_headers(provider: Provider) -> tuple[str, ...]:
     return ("authorization", *provider.extra_headers)
 
 
-def mask_credentials(headers: http.Headers, identity: Identity, provider: Provider) -> None:
-    """After the request went upstream: keep only the hint in the flow (mitmweb, saved flows)."""
-    if "authorization" in headers and identity.upstream_key:
-        headers["authorization"] = f"Bearer {identity.credential_hint}"
-    for name in provider.extra_headers:
-        if name in headers:
-            headers[name] = hint(headers[name])
+def mask_credentials(headers: http.Headers, provider: Provider) -> None:
+    """After the request went upstream: keep only hints in the flow (mitmweb, saved flows),
+    the same ones ``conceal`` shows, for good."""
+    conceal(headers, upstream_credential_headers(provider))
 
 
 # (index in Headers.fields, name, real value, value shown instead)

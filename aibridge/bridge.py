@@ -41,6 +41,27 @@ API = "responses"
 METADATA_KEY = "aibridge"
 
 
+def _note(
+    flow: http.HTTPFlow,
+    interception_id: str,
+    initiator_id: str | None,
+    credential_kind: str | None,
+    credential_hint: str | None,
+    rejected: dict[str, Any] | None = None,
+) -> None:
+    """What the bridge notes on a flow it records (saved with it, `-w`), so that offline mode
+    (`_replay_request`) rebuilds the same record without authenticating anyone."""
+    noted: dict[str, Any] = {
+        "interception_id": interception_id,
+        "initiator_id": initiator_id,
+        "credential_kind": credential_kind,
+        "credential_hint": credential_hint,
+    }
+    if rejected is not None:
+        noted["rejected"] = rejected
+    flow.metadata[METADATA_KEY] = noted
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -57,6 +78,8 @@ class Exchange:
     accumulator: ResponseAccumulator = field(default_factory=ResponseAccumulator)
     tee: StreamTee | None = None
     masked: bool = False
+    # The upstream secrets shown as hints in the flow until the wire (mitm_compat.before_send).
+    concealed: auth.Concealed | None = None
 
 
 class AIBridge:
@@ -228,15 +251,16 @@ class AIBridge:
         if self._mitm.before_send:
             # The flow shows hints; the real values are put in just for the wire.
             names = auth.upstream_credential_headers(route.provider)
-            fields = auth.conceal(req.headers, names)
-            mitm_compat.before_send(flow, functools.partial(self._on_the_wire, exchange, fields))
+            exchange.concealed = auth.conceal(req.headers, names)
+            mitm_compat.before_send(flow, functools.partial(self._on_the_wire, exchange))
         if info is not None:
-            flow.metadata[METADATA_KEY] = {
-                "interception_id": exchange.interception_id,
-                "initiator_id": identity.user_id,
-                "credential_kind": identity.credential_kind,
-                "credential_hint": identity.credential_hint,
-            }
+            _note(
+                flow,
+                exchange.interception_id,
+                identity.user_id,
+                identity.credential_kind,
+                identity.credential_hint,
+            )
             self._record_start(flow, exchange, headers=headers)
 
     def _replay_request(self, flow: http.HTTPFlow) -> None:
@@ -279,6 +303,7 @@ class AIBridge:
             route.provider,
             identity,
             info,
+            masked=True,  # saved already masked
         )
         self._exchanges[flow.id] = exchange
         self._record_start(flow, exchange)
@@ -364,9 +389,12 @@ class AIBridge:
             return
         self._finish(flow, self._explain_silence(flow, exchange, error))
 
-    def _on_the_wire(self, exchange: Exchange, fields: auth.Concealed) -> None:
+    def _on_the_wire(self, exchange: Exchange) -> None:
         """Right before mitmproxy serialises the request head (mitm_compat.before_send)."""
-        auth.reveal(exchange.flow.request.headers, fields)
+        if exchange.concealed is not None:
+            auth.reveal(exchange.flow.request.headers, exchange.concealed)
+            exchange.concealed = None
+            exchange.masked = False  # the real values are in the flow again, for now
         # Runs once the head is written: nothing else runs on the loop in between. (Without
         # a loop, never the case in the proxy, the flow is masked at the response.)
         with contextlib.suppress(RuntimeError):
@@ -394,8 +422,8 @@ class AIBridge:
 
     def _mask(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         if not exchange.masked:
-            self._concealment.forget(flow)
-            auth.mask_credentials(flow.request.headers, exchange.identity, exchange.provider)
+            if exchange.concealed is None:  # else the flow shows the hints already
+                auth.mask_credentials(flow.request.headers, exchange.provider)
             exchange.masked = True
 
     def _finish(self, flow: http.HTTPFlow, error: str | None, answered: bool = False) -> None:
@@ -565,18 +593,15 @@ class AIBridge:
         row.update(ended_at=now, http_status=status, status="rejected", error=message)
         self.recorder.upsert("interceptions", row)
         if noted is None and flow.websocket is None:
-            # Saved with the flow (-w): offline mode rebuilds the rejection from it.
-            flow.metadata[METADATA_KEY] = {
-                "interception_id": row["id"],
-                "initiator_id": row["initiator_id"],
-                "credential_kind": row["credential_kind"],
-                "credential_hint": row["credential_hint"],
-                "rejected": {
-                    "status": status,
-                    "message": message,
-                    "request_read": info is not None,
-                },
-            }
+            rejected = {"status": status, "message": message, "request_read": info is not None}
+            _note(
+                flow,
+                row["id"],
+                row["initiator_id"],
+                row["credential_kind"],
+                row["credential_hint"],
+                rejected,
+            )
         if info is not None and info.prompt is not None and self.config is not None:
             self.recorder.insert(
                 "user_prompts",

@@ -25,9 +25,10 @@ else:  # mitmproxy 12 depends on the backport on older Pythons
 
 # The copy for parsing is parsed in batches of about this size (bounded memory, low cost).
 PARSE_BATCH_BYTES = 64 * 1024
-_clock = time.time
 # Decompress at most this much per call, so a tiny compressed chunk cannot balloon memory.
 _MAX_INFLATE_STEP = 1 << 20
+# The clock of mitmproxy's timestamps, looked up once: it is read for every chunk.
+_clock = time.time
 
 
 class _Inflater:

@@ -109,7 +109,7 @@ def test_install_and_mask_credentials():
     assert h["authorization"] == f"Bearer {PROVIDER_KEY}"
     assert "x-api-key" not in h and "proxy-authorization" not in h
     assert h["openai-project"] == "p1" and h["user-agent"] == "ua"
-    auth.mask_credentials(h, identity, PROVIDER)
+    auth.mask_credentials(h, PROVIDER)
     assert h["authorization"] == "Bearer sk-p...cdef"
     # Configured provider headers may hold secrets too (Azure's api-key): hints only.
     assert h["openai-project"] == auth.hint("p1")
