@@ -9,13 +9,17 @@ Anything else is refused before it can reach the provider.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import base64
+import contextlib
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from mitmproxy import http
 
-from aibridge.config import Config, Provider
+from aibridge.config import Config, Provider, User, hint
 
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
 
@@ -24,21 +28,12 @@ CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization"
 class Identity:
     user_id: str
     credential_kind: str  # "centralized" | "byok" | "client" (ChatGPT sign-in, forwarded)
-    upstream_key: str
+    upstream_key: str = field(repr=False)  # credential_hint says which one
     credential_hint: str
 
 
 class AuthError(Exception):
     """The client could not be identified; the message is safe to show it."""
-
-
-def hint(secret: str) -> str:
-    """A masked form of a secret: enough to tell keys apart, never enough to use one."""
-    n = len(secret)
-    keep = 4 if n >= 20 else 2 if n >= 10 else 1 if n >= 5 else 0
-    if keep == 0:
-        return "..."
-    return f"{secret[:keep]}...{secret[-keep:]}"
 
 
 def presented_token(headers: Mapping[str, str]) -> str | None:
@@ -49,6 +44,70 @@ def presented_token(headers: Mapping[str, str]) -> str | None:
         return value.strip()
     api_key = headers.get("x-api-key", "").strip()
     return api_key or None
+
+
+# Headers that never carry a credential; every other header is searched for bridge tokens.
+_PLAIN_HEADERS = frozenset(
+    {
+        "host",
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "user-agent",
+        "te",
+        "upgrade",
+    }
+)
+_LIST_ITEMS = re.compile(r"[;,]")
+# Tokens are at least 8 characters long (config.py); shorter values are not looked up.
+_MIN_TOKEN = 8
+
+
+def leaked_token_owner(config: Config, headers: Mapping[str, str], query: str = "") -> User | None:
+    """The user whose bridge token this request carries anywhere a credential can travel
+    (any header value, bare or after a scheme such as ``Bearer``, inside Basic
+    credentials, or a query parameter), or None. Such a request must not leave the bridge
+    except to a provider, with the token swapped for the provider's credential."""
+    if not config.users:
+        return None
+    for name, value in headers.items():
+        if name in _PLAIN_HEADERS or len(value) < _MIN_TOKEN:
+            continue
+        for candidate in _credential_candidates(value):
+            user = config.user_for_token(candidate)
+            if user is not None:
+                return user
+    if query:
+        for _, value in parse_qsl(query, keep_blank_values=False):
+            if len(value) >= _MIN_TOKEN and (user := config.user_for_token(value.strip())):
+                return user
+    return None
+
+
+def _credential_candidates(value: str) -> Iterator[str]:
+    """Where a token can sit in one header value: whole, after a scheme, in Basic
+    credentials, as one item of a list (``a=1; key=<token>`` cookies, ``, ``-joined)."""
+    items = [value]
+    if ";" in value or "," in value:
+        items.extend(_LIST_ITEMS.split(value))
+    for item in items:
+        item = item.strip()
+        yield item
+        scheme, space, rest = item.partition(" ")
+        if space:
+            rest = rest.strip()
+            yield rest
+            if scheme.lower() == "basic":
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    decoded = base64.b64decode(rest, validate=True).decode()
+                    yield from decoded.partition(":")[::2]
+        if "=" in item:
+            yield item.partition("=")[2].strip().strip('"')
 
 
 def proxyauth_user(metadata: dict[str, Any]) -> str | None:

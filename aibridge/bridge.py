@@ -79,7 +79,7 @@ class Exchange:
     tee: StreamTee | None = None
     masked: bool = False
     # The upstream secrets shown as hints in the flow until the wire (mitm_compat.before_send).
-    concealed: auth.Concealed | None = None
+    concealed: auth.Concealed | None = field(default=None, repr=False)
 
 
 class AIBridge:
@@ -101,6 +101,9 @@ class AIBridge:
         self._sockets: dict[str, SocketState] = {}
         self._concealment = ViewConcealment()  # mitmweb only
         self._mitm = mitm_compat.Installed(False, False)
+        # Why the bridge has no configuration, while it has none (it then refuses traffic).
+        self._config_error: str | None = None
+        self._unconfigured_refusals = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -119,10 +122,45 @@ class AIBridge:
             "",
             "SQLite file for the AI Bridge audit log; overrides `database` in the config file.",
         )
+        self._settle_repeated_options(loader.master.options, ("aibridge_config", "aibridge_db"))
+
+    def _settle_repeated_options(self, options: Any, names: tuple[str, ...]) -> None:
+        """``--set aibridge_db=x`` given twice. mitmproxy keeps a script's options aside until
+        the script has declared them, then fails on the repeated value while it loads the
+        script, in a place that logs nothing and leaves the script out: mitmdump would run
+        without the bridge. The same value repeated is one value; different values stop
+        mitmdump at start-up with an error naming the option."""
+        deferred = getattr(options, "deferred", None)
+        if not isinstance(deferred, dict):
+            return
+        for name in names:
+            values = getattr(deferred.get(name), "val", None)
+            if not isinstance(values, list) or len(values) < 2:
+                continue
+            if len(set(values)) == 1:
+                del values[1:]
+                continue
+            del deferred[name]  # else mitmproxy drops the bridge silently, see above
+            self._config_error = (
+                f"--set {name} was given {len(values)} times with different values "
+                f"({', '.join(map(repr, values))}): give it once"
+            )
+            log.error(f"AI Bridge: {self._config_error}")
 
     def configure(self, updated: set[str]) -> None:
         if "aibridge_config" not in updated and "aibridge_db" not in updated:
             return
+        if self.config is None and self._config_error is not None:
+            return  # a start-up error (_settle_repeated_options): stay unconfigured, refuse
+        try:
+            self._configure()
+        except Exception as e:
+            if self.config is None:
+                # Fails closed: with no configuration every request is refused (503).
+                self._config_error = str(e)
+            raise
+
+    def _configure(self) -> None:
         path = self._config_path(ctx.options.aibridge_config)
         try:
             config = load_config(path)
@@ -144,6 +182,7 @@ class AIBridge:
         # Prices are loaded once here: the hooks only look them up.
         self.prices = PriceBook(config.pricing)
         self.config = config
+        self._config_error = None
         names = ", ".join(f"{p.name} ({p.base_url})" for p in config.providers)
         log.info(f"AI Bridge: {len(config.users)} user(s), providers: {names}")
 
@@ -159,6 +198,11 @@ class AIBridge:
         # garbage collection walks them all and stalls the event loop for 100+ ms.
         gc.freeze()
         self._concealment.start(ctx.master)
+        if self.config is None:
+            log.error(
+                f"AI Bridge has no working configuration ({self._config_error or 'not loaded'})"
+                ": every request is refused with 503 until it is fixed"
+            )
 
     def done(self) -> None:
         self._concealment.stop()
@@ -208,6 +252,8 @@ class AIBridge:
     def _request(self, flow: http.HTTPFlow) -> None:
         self._concealment.reveal(flow)
         if self.config is None:
+            if flow.live and flow.response is None:
+                self._refuse_unconfigured(flow)
             return
         if not flow.live:
             self._replay_request(flow)
@@ -218,6 +264,7 @@ class AIBridge:
         headers = header_view(req.headers)
         route = self._route(flow, headers)
         if route.kind is RouteKind.UNRELATED:
+            self._keep_tokens_in(flow, headers)
             return
         assert route.provider is not None
         if route.kind is RouteKind.FORBIDDEN:
@@ -230,6 +277,23 @@ class AIBridge:
             if route.kind is RouteKind.RESPONSES:
                 self._record_rejection(flow, route, None, 401, str(e))
             self._refuse(flow, 401, str(e), None)
+            return
+        # The credential headers are replaced below; a bridge token anywhere else would
+        # reach the provider.
+        others = {
+            name: value
+            for name, value in headers.items()
+            if name not in auth.CLIENT_CREDENTIAL_HEADERS
+        }
+        owner = auth.leaked_token_owner(self.config, others, req.path.partition("?")[2])
+        if owner is not None:
+            message = (
+                "this request carries an AI Bridge token outside the API key header; "
+                "send it only as the API key (Authorization: Bearer <token>)"
+            )
+            if route.kind is RouteKind.RESPONSES:
+                self._record_rejection(flow, route, identity, 403, message)
+            self._refuse(flow, 403, message, identity.user_id)
             return
         if route.kind is RouteKind.WEBSOCKET:
             if self.config.websocket == "refuse":
@@ -336,6 +400,40 @@ class AIBridge:
         self._refuse(flow, status, message, identity.user_id if identity else None)
         return None
 
+    def _keep_tokens_in(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> None:
+        """A request for a host that is not a provider must not carry a bridge token out
+        (a client pointed at the real API with its bridge token, say): refused."""
+        assert self.config is not None
+        owner = auth.leaked_token_owner(self.config, headers, flow.request.path.partition("?")[2])
+        if owner is None:
+            return
+        host = flow.request.pretty_host
+        log.warning(
+            f"AI Bridge: refused a request of {owner.id} to {host}: it carries their bridge "
+            "token, which must not leave the bridge"
+        )
+        message = (
+            f"this request carries your AI Bridge token and goes to {host}, which is not a "
+            "provider of this bridge: refused so that the token does not leave the bridge"
+        )
+        self._refuse(flow, 403, message, owner.id)
+
+    def _refuse_unconfigured(self, flow: http.HTTPFlow) -> None:
+        """Fail closed: without a working configuration nobody can be identified, and no
+        flow can be told to be a provider's, so every request is refused."""
+        self._unconfigured_refusals += 1
+        if self._unconfigured_refusals == 1 or self._unconfigured_refusals % 1000 == 0:
+            log.error(
+                f"AI Bridge has no working configuration ({self._config_error or 'not loaded'}):"
+                f" refusing every request ({self._unconfigured_refusals} so far); fix the "
+                "configuration and restart"
+            )
+        message = (
+            "AI Bridge is not configured and refuses all traffic; "
+            "its operator must fix the configuration (see the bridge's log)"
+        )
+        self._refuse(flow, 503, message, None)
+
     @staticmethod
     def _refuse(flow: http.HTTPFlow, status: int, message: str, user_id: str | None) -> None:
         """Answer the client ourselves: the provider never sees the request."""
@@ -346,10 +444,13 @@ class AIBridge:
 
     @staticmethod
     def _retarget(flow: http.HTTPFlow, route: Route) -> None:
-        if route.upstream_path is None:
-            return
         provider = route.provider
         assert provider is not None
+        if route.upstream_path is None:
+            # Found by host: "API.OpenAI.com." goes to the provider's own spelling.
+            if flow.request.host != provider.host:
+                flow.request.host = provider.host
+            return
         flow.request.scheme = provider.scheme
         flow.request.host = provider.host
         flow.request.port = provider.port

@@ -21,7 +21,13 @@ import yaml
 # "chatgpt": Codex signed in with a ChatGPT account (chatgpt.com/backend-api/codex). The
 # client's own credential goes upstream; the bridge identifies and records, holds no key.
 PROVIDER_TYPES = ("openai", "chatgpt")
-DEFAULT_PASSTHROUGH = ("/v1/models", "/v1/models/*", "/v1/responses/*", "/v1/conversations*")
+DEFAULT_PASSTHROUGH = (
+    "/v1/models",
+    "/v1/models/*",
+    "/v1/responses/*",
+    "/v1/conversations",
+    "/v1/conversations/*",
+)
 WEBSOCKET_POLICIES = ("bridge", "refuse")
 
 # ${VAR} must be set; ${VAR:-default} falls back when VAR is unset or empty (as in POSIX shells).
@@ -58,7 +64,7 @@ class Provider:
         parts = urlsplit(self.base_url)
         set_ = object.__setattr__  # frozen dataclass
         set_(self, "scheme", parts.scheme)
-        set_(self, "host", parts.hostname or "")
+        set_(self, "host", (parts.hostname or "").rstrip("."))  # as DNS compares names
         set_(self, "port", parts.port or (443 if parts.scheme == "https" else 80))
         set_(self, "base_path", parts.path.rstrip("/"))
 
@@ -66,11 +72,19 @@ class Provider:
     def forwards_client_credential(self) -> bool:
         return self.type == "chatgpt"
 
+    def __repr__(self) -> str:
+        # Secrets never show in a repr (logs, tracebacks, debuggers): hints only.
+        headers = {name: hint(value) for name, value in self.extra_headers.items()}
+        return (
+            f"Provider(name={self.name!r}, type={self.type!r}, base_url={self.base_url!r}, "
+            f"api_key={hint(self.api_key)!r}, extra_headers={headers!r})"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class User:
     id: str
-    token_sha256: str
+    token_sha256: str = field(repr=False)  # enough to test a guessed token offline
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +138,12 @@ class Config:
     pricing: Pricing = Pricing()
     retention: Retention = Retention()
     warnings: tuple[str, ...] = ()
+    # Looked up for every request: built once.
+    _users_by_digest: dict[str, User] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_digest = {user.token_sha256: user for user in self.users}
+        object.__setattr__(self, "_users_by_digest", by_digest)  # frozen dataclass
 
     def provider_named(self, name: str) -> Provider | None:
         for provider in self.providers:
@@ -132,11 +152,16 @@ class Config:
         return None
 
     def user_for_token(self, token: str) -> User | None:
-        digest = sha256_hex(token)
-        for user in self.users:
-            if user.token_sha256 == digest:
-                return user
-        return None
+        return self._users_by_digest.get(sha256_hex(token))
+
+
+def hint(secret: str) -> str:
+    """A masked form of a secret: enough to tell keys apart, never enough to use one."""
+    n = len(secret)
+    keep = 4 if n >= 20 else 2 if n >= 10 else 1 if n >= 5 else 0
+    if keep == 0:
+        return "..."
+    return f"{secret[:keep]}...{secret[-keep:]}"
 
 
 def sha256_hex(text: str) -> str:

@@ -55,7 +55,9 @@ class MitmdumpProcess:
         mode: str | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        addon: Path = ADDON,
     ) -> None:
+        self.addon = addon
         self.workdir = workdir
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -81,7 +83,7 @@ class MitmdumpProcess:
             "--set",
             f"confdir={self.workdir / 'mitmproxy-conf'}",
             "-s",
-            str(ADDON),
+            str(self.addon),
             "--set",
             f"aibridge_config={self.config_path}",
             "--set",

@@ -12,6 +12,7 @@ so ``POST /v1/responses`` means "create a response" on every deployment shape:
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from urllib.parse import unquote
@@ -19,6 +20,10 @@ from urllib.parse import unquote
 from aibridge.config import Config, Provider
 
 RESPONSES_API_PATH = "/v1/responses"
+# A segment a passthrough path may hold (percent-decoded): an id, a model name
+# ("ft:gpt-4o:org::x"), a version. It starts with a letter or digit, so an empty, blank or
+# punctuation-only segment, which a server may read as nothing at all, is never let through.
+_WELL_FORMED_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+-]*")
 
 
 class RouteKind(enum.Enum):
@@ -77,14 +82,17 @@ def classify(
             return Route(RouteKind.FORBIDDEN, provider, raw_path)
 
     # Judged as the upstream server would read it: percent-decoded, empty segments collapsed.
-    normalized = "/" + "/".join(segment for segment in unquote(api_path).split("/") if segment)
+    segments = unquote(api_path).split("/")[1:]
+    normalized = "/" + "/".join(segment for segment in segments if segment)
     if normalized == RESPONSES_API_PATH:
         if method == "POST":
             return Route(RouteKind.RESPONSES, provider, normalized, upstream_path)
         if method == "GET" and websocket_upgrade:
             return Route(RouteKind.WEBSOCKET, provider, normalized, upstream_path)
-    if provider.forwards_client_credential or any(
-        fnmatchcase(normalized, pattern) for pattern in config.passthrough
+    # Passthrough: whole, well-formed segments only, matched as written (nothing collapsed).
+    if all(_WELL_FORMED_SEGMENT.fullmatch(segment) for segment in segments) and (
+        provider.forwards_client_credential
+        or any(fnmatchcase(normalized, pattern) for pattern in config.passthrough)
     ):
         return Route(RouteKind.PASSTHROUGH, provider, normalized, upstream_path)
     return Route(RouteKind.FORBIDDEN, provider, normalized, upstream_path)
@@ -111,13 +119,22 @@ def _by_prefix(config: Config, raw_path: str) -> tuple[Provider | None, str | No
 
 
 def _by_host(config: Config, host: str, port: int, raw_path: str) -> Provider | None:
-    """The provider at this destination; with several on one host, the longest matching root."""
+    """The provider at this destination; with several on one host, the longest matching root.
+
+    Host names compare as DNS compares them: case-insensitively, a trailing dot ignored.
+    """
+    host = dns_name(host)
     best: Provider | None = None
     for provider in config.providers:
-        if provider.host.lower() != host.lower() or provider.port != port:
+        if provider.host != host or provider.port != port:
             continue
         root = provider.base_path
         under_root = not root or raw_path == root or raw_path.startswith(root + "/")
         if best is None or (under_root and len(root) > len(best.base_path)):
             best = provider
     return best
+
+
+def dns_name(host: str) -> str:
+    """A host name as DNS compares it: ``API.OpenAI.com.`` is ``api.openai.com``."""
+    return host.rstrip(".").lower()

@@ -514,7 +514,8 @@ def test_websocket_upgrade_is_refused_fast(make_bridge: Callable[..., Bridge]) -
 
 
 def test_unrelated_flow_is_untouched(bridge: Bridge) -> None:
-    flow = make_flow(b'{"model": "x"}', url="https://example.com/v1/responses")
+    # A key that is no bridge token (a bridge token would be refused: test_token_leak.py).
+    flow = make_flow(b'{"model": "x"}', url="https://example.com/v1/responses", token="sk-other")
     state = flow.get_state()
     bridge.addon.request(flow)
     flow.response = http.Response.make(200, b"{}", {"content-type": "application/json"})

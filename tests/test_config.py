@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from aibridge.config import ConfigError, load_config, sha256_hex
+from aibridge.auth import identify
+from aibridge.config import ConfigError, load_config, parse_config, sha256_hex
 
 GOOD = """
 database: audit.db
@@ -111,3 +112,33 @@ def test_duplicate_tokens_and_names_rejected(tmp_path: Path) -> None:
     text = GOOD.replace(bob_line, "token: alice-secret")
     with pytest.raises(ConfigError, match="same token"):
         load_config(write(tmp_path, text), {"PROVIDER_KEY": "k", "ALICE_TOKEN": "alice-secret"})
+
+
+def test_no_secret_shows_in_a_repr() -> None:
+    """Logs, tracebacks and debuggers print reprs: they get hints only."""
+
+    key, header_secret, token = (
+        "sk-live-provider-key-0123456789",
+        "azure-secret-value-42",
+        "tok-12345678",
+    )
+    config = parse_config(
+        {
+            "providers": [
+                {
+                    "name": "p",
+                    "base_url": "https://h.example/v1",
+                    "api_key": key,
+                    "extra_headers": {"api-key": header_secret},
+                }
+            ],
+            "users": [{"id": "alice", "token": token}],
+        },
+        "repr.yaml",
+        {},
+    )
+    identity = identify(config, config.providers[0], {"authorization": f"Bearer {token}"}, {})
+    for shown in (repr(config), repr(config.providers[0]), repr(identity), str(config)):
+        assert key not in shown and header_secret not in shown and token not in shown
+        assert sha256_hex(token) not in shown
+    assert "sk-l...6789" in repr(config.providers[0])

@@ -117,3 +117,83 @@ def test_dot_segments_on_chatgpt_com_cannot_reach_the_codex_endpoint_unrecorded(
 def test_paths_a_server_would_read_as_the_responses_api_are_recorded(path):
     r = route("POST", "api.openai.com", 443, path)
     assert (r.kind, r.api_path) == (RouteKind.RESPONSES, "/v1/responses")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/responses/%20",
+        "/v1/responses/%09",
+        "/v1/responses/-",
+        "/v1/responses/.x",
+        "/v1/responses/;",
+        "/v1/responses/%2F",
+        "/v1/responses/%2f%2f",
+        "/v1/responses/resp_1/",
+        "/v1/responses/resp_1//input_items",
+        "/v1/models/",
+        "/v1/models//gpt-5",
+        "/v1//models",
+        "/v1/models/%00",
+        "/v1/models/gpt 5",
+        "/v1/conversations/%3B",
+        "/v1/conversations/c1/items/%20",
+        "/openai/v1/models/",
+        "/openai/v1/responses/%20",
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+def test_passthrough_needs_whole_well_formed_segments(method: str, path: str) -> None:
+    """A server may read an empty, blank or punctuation-only segment as nothing at all, so
+    ``POST /v1/responses/%20`` could create a response past the log: such paths get 403."""
+    kind = route(method, "api.openai.com", 443, path).kind
+    # "/v1/responses/%2F" is read as "/v1/responses": a POST there is recorded.
+    assert kind is RouteKind.FORBIDDEN or (kind is RouteKind.RESPONSES and method == "POST")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/gpt-5",
+        "/v1/models/ft:gpt-4o-mini:my-org::abc123",
+        "/v1/models/o3-2025-04-16",
+        "/v1/responses/resp_68af4030592c81938ec0a5fbab4a3e9f",
+        "/v1/responses/resp_1/input_items",
+        "/v1/responses/resp%5F1",
+        "/v1/conversations/conv_1/items/msg_2",
+        "/openai/v1/models/gpt-5",
+    ],
+)
+def test_passthrough_takes_real_ids(path: str) -> None:
+    assert route("GET", "api.openai.com", 443, path).kind is RouteKind.PASSTHROUGH
+
+
+def test_chatgpt_paths_need_well_formed_segments_too() -> None:
+    ok = classify(CHATGPT, "GET", "chatgpt.com", 443, "/backend-api/codex/models")
+    assert ok.kind is RouteKind.PASSTHROUGH
+    for path in (
+        "/backend-api/codex/%20",
+        "/backend-api/codex//x",
+        "/backend-api/codex/responses/",
+    ):
+        kind = classify(CHATGPT, "POST", "chatgpt.com", 443, path).kind
+        assert kind in (RouteKind.FORBIDDEN, RouteKind.RESPONSES), path
+
+
+@pytest.mark.parametrize("host", ["API.OPENAI.COM", "api.openai.com.", "Api.OpenAI.Com."])
+def test_hosts_compare_as_dns_names(host: str) -> None:
+    r = route("POST", host, 443, "/v1/responses")
+    assert (r.kind, r.provider.name) == (RouteKind.RESPONSES, "openai")
+
+
+def test_a_base_url_with_a_trailing_dot_matches_its_host() -> None:
+    config = parse_config(
+        {"providers": [{"name": "p", "base_url": "https://API.example.com./v1", "api_key": "k"}]},
+        "test.yaml",
+        {},
+    )
+    for host in ("api.example.com", "api.example.com.", "API.EXAMPLE.COM"):
+        assert classify(config, "POST", host, 443, "/v1/responses").kind is RouteKind.RESPONSES
+    assert (
+        classify(config, "POST", "api.example.co", 443, "/v1/responses").kind is RouteKind.UNRELATED
+    )
