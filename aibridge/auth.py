@@ -64,6 +64,7 @@ _PLAIN_HEADERS = frozenset(
     }
 )
 _LIST_ITEMS = re.compile(r"[;,]")
+_ONE_WORD = re.compile(r"[^\s;,=]+")
 # Tokens are at least 8 characters long (config.py); shorter values are not looked up.
 _MIN_TOKEN = 8
 
@@ -75,16 +76,26 @@ def leaked_token_owner(config: Config, headers: Mapping[str, str], query: str = 
     except to a provider, with the token swapped for the provider's credential."""
     if not config.users:
         return None
+    lengths = config.token_lengths
+
+    def lookup(candidate: str) -> User | None:
+        if len(candidate) < _MIN_TOKEN or (lengths is not None and len(candidate) not in lengths):
+            return None  # cannot be a token: no hash needed
+        return config.user_for_token(candidate)
+
     for name, value in headers.items():
         if name in _PLAIN_HEADERS or len(value) < _MIN_TOKEN:
             continue
+        if _ONE_WORD.fullmatch(value):  # the common case: the value is the candidate
+            if user := lookup(value):
+                return user
+            continue
         for candidate in _credential_candidates(value):
-            user = config.user_for_token(candidate)
-            if user is not None:
+            if user := lookup(candidate):
                 return user
     if query:
         for _, value in parse_qsl(query, keep_blank_values=False):
-            if len(value) >= _MIN_TOKEN and (user := config.user_for_token(value.strip())):
+            if user := lookup(value.strip()):
                 return user
     return None
 

@@ -85,6 +85,8 @@ class Provider:
 class User:
     id: str
     token_sha256: str = field(repr=False)  # enough to test a guessed token offline
+    # Known when the config gives the token itself: lets look-ups skip hashing most values.
+    token_length: int | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +142,14 @@ class Config:
     warnings: tuple[str, ...] = ()
     # Looked up for every request: built once.
     _users_by_digest: dict[str, User] = field(init=False, repr=False, compare=False)
+    # The lengths a token can have, or None when a user is known only by its hash.
+    token_lengths: frozenset[int] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        by_digest = {user.token_sha256: user for user in self.users}
-        object.__setattr__(self, "_users_by_digest", by_digest)  # frozen dataclass
+        set_ = object.__setattr__  # frozen dataclass
+        set_(self, "_users_by_digest", {user.token_sha256: user for user in self.users})
+        lengths = [user.token_length for user in self.users]
+        set_(self, "token_lengths", None if None in lengths else frozenset(lengths))
 
     def provider_named(self, name: str) -> Provider | None:
         for provider in self.providers:
@@ -481,6 +487,7 @@ def _users(r: _Reader, raw: Any) -> tuple[User, ...]:
         user_id = r.string(entry, "id", f"{key}.id")
         if "token" in entry and "token_sha256" in entry:
             raise r.fail(key, "give either token or token_sha256, not both")
+        length: int | None = None
         if "token_sha256" in entry:
             digest = r.string(entry, "token_sha256", f"{key}.token_sha256").lower()
             if not _SHA256_HEX.fullmatch(digest):
@@ -498,9 +505,10 @@ def _users(r: _Reader, raw: Any) -> tuple[User, ...]:
             if len(token) < 8:
                 raise r.fail(f"{key}.token", "is too short: use at least 8 characters")
             digest = sha256_hex(token)
+            length = len(token)
         else:
             raise r.fail(key, "needs token (e.g. ${MY_TOKEN}) or token_sha256")
         if any(u.token_sha256 == digest for u in users):
             raise r.fail(key, "the same token is given to two users")
-        users.append(User(user_id, digest))
+        users.append(User(user_id, digest, length))
     return tuple(users)

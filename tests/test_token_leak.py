@@ -272,3 +272,26 @@ def test_the_provider_spelled_another_way_is_bridged(proxied: Any, host: str) ->
 
     (row,) = wait_for(recorded, 30)
     assert (row["initiator_id"], row["status"]) == ("alice", "completed")
+
+
+def test_tokens_of_several_lengths_are_all_found() -> None:
+    """With every token known, values of other lengths skip hashing; none is missed."""
+    tokens = {"u8": "t" * 8, "u20": "twenty-chars-token-x", "u41": "a" * 41}
+    config = parse_config(
+        {
+            "providers": [{"name": "o", "base_url": "https://h.example/v1", "api_key": "k"}],
+            "users": [{"id": user, "token": token} for user, token in tokens.items()],
+        },
+        "lengths.yaml",
+        {},
+    )
+    assert config.token_lengths == {8, 20, 41}
+    for user, token in tokens.items():
+        for headers in (
+            {"x-k": token},
+            {"authorization": f"Bearer {token}"},
+            {"c": f"a=1; b={token}"},
+        ):
+            owner = auth.leaked_token_owner(config, headers)
+            assert owner is not None and owner.id == user
+    assert auth.leaked_token_owner(config, {"x-k": "t" * 9}) is None
