@@ -26,6 +26,14 @@ Cases it handles:
   U+FFFD in place of the bad bytes, and that repair is recorded too.
 - Closing waits for the queue to drain, up to a time limit: a database that stays
   locked must not keep the proxy from shutting down. What is left is logged.
+- The file is deleted, moved away or replaced (`mv new.db aibridge.db`) while open: the
+  connection would go on writing into a file no one will read. Before each write the
+  path is compared with the file opened there (device and inode); on a change the
+  recorder says so once and reopens the path, creating and migrating it if need be,
+  so the batch goes to the new file. The old file's -wal and -shm are removed first:
+  SQLite would otherwise replay that WAL into whatever file now holds the name.
+  Deleting only the -wal or -shm is not a change of database and is left alone: the
+  connection keeps its WAL open and checkpoints it into the main file (see _reopen).
 """
 
 from __future__ import annotations
@@ -97,12 +105,18 @@ _BINDABLE: Final = frozenset({str, int, float, bool, bytes, type(None)})
 # so the limit only guards against a caller that varies its key order endlessly.
 _STATEMENTS_MAX: Final = 256
 
+# Names SQLite gives the open file's companions: path + suffix.
+_SIDE_SUFFIXES: Final = ("-wal", "-shm")
+# Paths that name no file: sqlite3 keeps these databases in memory or in a hidden temp file.
+_NOT_A_FILE: Final = frozenset({"", ":memory:"})
+
 # A queue entry: [seq, kind, table, row]; row None means it was shed whole.
 _SEQ, _KIND, _TABLE, _ROW = 0, 1, 2, 3
 
 LossKey = tuple[str, str | None, str]  # (table_name, field or None for the row, reason)
 # A prepared write: the SQL, and how to take its parameters from a row dict.
 Statement = tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]
+FileId = tuple[int, int]  # (st_dev, st_ino): which file a path names right now
 
 
 class RecorderError(Exception):
@@ -131,6 +145,26 @@ def _utc_now() -> str:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _file_id(path: str) -> FileId | None:
+    """The file `path` names now; None if it names none (deleted, or mid-rename).
+
+    Any other OSError (no permission to look) is raised: that is not an answer.
+    """
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _side_file_id(path: str) -> FileId | None:
+    """_file_id of a -wal or -shm; None when unknown, which makes it never ours to remove."""
+    try:
+        return _file_id(path)
+    except OSError:
+        return None
 
 
 class Recorder:
@@ -185,6 +219,9 @@ class Recorder:
 
         # Owned by the writer thread.
         self._db: sqlite_utils.Database | None = None
+        # The files the connection has open, as their paths named them at open time.
+        self._db_file: FileId | None = None
+        self._side_files: dict[str, FileId | None] = {}
         self._columns: dict[str, frozenset[str]] = {}
         self._statements: dict[tuple[str, str, tuple[str, ...]], Statement] = {}
         self._carried: Counter[LossKey] = Counter()  # losses not yet in the database
@@ -446,6 +483,9 @@ class Recorder:
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000)
         try:
+            # SQLite opened (or created) the file in connect(); Python cannot fstat its
+            # descriptor, so the path is looked at at once instead.
+            db_file = _file_id(self.path)
             db = sqlite_utils.Database(conn, execute_plugins=False)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             db.enable_wal()
@@ -459,9 +499,68 @@ class Recorder:
             conn.close()
             raise
         self._db = db
+        self._db_file = db_file
+        # In WAL mode both exist now: the migration check read through them.
+        self._side_files = {self.path + s: _side_file_id(self.path + s) for s in _SIDE_SUFFIXES}
 
-    def _reopen(self) -> None:
+    def _file_change(self) -> str | None:
+        """How the path stopped naming the open file ("deleted", "replaced"), or None."""
+        if self.path in _NOT_A_FILE:
+            return None
+        try:
+            now = _file_id(self.path)
+        except OSError as exc:
+            # Cannot tell (e.g. a directory lost its permissions): keep what works.
+            log.debug("cannot stat the audit database %s: %s", self.path, exc)
+            return None
+        if now is None:
+            return "deleted"
+        return None if now == self._db_file else "replaced"
+
+    def _reopen_moved(self) -> None:
+        """Reopen the path if it no longer names the file the connection writes to.
+
+        One stat per batch (about a microsecond).
+        """
+        change = self._file_change()
+        if change is not None:
+            self._reopen(change)
+
+    def _reopen(self, change: str | None = None) -> None:
+        """Close the connection and open the path again.
+
+        `change` is how the path stopped naming the open file, if the caller knows. The
+        old connection is closed before the new one opens: within a process SQLite shares
+        locks and the WAL index by file. Closing checkpoints what it can into the old file
+        (so a file moved away keeps its rows), but SQLite leaves the -wal and -shm of a
+        moved file at the path; they are removed if still ours, or the next open would
+        replay that WAL into the file that now holds the name.
+        """
+        if change is None and self._db is not None:
+            change = self._file_change()
+        stale: list[str] = []
+        if change is not None:
+            if change == "deleted":
+                log.warning(
+                    "audit database %s was deleted while open: recreating it, later rows go there",
+                    self.path,
+                )
+            else:
+                log.warning(
+                    "audit database %s was replaced by another file: "
+                    "writing to that one from now on",
+                    self.path,
+                )
+            # Judged while our connection holds them, so an equal id is our own file.
+            stale = [p for p, ours in self._side_files.items() if ours and _side_file_id(p) == ours]
         self._close_connection()
+        for path in stale:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove %s of the old audit database: %s", path, exc)
         self._open()
 
     def _close_connection(self) -> None:
@@ -491,6 +590,9 @@ class Recorder:
             try:
                 if self._db is None:
                     self._reopen()
+                else:
+                    # Before every attempt, so the rows go to whatever file holds the name.
+                    self._reopen_moved()
                 written = self._write(ops, per_row)
             except Exception as exc:
                 if not is_transient(exc):
