@@ -14,7 +14,7 @@ import gc
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,17 +22,18 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http, websocket
 
-from aibridge import auth, mitm_compat, records
+from aibridge import auth, echo, mitm_compat, records
 from aibridge.concealment import ViewConcealment
 from aibridge.config import Config, ConfigError, Provider, load_config
 from aibridge.cost import PriceBook
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_event, error_response
 from aibridge.extract import RequestError, RequestInfo, ResponseAccumulator, parse_request
 from aibridge.headers import header_view
+from aibridge.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
 from aibridge.recorder import Recorder, RecorderError
 from aibridge.routing import Route, RouteKind, classify
 from aibridge.stream import StreamTee
-from aibridge.websocket import SocketState, is_create, worth_decoding
+from aibridge.websocket import SocketState, read_turn, worth_decoding
 
 log = logging.getLogger(__name__)
 
@@ -224,18 +225,77 @@ class AIBridge:
         if self._route(flow, flow.request.headers).kind is not RouteKind.UNRELATED:
             self._concealment.conceal(flow, auth.CLIENT_CREDENTIAL_HEADERS)
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    # A compressed request body is decoded, for parsing only, up to this size (a long Codex
+    # history with images is a few MB); past it the client gets 413.
+    MAX_REQUEST_DECODED_BYTES = 32 << 20
+    # Where the body decoded off the loop waits for _validate: an attribute of the flow
+    # object, not metadata, so it is never saved or shown.
+    _DECODED_BODY = "_aibridge_decoded_body"
+
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         try:
+            if self._decodes_off_loop(flow):
+                # mitmproxy awaits it; uncompressed requests never leave this fast path.
+                return self._decoded_request(flow)
             self._request(flow)
         except Exception:
-            # Fail closed: a request the bridge could not judge never reaches a provider.
-            log.exception("AI Bridge: failed to handle request of flow %s", flow.id)
-            self._exchanges.pop(flow.id, None)
-            self._sockets.pop(flow.id, None)
-            self._concealment.forget(flow)
-            if flow.live and flow.response is None:
-                message = "AI Bridge failed on this request and did not forward it; see its log"
-                self._refuse(flow, 500, message, None)
+            self._fail_closed(flow)
+        return None
+
+    async def _decoded_request(self, flow: http.HTTPFlow) -> None:
+        """A compressed bridged request: its body is decoded on a worker thread (a bomb must
+        not stall other clients), then handled as any other request."""
+        try:
+            req = flow.request
+            decoded: bytes | ValueError
+            try:
+                decoded = await decode_body_in_thread(
+                    req.raw_content or b"",
+                    req.headers.get("content-encoding", ""),
+                    self.MAX_REQUEST_DECODED_BYTES,
+                )
+            except ValueError as e:  # unsupported, corrupt or too large: _validate refuses it
+                decoded = e
+            setattr(flow, self._DECODED_BODY, decoded)
+            self._request(flow)
+        except Exception:
+            self._fail_closed(flow)
+        finally:
+            with contextlib.suppress(AttributeError):
+                delattr(flow, self._DECODED_BODY)
+
+    def _decodes_off_loop(self, flow: http.HTTPFlow) -> bool:
+        """A compressed body of a Responses request from a known client: decoded off the
+        loop. Anyone else is refused (401) before anything is decoded."""
+        req = flow.request
+        encoding = req.headers.get("content-encoding")
+        if not encoding or not req.raw_content or encoding.strip().lower() == "identity":
+            return False
+        if self.config is None or not flow.live or flow.response is not None:
+            return False
+        self._concealment.reveal(flow)  # mitmweb: the token is hidden until now ...
+        try:
+            headers = header_view(req.headers)
+            route = self._route(flow, headers)
+            if route.kind is not RouteKind.RESPONSES or route.provider is None:
+                return False
+            auth.identify(self.config, route.provider, headers, flow.metadata)
+        except auth.AuthError:
+            return False
+        finally:  # ... and stays hidden while the body is decoded
+            if self._concealment.active:
+                self._concealment.conceal(flow, auth.CLIENT_CREDENTIAL_HEADERS)
+        return True
+
+    def _fail_closed(self, flow: http.HTTPFlow) -> None:
+        # A request the bridge could not judge never reaches a provider.
+        log.exception("AI Bridge: failed to handle request of flow %s", flow.id)
+        self._exchanges.pop(flow.id, None)
+        self._sockets.pop(flow.id, None)
+        self._concealment.forget(flow)
+        if flow.live and flow.response is None:
+            message = "AI Bridge failed on this request and did not forward it; see its log"
+            self._refuse(flow, 500, message, None)
 
     def _route(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> Route:
         assert self.config is not None
@@ -348,7 +408,7 @@ class AIBridge:
                 str(noted.get("credential_hint")),
             )
         try:
-            _, info = parse_request(req.content or b"")
+            _, info = parse_request(self._request_body(flow))
         except (RequestError, ValueError):
             info = None
         rejected = noted.get("rejected")
@@ -376,7 +436,9 @@ class AIBridge:
         self, flow: http.HTTPFlow, route: Route, identity: auth.Identity
     ) -> RequestInfo | None:
         try:
-            body = flow.request.content or b""
+            body = self._request_body(flow)
+        except DecodeLimitExceeded as e:
+            return self._reject(flow, route, identity, 413, f"request body too large: {e}")
         except ValueError as e:
             return self._reject(flow, route, identity, 400, f"request body cannot be decoded: {e}")
         try:
@@ -386,6 +448,21 @@ class AIBridge:
         if info.background:
             return self._reject(flow, route, identity, 501, BACKGROUND_NOT_SUPPORTED, info)
         return info
+
+    def _request_body(self, flow: http.HTTPFlow) -> bytes:
+        """The body for parsing: decoded (bounded) if compressed, never put back in the flow,
+        which forwards the original bytes. Raises ValueError if it cannot be decoded."""
+        decoded = getattr(flow, self._DECODED_BODY, None)
+        if decoded is not None:  # by _decoded_request, off the loop
+            delattr(flow, self._DECODED_BODY)
+            if isinstance(decoded, ValueError):
+                raise decoded
+            return decoded
+        req = flow.request
+        encoding = req.headers.get("content-encoding")
+        if not encoding:
+            return req.raw_content or b""
+        return decode_body(req.raw_content or b"", encoding, self.MAX_REQUEST_DECODED_BYTES)
 
     def _reject(
         self,
@@ -462,15 +539,27 @@ class AIBridge:
         exchange = self._exchanges.get(flow.id)
         if exchange is None or flow.response is None:
             return
+        response = flow.response
+        # A secret upstream echoes is masked before anything (mitmweb, -w) sees the headers.
+        secrets = echo.secrets_for(exchange.provider, exchange.identity.upstream_key)
+        if secrets:
+            echo.mask_headers(response.headers, secrets)
         self._mask(flow, exchange)
-        if exchange.request is None:
+        content_type = response.headers.get("content-type", "")
+        sse = exchange.request is not None and content_type.lower().startswith("text/event-stream")
+        # Streamed: our SSE tee, or a large body mitmproxy streams by itself (stream=True).
+        if not flow.live or not (sse or response.stream is True):
             return
-        content_type = flow.response.headers.get("content-type", "")
-        if flow.live and content_type.lower().startswith("text/event-stream"):
-            exchange.tee = StreamTee(
-                exchange.accumulator, flow.response.headers.get("content-encoding", "")
-            )
-            flow.response.stream = exchange.tee
+        encoding = response.headers.get("content-encoding", "")
+        masker = echo.stream_masker(secrets, encoding, functools.partial(echo.kill, flow))
+        if isinstance(masker, echo.StreamMasker):
+            # Masking shortens the body: a length upstream announced would be wrong.
+            response.headers.pop("content-length", None)
+        if sse:
+            exchange.tee = StreamTee(exchange.accumulator, encoding, masker)
+            response.stream = exchange.tee
+        elif masker is not None:
+            response.stream = echo.MaskedStream(masker)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow, None)
@@ -531,6 +620,18 @@ class AIBridge:
         exchange = self._exchanges.pop(flow.id, None)
         if exchange is None:
             return
+        # A buffered body (streams were masked chunk by chunk) is masked before the records,
+        # mitmweb and -w read it; one that cannot be checked is replaced by our 502.
+        if flow.response is not None and not answered:
+            secrets = echo.secrets_for(exchange.provider, exchange.identity.upstream_key)
+            refusal = echo.mask_buffered(flow.response, secrets) if secrets else None
+            if refusal is not None:
+                log.warning(f"AI Bridge: flow {flow.id}: {refusal}")
+                flow.response = error_response(502, f"AI Bridge: {refusal}")
+                error, answered = refusal, True
+        masker = exchange.tee.masker if exchange.tee is not None else None
+        if masker is not None and masker.cut is not None:
+            error = masker.cut  # the bridge cut the stream: that is how it ended
         self._mask(flow, exchange)
         if exchange.request is None:
             return
@@ -567,29 +668,43 @@ class AIBridge:
             if message.from_client:
                 self._socket_request(flow, state, message)
             else:
+                if not message.injected:
+                    # An echoed secret: masked before the client, the log and mitmweb see it.
+                    secrets = echo.secrets_for(state.provider, state.identity.upstream_key)
+                    masked = echo.mask_bytes(message.content, secrets)
+                    if masked is not message.content:
+                        message.content = masked
                 self._socket_event(flow, state, message)
         except Exception:  # an addon must never take a socket down with it
             log.exception("AI Bridge: failed to handle a WebSocket message of flow %s", flow.id)
+            if message.from_client:
+                # Fail closed, as for HTTP: what the bridge could not judge is not forwarded.
+                message.drop()
+                text = "AI Bridge failed on this message and did not forward it; see its log"
+                with contextlib.suppress(Exception):
+                    event = error_event(500, text)
+                    ctx.master.commands.call("inject.websocket", flow, True, event, True)
 
     def _socket_request(
         self, flow: http.HTTPFlow, state: SocketState, message: websocket.WebSocketMessage
     ) -> None:
         content = message.content
-        if not is_create(content):
-            return  # other client events (e.g. response.steer) go through untouched
         route = Route(RouteKind.RESPONSES, state.provider, "/v1/responses")
         try:
-            _, info = parse_request(content)
+            # Judged by decoding: a message the bridge cannot judge is refused, not forwarded.
+            info = read_turn(content, message.is_text)
         except RequestError as e:
             self._refuse_on_socket(flow, message, route, state, 400, str(e), None)
             return
+        if info is None:
+            return  # other client events (e.g. response.cancel) go through untouched
         if info.background:
             self._refuse_on_socket(flow, message, route, state, 501, BACKGROUND_NOT_SUPPORTED, info)
             return
         info.stream = True  # WebSocket mode always streams
         turn = Exchange(uuid.uuid4().hex, flow, state.provider, state.identity, info, masked=True)
-        state.open_turns.append(turn)
         self._record_start(flow, turn, len(content))
+        state.open_turns.append(turn)  # only once recorded: a failure above drops the message
 
     def _refuse_on_socket(
         self,
@@ -609,12 +724,15 @@ class AIBridge:
     def _socket_event(
         self, flow: http.HTTPFlow, state: SocketState, message: websocket.WebSocketMessage
     ) -> None:
-        if not state.open_turns or not worth_decoding(message.content):
+        # Injected messages (the bridge's own error events, mitmweb's) are not the provider's.
+        if message.injected or not state.open_turns or not worth_decoding(message.content):
             return
-        turn = state.open_turns[0]
+        turn = state.turn_for(message.content)
+        if turn is None:
+            return
         turn.accumulator.feed_event(None, message.content)
         if turn.accumulator.ended:
-            state.open_turns.popleft()
+            state.close(turn)
             outcome = records.finish_exchange(turn.accumulator, None, None, None)
             self._write_end(turn, outcome, 101)
 

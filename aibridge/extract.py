@@ -43,6 +43,8 @@ from typing import Any, Final
 
 import orjson
 
+from aibridge import strict_json
+
 COMPLETED: Final = "response.completed"
 INCOMPLETE: Final = "response.incomplete"
 FAILED: Final = "response.failed"
@@ -136,23 +138,50 @@ class RequestInfo:
     session_id: str | None
 
 
+# The top-level fields the bridge reads (parse_request, session_id_from_body) or that decide
+# what the provider does with the request. Given twice, the provider may read the other copy
+# than the bridge did, so such a body is refused.
+CHECKED_FIELDS: Final = frozenset(
+    {
+        "model",
+        "stream",
+        "background",
+        "input",
+        "previous_response_id",
+        "stream_options",
+        "metadata",
+        "client_metadata",
+        "instructions",
+        "tools",
+        "store",
+    }
+)
+
+
 def parse_request(body: bytes) -> tuple[dict[str, Any], RequestInfo]:
     """Decode and check a ``POST /v1/responses`` body; the caller forwards the original bytes.
 
     Only the fields the bridge reads are type-checked; everything else is upstream's to
-    judge. A field that is absent or ``null`` is as if not sent.
+    judge. A field that is absent or ``null`` is as if not sent. The body is decoded strictly
+    (strict_json): a field of CHECKED_FIELDS given twice is refused.
     """
     if not body:
         raise RequestError("empty request body")
     try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        obj = strict_json.loads_object(body, watched=CHECKED_FIELDS)
+    except strict_json.DuplicateKey as exc:
+        raise RequestError(f"request body is ambiguous: {exc}") from None
+    except strict_json.NotAnObject:
+        raise RequestError("request body must be a JSON object") from None
+    except strict_json.StrictJSONError as exc:
         if not body.strip():
             raise RequestError("empty request body") from None
         raise RequestError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise RequestError("request body must be a JSON object")
+    return obj, request_info(obj)
 
+
+def request_info(obj: dict[str, Any]) -> RequestInfo:
+    """parse_request's checks and reading, on a body decoded already (a WebSocket turn)."""
     model = _checked(obj, "model", str, "a string")
     stream = _checked(obj, "stream", bool, "a boolean")
     background = _checked(obj, "background", bool, "a boolean")
@@ -161,7 +190,7 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], RequestInfo]:
     if input_value is not None and not isinstance(input_value, str | list):
         raise RequestError("'input' must be a string or an array of input items")
 
-    return obj, RequestInfo(
+    return RequestInfo(
         model=model,
         stream=bool(stream),
         background=bool(background),

@@ -6,7 +6,6 @@ Pure functions: they take what the hooks saw and return dicts whose keys are the
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +18,16 @@ from aibridge.clients import guess_client, session_id_from_headers
 from aibridge.config import Privacy, Provider
 from aibridge.cost import PriceBook
 from aibridge.extract import RequestInfo, ResponseAccumulator, ResponseResult
+from aibridge.inflate import DecodeLimitExceeded, decode_body
 from aibridge.stream import StreamTee
 
 API = "responses"
+# Upstream bodies are decoded for parsing at most this far (never with `.content`, which
+# decodes whole). A buffered Responses object is a few MB even with generated images, and
+# 32 MiB keeps a bomb's cost under the 64 MB of DESIGN.md §8; an error body needs only its
+# message.
+MAX_BUFFERED_DECODED_BYTES = 32 << 20
+MAX_ERROR_DECODED_BYTES = 1 << 20
 # Our own rows say which table they belong in: one tuple per row to write, in order.
 Row = tuple[str, dict[str, Any]]
 
@@ -110,16 +116,21 @@ def finish_exchange(
 
 
 def _feed_buffered(accumulator: ResponseAccumulator, response: http.Response) -> str | None:
-    try:
-        body = response.content or b""
-    except ValueError as e:
-        return f"response body cannot be decoded: {e}"
+    raw = response.raw_content or b""
+    encoding = response.headers.get("content-encoding", "")
     if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
-        # A stream read back from a flow file (offline mode) arrives whole.
-        tee = StreamTee(accumulator)
-        tee(body)
+        # A stream read back from a flow file (offline mode) arrives whole, still encoded:
+        # the tee decodes it step by step, as it would have live.
+        tee = StreamTee(accumulator, encoding)
+        tee(raw)
         tee(b"")
         return tee.parse_error
+    try:
+        body = decode_body(raw, encoding, MAX_BUFFERED_DECODED_BYTES)
+    except DecodeLimitExceeded as e:
+        return f"{e}: parsing stopped"
+    except ValueError as e:
+        return f"response body cannot be decoded: {e}"
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -131,9 +142,13 @@ def _feed_buffered(accumulator: ResponseAccumulator, response: http.Response) ->
 def upstream_error_text(response: http.Response) -> str:
     """The provider's own error message when it sent one, else the status line."""
     text = f"upstream answered HTTP {response.status_code}"
-    body: bytes | None = None
-    with contextlib.suppress(ValueError):
-        body = response.content
+    encoding = response.headers.get("content-encoding", "")
+    try:
+        body = decode_body(response.raw_content or b"", encoding, MAX_ERROR_DECODED_BYTES)
+    except DecodeLimitExceeded as e:
+        return f"{text} (the body could not be read: {e})"
+    except ValueError:
+        return text
     if not body:
         return text
     try:

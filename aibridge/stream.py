@@ -8,79 +8,26 @@ reported), never the stream.
 
 from __future__ import annotations
 
-import sys
 import time
-import zlib
-from typing import Any
-
-import brotli
+from typing import TYPE_CHECKING
 
 from aibridge.extract import DELTA_EVENTS, WANTED_EVENTS, ResponseAccumulator
+from aibridge.inflate import BoundedInflater, DecodeLimitExceeded, normalize
 from aibridge.sse import SSEParser
 
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:  # mitmproxy 12 depends on the backport on older Pythons
-    from backports import zstd
+if TYPE_CHECKING:
+    from aibridge.echo import ChunkMasker
 
 # The copy for parsing is parsed in batches of about this size (bounded memory, low cost).
 PARSE_BATCH_BYTES = 64 * 1024
-# Decompress at most this much per call, so a tiny compressed chunk cannot balloon memory.
-_MAX_INFLATE_STEP = 1 << 20
+# A compressed stream is decoded for parsing up to this much, then parsing stops (the client
+# still gets every byte). The longest real stream, 128k output tokens as ~260-byte deltas
+# plus the echoed instructions, tools and output, is about 35 MB; a bomb's cost is CPU on the
+# event loop, at most this much decoded and parsed. The tee holds one inflate step (1 MiB)
+# and the parser one event (8 MiB) whatever this is.
+MAX_DECODED_BYTES = 128 << 20
 # The clock of mitmproxy's timestamps, looked up once: it is read for every chunk.
 _clock = time.time
-
-
-class _Inflater:
-    """Incremental decoder for one Content-Encoding, for the parsing copy only.
-
-    Handles what real servers send: "deflate" with or without its zlib wrapper (decided
-    from the first two bytes), and gzip members or zstd frames one after another.
-    """
-
-    def __init__(self, encoding: str) -> None:
-        if encoding not in ("gzip", "x-gzip", "deflate", "br", "zstd"):
-            raise ValueError(f"unsupported content-encoding {encoding!r}")
-        self.encoding = encoding
-        self._head = b""  # deflate only: bytes held until the wrapper can be recognised
-        self._decoder: Any = None if encoding == "deflate" else self._new_decoder()
-
-    def _new_decoder(self, wbits: int = 31) -> Any:
-        if self.encoding == "br":
-            return brotli.Decompressor()
-        if self.encoding == "zstd":
-            return zstd.ZstdDecompressor()
-        return zlib.decompressobj(wbits=wbits)
-
-    def decode(self, chunk: bytes) -> list[bytes]:
-        if self.encoding == "br":
-            return [self._decoder.process(chunk)]
-        if self._decoder is None:
-            self._head += chunk
-            if len(self._head) < 2:
-                return []
-            b0, b1 = self._head[0], self._head[1]
-            wrapped = (b0 & 0x0F) == 8 and ((b0 << 8) | b1) % 31 == 0
-            self._decoder = self._new_decoder(15 if wrapped else -15)
-            chunk, self._head = self._head, b""
-        out: list[bytes] = []
-        while chunk:
-            if self.encoding == "zstd":
-                out.append(self._decoder.decompress(chunk))
-            else:
-                out.append(self._decoder.decompress(chunk, _MAX_INFLATE_STEP))
-                while self._decoder.unconsumed_tail:
-                    tail = self._decoder.unconsumed_tail
-                    out.append(self._decoder.decompress(tail, _MAX_INFLATE_STEP))
-            chunk = b""
-            if self._decoder.eof and self._decoder.unused_data:
-                # Another gzip member or zstd frame follows the one that just ended.
-                chunk = self._decoder.unused_data
-                self._decoder = self._new_decoder(self._decoder_wbits())
-        return out
-
-    def _decoder_wbits(self) -> int:
-        return 31 if self.encoding in ("gzip", "x-gzip") else 15
 
 
 class StreamTee:
@@ -90,8 +37,11 @@ class StreamTee:
         self,
         accumulator: ResponseAccumulator,
         content_encoding: str = "",
+        masker: ChunkMasker | None = None,
     ) -> None:
         self.accumulator = accumulator
+        # Replaces secrets upstream echoes (aibridge.echo); the copy parsed is the masked one.
+        self.masker = masker
         # 8 MiB is far above any real event (a large response.completed is a few MB) and keeps
         # one hostile event from holding much memory.
         self.parser = SSEParser(
@@ -104,25 +54,36 @@ class StreamTee:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flushed_bytes = 0
-        encoding = content_encoding.strip().lower()
-        self._inflater: _Inflater | None = None
+        encoding = normalize(content_encoding)
+        self._inflater: BoundedInflater | None = None
         if encoding and encoding != "identity":
             try:
-                self._inflater = _Inflater(encoding)
+                self._inflater = BoundedInflater(encoding, MAX_DECODED_BYTES)
             except ValueError as e:
                 self.parse_error = str(e)
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | tuple[()]:
         # Called once per chunk of every stream: kept to the fewest steps. Parsing a copy
         # in batches costs far less per byte than chunk by chunk (SSE chunks are often one
-        # small event); the client's bytes are never held back.
+        # small event); the client's bytes are never held back, except by the masker: the
+        # few bytes that could start an echoed secret, until the next chunk.
         if chunk:
             self.last_chunk_at = _clock()
+            if self.masker is not None:
+                chunk = self.masker.feed(chunk)
+                if not chunk:
+                    return ()  # nothing to send yet (b"" would end an HTTP/1 chunked body)
             self._pending.append(chunk)
             self._pending_bytes += len(chunk)
             if self._pending_bytes >= PARSE_BATCH_BYTES:
                 self.flush()
         else:
+            if self.masker is not None and not self.ended:
+                # mitmproxy sends what the final call returns (layers/http, 12.x).
+                chunk = self.masker.close()
+                if chunk:
+                    self._pending.append(chunk)
+                    self._pending_bytes += len(chunk)
             self._end()
         return chunk
 
@@ -137,25 +98,24 @@ class StreamTee:
         self._pending_bytes = 0
         if not chunks or self.parse_error is not None:
             return
-        decoded: list[bytes] = []
-        failure: Exception | None = None
-        if self._inflater is None:
-            decoded = chunks
-        else:
-            for chunk in chunks:
-                try:
-                    decoded.extend(self._inflater.decode(chunk))
-                except Exception as e:  # what decoded before the damage still counts
-                    failure = e
-                    break
+        feed = self.accumulator.feed_event
+        parse = self.parser.feed
         try:
-            feed = self.accumulator.feed_event
-            for event in self.parser.feed(b"".join(decoded)):
-                feed(event.event, event.data)
+            if self._inflater is None:
+                for event in parse(b"".join(chunks)):
+                    feed(event.event, event.data)
+            else:
+                # Piece by piece (at most 1 MiB each), never joined: what decoded before any
+                # damage is parsed, and a bomb never sits in memory.
+                decode = self._inflater.decode
+                for chunk in chunks:
+                    for piece in decode(chunk):
+                        for event in parse(piece):
+                            feed(event.event, event.data)
+        except DecodeLimitExceeded as e:
+            self.parse_error = f"{e}: parsing stopped"
         except Exception as e:  # parsing must never break the client's stream
-            failure = failure or e
-        if failure is not None:
-            self.parse_error = f"stream parsing stopped: {type(failure).__name__}: {failure}"
+            self.parse_error = f"stream parsing stopped: {type(e).__name__}: {e}"
 
     def _end(self) -> None:
         if self.ended:
