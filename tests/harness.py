@@ -6,9 +6,11 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aibridge.mitmdump_process import (
     ADDON,
@@ -41,6 +43,33 @@ class Mitmdump(MitmdumpProcess):
 
     def rows(self, table: str, order: str = "rowid") -> list[dict[str, Any]]:
         return query(self.db_path, f"select * from {table} order by {order}")
+
+
+class LoopbackHTTP:
+    """An HTTP server of a test (a fake provider, another host) on a free loopback port,
+    served from a daemon thread while the ``with`` block runs."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        # A short poll interval keeps shutdown quick.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,15 @@ from aibridge.records import MAX_BUFFERED_DECODED_BYTES, MAX_ERROR_DECODED_BYTES
 from aibridge.stream import MAX_DECODED_BYTES, StreamTee
 from bench.bombs import zeros_bomb
 from bench.procs import peak_rss_kib, reset_peak_rss, rss_kib
-from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import (
+    PROVIDER_KEY,
+    TOKENS,
+    LoopbackHTTP,
+    Mitmdump,
+    bridge_config,
+    query,
+    wait_for,
+)
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -395,7 +403,7 @@ def test_the_async_path_fails_closed_when_decoding_breaks(
 # ----------------------------------------------------------------------- through mitmdump
 
 
-class BombUpstream:
+class BombUpstream(LoopbackHTTP):
     """Answers ``x-case: <shape>:<encoding>`` with a bomb: ``stream`` (SSE, chunked),
     ``buffered`` (JSON, 200) or ``error`` (JSON, 500); ``small`` with a normal answer."""
 
@@ -442,21 +450,7 @@ class BombUpstream:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> BombUpstream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import gzip
 import time
 import zlib
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from threading import Thread
 from typing import Any
 
 import httpx
@@ -21,7 +20,15 @@ import pytest
 
 from aibridge import fake_upstream
 from aibridge.auth import hint
-from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import (
+    PROVIDER_KEY,
+    TOKENS,
+    LoopbackHTTP,
+    Mitmdump,
+    bridge_config,
+    query,
+    wait_for,
+)
 
 SAFETY = 30.0  # upper bound for waits; never asserted as a duration
 KEY = PROVIDER_KEY.encode()
@@ -64,7 +71,7 @@ def sse_frames(secret: str) -> list[bytes]:
     return [f.replace(MARK.encode(), secret.encode()) for f in _FRAMES]
 
 
-class EchoingUpstream:
+class EchoingUpstream(LoopbackHTTP):
     """Echoes the key of each request's Authorization header, the way its ``x-case`` says."""
 
     def __init__(self) -> None:
@@ -132,21 +139,7 @@ class EchoingUpstream:
                 if case != "sse-length":
                     self.wfile.write(b"0\r\n\r\n")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> EchoingUpstream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import socket
 import sqlite3
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from threading import Thread
 from typing import Any
 
 import httpx
@@ -39,7 +38,15 @@ from aibridge.fake_upstream import FakeUpstream
 from aibridge.recorder import REASON_INVALID_UNICODE, Recorder
 from aibridge.routing import RouteKind, classify
 from aibridge.stream import StreamTee
-from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import (
+    PROVIDER_KEY,
+    TOKENS,
+    LoopbackHTTP,
+    Mitmdump,
+    bridge_config,
+    query,
+    wait_for,
+)
 
 SAFETY = 60.0  # upper bound for waits; never asserted as a duration
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -424,7 +431,7 @@ def hostile_cases() -> dict[str, tuple[str, dict[str, str], bytes]]:
     }
 
 
-class HostileUpstream:
+class HostileUpstream(LoopbackHTTP):
     """Answers each request with the case its ``x-case`` header names, in chunks."""
 
     def __init__(self) -> None:
@@ -452,21 +459,7 @@ class HostileUpstream:
                 self.wfile.write(b"0\r\n\r\n")
 
         self.cases = cases
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> HostileUpstream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 class Served:

@@ -8,9 +8,8 @@ import base64
 import contextlib
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from threading import Thread
 from typing import Any
 
 import httpx
@@ -24,7 +23,7 @@ from aibridge.bridge import AIBridge
 from aibridge.config import parse_config, sha256_hex
 from aibridge.fake_upstream import FakeUpstream
 from aibridge.headers import header_view
-from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import TOKENS, LoopbackHTTP, Mitmdump, bridge_config, query, wait_for
 
 ALICE = TOKENS["alice"]
 CONFIG = parse_config(
@@ -185,7 +184,7 @@ def test_provider_hosts_compare_as_dns_names(addon: AIBridge, host: str) -> None
 # ------------------------------------------------------------------ through mitmdump
 
 
-class Recording:
+class Recording(LoopbackHTTP):
     """A plain HTTP server on loopback that is not a provider: records what reaches it."""
 
     def __init__(self) -> None:
@@ -206,21 +205,7 @@ class Recording:
 
             do_POST = do_GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.server.server_address[1]
-
-    def __enter__(self) -> Recording:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")

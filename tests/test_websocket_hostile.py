@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from aibridge.websocket import worth_decoding
 from tests.harness import (
     PROVIDER_KEY,
     TOKENS,
+    LoopbackHTTP,
     Mitmdump,
     bridge_config,
     finished_with_prompt,
@@ -609,7 +610,7 @@ def test_skipping_never_hides_a_wanted_event(
 _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(LoopbackHTTP):
     """A provider whose WebSocket records every message it receives, answering each
     response.create as the fake upstream does, or by a script named by its model:
 
@@ -656,13 +657,7 @@ class ScriptedUpstream:
                 self.close_connection = True
                 upstream.serve(self.connection, headers)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__(Handler)
 
     def received(self) -> list[bytes]:
         with self.lock:
@@ -748,14 +743,6 @@ class ScriptedUpstream:
     @staticmethod
     def event(kind: str, response: dict[str, Any]) -> str:
         return orjson.dumps({"type": kind, "response": response}).decode()
-
-    def __enter__(self) -> ScriptedUpstream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass
