@@ -1,0 +1,1 @@
+"""One module per bridged API (DESIGN.md §11)."""
