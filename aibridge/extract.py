@@ -37,13 +37,19 @@ Choices the design leaves open, made here:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
 from aibridge import strict_json
+from aibridge.apis.common import (
+    MAX_TIER_CHARS,
+    EventAccumulator,
+    RequestError,
+    checked,
+    count,
+)
 
 COMPLETED: Final = "response.completed"
 INCOMPLETE: Final = "response.incomplete"
@@ -76,8 +82,6 @@ DELTA_EVENTS: Final = frozenset(
 
 _TERMINAL_STATUSES: Final = {"completed": COMPLETED, "incomplete": INCOMPLETE, "failed": FAILED}
 
-# SQLite's INTEGER is signed 64-bit; a larger count cannot be stored as a number.
-_MAX_COUNT: Final = 2**63 - 1
 
 # Per built-in tool call type, the fields that say what the tool was asked to do. Results
 # (file contents, base64 images, logs) are left out: they are output, not arguments.
@@ -121,10 +125,6 @@ _GENERIC_SKIPPED_FIELDS: Final = frozenset(
 
 
 # --------------------------------------------------------------------------- request
-
-
-class RequestError(ValueError):
-    """The request body cannot be bridged; the message is meant for a 400 to the client."""
 
 
 @dataclass(slots=True)
@@ -182,10 +182,10 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], RequestInfo]:
 
 def request_info(obj: dict[str, Any]) -> RequestInfo:
     """parse_request's checks and reading, on a body decoded already (a WebSocket turn)."""
-    model = _checked(obj, "model", str, "a string")
-    stream = _checked(obj, "stream", bool, "a boolean")
-    background = _checked(obj, "background", bool, "a boolean")
-    previous_response_id = _checked(obj, "previous_response_id", str, "a string")
+    model = checked(obj, "model", str, "a string")
+    stream = checked(obj, "stream", bool, "a boolean")
+    background = checked(obj, "background", bool, "a boolean")
+    previous_response_id = checked(obj, "previous_response_id", str, "a string")
     input_value = obj.get("input")
     if input_value is not None and not isinstance(input_value, str | list):
         raise RequestError("'input' must be a string or an array of input items")
@@ -199,13 +199,6 @@ def request_info(obj: dict[str, Any]) -> RequestInfo:
         previous_response_id=previous_response_id,
         session_id=session_id_from_body(obj),
     )
-
-
-def _checked(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise RequestError(f"'{key}' must be {what}")
-    return value
 
 
 def prompt_from_input(input_value: Any) -> str | None:
@@ -301,11 +294,7 @@ class _Summary:
     error_code: str | None
 
 
-# A service tier longer than this is not one (the API's are "default", "flex", "priority"…).
-_MAX_TIER_CHARS: Final = 32
-
-
-class ResponseAccumulator:
+class ResponseAccumulator(EventAccumulator):
     """Collects the records of one upstream response from its stream events or its body.
 
     Kept: the first response id, the last model reported, the terminal event type and
@@ -321,47 +310,21 @@ class ResponseAccumulator:
         "_item_tools",
         "_status",
         "_summary",
-        "malformed_events",
         "response_id",
         "response_model",
         "terminal",
     )
 
     def __init__(self) -> None:
+        super().__init__()
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.terminal: str | None = None
-        self.malformed_events = 0
         self._status: str | None = None
         self._summary: _Summary | None = None
         self._error_event: tuple[str | None, str | None] | None = None
         self._item_tools: list[dict[str, Any]] = []
         self._item_thoughts: list[dict[str, Any]] = []
-
-    def feed_event(self, event_name: str | None, data: str | bytes) -> None:
-        """Take one SSE event. Bad JSON or a non-object counts as malformed; never raises."""
-        if data in ("[DONE]", b"[DONE]") or not data:
-            return
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self.malformed_events += 1
-            return
-        if not isinstance(event, dict):
-            self.malformed_events += 1
-            return
-        event_type = event.get("type")
-        if not isinstance(event_type, str):
-            event_type = event_name
-        if event_type is None:
-            self.malformed_events += 1
-            return
-        try:
-            self._dispatch(event_type, event)
-        except Exception:
-            # Last line of defence: the helpers are written not to raise on any JSON,
-            # but an audit log must never break a client's stream.
-            self.malformed_events += 1
 
     @property
     def ended(self) -> bool:
@@ -501,7 +464,7 @@ def _summarize(response: dict[str, Any], event_type: str | None) -> _Summary:
     tier = response.get("service_tier")
     if usage is not None:
         # Billing depends on it (flex is half price, priority more), so the usage row keeps it.
-        ok = isinstance(tier, str) and 0 < len(tier) <= _MAX_TIER_CHARS
+        ok = isinstance(tier, str) and 0 < len(tier) <= MAX_TIER_CHARS
         usage["service_tier"] = tier if ok else None
     return _Summary(
         usage=usage,
@@ -544,9 +507,9 @@ def token_usage_row(usage: Any) -> dict[str, Any] | None:
     if not isinstance(output_details, dict):
         output_details = {}
 
-    input_tokens = _count(usage.get("input_tokens"))
-    cache_read = _count(input_details.get("cached_tokens"))
-    cache_write = _count(input_details.get("cache_write_tokens"))
+    input_tokens = count(usage.get("input_tokens"))
+    cache_read = count(input_details.get("cached_tokens"))
+    cache_write = count(input_details.get("cache_write_tokens"))
     uncached = None
     if input_tokens is not None:
         uncached = max(0, input_tokens - (cache_read or 0) - (cache_write or 0))
@@ -555,21 +518,11 @@ def token_usage_row(usage: Any) -> dict[str, Any] | None:
         "cache_read_input_tokens": cache_read,
         "cache_write_input_tokens": cache_write,
         "uncached_input_tokens": uncached,
-        "output_tokens": _count(usage.get("output_tokens")),
-        "reasoning_tokens": _count(output_details.get("reasoning_tokens")),
-        "total_tokens": _count(usage.get("total_tokens")),
+        "output_tokens": count(usage.get("output_tokens")),
+        "reasoning_tokens": count(output_details.get("reasoning_tokens")),
+        "total_tokens": count(usage.get("total_tokens")),
         "usage": _json_safe(usage),
     }
-
-
-def _count(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if 0 <= value <= _MAX_COUNT else None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value) if 0 <= value <= _MAX_COUNT else None
-    return None
 
 
 def tool_usage_row(item: dict[str, Any]) -> dict[str, Any] | None:

@@ -51,15 +51,15 @@ from typing import Any, Final
 import orjson
 
 from aibridge import strict_json
-from aibridge.extract import (
-    _MAX_COUNT,
-    _MAX_TIER_CHARS,
+from aibridge.apis.common import (
+    MAX_COUNT,
+    MAX_TIER_CHARS,
+    EventAccumulator,
     RequestError,
-    RequestInfo,
-    ResponseResult,
-    _checked,
-    _count,
+    checked,
+    count,
 )
+from aibridge.extract import RequestInfo, ResponseResult
 
 API: Final = "messages"
 
@@ -166,10 +166,10 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], RequestInfo]:
 
 def request_info(obj: dict[str, Any]) -> RequestInfo:
     """parse_request's checks and reading, on a body decoded already."""
-    model = _checked(obj, "model", str, "a string")
-    stream = _checked(obj, "stream", bool, "a boolean")
-    messages = _checked(obj, "messages", list, "an array of messages")
-    metadata = _checked(obj, "metadata", dict, "an object")
+    model = checked(obj, "model", str, "a string")
+    stream = checked(obj, "stream", bool, "a boolean")
+    messages = checked(obj, "messages", list, "an array of messages")
+    metadata = checked(obj, "metadata", dict, "an object")
     if metadata is not None and not isinstance(metadata.get("user_id"), str | None):
         raise RequestError("'metadata.user_id' must be a string")
     return RequestInfo(
@@ -347,7 +347,7 @@ class _Block:
         self.dropped = False
 
 
-class MessagesAccumulator:
+class MessagesAccumulator(EventAccumulator):
     """Collects the records of one Messages response from its stream events or its body.
 
     The interface of extract.ResponseAccumulator: feed_event, feed_response_object,
@@ -369,16 +369,15 @@ class MessagesAccumulator:
         "_usage",
         "_usage_trimmed",
         "dropped_blocks",
-        "malformed_events",
         "response_id",
         "response_model",
         "untracked_blocks",
     )
 
     def __init__(self) -> None:
+        super().__init__()
         self.response_id: str | None = None
         self.response_model: str | None = None
-        self.malformed_events = 0
         self.dropped_blocks = 0
         self.untracked_blocks = 0
         self._blocks: dict[int, _Block] = {}
@@ -393,31 +392,8 @@ class MessagesAccumulator:
         self._error: tuple[str | None, str | None] | None = None
         self._upstream_error: tuple[str | None, str | None] | None = None
 
-    def feed_event(self, event_name: str | None, data: str | bytes) -> None:
-        """Take one SSE event. Bad JSON or a non-object counts as malformed; never raises."""
-        if self._error is not None or self._upstream_error is not None:
-            return  # nothing after an error belongs to this response
-        if data in ("[DONE]", b"[DONE]") or not data:
-            return
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self.malformed_events += 1
-            return
-        if not isinstance(event, dict):
-            self.malformed_events += 1
-            return
-        event_type = event.get("type")
-        if not isinstance(event_type, str):
-            event_type = event_name
-        if event_type is None:
-            self.malformed_events += 1
-            return
-        try:
-            self._dispatch(event_type, event)
-        except Exception:
-            # Last line of defence: an audit log must never break a client's stream.
-            self.malformed_events += 1
+    def _accepts_events(self) -> bool:
+        return self._error is None and self._upstream_error is None  # nothing after an error
 
     @property
     def ended(self) -> bool:
@@ -641,7 +617,7 @@ class MessagesAccumulator:
                 key: merged[key]
                 for key in _USAGE_COUNTED
                 if isinstance(merged.get(key), int | float)
-                or (isinstance(merged.get(key), str) and len(merged[key]) <= _MAX_TIER_CHARS)
+                or (isinstance(merged.get(key), str) and len(merged[key]) <= MAX_TIER_CHARS)
             }
             self._usage_trimmed = True
         self._usage = merged
@@ -835,10 +811,10 @@ def token_usage_row(usage: dict[str, Any]) -> dict[str, Any]:
     Anthropic's ``input_tokens`` leaves the cache out; ours is input + cache read + cache
     write (OpenTelemetry), and Anthropic's is the uncached part. Unknown stays None.
     """
-    uncached = _count(usage.get("input_tokens"))
-    cache_read = _count(usage.get("cache_read_input_tokens"))
-    cache_write = _count(usage.get("cache_creation_input_tokens"))
-    output = _count(usage.get("output_tokens"))
+    uncached = count(usage.get("input_tokens"))
+    cache_read = count(usage.get("cache_read_input_tokens"))
+    cache_write = count(usage.get("cache_creation_input_tokens"))
+    output = count(usage.get("output_tokens"))
     input_tokens = None
     if uncached is not None:
         input_tokens = _bounded(uncached + (cache_read or 0) + (cache_write or 0))
@@ -846,7 +822,7 @@ def token_usage_row(usage: dict[str, Any]) -> dict[str, Any]:
     if input_tokens is not None and output is not None:
         total = _bounded(input_tokens + output)
     tier = usage.get("service_tier")
-    tier_ok = isinstance(tier, str) and 0 < len(tier) <= _MAX_TIER_CHARS
+    tier_ok = isinstance(tier, str) and 0 < len(tier) <= MAX_TIER_CHARS
     return {
         "input_tokens": input_tokens,
         "cache_read_input_tokens": cache_read,
@@ -861,7 +837,7 @@ def token_usage_row(usage: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bounded(count: int) -> int | None:
-    return count if count <= _MAX_COUNT else None
+    return count if count <= MAX_COUNT else None
 
 
 # ---------------------------------------------------------------------------- errors
