@@ -39,14 +39,14 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from aibridge.sse import SSEParser
 
@@ -759,35 +759,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.path.split("?", 1)[0].endswith("/responses") or not self.server.fake.websocket:
             self._send(Reply(404, error_body("WebSocket not available", "invalid_request_error")))
             return
-        key = headers.get("sec-websocket-key", "")
-        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
-        self.send_response(101)
-        self.send_header("Upgrade", "websocket")
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", accept)
-        self.end_headers()
-        self.wfile.flush()
-        self.close_connection = True
-        ws = Connection(ConnectionType.SERVER)
-        sock = self.connection
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                return
-            ws.receive_data(data or None)
-            for event in ws.events():
-                if isinstance(event, CloseConnection):
-                    with contextlib.suppress(OSError):
-                        sock.sendall(ws.send(event.response()))
-                    return
-                if isinstance(event, Ping):
-                    sock.sendall(ws.send(event.response()))
-                elif isinstance(event, TextMessage):
-                    for message in ws_replies(event.data, headers):
-                        sock.sendall(ws.send(TextMessage(data=message)))
-            if not data:
-                return
+        accept_websocket(self, headers)
+
+        def answer(message: str | bytes) -> Iterable[str]:
+            return ws_replies(message, headers) if isinstance(message, str) else ()
+
+        serve_websocket(self.connection, answer)
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
@@ -864,6 +841,53 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def accept_websocket(handler: BaseHTTPRequestHandler, headers: dict[str, str]) -> None:
+    """Answer a WebSocket upgrade with 101; the handler's connection is then the socket's."""
+    key = headers.get("sec-websocket-key", "")
+    accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
+    handler.send_response(101)
+    handler.send_header("Upgrade", "websocket")
+    handler.send_header("Connection", "Upgrade")
+    handler.send_header("Sec-WebSocket-Accept", accept)
+    handler.end_headers()
+    handler.wfile.flush()
+    handler.close_connection = True
+
+
+def serve_websocket(
+    sock: socket.socket, answer: Callable[[str | bytes], Iterable[str | bytes]]
+) -> None:
+    """Serve one WebSocket until it closes: pings and closes answered, each whole message
+    (text as str, binary as bytes; fragments joined) answered with what `answer` yields."""
+    ws = Connection(ConnectionType.SERVER)
+    parts: list[bytes] = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            return
+        ws.receive_data(data or None)
+        for event in ws.events():
+            if isinstance(event, CloseConnection):
+                with contextlib.suppress(OSError):
+                    sock.sendall(ws.send(event.response()))
+                return
+            if isinstance(event, Ping):
+                sock.sendall(ws.send(event.response()))
+            elif isinstance(event, Message):
+                piece = event.data
+                parts.append(piece.encode() if isinstance(piece, str) else piece)
+                if not event.message_finished:
+                    continue
+                raw, parts = b"".join(parts), []
+                message = raw.decode() if isinstance(event, TextMessage) else raw
+                for reply in answer(message):
+                    out = TextMessage(reply) if isinstance(reply, str) else BytesMessage(reply)
+                    sock.sendall(ws.send(out))
+        if not data:
+            return
 
 
 def ws_replies(message: str, headers: dict[str, str]) -> Iterator[str]:

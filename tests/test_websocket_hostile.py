@@ -8,9 +8,7 @@ scripted upstream that records every WebSocket message it receives.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
 import socket
 import threading
@@ -31,8 +29,7 @@ from mitmproxy import http
 from mitmproxy.flow import Flow
 from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketData, WebSocketMessage
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.events import BytesMessage, Message, TextMessage
 from wsproto.frame_protocol import Opcode
 
 from aibridge.auth import hint
@@ -42,10 +39,12 @@ from aibridge.extract import DELTA_EVENTS, WANTED_EVENTS
 from aibridge.fake_upstream import (
     TEXT_ANSWER,
     Outcome,
+    accept_websocket,
     function_call_item,
     message_item,
     new_id,
     response_object,
+    serve_websocket,
     text_outcome,
     usage,
     ws_replies,
@@ -607,9 +606,6 @@ def test_skipping_never_hides_a_wanted_event(
 # --------------------------------------------------------------------- end to end
 
 
-_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
 class ScriptedUpstream(LoopbackHTTP):
     """A provider whose WebSocket records every message it receives, answering each
     response.create as the fake upstream does, or by a script named by its model:
@@ -646,15 +642,7 @@ class ScriptedUpstream(LoopbackHTTP):
 
             def do_GET(self) -> None:
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                key = headers.get("sec-websocket-key", "") + _WS_GUID
-                self.send_response(101)
-                self.send_header("Upgrade", "websocket")
-                self.send_header("Connection", "Upgrade")
-                accept = base64.b64encode(hashlib.sha1(key.encode()).digest()).decode()
-                self.send_header("Sec-WebSocket-Accept", accept)
-                self.end_headers()
-                self.wfile.flush()
-                self.close_connection = True
+                accept_websocket(self, headers)
                 upstream.serve(self.connection, headers)
 
         super().__init__(Handler)
@@ -664,36 +652,14 @@ class ScriptedUpstream(LoopbackHTTP):
             return list(self.messages)
 
     def serve(self, sock: socket.socket, headers: dict[str, str]) -> None:
-        ws = Connection(ConnectionType.SERVER)
         held: list[dict[str, Any]] = []
-        parts: list[bytes] = []
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                return
-            ws.receive_data(data or None)
-            for event in ws.events():
-                if isinstance(event, CloseConnection):
-                    with contextlib.suppress(Exception):
-                        sock.sendall(ws.send(event.response()))
-                    return
-                if isinstance(event, Ping):
-                    sock.sendall(ws.send(event.response()))
-                elif isinstance(event, Message):
-                    data_ = event.data
-                    parts.append(data_.encode() if isinstance(data_, str) else data_)
-                    if not event.message_finished:
-                        continue
-                    raw, parts = b"".join(parts), []
-                    with self.lock:
-                        self.messages.append(raw)
-                    whole = raw.decode() if isinstance(event, TextMessage) else raw
-                    for reply in self.replies(whole, headers, held):
-                        out = TextMessage(reply) if isinstance(reply, str) else BytesMessage(reply)
-                        sock.sendall(ws.send(out))
-            if not data:
-                return
+
+        def answer(message: str | bytes) -> Iterator[str | bytes]:
+            with self.lock:
+                self.messages.append(message.encode() if isinstance(message, str) else message)
+            return self.replies(message, headers, held)
+
+        serve_websocket(sock, answer)
 
     def replies(
         self, message: str | bytes, headers: dict[str, str], held: list[dict[str, Any]]
