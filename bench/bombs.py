@@ -26,13 +26,9 @@ from pathlib import Path
 
 import orjson
 
+from aibridge.inflate import zstd  # the module the bridge decodes with
 from bench.client import Connection, build_request
 from bench.procs import LAG_PROBE, TOKEN, Proxy, UpstreamProcess
-
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:
-    from backports import zstd
 
 HOST = "127.0.0.1"
 MIB = 1 << 20

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
-import sys
 import threading
 import tracemalloc
 import uuid
@@ -36,7 +35,10 @@ from mitmproxy.test import taddons, tflow
 from aibridge import records
 from aibridge.bridge import AIBridge
 from aibridge.extract import ResponseAccumulator
-from aibridge.inflate import BoundedInflater
+from aibridge.inflate import (
+    BoundedInflater,
+    zstd,  # the module the bridge decodes with
+)
 from aibridge.records import MAX_BUFFERED_DECODED_BYTES, MAX_ERROR_DECODED_BYTES
 from aibridge.stream import MAX_DECODED_BYTES, StreamTee
 from bench.bombs import zeros_bomb
@@ -50,11 +52,6 @@ from tests.harness import (
     query,
     wait_for,
 )
-
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:
-    from backports import zstd
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAFETY = 120.0  # upper bound for waits; never asserted as a duration

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gzip
 import random
-import sys
 import threading
 import tracemalloc
 import zlib
@@ -31,12 +30,9 @@ from aibridge.inflate import (
     DecodeLimitExceeded,
     decode_body,
     decode_body_in_thread,
+    zstd,
 )
-
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:
-    from backports import zstd
+from bench.bombs import zeros_bomb
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SSE = (FIXTURES / "codex_turn_streamed.response.sse").read_bytes()
@@ -75,18 +71,6 @@ CODECS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
     "zstd": ("zstd", zstd.compress),
     "case-and-spaces": ("  ZStd ", zstd.compress),
 }
-
-
-def zeros_bomb(encoding: str, mib: int) -> bytes:
-    """`mib` MiB of zeros, compressed in a loop: the test never holds the decoded size."""
-    if encoding == "br":
-        bo = brotli.Compressor(quality=5)
-        return b"".join(bo.process(ZEROS) for _ in range(mib)) + bo.finish()
-    if encoding == "zstd":
-        zo = zstd.ZstdCompressor()
-        return b"".join(zo.compress(ZEROS) for _ in range(mib)) + zo.flush()
-    co = zlib.compressobj(9, zlib.DEFLATED, {"gzip": 31, "deflate": 15}[encoding])
-    return b"".join(co.compress(ZEROS) for _ in range(mib)) + co.flush()
 
 
 def decode_in(inflater: BoundedInflater, chunks: Iterator[bytes]) -> bytes:
