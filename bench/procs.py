@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from aibridge.mitmdump_process import ADDON, MITMDUMP, REPO, local_bridge_config
+from devtools.mitmdump_process import ADDON, MITMDUMP, REPO, local_bridge_config
 
 BENCH = Path(__file__).resolve().parent
 STREAM_ONLY = BENCH / "stream_only.py"

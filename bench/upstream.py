@@ -1,6 +1,6 @@
 """The benchmark's upstream: the fake Responses API served from one asyncio loop.
 
-Replies come from ``aibridge.fake_upstream.plan_responses`` (same scenarios, same bytes),
+Replies come from ``devtools.fake_upstream.plan_responses`` (same scenarios, same bytes),
 but the serving differs from ``FakeUpstream`` on purpose:
 - asyncio instead of a thread per connection, so the upstream costs little CPU on a small
   machine where it competes with mitmdump and the load generator;
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 
 import orjson
 
-from aibridge import fake_upstream as fake
+from devtools import fake_upstream as fake
 
 _DELTA_PREFIX = b"event: response.output_text.delta\n"
 _HEAD_LIMIT = 64 * 1024

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import Mitmdump, bridge_config
 
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
-from aibridge.mitmdump_process import (
+from devtools.mitmdump_process import (
     ADDON,
     MITMDUMP,
     REPO,

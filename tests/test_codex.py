@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import REPO, TOKENS, Mitmdump, bridge_config, query, wait_for
 
 CODEX = REPO / "node_modules" / ".bin" / "codex"

@@ -29,8 +29,8 @@ from aibridge.config import (
 )
 from aibridge.cost import COST_COLUMNS, PriceBook
 from aibridge.extract import RequestInfo, ResponseAccumulator
-from aibridge.mitmdump_process import REPO
 from aibridge.records import Outcome, end_rows
+from devtools.mitmdump_process import REPO
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AT = datetime(2025, 9, 1, 12, 0, tzinfo=UTC)

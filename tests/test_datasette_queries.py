@@ -25,8 +25,8 @@ import yaml
 
 from aibridge import cost
 from aibridge.config import load_config
-from aibridge.fake_upstream import FakeUpstream
-from aibridge.mitmdump_process import REPO
+from devtools.fake_upstream import FakeUpstream
+from devtools.mitmdump_process import REPO
 from tests.harness import TOKENS, Datasette, Mitmdump, bridge_config
 
 METADATA = REPO / "datasette" / "metadata.yaml"

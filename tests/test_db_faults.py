@@ -32,10 +32,11 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from aibridge import bridge as bridge_module
-from aibridge import mitmdump_process, schema
+from aibridge import schema
 from aibridge.bridge import AIBridge
-from aibridge.fake_upstream import FakeUpstream
 from aibridge.recorder import REASON_CONTENT_SHED, REASON_ROW_SHED, Recorder
+from devtools import mitmdump_process
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
 
 SAFETY = 60.0  # upper bound for waits; never asserted as a duration

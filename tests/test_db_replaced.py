@@ -25,8 +25,8 @@ import sqlite_utils
 
 from aibridge import recorder as recorder_module
 from aibridge import schema
-from aibridge.fake_upstream import FakeUpstream
 from aibridge.recorder import Recorder
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
 
 WAIT = 30.0  # upper bound for waits; never asserted as a duration

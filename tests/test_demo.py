@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aibridge import demo
+from devtools import demo
 from tests.harness import ADDON, MITMDUMP, query
 
 

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, wait_for
 
 

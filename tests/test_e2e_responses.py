@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.fixture_upstream import FIXTURES, FixtureUpstream, fixture_response
 from tests.harness import (
     PROVIDER_KEY,

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from aibridge import echo, fake_upstream, mitm_compat
+from aibridge import echo, mitm_compat
 from aibridge.auth import hint
 from aibridge.bridge import AIBridge
 from aibridge.config import Provider
@@ -39,6 +39,7 @@ from aibridge.echo import (
 )
 from aibridge.extract import ResponseAccumulator
 from aibridge.stream import StreamTee
+from devtools import fake_upstream
 
 if sys.version_info >= (3, 14):
     from compression import zstd

@@ -18,8 +18,8 @@ import httpx
 import orjson
 import pytest
 
-from aibridge import fake_upstream
 from aibridge.auth import hint
+from devtools import fake_upstream
 from tests.harness import (
     PROVIDER_KEY,
     TOKENS,

@@ -18,7 +18,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from aibridge.bridge import AIBridge
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     ADDON,
     MITMDUMP,

@@ -15,8 +15,8 @@ import openai
 import orjson
 import pytest
 
-from aibridge import fake_upstream
-from aibridge.fake_upstream import FakeUpstream, choose_tool_call, placeholder_arguments
+from devtools import fake_upstream
+from devtools.fake_upstream import FakeUpstream, choose_tool_call, placeholder_arguments
 
 CODEX_SHELL = {
     "type": "function",
@@ -472,7 +472,7 @@ def test_stop_is_idempotent_and_frees_the_port() -> None:
 
 def test_command_line_prints_url_and_stops_on_sigterm() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "aibridge.fake_upstream", "--port", "0"],
+        [sys.executable, "-m", "devtools.fake_upstream", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -22,7 +22,7 @@ import httpx
 import orjson
 import pytest
 
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
 
 TCP_TIMEOUT = 2  # seconds of silence after which mitmproxy closes a connection

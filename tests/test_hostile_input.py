@@ -34,10 +34,10 @@ from aibridge import mitm_compat, records
 from aibridge.bridge import AIBridge
 from aibridge.config import Privacy, parse_config
 from aibridge.extract import RequestError, ResponseAccumulator, parse_request
-from aibridge.fake_upstream import FakeUpstream
 from aibridge.recorder import REASON_INVALID_UNICODE, Recorder
 from aibridge.routing import RouteKind, classify
 from aibridge.stream import StreamTee
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     PROVIDER_KEY,
     TOKENS,

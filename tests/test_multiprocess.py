@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config, query
 
 SAFETY = 60.0  # upper bound for waits; never asserted as a duration

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config
 
 SAFETY = 60.0

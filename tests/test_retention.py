@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from aibridge.config import ConfigError, Retention, load_config
-from aibridge.mitmdump_process import REPO
 from aibridge.recorder import Recorder
 from aibridge.retention import PruneReport, RetentionError, prune
+from devtools.mitmdump_process import REPO
 
 NOW = datetime(2025, 6, 30, 12, 0, tzinfo=UTC)
 CHILDREN = ("token_usages", "user_prompts", "tool_usages", "model_thoughts")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from aibridge.mitmdump_process import REPO
+from devtools.mitmdump_process import REPO
 from tests.harness import Datasette
 from tests.test_datasette_queries import DB_NAME, METADATA, UsageLog, build_usage_log
 

@@ -18,8 +18,8 @@ import httpx
 import orjson
 import pytest
 
-from aibridge import mitmdump_process
-from aibridge.fake_upstream import FakeUpstream
+from devtools import mitmdump_process
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     MITMDUMP,
     PROVIDER_KEY,

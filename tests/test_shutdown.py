@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query
 
 SAFETY = 30.0  # upper bound for waits; never asserted as a duration

@@ -21,8 +21,8 @@ from mitmproxy.test import taddons, tflow
 from aibridge import auth
 from aibridge.bridge import AIBridge
 from aibridge.config import parse_config, sha256_hex
-from aibridge.fake_upstream import FakeUpstream
 from aibridge.headers import header_view
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, LoopbackHTTP, Mitmdump, bridge_config, query, wait_for
 
 ALICE = TOKENS["alice"]

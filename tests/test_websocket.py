@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED
-from aibridge.fake_upstream import FakeUpstream
+from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     PROVIDER_KEY,
     TOKENS,

@@ -36,7 +36,8 @@ from aibridge.auth import hint
 from aibridge.bridge import AIBridge
 from aibridge.errors import BACKGROUND_NOT_SUPPORTED
 from aibridge.extract import DELTA_EVENTS, WANTED_EVENTS
-from aibridge.fake_upstream import (
+from aibridge.websocket import worth_decoding
+from devtools.fake_upstream import (
     TEXT_ANSWER,
     Outcome,
     accept_websocket,
@@ -49,7 +50,6 @@ from aibridge.fake_upstream import (
     usage,
     ws_replies,
 )
-from aibridge.websocket import worth_decoding
 from tests.harness import (
     PROVIDER_KEY,
     TOKENS,

@@ -1,6 +1,6 @@
 """An offline demo: a fake provider, the real bridge, a few realistic exchanges, a summary.
 
-    ./dev python -m aibridge.demo [--dir demo-run]
+    ./dev python -m devtools.demo [--dir demo-run]
 
 Everything runs on loopback; nothing leaves the machine. The audit log, the config and the
 saved flows stay in the output folder so they can be opened in datasette and mitmweb.
@@ -16,8 +16,8 @@ from typing import Any
 
 import openai
 
-from aibridge.fake_upstream import FakeUpstream
-from aibridge.mitmdump_process import MitmdumpProcess, local_bridge_config
+from devtools.fake_upstream import FakeUpstream
+from devtools.mitmdump_process import MitmdumpProcess, local_bridge_config
 
 USERS = ("alice", "bob")
 
@@ -123,7 +123,7 @@ def summary(db_path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m aibridge.demo",
+        prog="python -m devtools.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -984,7 +984,7 @@ class FakeUpstream:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m aibridge.fake_upstream",
+        prog="python -m devtools.fake_upstream",
         description="Serve a fake OpenAI Responses API; the model name picks the scenario.",
     )
     parser.add_argument("--host", default="127.0.0.1")
