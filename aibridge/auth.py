@@ -1,9 +1,11 @@
 """Who sent a request, and which credential goes upstream (DESIGN.md §6).
 
-Three ways in, checked in this order:
+Ways in, checked in this order:
 1. a personal bridge token in ``Authorization: Bearer`` or ``X-Api-Key``;
-2. mitmproxy's ``proxyauth`` identity (regular proxy mode), the user's name;
-3. with ``byok`` on, an unknown bearer token is the user's own provider key.
+2. on an Anthropic provider with ``subscription: true``, a Claude Pro/Max sign-in (an OAuth
+   bearer token) goes upstream as the user's own credential;
+3. mitmproxy's ``proxyauth`` identity (regular proxy mode), the user's name;
+4. with ``byok`` on, an unknown bearer token is the user's own provider key.
 Anything else is refused before it can reach the provider.
 """
 
@@ -22,12 +24,15 @@ from mitmproxy import http
 from aibridge.config import Config, Provider, User, hint
 
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
+# Credential kinds of a user's own sign-in to a plan, forwarded upstream: not priced per token.
+SIGN_IN_KINDS = frozenset({"client", "subscription"})
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
     user_id: str
-    credential_kind: str  # "centralized" | "byok" | "client" (ChatGPT sign-in, forwarded)
+    # "centralized" | "byok" | "client" (ChatGPT sign-in) | "subscription" (Claude sign-in)
+    credential_kind: str
     upstream_key: str = field(repr=False)  # credential_hint says which one
     credential_hint: str
 
@@ -140,6 +145,11 @@ def identify(
         if user is not None:
             return _centralized(user.id, provider)
     proxy_user = proxyauth_user(metadata)
+    if token is not None and provider.subscription and is_subscription_token(token, headers):
+        # Priced by the plan, not per token: the records say whose sign-in it was.
+        return Identity(
+            proxy_user or f"subscription:{hint(token)}", "subscription", token, hint(token)
+        )
     if token is not None and config.byok:
         return Identity(proxy_user or f"byok:{hint(token)}", "byok", token, hint(token))
     if proxy_user is not None:
@@ -150,6 +160,16 @@ def identify(
             "(Authorization: Bearer <token>)"
         )
     raise AuthError(f"unknown bridge token {hint(token)}: ask your admin for a personal token")
+
+
+# Claude Pro/Max sign-ins send an OAuth access token, "sk-ant-oat01-…", as a bearer token.
+SUBSCRIPTION_TOKEN_PREFIX = "sk-ant-oat"
+
+
+def is_subscription_token(token: str, headers: Mapping[str, str]) -> bool:
+    """A Claude subscription's OAuth token: sent as a bearer token, never as x-api-key."""
+    bearer = headers.get("authorization", "").strip()
+    return token.startswith(SUBSCRIPTION_TOKEN_PREFIX) and bearer.lower().startswith("bearer ")
 
 
 def _client_credential(
@@ -175,14 +195,23 @@ def install_credentials(headers: http.Headers, provider: Provider, identity: Ide
     drop.update(n.lower().encode() for n in provider.extra_headers)
     fields = [(k, v) for k, v in headers.fields if k.lower() not in drop]
     if identity.upstream_key:
-        fields.append((b"authorization", f"Bearer {identity.upstream_key}".encode()))
+        fields.append(_credential_field(provider, identity))
     fields.extend((n.encode(), v.encode()) for n, v in provider.extra_headers.items())
     headers.fields = tuple(fields)
 
 
+def _credential_field(provider: Provider, identity: Identity) -> tuple[bytes, bytes]:
+    """The provider's key in its own header (Anthropic: x-api-key); a sign-in's token as the
+    bearer token it was presented as."""
+    key = identity.upstream_key
+    if provider.key_header == "x-api-key" and identity.credential_kind != "subscription":
+        return (b"x-api-key", key.encode())
+    return (b"authorization", f"Bearer {key}".encode())
+
+
 def upstream_credential_headers(provider: Provider) -> tuple[str, ...]:
     """The headers that carry a secret to the provider once credentials are installed."""
-    return ("authorization", *provider.extra_headers)
+    return ("authorization", "x-api-key", *provider.extra_headers)
 
 
 def mask_credentials(headers: http.Headers, provider: Provider) -> None:

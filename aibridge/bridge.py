@@ -22,12 +22,14 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http, websocket
 
-from aibridge import auth, echo, mitm_compat, records
+from aibridge import apis, auth, echo, mitm_compat, records
+from aibridge.apis import Api, openai_responses
+from aibridge.apis.common import Accumulator, RequestError, RequestInfo
+from aibridge.apis.openai_errors import error_event
 from aibridge.concealment import ViewConcealment
 from aibridge.config import Config, ConfigError, Provider, load_config
 from aibridge.cost import PriceBook
-from aibridge.errors import BACKGROUND_NOT_SUPPORTED, error_event, error_response
-from aibridge.extract import RequestError, RequestInfo, ResponseAccumulator, parse_request
+from aibridge.errors import error_response
 from aibridge.headers import header_view
 from aibridge.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
 from aibridge.recorder import Recorder, RecorderError
@@ -37,13 +39,13 @@ from aibridge.websocket import SocketState, read_turn, worth_decoding
 
 log = logging.getLogger(__name__)
 
-API = "responses"
 # What the bridge notes on a flow (saved with it), so offline mode knows who sent it.
 METADATA_KEY = "aibridge"
 
 
 def _note(
     flow: http.HTTPFlow,
+    api: Api,
     interception_id: str,
     initiator_id: str | None,
     credential_kind: str | None,
@@ -53,6 +55,7 @@ def _note(
     """What the bridge notes on a flow it records (saved with it, `-w`), so that offline mode
     (`_replay_request`) rebuilds the same record without authenticating anyone."""
     noted: dict[str, Any] = {
+        "api": api.name,  # the API is judged by path again offline; mitmweb's view reads it
         "interception_id": interception_id,
         "initiator_id": initiator_id,
         "credential_kind": credential_kind,
@@ -75,8 +78,9 @@ class Exchange:
     flow: http.HTTPFlow
     provider: Provider
     identity: auth.Identity
+    api: Api  # the API of the route; for passthrough flows, the provider's (error shape)
     request: RequestInfo | None = None  # None for passthrough flows (no interception)
-    accumulator: ResponseAccumulator = field(default_factory=ResponseAccumulator)
+    accumulator: Accumulator | None = None  # set with request
     tee: StreamTee | None = None
     masked: bool = False
     # The upstream secrets shown as hints in the flow until the wire (mitm_compat.before_send).
@@ -84,11 +88,12 @@ class Exchange:
 
 
 class AIBridge:
-    """Bridges OpenAI Responses API flows: authenticate, swap keys, record the exchange.
+    """Bridges AI API flows (aibridge.apis): authenticate, swap keys, record the exchange.
 
     Cases, decided by ``routing.classify``:
     - not a configured provider's traffic: untouched;
-    - ``POST /v1/responses``: validated, authenticated, credential swapped, recorded;
+    - a POST to an API path its provider serves (``/v1/responses``, ``/v1/messages``):
+      validated, authenticated, credential swapped, recorded;
     - an allow-listed provider path: authenticated and credential swapped, not recorded;
     - any other provider path: 403.
     """
@@ -277,7 +282,7 @@ class AIBridge:
         try:
             headers = header_view(req.headers)
             route = self._route(flow, headers)
-            if route.kind is not RouteKind.RESPONSES or route.provider is None:
+            if route.kind is not RouteKind.BRIDGED or route.provider is None:
                 return False
             auth.identify(self.config, route.provider, headers, flow.metadata)
         except auth.AuthError:
@@ -295,7 +300,7 @@ class AIBridge:
         self._concealment.forget(flow)
         if flow.live and flow.response is None:
             message = "AI Bridge failed on this request and did not forward it; see its log"
-            self._refuse(flow, 500, message, None)
+            self._refuse(flow, 500, message, None, self._api_guess(flow))
 
     def _route(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> Route:
         assert self.config is not None
@@ -308,6 +313,17 @@ class AIBridge:
             req.path,
             websocket_upgrade=headers.get("upgrade", "").lower() == "websocket",
         )
+
+    def _api_guess(self, flow: http.HTTPFlow) -> Api:
+        """The API whose error shape answers a request the bridge could not classify."""
+        if self.config is not None:
+            with contextlib.suppress(Exception):
+                route = self._route(flow, header_view(flow.request.headers))
+                if route.api is not None:
+                    return route.api
+                if route.provider is not None:
+                    return apis.for_provider_type(route.provider.type)
+        return apis.for_path(flow.request.path)
 
     def _request(self, flow: http.HTTPFlow) -> None:
         self._concealment.reveal(flow)
@@ -327,16 +343,18 @@ class AIBridge:
             self._keep_tokens_in(flow, headers)
             return
         assert route.provider is not None
+        # Every answer of the bridge's own is in the shape the client's API uses.
+        api = route.api or apis.for_provider_type(route.provider.type)
         if route.kind is RouteKind.FORBIDDEN:
             message = f"{route.api_path or req.path} is not available through AI Bridge"
-            self._refuse(flow, 403, message, None)
+            self._refuse(flow, 403, message, None, api)
             return
         try:
             identity = auth.identify(self.config, route.provider, headers, flow.metadata)
         except auth.AuthError as e:
-            if route.kind is RouteKind.RESPONSES:
+            if route.kind is RouteKind.BRIDGED:
                 self._record_rejection(flow, route, None, 401, str(e))
-            self._refuse(flow, 401, str(e), None)
+            self._refuse(flow, 401, str(e), None, api)
             return
         # The credential headers are replaced below; a bridge token anywhere else would
         # reach the provider.
@@ -351,18 +369,18 @@ class AIBridge:
                 "this request carries an AI Bridge token outside the API key header; "
                 "send it only as the API key (Authorization: Bearer <token>)"
             )
-            if route.kind is RouteKind.RESPONSES:
+            if route.kind is RouteKind.BRIDGED:
                 self._record_rejection(flow, route, identity, 403, message)
-            self._refuse(flow, 403, message, identity.user_id)
+            self._refuse(flow, 403, message, identity.user_id, api)
             return
         if route.kind is RouteKind.WEBSOCKET:
             if self.config.websocket == "refuse":
                 # Fast and final, so clients fall back to HTTP at once.
                 message = "AI Bridge takes the Responses API over HTTP: use POST /v1/responses"
-                self._refuse(flow, 426, message, identity.user_id)
+                self._refuse(flow, 426, message, identity.user_id, api)
                 return
             self._sockets[flow.id] = SocketState(route.provider, identity)
-        if route.kind is RouteKind.RESPONSES:
+        if route.kind is RouteKind.BRIDGED:
             info = self._validate(flow, route, identity)
             if info is None:
                 return
@@ -370,7 +388,9 @@ class AIBridge:
             info = None
         self._retarget(flow, route)
         auth.install_credentials(req.headers, route.provider, identity)
-        exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, info)
+        exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, api, info)
+        if info is not None:
+            exchange.accumulator = api.new_accumulator()
         self._exchanges[flow.id] = exchange
         if self._mitm.before_send:
             # The flow shows hints; the real values are put in just for the wire.
@@ -380,6 +400,7 @@ class AIBridge:
         if info is not None:
             _note(
                 flow,
+                api,
                 exchange.interception_id,
                 identity.user_id,
                 identity.credential_kind,
@@ -396,9 +417,9 @@ class AIBridge:
         noted = flow.metadata.get(METADATA_KEY)
         req = flow.request
         route = classify(self.config, req.method, req.host, req.port, req.path)
-        if not isinstance(noted, dict) or route.kind is not RouteKind.RESPONSES:
+        if not isinstance(noted, dict) or route.kind is not RouteKind.BRIDGED:
             return
-        assert route.provider is not None
+        assert route.provider is not None and route.api is not None
         identity = None
         if noted.get("initiator_id") is not None:
             identity = auth.Identity(
@@ -408,7 +429,7 @@ class AIBridge:
                 str(noted.get("credential_hint")),
             )
         try:
-            _, info = parse_request(self._request_body(flow))
+            _, info = route.api.parse_request(self._request_body(flow))
         except (RequestError, ValueError):
             info = None
         rejected = noted.get("rejected")
@@ -426,7 +447,9 @@ class AIBridge:
             flow,
             route.provider,
             identity,
+            route.api,
             info,
+            route.api.new_accumulator(),
             masked=True,  # saved already masked
         )
         self._exchanges[flow.id] = exchange
@@ -435,6 +458,7 @@ class AIBridge:
     def _validate(
         self, flow: http.HTTPFlow, route: Route, identity: auth.Identity
     ) -> RequestInfo | None:
+        assert route.api is not None
         try:
             body = self._request_body(flow)
         except DecodeLimitExceeded as e:
@@ -442,11 +466,12 @@ class AIBridge:
         except ValueError as e:
             return self._reject(flow, route, identity, 400, f"request body cannot be decoded: {e}")
         try:
-            _, info = parse_request(body)
+            _, info = route.api.parse_request(body)
         except RequestError as e:
             return self._reject(flow, route, identity, 400, str(e))
-        if info.background:
-            return self._reject(flow, route, identity, 501, BACKGROUND_NOT_SUPPORTED, info)
+        refusal = route.api.refusal(info)
+        if refusal is not None:
+            return self._reject(flow, route, identity, *refusal, info)
         return info
 
     def _request_body(self, flow: http.HTTPFlow) -> bytes:
@@ -474,7 +499,8 @@ class AIBridge:
         info: RequestInfo | None = None,
     ) -> None:
         self._record_rejection(flow, route, identity, status, message, info)
-        self._refuse(flow, status, message, identity.user_id if identity else None)
+        assert route.api is not None
+        self._refuse(flow, status, message, identity.user_id if identity else None, route.api)
         return None
 
     def _keep_tokens_in(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> None:
@@ -493,7 +519,7 @@ class AIBridge:
             f"this request carries your AI Bridge token and goes to {host}, which is not a "
             "provider of this bridge: refused so that the token does not leave the bridge"
         )
-        self._refuse(flow, 403, message, owner.id)
+        self._refuse(flow, 403, message, owner.id, apis.for_path(flow.request.path))
 
     def _refuse_unconfigured(self, flow: http.HTTPFlow) -> None:
         """Fail closed: without a working configuration nobody can be identified, and no
@@ -509,13 +535,16 @@ class AIBridge:
             "AI Bridge is not configured and refuses all traffic; "
             "its operator must fix the configuration (see the bridge's log)"
         )
-        self._refuse(flow, 503, message, None)
+        self._refuse(flow, 503, message, None, apis.for_path(flow.request.path))
 
     @staticmethod
-    def _refuse(flow: http.HTTPFlow, status: int, message: str, user_id: str | None) -> None:
-        """Answer the client ourselves: the provider never sees the request."""
+    def _refuse(
+        flow: http.HTTPFlow, status: int, message: str, user_id: str | None, api: Api
+    ) -> None:
+        """Answer the client ourselves, in its API's error shape: the provider never sees
+        the request."""
         auth.mask_client_credentials(flow.request.headers)
-        flow.response = error_response(status, message)
+        flow.response = error_response(api, status, message)
         flow.comment = f"{user_id or 'unknown client'} · refused {status}: {message}"
         flow.marked = ":no_entry:"
 
@@ -556,7 +585,8 @@ class AIBridge:
             # Masking shortens the body: a length upstream announced would be wrong.
             response.headers.pop("content-length", None)
         if sse:
-            exchange.tee = StreamTee(exchange.accumulator, encoding, masker)
+            assert exchange.accumulator is not None
+            exchange.tee = StreamTee(exchange.accumulator, exchange.api, encoding, masker)
             response.stream = exchange.tee
         elif masker is not None:
             response.stream = echo.MaskedStream(masker)
@@ -574,7 +604,7 @@ class AIBridge:
             return
         if answerable is not None and flow.response is None:
             message = f"AI Bridge could not reach provider {exchange.provider.name!r}: {error}"
-            flow.response = error_response(int(answerable), message)
+            flow.response = error_response(exchange.api, int(answerable), message)
             self._finish(flow, error, answered=True)
             return
         self._finish(flow, self._explain_silence(flow, exchange, error))
@@ -627,18 +657,20 @@ class AIBridge:
             refusal = echo.mask_buffered(flow.response, secrets) if secrets else None
             if refusal is not None:
                 log.warning(f"AI Bridge: flow {flow.id}: {refusal}")
-                flow.response = error_response(502, f"AI Bridge: {refusal}")
+                flow.response = error_response(exchange.api, 502, f"AI Bridge: {refusal}")
                 error, answered = refusal, True
         masker = exchange.tee.masker if exchange.tee is not None else None
         if masker is not None and masker.cut is not None:
             error = masker.cut  # the bridge cut the stream: that is how it ended
         self._mask(flow, exchange)
-        if exchange.request is None:
+        if exchange.request is None or exchange.accumulator is None:
             return
         try:
             # A response the bridge answered with is not upstream's: judge by the error.
             response = None if answered else flow.response
-            outcome = records.finish_exchange(exchange.accumulator, exchange.tee, response, error)
+            outcome = records.finish_exchange(
+                exchange.api, exchange.accumulator, exchange.tee, response, error
+            )
             self._record_end(flow, exchange, outcome)
         except Exception:  # an addon must never take a flow down with it
             log.exception("AI Bridge: failed to record flow %s", flow.id)
@@ -647,10 +679,14 @@ class AIBridge:
         """At shutdown: a flow still in flight is recorded as cut, and its key masked now,
         because mitmproxy saves active flows (``-w``) after this addon's ``done``."""
         self._mask(exchange.flow, exchange)
-        if exchange.request is None:
+        if exchange.request is None or exchange.accumulator is None:
             return
         outcome = records.finish_exchange(
-            exchange.accumulator, exchange.tee, None, "the bridge shut down during the exchange"
+            exchange.api,
+            exchange.accumulator,
+            exchange.tee,
+            None,
+            "the bridge shut down during the exchange",
         )
         if not outcome.result.terminal_seen:
             outcome.status = "shutdown"
@@ -689,7 +725,8 @@ class AIBridge:
         self, flow: http.HTTPFlow, state: SocketState, message: websocket.WebSocketMessage
     ) -> None:
         content = message.content
-        route = Route(RouteKind.RESPONSES, state.provider, "/v1/responses")
+        api = openai_responses.API  # the one API with a WebSocket mode
+        route = Route(RouteKind.WEBSOCKET, state.provider, api.path, api=api)
         try:
             # Judged by decoding: a message the bridge cannot judge is refused, not forwarded.
             info = read_turn(content, message.is_text)
@@ -698,11 +735,21 @@ class AIBridge:
             return
         if info is None:
             return  # other client events (e.g. response.cancel) go through untouched
-        if info.background:
-            self._refuse_on_socket(flow, message, route, state, 501, BACKGROUND_NOT_SUPPORTED, info)
+        refusal = api.refusal(info)
+        if refusal is not None:
+            self._refuse_on_socket(flow, message, route, state, *refusal, info)
             return
         info.stream = True  # WebSocket mode always streams
-        turn = Exchange(uuid.uuid4().hex, flow, state.provider, state.identity, info, masked=True)
+        turn = Exchange(
+            uuid.uuid4().hex,
+            flow,
+            state.provider,
+            state.identity,
+            api,
+            info,
+            api.new_accumulator(),
+            masked=True,
+        )
         self._record_start(flow, turn, len(content))
         state.open_turns.append(turn)  # only once recorded: a failure above drops the message
 
@@ -733,7 +780,7 @@ class AIBridge:
         turn.accumulator.feed_event(None, message.content)
         if turn.accumulator.ended:
             state.close(turn)
-            outcome = records.finish_exchange(turn.accumulator, None, None, None)
+            outcome = records.finish_exchange(turn.api, turn.accumulator, None, None, None)
             self._write_end(turn, outcome, 101)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -750,7 +797,7 @@ class AIBridge:
             why = f"the WebSocket closed before the response ended (code {code})"
         while state.open_turns:
             turn = state.open_turns.popleft()
-            outcome = records.finish_exchange(turn.accumulator, None, None, why)
+            outcome = records.finish_exchange(turn.api, turn.accumulator, None, None, why)
             self._write_end(turn, outcome, 101)
 
     # ---- records -----------------------------------------------------------------------------
@@ -769,6 +816,7 @@ class AIBridge:
             flow_id=flow.id,
             started_at=utc_now(),
             provider=exchange.provider,
+            api=exchange.api,
             info=exchange.request,
             headers=flow.request.headers if headers is None else headers,
             identity=exchange.identity,
@@ -800,6 +848,7 @@ class AIBridge:
             flow_id=flow.id,
             started_at=now,
             provider=route.provider,
+            api=route.api or apis.for_provider_type(route.provider.type),
             info=info,
             headers=flow.request.headers,
             identity=identity,
@@ -815,6 +864,7 @@ class AIBridge:
             rejected = {"status": status, "message": message, "request_read": info is not None}
             _note(
                 flow,
+                route.api or apis.for_provider_type(route.provider.type),
                 row["id"],
                 row["initiator_id"],
                 row["credential_kind"],
@@ -848,7 +898,9 @@ class AIBridge:
         if self.recorder is None or self.config is None or exchange.request is None:
             return
         now = utc_now()
-        prices = None if exchange.provider.forwards_client_credential else self.prices
+        # A sign-in (ChatGPT, Claude Pro/Max) is paid by its plan, not per token.
+        signed_in = exchange.identity.credential_kind in auth.SIGN_IN_KINDS
+        prices = None if signed_in else self.prices
         for table, row in records.end_rows(
             exchange.interception_id,
             exchange.request,
@@ -857,6 +909,7 @@ class AIBridge:
             self.config.privacy,
             now,
             prices,
+            provider_type=exchange.provider.type,
         ):
             if table == "interceptions":
                 self.recorder.upsert(table, row)

@@ -17,6 +17,8 @@ in its published source:
 - Kilo Code (a Roo Code fork): ``Kilo-Code/<version>``, ``originator: kilo-code``.
 - OpenCode: ``opencode/<version>``, ``originator: opencode``.
 - Mux: ``mux/<version>``; Coder Agents: ``coder-agents/<version>``.
+- Official Anthropic SDKs (Stainless-generated too): ``Anthropic/Python 0.x``,
+  ``Anthropic/JS 0.x`` (``AsyncAnthropic``, ``AnthropicBedrock``… the same way).
 - Official OpenAI SDKs (Stainless-generated): ``OpenAI/Python 1.x`` (the class name, so
   also ``AsyncOpenAI/Python``, ``AzureOpenAI/Python``), ``OpenAI/JS 4.x``,
   ``OpenAI/Go 1.x``, ``OpenAI/Java 2.x``; the .NET SDK ``OpenAI/2.x (.NET ...)``.
@@ -90,6 +92,13 @@ _SDKS: Final[dict[str, str]] = {
     "java": "openai-java",
 }
 _DOTNET_UA: Final = re.compile(r"^openai/\d\S* \(\.net")
+_ANTHROPIC_SDK_UA: Final = re.compile(r"(?:^|[\s;(])(?:async)?anthropic\w*/(python|js|go|java)\b")
+_ANTHROPIC_SDKS: Final[dict[str, str]] = {
+    "python": "anthropic-python",
+    "js": "anthropic-node",
+    "go": "anthropic-go",
+    "java": "anthropic-java",
+}
 
 # Header names that carry a client's session or conversation id, in order of preference.
 _SESSION_HEADERS: Final = (
@@ -136,6 +145,8 @@ def guess_client(
 
     if match := _SDK_UA.search(ua):
         return _SDKS[match.group(1)]
+    if match := _ANTHROPIC_SDK_UA.search(ua):
+        return _ANTHROPIC_SDKS[match.group(1)]
     if _DOTNET_UA.match(ua):
         return "openai-dotnet"
     return None

@@ -18,16 +18,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from aibridge.apis import default_passthrough
+
 # "chatgpt": Codex signed in with a ChatGPT account (chatgpt.com/backend-api/codex). The
 # client's own credential goes upstream; the bridge identifies and records, holds no key.
-PROVIDER_TYPES = ("openai", "chatgpt")
-DEFAULT_PASSTHROUGH = (
-    "/v1/models",
-    "/v1/models/*",
-    "/v1/responses/*",
-    "/v1/conversations",
-    "/v1/conversations/*",
-)
+# "anthropic": Anthropic's API (the key goes as x-api-key).
+PROVIDER_TYPES = ("openai", "chatgpt", "anthropic")
 WEBSOCKET_POLICIES = ("bridge", "refuse")
 
 # ${VAR} must be set; ${VAR:-default} falls back when VAR is unset or empty (as in POSIX shells).
@@ -53,12 +49,16 @@ class Provider:
     base_url: str
     api_key: str
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # Anthropic: a Claude Pro/Max sign-in goes upstream as the user's own credential.
+    subscription: bool = False
 
     # Parsed once: routing looks at these for every flow.
     scheme: str = field(init=False)
     host: str = field(init=False)
     port: int = field(init=False)
     base_path: str = field(init=False)  # the API root on the provider, e.g. "/v1"
+    # The provider paths let through when the config lists none: its APIs' own.
+    default_passthrough: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
@@ -67,17 +67,24 @@ class Provider:
         set_(self, "host", (parts.hostname or "").rstrip("."))  # as DNS compares names
         set_(self, "port", parts.port or (443 if parts.scheme == "https" else 80))
         set_(self, "base_path", parts.path.rstrip("/"))
+        set_(self, "default_passthrough", default_passthrough({self.type}))
 
     @property
     def forwards_client_credential(self) -> bool:
         return self.type == "chatgpt"
+
+    @property
+    def key_header(self) -> str:
+        """The header the provider key goes upstream in (as ``Bearer <key>`` in authorization)."""
+        return "x-api-key" if self.type == "anthropic" else "authorization"
 
     def __repr__(self) -> str:
         # Secrets never show in a repr (logs, tracebacks, debuggers): hints only.
         headers = {name: hint(value) for name, value in self.extra_headers.items()}
         return (
             f"Provider(name={self.name!r}, type={self.type!r}, base_url={self.base_url!r}, "
-            f"api_key={hint(self.api_key)!r}, extra_headers={headers!r})"
+            f"api_key={hint(self.api_key)!r}, extra_headers={headers!r}, "
+            f"subscription={self.subscription!r})"
         )
 
 
@@ -102,6 +109,8 @@ class PriceOverride:
 
     Cached input, cache writes and reasoning tokens fall back to the plain input and
     output prices when not given, as the providers bill them when they have no own rate.
+    ``cache_write_per_mtok`` prices 5-minute (and unsplit) cache writes; Anthropic's 1-hour
+    writes fall back to 2x the input price, as Anthropic bills them.
     """
 
     model: str
@@ -110,6 +119,7 @@ class PriceOverride:
     cached_input_per_mtok: Decimal | None = None
     cache_write_per_mtok: Decimal | None = None
     reasoning_per_mtok: Decimal | None = None
+    cache_write_1h_per_mtok: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +144,9 @@ class Config:
     providers: tuple[Provider, ...]
     users: tuple[User, ...]
     byok: bool = False
-    passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
+    # Provider paths let through (authenticated, key injected, not recorded); None: each
+    # provider's own (Provider.default_passthrough).
+    passthrough: tuple[str, ...] | None = None
     privacy: Privacy = Privacy()
     websocket: str = "bridge"
     pricing: Pricing = Pricing()
@@ -150,6 +162,9 @@ class Config:
         set_(self, "_users_by_digest", {user.token_sha256: user for user in self.users})
         lengths = [user.token_length for user in self.users]
         set_(self, "token_lengths", None if None in lengths else frozenset(lengths))
+
+    def passthrough_for(self, provider: Provider) -> tuple[str, ...]:
+        return provider.default_passthrough if self.passthrough is None else self.passthrough
 
     def provider_named(self, name: str) -> Provider | None:
         for provider in self.providers:
@@ -341,7 +356,7 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         raise r.fail(
             "websocket", f"must be one of {', '.join(WEBSOCKET_POLICIES)}, got {websocket!r}"
         )
-    passthrough = r.string_list(top, "passthrough", "passthrough", DEFAULT_PASSTHROUGH)
+    passthrough = r.string_list(top, "passthrough", "passthrough", ())
     for i, pattern in enumerate(passthrough):
         if not pattern.startswith("/"):
             raise r.fail(f"passthrough[{i}]", f"must be a path starting with '/', got {pattern!r}")
@@ -352,7 +367,7 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         providers=providers,
         users=users,
         byok=r.boolean(top, "byok", "byok", False),
-        passthrough=passthrough,
+        passthrough=None if top.get("passthrough") is None else passthrough,
         privacy=privacy,
         websocket=websocket,
         pricing=_pricing(r, top.get("pricing")),
@@ -367,6 +382,7 @@ _PRICE_KEYS = (
     "cached_input_per_mtok",
     "cache_write_per_mtok",
     "reasoning_per_mtok",
+    "cache_write_1h_per_mtok",
 )
 
 
@@ -398,6 +414,7 @@ def _pricing(r: _Reader, raw: Any) -> Pricing:
                 cached_input_per_mtok=prices["cached_input_per_mtok"],
                 cache_write_per_mtok=prices["cache_write_per_mtok"],
                 reasoning_per_mtok=prices["reasoning_per_mtok"],
+                cache_write_1h_per_mtok=prices["cache_write_1h_per_mtok"],
             )
         )
     return Pricing(tuple(overrides))
@@ -427,7 +444,7 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
     for i, item in enumerate(raw):
         key = f"providers[{i}]"
         entry = r.mapping(item, key)
-        known = {"name", "type", "base_url", "api_key", "extra_headers"}
+        known = {"name", "type", "base_url", "api_key", "extra_headers", "subscription"}
         for name in entry:
             if name not in known:
                 raise r.fail(f"{key}.{name}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -468,7 +485,16 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
             str(h): r.string(headers_raw, h, f"{key}.extra_headers.{h}", allow_empty=True)
             for h in headers_raw
         }
-        providers.append(Provider(name, ptype, base_url.rstrip("/"), api_key, extra_headers))
+        subscription = r.boolean(entry, "subscription", f"{key}.subscription", False)
+        if subscription and ptype != "anthropic":
+            raise r.fail(
+                f"{key}.subscription",
+                "only an anthropic provider takes subscription sign-ins (Claude Pro/Max); "
+                "for ChatGPT sign-ins use type: chatgpt",
+            )
+        providers.append(
+            Provider(name, ptype, base_url.rstrip("/"), api_key, extra_headers, subscription)
+        )
     return tuple(providers)
 
 

@@ -7,7 +7,7 @@ becomes its id, model, status, usage, notes on anything odd, and the output item
 
 :func:`render_request` and :func:`render_response` are pure and never raise; the view only
 picks one of them. Tool calls and usage are read with the same functions the audit log uses
-(``aibridge.extract``), so the view shows what the database holds.
+(``aibridge.apis.openai_responses``), so the view shows what the database holds.
 
 The bridge streams every SSE response, and mitmproxy keeps a streamed body only with
 ``--set store_streamed_bodies=true``; without it a streamed response has no body to show.
@@ -25,7 +25,7 @@ import orjson
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Contentview, Metadata
 
-from aibridge.extract import token_usage_row, tool_usage_row
+from aibridge.apis.openai_responses import token_usage_row, tool_usage_row
 from aibridge.sse import SSEParser
 
 NAME: Final = "AI Bridge"

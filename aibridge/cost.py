@@ -13,6 +13,13 @@ cache writes have their own rates where the model has them and the input rate ot
 ``reasoning_per_mtok``. Long-context tiers apply to the whole request, as the provider bills
 them. A model without any known price gets NULL, never an error.
 
+List prices come from the table of the provider the row went to (``provider``: the bridge's
+provider type): a Claude model name sent to an OpenAI provider, or the reverse, has no list
+price. Anthropic's cache writes are split in the raw ``usage`` (``cache_creation``): 5-minute
+writes at the model's cache-write rate, 1-hour writes at its 1-hour rate; without the split all
+writes count as 5-minute. Anthropic's ``service_tier: batch`` and ``speed: fast`` (in the raw
+usage) select genai-prices' batch and fast-mode variants.
+
 A `PriceBook` reads the table once when it is made (about half a second, so make it at
 start-up); after that a row costs a dictionary lookup and a few Decimal operations.
 
@@ -36,6 +43,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import sqlite_utils
 
 from aibridge.config import ConfigError, PriceOverride, Pricing, load_config
@@ -46,8 +54,16 @@ log = logging.getLogger(__name__)
 SOURCE_CONFIG: Final = "config"
 SOURCE_CATALOG: Final = "genai-prices"
 COST_COLUMNS: Final = ("estimated_cost_usd", "price_source", "price_version", "priced_model")
-# The provider whose list prices apply: the bridge speaks OpenAI's Responses API.
-CATALOG_PROVIDER: Final = "openai"
+# The genai-prices provider whose list prices apply, by the bridge's provider type. A type not
+# named here has no list prices (overrides still apply): never another provider's table.
+CATALOG_PROVIDERS: Final[Mapping[str, str]] = {
+    "openai": "openai",
+    "chatgpt": "openai",
+    "anthropic": "anthropic",
+}
+# Anthropic bills a 1-hour cache write at 2x the base input rate (5-minute: 1.25x): the rate
+# used when neither genai-prices nor an override gives one.
+CACHE_WRITE_1H_INPUT_MULTIPLE: Final = Decimal(2)
 
 _MTOK: Final = Decimal(1_000_000)
 _NO_COST: Final[dict[str, Any]] = dict.fromkeys(COST_COLUMNS)
@@ -79,12 +95,17 @@ class _Counts:
     input: int
     uncached: int
     cache_read: int
-    cache_write: int
+    cache_write: int  # all cache writes: the 1-hour ones and the rest (5-minute)
+    cache_write_1h: int
     output: int
     reasoning: int
 
+    @property
+    def cache_write_5m(self) -> int:
+        return self.cache_write - self.cache_write_1h
+
     @classmethod
-    def of(cls, usage: Mapping[str, Any]) -> _Counts | None:
+    def of(cls, usage: Mapping[str, Any], raw: Mapping[str, Any] | None) -> _Counts | None:
         input_tokens = _count(usage.get("input_tokens"))
         output_tokens = _count(usage.get("output_tokens"))
         if input_tokens is None and output_tokens is None:
@@ -98,9 +119,46 @@ class _Counts:
             uncached=total_in - cache_read - cache_write,
             cache_read=cache_read,
             cache_write=cache_write,
+            # The column's total is what was billed; the split only says which rate applies.
+            cache_write_1h=min(_cache_write_1h(raw), cache_write),
             output=out,
             reasoning=min(_count(usage.get("reasoning_tokens")) or 0, out),
         )
+
+
+def _raw_usage(value: Any) -> Mapping[str, Any] | None:
+    """The provider's own usage object: a dict live, JSON text when read back from SQLite."""
+    if isinstance(value, Mapping):
+        return value
+    if isinstance(value, str | bytes):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def _cache_write_1h(raw: Mapping[str, Any] | None) -> int:
+    # Anthropic: usage.cache_creation = {ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}.
+    split = raw.get("cache_creation") if raw is not None else None
+    if not isinstance(split, Mapping):
+        return 0
+    return _count(split.get("ephemeral_1h_input_tokens")) or 0
+
+
+def _price_context(
+    catalog_provider: str, service_tier: str | None, raw: Mapping[str, Any] | None
+) -> dict[str, str] | None:
+    """genai-prices' request context: which of a model's price variants apply."""
+    if catalog_provider != "anthropic":
+        return {"service_tier": service_tier} if service_tier else None
+    # Anthropic reports standard, priority or batch. genai-prices keys batch prices as
+    # processing=batch and has no priority variant: standard and priority get the list prices.
+    context = {"processing": "batch"} if service_tier == "batch" else {}
+    if raw is not None and raw.get("speed") == "fast":
+        context["speed"] = "fast"  # fast mode, reported in usage.speed
+    return context or None
 
 
 def _count(value: Any) -> int | None:
@@ -122,18 +180,26 @@ def override_fingerprint(override: PriceOverride) -> str:
             "reasoning_per_mtok",
         )
     )
+    if override.cache_write_1h_per_mtok is not None:
+        # Appended only when given, so the rates set before it existed keep their fingerprint.
+        text += f"|1h={override.cache_write_1h_per_mtok}"
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def override_cost(override: PriceOverride, counts: _Counts) -> Decimal:
     cached = override.cached_input_per_mtok
     write = override.cache_write_per_mtok
+    write_1h = override.cache_write_1h_per_mtok
     reasoning = override.reasoning_per_mtok
     inp, out = override.input_per_mtok, override.output_per_mtok
+    if write_1h is None:
+        # Not the 5-minute rate: Anthropic bills 1-hour writes at 2x input, 5-minute at 1.25x.
+        write_1h = inp * CACHE_WRITE_1H_INPUT_MULTIPLE
     total = (
         counts.uncached * inp
         + counts.cache_read * (inp if cached is None else cached)
-        + counts.cache_write * (inp if write is None else write)
+        + counts.cache_write_5m * (inp if write is None else write)
+        + counts.cache_write_1h * write_1h
         + (counts.output - counts.reasoning) * out
         + counts.reasoning * (out if reasoning is None else reasoning)
     )
@@ -151,18 +217,19 @@ class _Catalog:
         self.version: str = genai_prices.__version__
         self._snapshot = data_snapshot.get_snapshot()
         self._tiered = types.TieredPrices
-        self._models: dict[str, Any] = {}
+        self._models: dict[tuple[str, str], Any] = {}
         # Loading the data is the slow part: do it now rather than at the first request.
-        self._snapshot.find_provider(None, CATALOG_PROVIDER, None)
+        for provider_id in set(CATALOG_PROVIDERS.values()):
+            self._snapshot.find_provider(None, provider_id, None)
 
-    def model(self, name: str) -> Any | None:
-        key = name.lower()
+    def model(self, name: str, provider_id: str) -> Any | None:
+        key = (provider_id, name.lower())
         try:
             return self._models[key]
         except KeyError:
             pass
         try:
-            _, info = self._snapshot.find_provider_model(key, None, CATALOG_PROVIDER, None)
+            _, info = self._snapshot.find_provider_model(key[1], None, provider_id, None)
         except LookupError:
             info = None
         if len(self._models) >= _MAX_CACHED_NAMES:
@@ -171,9 +238,8 @@ class _Catalog:
         return info
 
     def cost(
-        self, info: Any, counts: _Counts, at: datetime, service_tier: str | None
+        self, info: Any, counts: _Counts, at: datetime, context: dict[str, str] | None
     ) -> Decimal | None:
-        context = {"service_tier": service_tier} if service_tier else None
         prices = info.get_prices(at, context)
         inp = self._rate(prices.input_mtok, counts.input)
         out = self._rate(prices.output_mtok, counts.input)
@@ -182,10 +248,17 @@ class _Catalog:
         inp = inp or Decimal(0)
         cached = self._rate(prices.cache_read_mtok, counts.input)
         write = self._rate(prices.cache_write_mtok, counts.input)
+        if write is None:
+            write = self._rate(prices.cache_write_5m_mtok, counts.input)
+        write_1h = self._rate(prices.cache_write_1h_mtok, counts.input)
+        if write_1h is None:
+            # genai-prices would bill these at the 5-minute rate; Anthropic bills 2x input.
+            write_1h = inp * CACHE_WRITE_1H_INPUT_MULTIPLE
         total = (
             counts.uncached * inp
             + counts.cache_read * (inp if cached is None else cached)
-            + counts.cache_write * (inp if write is None else write)
+            + counts.cache_write_5m * (inp if write is None else write)
+            + counts.cache_write_1h * write_1h
             + counts.output * (out or Decimal(0))
         )
         return total / _MTOK
@@ -243,13 +316,18 @@ class PriceBook:
         models: Sequence[str | None],
         at: datetime | None = None,
         service_tier: str | None = None,
+        *,
+        provider: str = "openai",
     ) -> Estimate | None:
         """The cost of `usage` under the first of `models` that has a price, else None.
 
         `models` is usually (the model upstream reported, the model requested): the reported
         one is more precise (a dated snapshot), the requested one is what overrides often name.
+        `provider` is the bridge's provider type: it picks the list prices (overrides apply to
+        every provider). `usage["usage"]`, the provider's raw usage, may be a dict or JSON text.
         """
-        counts = _Counts.of(usage)
+        raw = _raw_usage(usage.get("usage"))
+        counts = _Counts.of(usage, raw)
         if counts is None:
             return None
         names = [m for m in models if isinstance(m, str) and m]
@@ -262,14 +340,16 @@ class PriceBook:
                     override.model,
                 )
         catalog = self._catalog
-        if catalog is None:
+        catalog_provider = CATALOG_PROVIDERS.get(provider)
+        if catalog is None or catalog_provider is None:
             return None
         when = at or datetime.now(UTC)
+        context = _price_context(catalog_provider, service_tier, raw)
         for name in names:
-            info = catalog.model(name)
+            info = catalog.model(name, catalog_provider)
             if info is None:
                 continue
-            cost = catalog.cost(info, counts, when, service_tier)
+            cost = catalog.cost(info, counts, when, context)
             if cost is not None:
                 return Estimate(cost, SOURCE_CATALOG, catalog.version, info.id)
         return None
@@ -282,11 +362,17 @@ class PriceBook:
         response_model: str | None,
         at: str | datetime | None = None,
         service_tier: str | None = None,
+        provider: str = "openai",
     ) -> dict[str, Any]:
-        """The token_usages cost columns for one row; all NULL when no price is known."""
+        """The token_usages cost columns for one row; all NULL when no price is known.
+
+        `provider` is the type of the provider the row went to (``Provider.type``).
+        """
         try:
             when = _parse_time(at)
-            estimate = self.estimate(usage, (response_model, model), when, service_tier)
+            estimate = self.estimate(
+                usage, (response_model, model), when, service_tier, provider=provider
+            )
         except Exception:
             # A bad price entry must cost one estimate, never the row that carries it.
             log.exception("estimating the cost of a token usage row failed")
@@ -316,12 +402,14 @@ class BackfillReport:
 
 _SELECT: Final = """
 select t.id, t.input_tokens, t.cache_read_input_tokens, t.cache_write_input_tokens,
-       t.output_tokens, t.reasoning_tokens, t.created_at, i.model, i.response_model,
-       t.service_tier
+       t.output_tokens, t.reasoning_tokens, t.usage, t.created_at, i.model, i.response_model,
+       t.service_tier, i.provider
 from token_usages t join interceptions i on i.id = t.interception_id
-where t.id > ? {only_missing}
+where t.id > ? and i.credential_kind is not 'subscription' {only_missing}
 order by t.id limit ?
 """
+# Rows from before a provider type was recorded went to OpenAI: the only API bridged then.
+_PROVIDER_OF_OLD_ROWS: Final = "openai"
 _UPDATE: Final = (
     "update token_usages set estimated_cost_usd = ?, price_source = ?, price_version = ?, "
     "priced_model = ? where id = ?"
@@ -338,7 +426,9 @@ def backfill(
 ) -> BackfillReport:
     """Estimate the cost of rows that have none (or of every row, with `recompute`).
 
-    Safe while the bridge writes: short transactions, each waiting its turn for the lock.
+    Each row is priced from its interception's provider type. Rows sent with a subscription
+    sign-in (Claude Pro/Max) are not billed per token and are left alone. Safe while the
+    bridge writes: short transactions, each waiting its turn for the lock.
     """
     conn = sqlite3.connect(str(db_path), timeout=busy_timeout_ms / 1000)
     try:
@@ -370,10 +460,12 @@ def _priced_updates(book: PriceBook, rows: Iterable[tuple[Any, ...]]) -> Iterabl
         cache_write,
         out,
         reasoning,
+        raw_usage,
         created_at,
         model,
         resp_model,
         tier,
+        provider,
     ) in rows:
         usage = {
             "input_tokens": inp,
@@ -381,9 +473,15 @@ def _priced_updates(book: PriceBook, rows: Iterable[tuple[Any, ...]]) -> Iterabl
             "cache_write_input_tokens": cache_write,
             "output_tokens": out,
             "reasoning_tokens": reasoning,
+            "usage": raw_usage,  # JSON text: the cache write split and fast mode are in it
         }
         columns = book.cost_columns(
-            usage, model=model, response_model=resp_model, at=created_at, service_tier=tier
+            usage,
+            model=model,
+            response_model=resp_model,
+            at=created_at,
+            service_tier=tier,
+            provider=provider or _PROVIDER_OF_OLD_ROWS,
         )
         yield (*(columns[c] for c in COST_COLUMNS), row_id)
 

@@ -1,59 +1,15 @@
-"""The one place that builds the bridge's own error responses (DESIGN.md §7).
-
-The body carries the reference's flat fields (``code``, ``message``) and the same message
-nested the way OpenAI's API does, so the official SDKs surface it as an ordinary API error.
-"""
+"""The bridge's own error responses (DESIGN.md §7), in the shape of the API they answer."""
 
 from __future__ import annotations
 
-import orjson
 from mitmproxy import http
 
-BACKGROUND_NOT_SUPPORTED = "background requests are currently not supported by AI Bridge"
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    501: "not_implemented",
-    502: "upstream_unreachable",
-}
+from aibridge.apis import Api
 
 
-def error_body(status: int, message: str) -> bytes:
-    return orjson.dumps(
-        {
-            "code": str(status),
-            "message": message,
-            "error": {
-                "message": message,
-                "type": _ERROR_TYPES.get(status, "aibridge_error"),
-                "code": str(status),
-            },
-        }
-    )
-
-
-def error_response(status: int, message: str) -> http.Response:
+def error_response(api: Api, status: int, message: str) -> http.Response:
     return http.Response.make(
         status,
-        error_body(status, message),
+        api.error_body(status, message),
         {"content-type": "application/json", "x-aibridge-error": "1"},
-    )
-
-
-def error_event(status: int, message: str) -> bytes:
-    """The same error as a WebSocket-mode server event, for a refused ``response.create``."""
-    return orjson.dumps(
-        {
-            "type": "error",
-            "status": status,
-            "error": {
-                "message": message,
-                "type": _ERROR_TYPES.get(status, "aibridge_error"),
-                "code": str(status),
-            },
-        }
     )

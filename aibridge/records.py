@@ -13,17 +13,17 @@ from typing import Any
 import orjson
 from mitmproxy import http
 
+from aibridge.apis import Api
+from aibridge.apis.common import Accumulator, RequestInfo, ResponseResult
 from aibridge.auth import Identity
 from aibridge.clients import guess_client, session_id_from_headers
 from aibridge.config import Privacy, Provider
 from aibridge.cost import PriceBook
-from aibridge.extract import RequestInfo, ResponseAccumulator, ResponseResult
 from aibridge.inflate import DecodeLimitExceeded, decode_body
 from aibridge.stream import StreamTee
 
-API = "responses"
 # Upstream bodies are decoded for parsing at most this far (never with `.content`, which
-# decodes whole). A buffered Responses object is a few MB even with generated images, and
+# decodes whole). A buffered response is a few MB even with generated images, and
 # 32 MiB keeps a bomb's cost under the 64 MB of DESIGN.md §8; an error body needs only its
 # message.
 MAX_BUFFERED_DECODED_BYTES = 32 << 20
@@ -45,6 +45,7 @@ def interception_start(
     flow_id: str,
     started_at: str,
     provider: Provider,
+    api: Api,
     info: RequestInfo | None,
     headers: Mapping[str, str],
     identity: Identity | None,
@@ -60,7 +61,7 @@ def interception_start(
         "initiator_id": identity.user_id if identity else None,
         "provider": provider.type,
         "provider_name": provider.name,
-        "api": API,
+        "api": api.name,
         "model": info.model if info else None,
         "response_model": None,
         "streaming": int(info.stream) if info else None,
@@ -81,7 +82,8 @@ def interception_start(
 
 
 def finish_exchange(
-    accumulator: ResponseAccumulator,
+    api: Api,
+    accumulator: Accumulator,
     tee: StreamTee | None,
     response: http.Response | None,
     error: str | None,
@@ -96,7 +98,7 @@ def finish_exchange(
         tee.flush()
         parse_error = tee.parse_error
     elif response is not None and error is None and 200 <= response.status_code < 300:
-        parse_error = _feed_buffered(accumulator, response)
+        parse_error = _feed_buffered(api, accumulator, response)
     result = accumulator.result()
 
     if response is not None and response.status_code >= 400:
@@ -112,16 +114,16 @@ def finish_exchange(
         return Outcome("error", parse_error, result)
     if tee is not None:
         return Outcome("error", "the stream ended before a terminal event", result)
-    return Outcome("error", "the response held no Responses API object", result)
+    return Outcome("error", f"the response held no {api.title} object", result)
 
 
-def _feed_buffered(accumulator: ResponseAccumulator, response: http.Response) -> str | None:
+def _feed_buffered(api: Api, accumulator: Accumulator, response: http.Response) -> str | None:
     raw = response.raw_content or b""
     encoding = response.headers.get("content-encoding", "")
     if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
         # A stream read back from a flow file (offline mode) arrives whole, still encoded:
         # the tee decodes it step by step, as it would have live.
-        tee = StreamTee(accumulator, encoding)
+        tee = StreamTee(accumulator, api, encoding)
         tee(raw)
         tee(b"")
         return tee.parse_error
@@ -155,9 +157,12 @@ def upstream_error_text(response: http.Response) -> str:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return f"{text}: {body[:300].decode('utf-8', 'replace')}"
+    # OpenAI's {"error": {"message": ...}} and Anthropic's {"type": "error", "error": {...}}.
     err = obj.get("error") if isinstance(obj, dict) else None
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
+    if isinstance(err, dict) and isinstance(err.get("message"), str) and err["message"]:
         return f"{text}: {err['message']}"
+    if isinstance(err, dict) and isinstance(err.get("type"), str) and err["type"]:
+        return f"{text}: {err['type']}"
     if isinstance(err, str):
         return f"{text}: {err}"
     return text
@@ -182,6 +187,8 @@ def end_rows(
     privacy: Privacy,
     now: str,
     prices: PriceBook | None = None,
+    *,
+    provider_type: str = "openai",
 ) -> Iterator[Row]:
     """The interception's final state, then its prompt, usage, tools and thoughts.
 
@@ -216,6 +223,7 @@ def end_rows(
                     response_model=result.response_model,
                     at=now,
                     service_tier=result.token_usage.get("service_tier"),
+                    provider=provider_type,
                 )
             )
         yield "token_usages", usage

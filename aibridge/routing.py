@@ -2,7 +2,8 @@
 
 Every provider's ``base_url`` is its API root, the place a client's ``/v1`` stands for.
 A request is judged by its *API path*: ``/v1`` followed by the path relative to that root,
-so ``POST /v1/responses`` means "create a response" on every deployment shape:
+so ``POST /v1/responses`` means "create a response" on every deployment shape, and
+``POST /v1/messages`` "create a message" on an Anthropic provider:
 
 - route prefix: ``/<provider name>/v1/...`` on any listener is sent to that provider's
   ``base_url`` (the prefix and ``/v1`` are replaced by the root);
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from urllib.parse import unquote
 
+from aibridge.apis import Api, bridged_api, openai_responses
 from aibridge.config import Config, Provider
 
-RESPONSES_API_PATH = "/v1/responses"
 # A segment a passthrough path may hold (percent-decoded): an id, a model name
 # ("ft:gpt-4o:org::x"), a version. It starts with a letter or digit, so an empty, blank or
 # punctuation-only segment, which a server may read as nothing at all, is never let through.
@@ -28,8 +29,8 @@ _WELL_FORMED_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+-]*")
 
 class RouteKind(enum.Enum):
     UNRELATED = "unrelated"  # not a provider's traffic: left untouched
-    RESPONSES = "responses"  # POST /v1/responses: bridged and recorded
-    WEBSOCKET = "websocket"  # GET /v1/responses with Upgrade: websocket
+    BRIDGED = "bridged"  # POST to an API path of the provider's type: bridged and recorded
+    WEBSOCKET = "websocket"  # GET /v1/responses with Upgrade: websocket (Responses only)
     PASSTHROUGH = "passthrough"  # allow-listed provider path: authenticated, key injected
     FORBIDDEN = "forbidden"  # any other provider path: 403
 
@@ -41,6 +42,8 @@ class Route:
     api_path: str = ""
     # Set when the request must be re-targeted (route prefix): path and query for upstream.
     upstream_path: str | None = None
+    # The API of a BRIDGED or WEBSOCKET route.
+    api: Api | None = None
 
 
 UNRELATED = Route(RouteKind.UNRELATED)
@@ -84,15 +87,16 @@ def classify(
     # Judged as the upstream server would read it: percent-decoded, empty segments collapsed.
     segments = unquote(api_path).split("/")[1:]
     normalized = "/" + "/".join(segment for segment in segments if segment)
-    if normalized == RESPONSES_API_PATH:
+    api = bridged_api(provider.type, normalized)
+    if api is not None:
         if method == "POST":
-            return Route(RouteKind.RESPONSES, provider, normalized, upstream_path)
-        if method == "GET" and websocket_upgrade:
-            return Route(RouteKind.WEBSOCKET, provider, normalized, upstream_path)
+            return Route(RouteKind.BRIDGED, provider, normalized, upstream_path, api)
+        if method == "GET" and websocket_upgrade and api is openai_responses.API:
+            return Route(RouteKind.WEBSOCKET, provider, normalized, upstream_path, api)
     # Passthrough: whole, well-formed segments only, matched as written (nothing collapsed).
     if all(_WELL_FORMED_SEGMENT.fullmatch(segment) for segment in segments) and (
         provider.forwards_client_credential
-        or any(fnmatchcase(normalized, pattern) for pattern in config.passthrough)
+        or any(fnmatchcase(normalized, pattern) for pattern in config.passthrough_for(provider))
     ):
         return Route(RouteKind.PASSTHROUGH, provider, normalized, upstream_path)
     return Route(RouteKind.FORBIDDEN, provider, normalized, upstream_path)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from aibridge.extract import DELTA_EVENTS, WANTED_EVENTS, ResponseAccumulator
 from aibridge.inflate import BoundedInflater, DecodeLimitExceeded, normalize
 from aibridge.sse import SSEParser
 
 if TYPE_CHECKING:
+    from aibridge.apis.common import Accumulator, Api
     from aibridge.echo import ChunkMasker
 
 # The copy for parsing is parsed in batches of about this size (bounded memory, low cost).
@@ -35,7 +35,8 @@ class StreamTee:
 
     def __init__(
         self,
-        accumulator: ResponseAccumulator,
+        accumulator: Accumulator,
+        api: Api,
         content_encoding: str = "",
         masker: ChunkMasker | None = None,
     ) -> None:
@@ -45,7 +46,9 @@ class StreamTee:
         # 8 MiB is far above any real event (a large response.completed is a few MB) and keeps
         # one hostile event from holding much memory.
         self.parser = SSEParser(
-            max_event_bytes=8 << 20, wanted=WANTED_EVENTS.__contains__, frequent=DELTA_EVENTS
+            max_event_bytes=8 << 20,
+            wanted=api.wanted_events.__contains__,
+            frequent=api.delta_events,
         )
         self.ended = False
         self.parse_error: str | None = None

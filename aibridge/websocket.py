@@ -29,9 +29,10 @@ from typing import Any, Final
 import orjson
 
 from aibridge import strict_json
+from aibridge.apis.common import RequestError, RequestInfo
+from aibridge.apis.openai_responses import WANTED_EVENTS, request_info
 from aibridge.auth import Identity
 from aibridge.config import Provider
-from aibridge.extract import WANTED_EVENTS, RequestError, RequestInfo, request_info
 
 log = logging.getLogger(__name__)
 

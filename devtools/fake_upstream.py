@@ -23,6 +23,8 @@ with a configured model) can choose one without knowing about the fake:
 Request headers that shape a stream: `x-fake-flush-each: 1` sends one chunk per event
 for the bulk scenarios (which otherwise send 64 KiB chunks); `x-fake-chunk-size: N`
 re-cuts the whole stream into N-byte chunks, splitting events anywhere.
+
+It also speaks Anthropic's Messages API on the same port (devtools/fake_anthropic.py).
 """
 
 from __future__ import annotations
@@ -782,6 +784,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, body: bytes, headers: dict[str, str]) -> Reply:
         path = self.path.split("?", 1)[0]
+        from devtools import fake_anthropic  # here: it imports this module's builders
+
+        fake = self.server.fake
+        reply = fake_anthropic.route(self.command, path, body, headers, fake._next_messages_call)
+        if reply is not None:
+            return reply
         if self.command == "POST" and path.endswith("/responses"):
             return self._responses(body, headers)
         if self.command == "GET":
@@ -932,6 +940,7 @@ class FakeUpstream:
         self.websocket = True  # accept WebSocket mode on /v1/responses
         self._lock = threading.Lock()
         self._responses: OrderedDict[str, dict] = OrderedDict()
+        self.messages_calls = 0  # POST /v1/messages received: usage is numbered by it
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -966,6 +975,11 @@ class FakeUpstream:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _next_messages_call(self) -> int:
+        with self._lock:
+            self.messages_calls += 1
+            return self.messages_calls
 
     def _record(self, request: ReceivedRequest) -> None:
         with self._lock:

@@ -35,9 +35,15 @@ from aibridge.apis.anthropic_messages import (
     upstream_error_text,
     worth_decoding,
 )
-from aibridge.extract import RequestError, RequestInfo, ResponseResult
+from aibridge.apis.common import EventAccumulator
+from aibridge.apis.openai_responses import RequestError, RequestInfo, ResponseResult
 from aibridge.sse import SSEParser
-from tests.test_extract import THOUGHT_COLUMNS, TOKEN_USAGE_COLUMNS, TOOL_USAGE_COLUMNS, split_sse
+from tests.test_openai_responses import (
+    THOUGHT_COLUMNS,
+    TOKEN_USAGE_COLUMNS,
+    TOOL_USAGE_COLUMNS,
+    split_sse,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic_messages"
 CAPTURED = Path(__file__).parent / "fixtures" / "claude_code_captured"
@@ -1475,7 +1481,8 @@ def assert_skipping_changes_nothing(data: str | bytes) -> None:
         assert shape is not None
         assert ends_at_its_closing_quote(shape.group(1))
     fed = primed()
-    fed.feed_event("content_block_delta", data)
+    # Decoded as if not skipped (the accumulator's own feed_event would skip it).
+    EventAccumulator.feed_event(fed, "content_block_delta", data)
     changed, unchanged = asdict(finish(fed)), asdict(finish(primed()))
     try:
         orjson.loads(data)

@@ -33,8 +33,9 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from aibridge import records
+from aibridge.apis.openai_responses import API as RESPONSES_API
+from aibridge.apis.openai_responses import ResponseAccumulator
 from aibridge.bridge import AIBridge
-from aibridge.extract import ResponseAccumulator
 from aibridge.inflate import (
     BoundedInflater,
     zstd,  # the module the bridge decodes with
@@ -110,7 +111,7 @@ def traced_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
 def test_stream_tee_stops_parsing_a_bomb_and_forwards_every_byte(encoding: str) -> None:
     data = bomb(encoding)
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, encoding)
+    tee = StreamTee(acc, RESPONSES_API, encoding)
 
     def run() -> None:
         for chunk in chunks_of(data, 8192):
@@ -123,12 +124,12 @@ def test_stream_tee_stops_parsing_a_bomb_and_forwards_every_byte(encoding: str) 
     assert tee.parse_error == f"decoded body passed {limit_mib} MiB: parsing stopped"
     # One inflate step (1 MiB, briefly a few) and the parser's one event (8 MiB at most).
     assert peak < 16 * MIB, peak
-    outcome = records.finish_exchange(acc, tee, None, None)
+    outcome = records.finish_exchange(RESPONSES_API, acc, tee, None, None)
     assert (outcome.status, outcome.error) == ("error", tee.parse_error)
 
     # The limit is on decoding: plain bytes past it are parsed as ever.
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, "identity")
+    tee = StreamTee(acc, RESPONSES_API, "identity")
     filler = b": " + b"x" * (MIB - 4) + b"\n\n"
     for _ in range((MAX_DECODED_BYTES >> 20) + 2):
         tee(filler)
@@ -157,7 +158,7 @@ def test_events_before_a_bomb_still_count(encoding: str) -> None:
         parts += [co.compress(_ZEROS) for _ in range(200)]
         data = b"".join(parts) + co.flush()
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, encoding)
+    tee = StreamTee(acc, RESPONSES_API, encoding)
     for chunk in chunks_of(data, 4096):
         assert tee(chunk) is chunk
     tee(b"")
@@ -179,7 +180,7 @@ def upstream_response(status: int, encoding: str, data: bytes, content_type: str
 def test_a_buffered_bomb_is_cut_at_the_limit(encoding: str) -> None:
     response = upstream_response(200, encoding, bomb(encoding), "application/json")
     outcome, peak = traced_peak(
-        lambda: records.finish_exchange(ResponseAccumulator(), None, response, None)
+        lambda: records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     )
     limit_mib = MAX_BUFFERED_DECODED_BYTES >> 20
     assert outcome.status == "error"
@@ -190,7 +191,7 @@ def test_a_buffered_bomb_is_cut_at_the_limit(encoding: str) -> None:
     # Under the limits, compressed answers and error bodies are read as before.
     body = (FIXTURES / "text_buffered.response.json").read_bytes()
     ok = upstream_response(200, encoding, compressed(encoding, body), "application/json")
-    outcome = records.finish_exchange(ResponseAccumulator(), None, ok, None)
+    outcome = records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, ok, None)
     assert (outcome.status, outcome.error) == ("completed", None)
     error = compressed(encoding, b'{"error": {"message": "slow down"}}')
     failed = upstream_response(429, encoding, error, "application/json")
@@ -202,7 +203,7 @@ def test_a_buffered_event_stream_bomb_is_decoded_step_by_step(encoding: str) -> 
     """Offline mode: a stored stream arrives whole, still encoded, and goes through the tee."""
     response = upstream_response(200, encoding, bomb(encoding), "text/event-stream")
     outcome, peak = traced_peak(
-        lambda: records.finish_exchange(ResponseAccumulator(), None, response, None)
+        lambda: records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     )
     assert outcome.status == "error"
     assert outcome.error == f"decoded body passed {MAX_DECODED_BYTES >> 20} MiB: parsing stopped"
@@ -213,7 +214,7 @@ def test_a_buffered_event_stream_bomb_is_decoded_step_by_step(encoding: str) -> 
 def test_an_error_body_bomb_says_the_body_could_not_be_read(encoding: str) -> None:
     response = upstream_response(500, encoding, bomb(encoding), "application/json")
     outcome, peak = traced_peak(
-        lambda: records.finish_exchange(ResponseAccumulator(), None, response, None)
+        lambda: records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     )
     limit_mib = MAX_ERROR_DECODED_BYTES >> 20
     assert outcome.status == "upstream_error"
@@ -658,13 +659,13 @@ def test_a_stream_bomb_is_recorded_the_same_live_and_offline() -> None:
     """What the live tee records equals what offline mode rebuilds from the stored body."""
     data = bomb("zstd")
     live_acc = ResponseAccumulator()
-    tee = StreamTee(live_acc, "zstd")
+    tee = StreamTee(live_acc, RESPONSES_API, "zstd")
     for chunk in chunks_of(data, 8192):
         tee(chunk)
     tee(b"")
-    live = records.finish_exchange(live_acc, tee, None, None)
+    live = records.finish_exchange(RESPONSES_API, live_acc, tee, None, None)
     stored = upstream_response(200, "zstd", data, "text/event-stream")
-    offline = records.finish_exchange(ResponseAccumulator(), None, stored, None)
+    offline = records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, stored, None)
     assert live.error == f"decoded body passed {MAX_DECODED_BYTES >> 20} MiB: parsing stopped"
     assert (offline.status, offline.error) == (live.status, live.error)
     assert asdict(offline.result) == asdict(live.result)

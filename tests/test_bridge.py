@@ -25,9 +25,9 @@ from mitmproxy.options import Options
 from mitmproxy.test import taddons, tflow
 
 from aibridge import mitm_compat
+from aibridge.apis.openai_responses import BACKGROUND_NOT_SUPPORTED
 from aibridge.auth import hint
 from aibridge.bridge import METADATA_KEY, AIBridge
-from aibridge.errors import BACKGROUND_NOT_SUPPORTED
 from aibridge.stream import StreamTee
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -52,7 +52,8 @@ def test_full_config(tmp_path: Path) -> None:
     assert config.byok is True
     assert config.privacy.store_prompts is False and config.privacy.store_thoughts is True
     assert config.websocket == "bridge"
-    assert config.passthrough[0] == "/v1/models"
+    assert config.passthrough is None  # not given: each provider's own
+    assert config.passthrough_for(provider)[0] == "/v1/models"
 
 
 def test_shipped_example_config_loads() -> None:

@@ -20,6 +20,8 @@ import sqlite_utils
 from genai_prices import data_snapshot
 
 from aibridge import cost, schema
+from aibridge.apis import anthropic_messages
+from aibridge.apis.openai_responses import RequestInfo, ResponseAccumulator
 from aibridge.config import (
     ConfigError,
     PriceOverride,
@@ -28,7 +30,6 @@ from aibridge.config import (
     load_config,
 )
 from aibridge.cost import COST_COLUMNS, PriceBook
-from aibridge.extract import RequestInfo, ResponseAccumulator
 from aibridge.records import Outcome, end_rows
 from devtools.mitmdump_process import REPO
 
@@ -512,3 +513,450 @@ def test_backfill_prices_each_row_at_its_service_tier(tmp_path: Path, book: Pric
     assert cost.backfill(path, book).priced == 3
     flex, untold, priority = [row[1] for row in costs(path)]
     assert flex < untold < priority  # no tier reported: the default rates
+
+
+# ------------------------------------------------------------------ Anthropic Messages
+
+LATER = datetime(2026, 11, 30, 12, tzinfo=UTC)  # batch variants start 2026-10-14
+
+
+def anthropic_usage(
+    uncached: int,
+    *,
+    read: int = 0,
+    write_5m: int = 0,
+    write_1h: int = 0,
+    out: int = 0,
+    split: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A usage object as Anthropic sends it: input_tokens leaves the cache out."""
+    raw: dict[str, Any] = {
+        "input_tokens": uncached,
+        "cache_creation_input_tokens": write_5m + write_1h,
+        "cache_read_input_tokens": read,
+        "output_tokens": out,
+        "service_tier": "standard",
+        **extra,
+    }
+    if split:
+        raw["cache_creation"] = {
+            "ephemeral_5m_input_tokens": write_5m,
+            "ephemeral_1h_input_tokens": write_1h,
+        }
+    return raw
+
+
+# Uncached 1000, cache read 20,000, cache writes 3000 (5 minutes) + 2000 (1 hour), output 500.
+TURN = anthropic_usage(1000, read=20_000, write_5m=3000, write_1h=2000, out=500)
+
+
+def messages_row(raw: dict[str, Any]) -> dict[str, Any]:
+    return anthropic_messages.token_usage_row(raw)
+
+
+def anthropic_cost(
+    book: PriceBook, row: dict[str, Any], model: str, at: datetime = AT, **kw: Any
+) -> Decimal | None:
+    kw.setdefault("provider", "anthropic")
+    kw.setdefault("service_tier", row.get("service_tier"))
+    estimate = book.estimate(row, (model,), at, **kw)
+    return None if estimate is None else estimate.cost_usd
+
+
+@pytest.mark.parametrize(
+    ("model", "response_model", "priced_model", "dollars"),
+    [
+        # $/MTok input 3, cache read 0.3, 5m write 3.75, 1h write 6, output 15:
+        # 1000x3 + 20,000x0.3 + 3000x3.75 + 2000x6 + 500x15 = 39,750
+        ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929", "claude-sonnet-4-5", "0.03975"),
+        # 1, 0.1, 1.25, 2, 5: 1000 + 2000 + 3750 + 4000 + 2500 = 13,250
+        ("claude-haiku-4-5", "claude-haiku-4-5-20251001", "claude-haiku-4-5", "0.01325"),
+        # 15, 1.5, 18.75, 30, 75: 15,000 + 30,000 + 56,250 + 60,000 + 37,500 = 198,750
+        ("claude-opus-4-1", "claude-opus-4-1-20250805", "claude-opus-4-1", "0.19875"),
+        # Claude Code's default model. 4, 0.2, 5, 8, 20: 4000 + 4000 + 15,000 + 16,000 + 10,000
+        ("claude-opus-5-5", "claude-opus-5-5", "claude-opus-5-5", "0.049"),
+    ],
+)
+def test_claude_rows_priced_by_hand(
+    book: PriceBook, model: str, response_model: str, priced_model: str, dollars: str
+) -> None:
+    row = messages_row(TURN)
+    assert (row["input_tokens"], row["cache_write_input_tokens"]) == (26_000, 5000)
+    estimate = book.estimate(
+        row, (response_model, model), AT, row["service_tier"], provider="anthropic"
+    )
+    assert estimate is not None
+    assert estimate.cost_usd == Decimal(dollars)
+    assert (estimate.source, estimate.priced_model) == ("genai-prices", priced_model)
+    columns = book.cost_columns(
+        row,
+        model=model,
+        response_model=response_model,
+        at=NOW,
+        service_tier=row["service_tier"],
+        provider="anthropic",
+    )
+    assert columns == {
+        "estimated_cost_usd": float(dollars),
+        "price_source": "genai-prices",
+        "price_version": genai_prices.__version__,
+        "priced_model": priced_model,
+    }
+
+
+def test_claude_long_context_tier_prices_the_whole_request(book: PriceBook) -> None:
+    # 205,000 input tokens in all, past claude-sonnet-4-5's 200k tier: 6, 0.6, 7.5, 12, 22.5.
+    # 150,000x6 + 40,000x0.6 + 10,000x7.5 + 5000x12 + 1000x22.5 = 1,081,500
+    raw = anthropic_usage(150_000, read=40_000, write_5m=10_000, write_1h=5000, out=1000)
+    assert anthropic_cost(book, messages_row(raw), "claude-sonnet-4-5") == Decimal("1.0815")
+
+
+@pytest.mark.parametrize(
+    "cache_creation",
+    [
+        None,
+        "2000",
+        [3000, 2000],
+        2000,
+        {},
+        {"ephemeral_5m_input_tokens": 5000},
+        {"ephemeral_1h_input_tokens": "2000"},
+        {"ephemeral_1h_input_tokens": -2000},
+        {"ephemeral_1h_input_tokens": True},
+        {"ephemeral_1h_input_tokens": 2000.0},
+        {"ephemeral_1h_input_tokens": None},
+        {"ephemeral_1h_input_tokens": {"tokens": 2000}},
+    ],
+)
+def test_without_a_usable_split_all_cache_writes_are_5_minute(
+    book: PriceBook, cache_creation: Any
+) -> None:
+    raw = anthropic_usage(1000, read=20_000, write_5m=5000, out=500, split=False)
+    if cache_creation is not None:
+        raw["cache_creation"] = cache_creation
+    # claude-sonnet-4-5: 1000x3 + 20,000x0.3 + 5000x3.75 + 500x15 = 35,250
+    assert anthropic_cost(book, messages_row(raw), "claude-sonnet-4-5") == Decimal("0.03525")
+
+
+@pytest.mark.parametrize(
+    "raw_usage", [None, "", "not json", "[1, 2]", '"text"', "null", b"\xff", 42]
+)
+def test_an_unreadable_raw_usage_means_no_split(book: PriceBook, raw_usage: Any) -> None:
+    row = messages_row(TURN)
+    row["usage"] = raw_usage
+    assert anthropic_cost(book, row, "claude-sonnet-4-5") == Decimal("0.03525")
+
+
+@pytest.mark.parametrize(("write_1h", "dollars"), [(5000, "0.0465"), (10**9, "0.0465")])
+def test_one_hour_writes_never_exceed_the_writes_billed(
+    book: PriceBook, write_1h: int, dollars: str
+) -> None:
+    # The column's total (cache_creation_input_tokens) is what was billed; a split claiming
+    # more is capped at it: 5000 writes at 6 = 1000x3 + 20,000x0.3 + 5000x6 + 500x15.
+    raw = anthropic_usage(1000, read=20_000, write_5m=5000, out=500, split=False)
+    raw["cache_creation"] = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": write_1h}
+    assert anthropic_cost(book, messages_row(raw), "claude-sonnet-4-5") == Decimal(dollars)
+
+
+def test_raw_usage_as_json_text_is_read_like_a_dict(book: PriceBook) -> None:
+    row = messages_row(TURN)
+    as_dict = anthropic_cost(book, row, "claude-sonnet-4-5")
+    assert as_dict == Decimal("0.03975")
+    text = orjson.dumps(TURN).decode()
+    for encoded in (text, text.encode(), orjson.dumps(TURN, option=orjson.OPT_INDENT_2).decode()):
+        assert anthropic_cost(book, {**row, "usage": encoded}, "claude-sonnet-4-5") == as_dict
+    fast = anthropic_usage(1000, read=20_000, write_5m=3000, write_1h=2000, out=500, speed="fast")
+    text_row = {**messages_row(fast), "usage": orjson.dumps(fast).decode()}
+    assert anthropic_cost(book, text_row, "claude-opus-4-8") == Decimal("0.1325")
+
+
+@pytest.mark.parametrize(
+    ("tier", "speed", "at", "dollars"),
+    [
+        # claude-opus-4-8, list prices 5, 0.5, 6.25, 10, 25:
+        # 1000x5 + 20,000x0.5 + 3000x6.25 + 2000x10 + 500x25 = 66,250
+        ("standard", None, AT, "0.06625"),
+        (None, None, AT, "0.06625"),
+        ("priority", None, AT, "0.06625"),  # genai-prices has no priority variant: list prices
+        ("default", None, AT, "0.06625"),  # OpenAI's word means nothing to Anthropic's table
+        ("standard", "standard", AT, "0.06625"),
+        # batch: half the list prices (2.5, 0.25, 3.125, 5, 12.5), from 2026-10-14 on
+        ("batch", None, LATER, "0.033125"),
+        ("batch", None, AT, "0.06625"),  # genai-prices models no earlier batch prices
+        # fast mode (usage.speed): 10, 1, 12.5, 20, 50
+        ("standard", "fast", AT, "0.1325"),
+        ("priority", "fast", LATER, "0.1325"),
+    ],
+)
+def test_claude_service_tier_and_fast_mode(
+    book: PriceBook, tier: str | None, speed: str | None, at: datetime, dollars: str
+) -> None:
+    extra: dict[str, Any] = {"service_tier": tier} if tier is not None else {}
+    if speed is not None:
+        extra["speed"] = speed
+    raw = anthropic_usage(1000, read=20_000, write_5m=3000, write_1h=2000, out=500, **extra)
+    if tier is None:
+        del raw["service_tier"]
+    row = messages_row(raw)
+    assert row["service_tier"] == tier
+    assert anthropic_cost(book, row, "claude-opus-4-8", at) == Decimal(dollars)
+
+
+def test_same_price_as_genai_prices_for_every_anthropic_model(book: PriceBook) -> None:
+    """Our fast path against genai-prices reading Anthropic's own usage object (its extractor).
+
+    Every Claude model billed by the token, both sides of the long-context tiers, 5-minute and
+    1-hour writes, batch and fast mode, before and after the dated price changes.
+    """
+    provider = next(p for p in data_snapshot.get_snapshot().providers if p.id == "anthropic")
+    rnd = random.Random(20251101)
+    checked = 0
+    for model in provider.models:
+        if not model.match.is_match(model.id):
+            continue
+        for _ in range(8):
+            at = rnd.choice([AT, LATER])
+            prices = model.get_prices(at)
+            if prices.input_mtok is None or prices.output_mtok is None:
+                continue
+            total = rnd.choice([0, 1, 1000, 99_999, 100_001, 199_999, 200_001, 400_000])
+            read = rnd.randint(0, total)
+            write_1h = rnd.randint(0, total - read) if rnd.random() < 0.7 else 0
+            write_5m = rnd.randint(0, total - read - write_1h)
+            uncached = total - read - write_1h - write_5m
+            out = rnd.randint(0, 30_000)
+            tier = rnd.choice(["standard", "priority", "batch"])
+            speed = rnd.choice([None, "standard", "fast"])
+            extra = {"service_tier": tier, **({"speed": speed} if speed else {})}
+            raw = anthropic_usage(
+                uncached, read=read, write_5m=write_5m, write_1h=write_1h, out=out, **extra
+            )
+            got = anthropic_cost(book, messages_row(raw), model.id, at)
+            context = {
+                **({"processing": "batch"} if tier == "batch" else {}),
+                **({"speed": "fast"} if speed == "fast" else {}),
+            }
+            want = genai_prices.extract_usage(
+                {"model": model.id, "usage": raw}, provider_id="anthropic"
+            ).calc_price(genai_request_timestamp=at, price_context=context or None)
+            expected = want.total_price
+            resolved = model.get_prices(at, context or None)
+            if resolved.cache_write_1h_mtok is None:
+                # genai-prices bills these at the input rate; Anthropic (and we) at 2x.
+                assert isinstance(resolved.input_mtok, Decimal)
+                expected += write_1h * resolved.input_mtok / 1_000_000
+            assert got == expected, (model.id, raw, at)
+            checked += 1
+    assert checked > 150
+
+
+@pytest.mark.parametrize("name", ["gpt-5", "gpt-5-2025-08-07", "gpt-4.1-mini", "o3", "gpt-5-codex"])
+def test_openai_model_under_anthropic_has_no_price(book: PriceBook, name: str) -> None:
+    row = usage(1000, 100)
+    assert book.cost_columns(row, model=name, response_model=name, provider="openai")[
+        "priced_model"
+    ]
+    assert book.cost_columns(row, model=name, response_model=name, provider="anthropic") == (
+        dict.fromkeys(COST_COLUMNS)
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["claude-sonnet-4-5-20250929", "claude-opus-5-5", "claude-3-5-haiku-20241022", "claude-2.1"],
+)
+@pytest.mark.parametrize("provider", ["openai", "chatgpt"])
+def test_claude_model_under_openai_has_no_price(book: PriceBook, name: str, provider: str) -> None:
+    row = messages_row(TURN)
+    assert book.cost_columns(row, model=name, response_model=name, provider="anthropic")[
+        "priced_model"
+    ]
+    assert book.cost_columns(row, model=name, response_model=name, provider=provider) == (
+        dict.fromkeys(COST_COLUMNS)
+    )
+
+
+def test_each_name_is_looked_up_in_the_row_providers_table_only(book: PriceBook) -> None:
+    row = messages_row(TURN)
+    # The reported name is tried first, but only a name the provider's table knows is priced.
+    mixed = {"model": "claude-sonnet-4-5", "response_model": "gpt-5", "at": NOW}
+    assert book.cost_columns(row, **mixed, provider="anthropic")["priced_model"] == (
+        "claude-sonnet-4-5"
+    )
+    assert book.cost_columns(row, **mixed, provider="openai")["priced_model"] == "gpt-5"
+    assert book.cost_columns(row, **mixed, provider="chatgpt")["priced_model"] == "gpt-5"
+    # The default stays OpenAI's table (callers that do not pass a provider).
+    assert book.cost_columns(row, **mixed)["priced_model"] == "gpt-5"
+
+
+@pytest.mark.parametrize("provider", ["bedrock", "vertex", "", "Anthropic"])
+def test_a_provider_type_without_a_table_gets_overrides_only(provider: str) -> None:
+    book = PriceBook(Pricing((override("mine", "1", "2"),)))
+    row = messages_row(TURN)
+    for name in ("claude-sonnet-4-5", "gpt-5"):
+        assert book.cost_columns(row, model=name, response_model=None, provider=provider) == (
+            dict.fromkeys(COST_COLUMNS)
+        )
+    columns = book.cost_columns(row, model="mine", response_model=None, provider=provider)
+    assert columns["price_source"] == "config"
+
+
+SONNET_RATES = {"cached_input_per_mtok": "0.2", "cache_write_per_mtok": "2.5"}
+
+
+@pytest.mark.parametrize(
+    ("rates", "raw", "dollars"),
+    [
+        # 1000x2 + 20,000x0.2 + 3000x2.5 + 2000x3.5 + 500x10 = 25,500
+        ({**SONNET_RATES, "cache_write_1h_per_mtok": "3.5"}, TURN, "0.0255"),
+        # No 1-hour rate: 2x input (4), not the 5-minute rate: 2000x4 instead of 2000x3.5
+        (SONNET_RATES, TURN, "0.0265"),
+        # No cache rates at all: reads and 5-minute writes at input, 1-hour at 2x input.
+        # 1000x2 + 20,000x2 + 3000x2 + 2000x4 + 500x10 = 61,000
+        ({}, TURN, "0.061"),
+        # The split absent: all 5000 writes at the 5-minute rate, whatever the 1-hour rate.
+        (
+            {**SONNET_RATES, "cache_write_1h_per_mtok": "3.5"},
+            anthropic_usage(1000, read=20_000, write_5m=5000, out=500, split=False),
+            "0.0235",
+        ),
+    ],
+)
+def test_override_with_1_hour_cache_writes(
+    rates: dict[str, str], raw: dict[str, Any], dollars: str
+) -> None:
+    book = PriceBook(Pricing((override("claude-sonnet-4-5*", "2", "10", **rates),)))
+    row = messages_row(raw)
+    for provider in ("anthropic", "openai", "bedrock"):  # overrides name models, not providers
+        estimate = book.estimate(row, ("claude-sonnet-4-5-20250929",), AT, provider=provider)
+        assert estimate is not None
+        assert (estimate.cost_usd, estimate.source) == (Decimal(dollars), "config")
+
+
+def test_override_fingerprint_covers_the_1_hour_rate() -> None:
+    without = override("claude-sonnet-4-5*", "2", "10", **SONNET_RATES)
+    # Rates written before the 1-hour key existed keep the fingerprint their rows carry.
+    assert cost.override_fingerprint(without) == "sha256:5569cd057f44"
+    assert cost.override_fingerprint(override("gpt-5*", "1.10", "9.00")) == "sha256:b200b7672543"
+    fingerprints = {
+        cost.override_fingerprint(
+            override("claude-sonnet-4-5*", "2", "10", **SONNET_RATES, cache_write_1h_per_mtok=r)
+        )
+        for r in ("3.5", "4", "4.0000001")
+    }
+    assert len(fingerprints) == 3 and cost.override_fingerprint(without) not in fingerprints
+
+
+def test_pricing_config_reads_the_1_hour_rate(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        """
+pricing:
+  overrides:
+    "claude-*": {input_per_mtok: 2, output_per_mtok: 10, cache_write_1h_per_mtok: "${H}"}
+    claude-opus-5-5: {input_per_mtok: 4, output_per_mtok: 20, cache_write_1h_per_mtok: 0}
+""",
+        {"H": "3.5"},
+    )
+    assert config.pricing == Pricing(
+        (
+            override("claude-*", "2", "10", cache_write_1h_per_mtok="3.5"),
+            override("claude-opus-5-5", "4", "20", cache_write_1h_per_mtok="0"),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("-1", "must be a number >= 0"),
+        ("cheap", "must be a number of US dollars"),
+        (".inf", "must be a finite number"),
+        ("[4]", "must be a number of US dollars"),
+        ("true", "must be a number of US dollars"),
+    ],
+)
+def test_pricing_config_1_hour_rate_errors(tmp_path: Path, value: str, problem: str) -> None:
+    text = (
+        "pricing: {overrides: {m: {input_per_mtok: 1, output_per_mtok: 1, "
+        f"cache_write_1h_per_mtok: {value}" + "}}}"
+    )
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, text)
+    assert err.value.key == "pricing.overrides.m.cache_write_1h_per_mtok"
+    assert problem in err.value.problem
+
+
+def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> None:
+    path = tmp_path / "aibridge.db"
+    db = sqlite_utils.Database(path)
+    schema.migrate(db)
+    nosplit = anthropic_usage(1000, read=20_000, write_5m=5000, out=500, split=False)
+    fast = anthropic_usage(1000, read=20_000, write_5m=3000, write_1h=2000, out=500, speed="fast")
+    batch = anthropic_usage(
+        1000, read=20_000, write_5m=3000, write_1h=2000, out=500, service_tier="batch"
+    )
+    openai_row = {**usage(1000, 100, cached=200), "usage": {"input_tokens": 1000}}
+    later = LATER.isoformat()
+    rows = [
+        # id, provider, credential kind, model, response model, usage row, created at
+        ("oa", "openai", "centralized", "gpt-5", "gpt-5-2025-08-07", openai_row, NOW),
+        ("old", None, None, "gpt-4.1-mini", None, openai_row, NOW),  # before provider types
+        ("cg", "chatgpt", "client", "gpt-5", None, openai_row, NOW),
+        ("an", "anthropic", "centralized", "claude-sonnet-4-5", "claude-sonnet-4-5-20250929",
+         messages_row(TURN), NOW),
+        ("an-nosplit", "anthropic", "byok", "claude-sonnet-4-5", None, messages_row(nosplit), NOW),
+        ("an-fast", "anthropic", "centralized", "claude-opus-4-8", None, messages_row(fast), NOW),
+        ("an-batch", "anthropic", None, "claude-opus-4-8", None, messages_row(batch), later),
+        ("an-gpt", "anthropic", "centralized", "gpt-5", "gpt-5", openai_row, NOW),
+        ("oa-claude", "openai", "centralized", "claude-opus-5-5", None, messages_row(TURN), NOW),
+        # Claude Pro/Max sign-in: not billed per token, never priced.
+        ("sub", "anthropic", "subscription", "claude-sonnet-4-5", None, messages_row(TURN), NOW),
+    ]  # fmt: skip
+    for iid, provider, kind, model, response_model, row, when in rows:
+        db["interceptions"].insert(
+            {
+                "id": iid,
+                "started_at": when,
+                "provider": provider,
+                "credential_kind": kind,
+                "model": model,
+                "response_model": response_model,
+            }
+        )
+        # As the recorder stores it: the raw usage as JSON text.
+        stored = {**row, "usage": orjson.dumps(row["usage"]).decode()}
+        db["token_usages"].insert({"interception_id": iid, **stored, "created_at": when})
+    db.conn.commit()
+    db.close()
+
+    done = run_cost_cli("--db", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "9 token usage rows examined, 7 priced, 2 without a known price" in done.stdout
+
+    def openai_list_price(model: str) -> float:
+        price = genai_prices.calc_price(
+            genai_prices.Usage(input_tokens=1000, cache_read_tokens=200, output_tokens=100),
+            model,
+            provider_id="openai",
+            genai_request_timestamp=AT,
+        )
+        return float(price.total_price)
+
+    got = {row[0]: row[1:] for row in costs(path)}
+    assert got == {
+        "oa": (openai_list_price("gpt-5"), "genai-prices", "gpt-5"),
+        "old": (openai_list_price("gpt-4.1-mini"), "genai-prices", "gpt-4.1-mini"),
+        "cg": (openai_list_price("gpt-5"), "genai-prices", "gpt-5"),
+        "an": (0.03975, "genai-prices", "claude-sonnet-4-5"),
+        "an-nosplit": (0.03525, "genai-prices", "claude-sonnet-4-5"),
+        "an-fast": (0.1325, "genai-prices", "claude-opus-4-8"),
+        "an-batch": (0.033125, "genai-prices", "claude-opus-4-8"),
+        "an-gpt": (None, None, None),
+        "oa-claude": (None, None, None),
+        "sub": (None, None, None),
+    }
+    # --all recomputes the same, and still leaves the subscription row alone.
+    assert cost.backfill(path, PriceBook(), recompute=True) == cost.BackfillReport(9, 7, 2)
+    assert {row[0]: row[1:] for row in costs(path)} == got

@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from aibridge.errors import BACKGROUND_NOT_SUPPORTED
+from aibridge.apis.openai_responses import BACKGROUND_NOT_SUPPORTED
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, wait_for
 

@@ -23,6 +23,8 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from aibridge import echo, mitm_compat
+from aibridge.apis.openai_responses import API as RESPONSES_API
+from aibridge.apis.openai_responses import ResponseAccumulator
 from aibridge.auth import hint
 from aibridge.bridge import AIBridge
 from aibridge.config import Provider
@@ -37,7 +39,6 @@ from aibridge.echo import (
     secret_values,
     secrets_for,
 )
-from aibridge.extract import ResponseAccumulator
 from aibridge.stream import StreamTee
 from devtools import fake_upstream
 
@@ -500,7 +501,7 @@ def test_masked_stream_for_bodies_mitmproxy_streams_itself() -> None:
 
 def test_the_tee_sends_and_parses_the_masked_chunks() -> None:
     accumulator = ResponseAccumulator()
-    tee = StreamTee(accumulator, "", StreamMasker(SECRETS))
+    tee = StreamTee(accumulator, RESPONSES_API, "", StreamMasker(SECRETS))
     event = orjson.dumps(
         {
             "type": "response.output_item.done",
@@ -521,7 +522,7 @@ def test_the_tee_sends_and_parses_the_masked_chunks() -> None:
 
 def test_the_tee_holds_with_an_empty_iterable_never_an_empty_chunk() -> None:
     guard = CompressedStreamGuard(SECRETS, "gzip")
-    tee = StreamTee(ResponseAccumulator(), "gzip", guard)
+    tee = StreamTee(ResponseAccumulator(), RESPONSES_API, "gzip", guard)
     chunks = gzip_chunks([b"data: sk-test-pro", b"vider\n\n"])
     first = tee(chunks[0])
     assert first == () and first != b""  # b"" would end an HTTP/1 chunked body

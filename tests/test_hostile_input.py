@@ -31,9 +31,10 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from aibridge import mitm_compat, records
+from aibridge.apis.openai_responses import API as RESPONSES_API
+from aibridge.apis.openai_responses import RequestError, ResponseAccumulator, parse_request
 from aibridge.bridge import AIBridge
 from aibridge.config import Privacy, parse_config
-from aibridge.extract import RequestError, ResponseAccumulator, parse_request
 from aibridge.recorder import REASON_INVALID_UNICODE, Recorder
 from aibridge.routing import RouteKind, classify
 from aibridge.stream import StreamTee
@@ -104,7 +105,7 @@ hosts = st.sampled_from(["api.openai.com", "x.example.com", "bridge.local"]) | s
 def test_classify_never_raises(method: str, host: str, port: int, path: str, upgrade: bool) -> None:
     route = classify(CONFIG, method, host, port, path, websocket_upgrade=upgrade)
     assert isinstance(route.kind, RouteKind)
-    if route.kind is RouteKind.RESPONSES:
+    if route.kind is RouteKind.BRIDGED:
         assert method == "POST" and route.api_path == "/v1/responses"
 
 
@@ -137,7 +138,7 @@ def test_no_path_reaches_the_responses_api_unrecorded() -> None:
                             continue
                         target = route.upstream_path if route.upstream_path is not None else path
                         if normalized(target).rstrip("/").endswith("/v1/responses"):
-                            assert route.kind in (RouteKind.RESPONSES, RouteKind.FORBIDDEN), path
+                            assert route.kind in (RouteKind.BRIDGED, RouteKind.FORBIDDEN), path
 
 
 # --------------------------------------------------- stream tee and record extraction
@@ -192,12 +193,12 @@ def chunked(data: bytes, rng: random.Random) -> list[bytes]:
 
 def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> records.Outcome:
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, encoding)
+    tee = StreamTee(acc, RESPONSES_API, encoding)
     for piece in chunked(data, rng):
         assert tee(piece) is piece  # forwarded at once, unchanged
     assert tee(b"") == b""
     assert tee.bytes_forwarded == len(data)
-    return records.finish_exchange(acc, tee, None, None)
+    return records.finish_exchange(RESPONSES_API, acc, tee, None, None)
 
 
 def test_fuzzed_streams_forward_unchanged_and_record_cleanly(tmp_path: Path) -> None:

@@ -14,9 +14,15 @@ import orjson
 import pytest
 from mitmproxy import http
 
+from aibridge.apis.openai_responses import API as RESPONSES_API
+from aibridge.apis.openai_responses import (
+    RequestInfo,
+    ResponseAccumulator,
+    ResponseResult,
+    parse_request,
+)
 from aibridge.auth import Identity
 from aibridge.config import Privacy, Provider
-from aibridge.extract import RequestInfo, ResponseAccumulator, ResponseResult, parse_request
 from aibridge.records import (
     Outcome,
     end_rows,
@@ -61,7 +67,7 @@ def streamed(
 ) -> tuple[ResponseAccumulator, StreamTee]:
     """A tee fed ``raw`` in uneven chunks, as the proxy would; ended with b"" if ``end``."""
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, encoding)
+    tee = StreamTee(acc, RESPONSES_API, encoding)
     for i in range(0, len(raw), 173):
         tee(raw[i : i + 173])
     if end:
@@ -100,7 +106,9 @@ def result_of(name: str) -> ResponseResult:
 def test_buffered_2xx_json_is_decoded(name: str) -> None:
     want = expected(name)["result"]
     acc = ResponseAccumulator()
-    outcome = finish_exchange(acc, None, json_response(200, fixture(name, "response.json")), None)
+    outcome = finish_exchange(
+        RESPONSES_API, acc, None, json_response(200, fixture(name, "response.json")), None
+    )
     assert (outcome.status, outcome.error) == (want["status"], want["error"])
     assert asdict(outcome.result) == want
 
@@ -120,14 +128,16 @@ def test_buffered_terminal_status_decides(status: str, error: str | None) -> Non
     if status == "failed":
         body["error"] = {"code": "server_error", "message": "backend exploded"}
     outcome = finish_exchange(
-        ResponseAccumulator(), None, json_response(200, orjson.dumps(body)), None
+        RESPONSES_API, ResponseAccumulator(), None, json_response(200, orjson.dumps(body)), None
     )
     assert (outcome.status, outcome.error) == (status, error)
     assert outcome.result.response_id == "resp_1"
 
 
 def test_buffered_body_that_is_not_json_is_an_error() -> None:
-    outcome = finish_exchange(ResponseAccumulator(), None, json_response(200, b"<html>"), None)
+    outcome = finish_exchange(
+        RESPONSES_API, ResponseAccumulator(), None, json_response(200, b"<html>"), None
+    )
     assert outcome.status == "error"
     assert outcome.error is not None
     assert outcome.error.startswith("response body is not JSON: ")
@@ -138,7 +148,7 @@ def test_buffered_body_that_cannot_be_decoded_is_an_error() -> None:
         200, b"", {"content-type": "application/json", "content-encoding": "gzip"}
     )
     response.raw_content = b"this is not gzip"
-    outcome = finish_exchange(ResponseAccumulator(), None, response, None)
+    outcome = finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     assert outcome.status == "error"
     assert outcome.error is not None
     assert outcome.error.startswith("response body cannot be decoded: ")
@@ -150,7 +160,7 @@ def test_buffered_gzip_body_is_decoded_for_parsing() -> None:
     )
     assert response.raw_content is not None
     assert response.raw_content.startswith(b"\x1f\x8b")  # make() compressed it
-    outcome = finish_exchange(ResponseAccumulator(), None, response, None)
+    outcome = finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     assert asdict(outcome.result) == expected("text_buffered")["result"]
 
 
@@ -160,27 +170,29 @@ def test_buffered_event_stream_is_parsed_whole() -> None:
     response = http.Response.make(
         200, fixture(name, "response.sse"), {"content-type": "text/event-stream"}
     )
-    outcome = finish_exchange(ResponseAccumulator(), None, response, None)
+    outcome = finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     assert outcome.status == "completed"
     assert asdict(outcome.result) == expected(name)["result"]
 
 
 def test_buffered_response_without_terminal_status_is_an_error() -> None:
     body = orjson.dumps({"id": "resp_1", "model": "m", "status": "in_progress", "output": []})
-    outcome = finish_exchange(ResponseAccumulator(), None, json_response(200, body), None)
+    outcome = finish_exchange(
+        RESPONSES_API, ResponseAccumulator(), None, json_response(200, body), None
+    )
     assert outcome.status == "error"
     assert outcome.error == "the response held no Responses API object"
     assert outcome.result.response_id == "resp_1"
 
 
 def test_no_response_at_all_is_an_error() -> None:
-    outcome = finish_exchange(ResponseAccumulator(), None, None, None)
+    outcome = finish_exchange(RESPONSES_API, ResponseAccumulator(), None, None, None)
     assert (outcome.status, outcome.error) == ("error", "the response held no Responses API object")
 
 
 def test_a_3xx_body_is_not_read() -> None:
     response = json_response(304, orjson.dumps({"status": "completed", "output": []}))
-    outcome = finish_exchange(ResponseAccumulator(), None, response, None)
+    outcome = finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     assert outcome.status == "error"
     assert outcome.result.terminal_seen is False
 
@@ -188,7 +200,9 @@ def test_a_3xx_body_is_not_read() -> None:
 @pytest.mark.parametrize("status_code", [400, 401, 429, 500, 503])
 def test_upstream_status_of_400_or_more_is_upstream_error(status_code: int) -> None:
     body = fixture("api_error_buffered", "response.json")
-    outcome = finish_exchange(ResponseAccumulator(), None, json_response(status_code, body), None)
+    outcome = finish_exchange(
+        RESPONSES_API, ResponseAccumulator(), None, json_response(status_code, body), None
+    )
     assert outcome.status == "upstream_error"
     assert outcome.error == (
         f"upstream answered HTTP {status_code}: " + orjson.loads(body)["error"]["message"]
@@ -198,7 +212,7 @@ def test_upstream_status_of_400_or_more_is_upstream_error(status_code: int) -> N
 def test_upstream_error_wins_over_a_stream_and_a_hook_error() -> None:
     acc, tee = streamed(fixture("text_streamed", "response.sse"))
     response = json_response(502, b'{"error": {"message": "bad gateway"}}')
-    outcome = finish_exchange(acc, tee, response, CLIENT_DISCONNECTED)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, response, CLIENT_DISCONNECTED)
     assert (outcome.status, outcome.error) == (
         "upstream_error",
         "upstream answered HTTP 502: bad gateway",
@@ -223,7 +237,7 @@ def test_upstream_error_wins_over_a_stream_and_a_hook_error() -> None:
 def test_streamed_fixture_outcome(name: str) -> None:
     want = expected(name)["result"]
     acc, tee = streamed(fixture(name, "response.sse"))
-    outcome = finish_exchange(acc, tee, sse_response(), None)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, sse_response(), None)
     assert tee.ended  # finish_exchange ends a stream mitmproxy did not end
     assert (outcome.status, outcome.error) == (want["status"], want["error"])
     assert asdict(outcome.result) == want
@@ -231,14 +245,14 @@ def test_streamed_fixture_outcome(name: str) -> None:
 
 def test_stream_ended_by_the_proxy_is_not_ended_twice() -> None:
     acc, tee = streamed(fixture("text_streamed", "response.sse"), end=True)
-    outcome = finish_exchange(acc, tee, sse_response(), None)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, sse_response(), None)
     assert outcome.status == "completed"
 
 
 def test_stream_without_terminal_event() -> None:
     name = "stream_cut_before_terminal"
     acc, tee = streamed(fixture(name, "response.sse"), end=True)
-    outcome = finish_exchange(acc, tee, sse_response(), None)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, sse_response(), None)
     assert (outcome.status, outcome.error) == ("error", "the stream ended before a terminal event")
     # What response.output_item.done events carried is still there.
     assert asdict(outcome.result) == expected(name)["result"]
@@ -249,7 +263,7 @@ def test_hook_error_after_the_terminal_event_is_completed(message: str) -> None:
     """Codex hangs up right after response.completed: nothing is missing."""
     name = "reasoning_commentary_streamed"
     acc, tee = streamed(fixture(name, "response.sse"))
-    outcome = finish_exchange(acc, tee, sse_response(), message)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, sse_response(), message)
     assert (outcome.status, outcome.error) == ("completed", None)
     assert asdict(outcome.result) == expected(name)["result"]
 
@@ -268,7 +282,7 @@ def test_hook_error_before_the_terminal_event(message: str, status: str) -> None
         fixture("reasoning_commentary_streamed", "response.sse"), b"event: response.completed"
     )
     acc, tee = streamed(raw)
-    outcome = finish_exchange(acc, tee, sse_response(), message)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, sse_response(), message)
     assert (outcome.status, outcome.error) == (status, message)
     assert not tee.ended  # a cut stream's trailing partial event is not dispatched
     # The items completed before the cut are kept.
@@ -281,19 +295,21 @@ def test_hook_error_before_the_terminal_event(message: str, status: str) -> None
     [(CLIENT_DISCONNECTED, "client_disconnected"), ("Server connection refused", "error")],
 )
 def test_hook_error_without_any_response(message: str, status: str) -> None:
-    outcome = finish_exchange(ResponseAccumulator(), None, None, message)
+    outcome = finish_exchange(RESPONSES_API, ResponseAccumulator(), None, None, message)
     assert (outcome.status, outcome.error) == (status, message)
 
 
 def test_hook_error_does_not_read_a_buffered_body() -> None:
     response = json_response(200, fixture("text_buffered", "response.json"))
-    outcome = finish_exchange(ResponseAccumulator(), None, response, "Connection killed.")
+    outcome = finish_exchange(
+        RESPONSES_API, ResponseAccumulator(), None, response, "Connection killed."
+    )
     assert (outcome.status, outcome.error) == ("error", "Connection killed.")
 
 
 def test_corrupt_compressed_stream_reports_the_parse_error() -> None:
     acc, tee = streamed(b"\x00" * 64 + fixture("text_streamed", "response.sse"), encoding="gzip")
-    outcome = finish_exchange(acc, tee, sse_response(), None)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, sse_response(), None)
     assert outcome.status == "error"
     assert outcome.error == tee.parse_error
     assert outcome.error is not None
@@ -302,7 +318,7 @@ def test_corrupt_compressed_stream_reports_the_parse_error() -> None:
 
 def test_unknown_content_encoding_reports_it() -> None:
     acc, tee = streamed(fixture("text_streamed", "response.sse"), encoding="compress")
-    outcome = finish_exchange(acc, tee, sse_response(), None)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, sse_response(), None)
     assert (outcome.status, outcome.error) == ("error", "unsupported content-encoding 'compress'")
 
 
@@ -534,6 +550,7 @@ def test_interception_start_row() -> None:
         flow_id="flow-1",
         started_at=NOW,
         provider=PROVIDER,
+        api=RESPONSES_API,
         info=info,
         headers={"user-agent": "codex_cli_rs/0.50.0"},
         identity=identity,
@@ -560,6 +577,7 @@ def test_interception_start_row_of_a_rejection_without_identity() -> None:
         flow_id="flow-1",
         started_at=NOW,
         provider=PROVIDER,
+        api=RESPONSES_API,
         info=None,
         headers={"session-id": "sess-h"},
         identity=None,

@@ -22,10 +22,10 @@ def route(method, host, port, path, **kw):
 
 def test_reverse_or_regular_by_host():
     r = route("POST", "api.openai.com", 443, "/v1/responses")
-    assert r.kind is RouteKind.RESPONSES and r.provider.name == "openai"
+    assert r.kind is RouteKind.BRIDGED and r.provider.name == "openai"
     assert r.upstream_path is None
     assert route("POST", "127.0.0.1", 9999, "/v1/responses").provider.name == "local"
-    assert route("POST", "API.OPENAI.COM", 443, "/v1/responses/").kind is RouteKind.RESPONSES
+    assert route("POST", "API.OPENAI.COM", 443, "/v1/responses/").kind is RouteKind.BRIDGED
 
 
 def test_other_hosts_untouched():
@@ -36,7 +36,7 @@ def test_other_hosts_untouched():
 
 def test_route_prefix_rewrites_to_base_url():
     r = route("POST", "bridge.local", 8080, "/azure/v1/responses?api-version=1")
-    assert r.kind is RouteKind.RESPONSES and r.provider.name == "azure"
+    assert r.kind is RouteKind.BRIDGED and r.provider.name == "azure"
     assert r.upstream_path == "/openai/v1/responses?api-version=1"
     r = route("GET", "127.0.0.1", 8080, "/openai/v1/models")
     assert (r.kind, r.upstream_path) == (RouteKind.PASSTHROUGH, "/v1/models")
@@ -45,7 +45,7 @@ def test_route_prefix_rewrites_to_base_url():
 
 def test_base_path_maps_to_v1():
     r = route("POST", "x.example.com", 443, "/openai/v1/responses")
-    assert r.kind is RouteKind.RESPONSES and r.api_path == "/v1/responses"
+    assert r.kind is RouteKind.BRIDGED and r.api_path == "/v1/responses"
     assert route("POST", "x.example.com", 443, "/elsewhere").kind is RouteKind.FORBIDDEN
 
 
@@ -62,7 +62,7 @@ def test_base_path_maps_to_v1():
         ("GET", "/v1/files", RouteKind.FORBIDDEN),
         ("GET", "/v1/responses", RouteKind.FORBIDDEN),
         ("PUT", "/v1/responses", RouteKind.FORBIDDEN),
-        ("POST", "/v1/responses", RouteKind.RESPONSES),
+        ("POST", "/v1/responses", RouteKind.BRIDGED),
     ],
 )
 def test_passthrough_allow_list(method, path, kind):
@@ -91,7 +91,7 @@ CHATGPT = parse_config(
 
 def test_chatgpt_codex_endpoint_in_regular_proxy_mode():
     r = classify(CHATGPT, "POST", "chatgpt.com", 443, "/backend-api/codex/responses")
-    assert r.kind is RouteKind.RESPONSES and r.provider.name == "chatgpt"
+    assert r.kind is RouteKind.BRIDGED and r.provider.name == "chatgpt"
     # Other Codex backend paths pass with the client's credential; the web app is untouched.
     assert (
         classify(CHATGPT, "GET", "chatgpt.com", 443, "/backend-api/codex/models").kind
@@ -116,7 +116,7 @@ def test_dot_segments_on_chatgpt_com_cannot_reach_the_codex_endpoint_unrecorded(
 @pytest.mark.parametrize("path", ["/v1//responses", "/v1/respons%65s", "/openai/v1/responses//"])
 def test_paths_a_server_would_read_as_the_responses_api_are_recorded(path):
     r = route("POST", "api.openai.com", 443, path)
-    assert (r.kind, r.api_path) == (RouteKind.RESPONSES, "/v1/responses")
+    assert (r.kind, r.api_path) == (RouteKind.BRIDGED, "/v1/responses")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ def test_passthrough_needs_whole_well_formed_segments(method: str, path: str) ->
     ``POST /v1/responses/%20`` could create a response past the log: such paths get 403."""
     kind = route(method, "api.openai.com", 443, path).kind
     # "/v1/responses/%2F" is read as "/v1/responses": a POST there is recorded.
-    assert kind is RouteKind.FORBIDDEN or (kind is RouteKind.RESPONSES and method == "POST")
+    assert kind is RouteKind.FORBIDDEN or (kind is RouteKind.BRIDGED and method == "POST")
 
 
 @pytest.mark.parametrize(
@@ -177,13 +177,13 @@ def test_chatgpt_paths_need_well_formed_segments_too() -> None:
         "/backend-api/codex/responses/",
     ):
         kind = classify(CHATGPT, "POST", "chatgpt.com", 443, path).kind
-        assert kind in (RouteKind.FORBIDDEN, RouteKind.RESPONSES), path
+        assert kind in (RouteKind.FORBIDDEN, RouteKind.BRIDGED), path
 
 
 @pytest.mark.parametrize("host", ["API.OPENAI.COM", "api.openai.com.", "Api.OpenAI.Com."])
 def test_hosts_compare_as_dns_names(host: str) -> None:
     r = route("POST", host, 443, "/v1/responses")
-    assert (r.kind, r.provider.name) == (RouteKind.RESPONSES, "openai")
+    assert (r.kind, r.provider.name) == (RouteKind.BRIDGED, "openai")
 
 
 def test_a_base_url_with_a_trailing_dot_matches_its_host() -> None:
@@ -193,7 +193,7 @@ def test_a_base_url_with_a_trailing_dot_matches_its_host() -> None:
         {},
     )
     for host in ("api.example.com", "api.example.com.", "API.EXAMPLE.COM"):
-        assert classify(config, "POST", host, 443, "/v1/responses").kind is RouteKind.RESPONSES
+        assert classify(config, "POST", host, 443, "/v1/responses").kind is RouteKind.BRIDGED
     assert (
         classify(config, "POST", "api.example.co", 443, "/v1/responses").kind is RouteKind.UNRELATED
     )

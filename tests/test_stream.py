@@ -21,7 +21,8 @@ from typing import Any
 import brotli
 import pytest
 
-from aibridge.extract import ResponseAccumulator
+from aibridge.apis.openai_responses import API as RESPONSES_API
+from aibridge.apis.openai_responses import ResponseAccumulator
 from aibridge.stream import StreamTee
 
 if sys.version_info >= (3, 14):
@@ -93,7 +94,7 @@ def encoded(name: str, variant: str) -> bytes:
 def plain_parse(name: str) -> dict[str, Any]:
     """The parse of the uncompressed stream, fed whole."""
     acc = ResponseAccumulator()
-    tee = StreamTee(acc)
+    tee = StreamTee(acc, RESPONSES_API)
     tee(sse(name))
     tee(b"")
     assert tee.parse_error is None
@@ -139,7 +140,7 @@ RAW_DEFLATE_BUG = (
 def check_parse(variant: str, name: str, chunks: Iterator[bytes]) -> None:
     data = encoded(name, variant)
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, ENCODERS[variant][0])
+    tee = StreamTee(acc, RESPONSES_API, ENCODERS[variant][0])
     sent = run(tee, chunks)
     assert b"".join(sent) == data
     assert tee.bytes_forwarded == len(data)
@@ -177,7 +178,7 @@ def test_plain_stream(encoding: str) -> None:
     data = sse(name)
     for size in CHUNK_SIZES:
         acc = ResponseAccumulator()
-        tee = StreamTee(acc, encoding)
+        tee = StreamTee(acc, RESPONSES_API, encoding)
         assert b"".join(run(tee, chunks_of(data, size))) == data
         assert tee.parse_error is None
         assert asdict(acc.result()) == plain_parse(name)
@@ -202,7 +203,7 @@ def test_several_members_or_frames_are_all_parsed(
     half = len(raw) // 2
     data = compress(raw[:half]) + compress(raw[half:])
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, encoding)
+    tee = StreamTee(acc, RESPONSES_API, encoding)
     assert b"".join(run(tee, chunks_of(data, 100))) == data
     assert tee.parse_error is None
     assert asdict(acc.result()) == plain_parse(name)
@@ -236,7 +237,7 @@ def corrupt_after_first_events(variant: str) -> tuple[bytes, bytes]:
 def test_corrupt_stream_sets_parse_error_and_forwards_everything(variant: str, size: int) -> None:
     good, bad = corrupt_after_first_events(variant)
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, variant)
+    tee = StreamTee(acc, RESPONSES_API, variant)
     # The valid start arrives in chunks of its own, as a server flushes events.
     sent = run(tee, itertools.chain(chunks_of(good, size), chunks_of(bad, size)))
     assert b"".join(sent) == good + bad
@@ -253,7 +254,7 @@ def test_corrupt_stream_sets_parse_error_and_forwards_everything(variant: str, s
 def test_garbage_from_the_first_byte(variant: str) -> None:
     data = b"\xff" * 50 + sse(NAMES[0])
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, variant)
+    tee = StreamTee(acc, RESPONSES_API, variant)
     assert b"".join(run(tee, chunks_of(data, 10))) == data
     assert tee.parse_error is not None
     assert asdict(acc.result())["response_id"] is None
@@ -263,7 +264,7 @@ def test_garbage_from_the_first_byte(variant: str) -> None:
 def test_unknown_encoding_is_reported_and_forwarded(encoding: str) -> None:
     data = encoded(NAMES[0], "gzip-whole")
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, encoding)
+    tee = StreamTee(acc, RESPONSES_API, encoding)
     assert tee.parse_error == f"unsupported content-encoding {encoding!r}"
     assert b"".join(run(tee, chunks_of(data, 7))) == data
     assert tee.parse_error == f"unsupported content-encoding {encoding!r}"
@@ -278,7 +279,7 @@ def test_final_empty_call_dispatches_the_last_event() -> None:
     """A stream whose last event has no blank line after it: b"" marks the end."""
     raw = sse(NAMES[0]).rstrip(b"\n") + b"\n"
     acc = ResponseAccumulator()
-    tee = StreamTee(acc)
+    tee = StreamTee(acc, RESPONSES_API)
     assert tee(raw) is raw
     assert acc.result().status is None
     assert not tee.ended
@@ -289,7 +290,7 @@ def test_final_empty_call_dispatches_the_last_event() -> None:
 
 def test_final_empty_call_is_idempotent() -> None:
     acc = ResponseAccumulator()
-    tee = StreamTee(acc)
+    tee = StreamTee(acc, RESPONSES_API)
     tee(sse(NAMES[0]))
     assert tee(b"") == b""
     first = asdict(acc.result())
@@ -300,7 +301,7 @@ def test_final_empty_call_is_idempotent() -> None:
 
 def test_empty_stream() -> None:
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, "gzip")
+    tee = StreamTee(acc, RESPONSES_API, "gzip")
     assert tee(b"") == b""
     assert tee.ended
     assert tee.parse_error is None
@@ -313,7 +314,7 @@ def test_compressed_stream_cut_short_keeps_what_was_decoded() -> None:
     data = encoded(NAMES[0], "gzip-flushed")
     cut = data[: len(data) * 2 // 3]
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, "gzip")
+    tee = StreamTee(acc, RESPONSES_API, "gzip")
     assert b"".join(run(tee, chunks_of(cut, 64))) == cut
     assert tee.parse_error is None
     assert acc.result().response_id is not None
@@ -324,7 +325,7 @@ def test_a_small_chunk_that_inflates_to_a_lot_is_parsed() -> None:
     raw = b": " + b"x" * (3 << 20) + b"\n\n" + sse(NAMES[0])
     data = gzip.compress(raw)
     acc = ResponseAccumulator()
-    tee = StreamTee(acc, "gzip")
+    tee = StreamTee(acc, RESPONSES_API, "gzip")
     assert b"".join(run(tee, chunks_of(data, 1 << 20))) == data
     assert tee.parse_error is None
     assert asdict(acc.result()) == plain_parse(NAMES[0])

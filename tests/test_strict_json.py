@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aibridge import strict_json
-from aibridge.extract import CHECKED_FIELDS, RequestError, parse_request
+from aibridge.apis.openai_responses import CHECKED_FIELDS, RequestError, parse_request
 from aibridge.strict_json import DuplicateKey, InvalidJSON, NotAnObject, loads_object
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from aibridge.errors import BACKGROUND_NOT_SUPPORTED
+from aibridge.apis.openai_responses import BACKGROUND_NOT_SUPPORTED
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     PROVIDER_KEY,

@@ -32,10 +32,9 @@ from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from wsproto.events import BytesMessage, Message, TextMessage
 from wsproto.frame_protocol import Opcode
 
+from aibridge.apis.openai_responses import BACKGROUND_NOT_SUPPORTED, DELTA_EVENTS, WANTED_EVENTS
 from aibridge.auth import hint
 from aibridge.bridge import AIBridge
-from aibridge.errors import BACKGROUND_NOT_SUPPORTED
-from aibridge.extract import DELTA_EVENTS, WANTED_EVENTS
 from aibridge.websocket import worth_decoding
 from devtools.fake_upstream import (
     TEXT_ANSWER,
@@ -351,7 +350,6 @@ def test_a_client_message_the_bridge_fails_on_is_not_forwarded(
         raise RuntimeError("a bug in the bridge")
 
     monkeypatch.setattr("aibridge.websocket.request_info", broken)
-    monkeypatch.setattr("aibridge.bridge.parse_request", broken)  # what the bridge used before
     flow = open_socket(hooks)
     message = from_client(hooks, flow, orjson.dumps(create("while broken")))
     assert message.dropped

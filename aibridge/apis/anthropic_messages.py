@@ -50,18 +50,18 @@ from typing import Any, Final
 
 import orjson
 
-from aibridge import strict_json
 from aibridge.apis.common import (
     MAX_COUNT,
     MAX_TIER_CHARS,
+    Api,
     EventAccumulator,
     RequestError,
+    RequestInfo,
+    ResponseResult,
     checked,
     count,
+    load_body,
 )
-from aibridge.extract import RequestInfo, ResponseResult
-
-API: Final = "messages"
 
 MESSAGE_START: Final = "message_start"
 CONTENT_BLOCK_START: Final = "content_block_start"
@@ -109,6 +109,8 @@ _USAGE_COUNTED: Final = (
     "cache_read_input_tokens",
     "output_tokens",
     "service_tier",
+    "cache_creation",  # the 5-minute / 1-hour split of cache writes (priced apart)
+    "speed",  # "fast" mode is billed at its own rate
 )
 
 # --------------------------------------------------------------------------- request
@@ -149,18 +151,7 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], RequestInfo]:
     As strict as extract.parse_request: only the fields read here are type-checked, a field
     absent or ``null`` is as if not sent, and a field of CHECKED_FIELDS given twice is refused.
     """
-    if not body:
-        raise RequestError("empty request body")
-    try:
-        obj = strict_json.loads_object(body, watched=CHECKED_FIELDS)
-    except strict_json.DuplicateKey as exc:
-        raise RequestError(f"request body is ambiguous: {exc}") from None
-    except strict_json.NotAnObject:
-        raise RequestError("request body must be a JSON object") from None
-    except strict_json.StrictJSONError as exc:
-        if not body.strip():
-            raise RequestError("empty request body") from None
-        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    obj = load_body(body, CHECKED_FIELDS)
     return obj, request_info(obj)
 
 
@@ -392,6 +383,11 @@ class MessagesAccumulator(EventAccumulator):
         self._error: tuple[str | None, str | None] | None = None
         self._upstream_error: tuple[str | None, str | None] | None = None
 
+    def feed_event(self, event_name: str | None, data: str | bytes) -> None:
+        """Take one event; text deltas and pings are dropped undecoded (worth_decoding)."""
+        if worth_decoding(data):
+            super().feed_event(event_name, data)
+
     def _accepts_events(self) -> bool:
         return self._error is None and self._upstream_error is None  # nothing after an error
 
@@ -614,10 +610,7 @@ class MessagesAccumulator(EventAccumulator):
         if len(merged) > 64 or size is None or size > MAX_USAGE_BYTES:
             # Bounded: a hostile stream could grow it by one large key per message_delta.
             merged = {
-                key: merged[key]
-                for key in _USAGE_COUNTED
-                if isinstance(merged.get(key), int | float)
-                or (isinstance(merged.get(key), str) and len(merged[key]) <= MAX_TIER_CHARS)
+                key: merged[key] for key in _USAGE_COUNTED if _small_usage_value(merged.get(key))
             }
             self._usage_trimmed = True
         self._usage = merged
@@ -761,6 +754,18 @@ def _json_cost(value: Any, limit: int) -> int | None:
     return cost
 
 
+def _small_usage_value(value: Any) -> bool:
+    """What a trimmed usage keeps: a number, a short word, or a few counts (cache_creation)."""
+    if isinstance(value, dict):
+        return len(value) <= 8 and all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in value.items()
+        )
+    if isinstance(value, str):
+        return len(value) <= MAX_TIER_CHARS
+    return isinstance(value, int | float)
+
+
 def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -883,3 +888,22 @@ def upstream_error_text(status: int, body_obj: Any) -> str:
     elif isinstance(error, str):
         message = error or None
     return f"{text}: {message}" if message else text
+
+
+def refusal(info: RequestInfo) -> tuple[int, str] | None:
+    return None  # every valid Messages request can be bridged
+
+
+API: Final = Api(
+    name="messages",
+    title="Messages API",
+    path="/v1/messages",
+    provider_types=frozenset({"anthropic"}),
+    parse_request=parse_request,
+    refusal=refusal,
+    new_accumulator=MessagesAccumulator,
+    wanted_events=WANTED_EVENTS,
+    delta_events=DELTA_EVENTS,
+    error_body=error_body,
+    passthrough=("/v1/messages/count_tokens", "/v1/models", "/v1/models/*"),
+)

@@ -1,12 +1,17 @@
-"""What every API module shares: request checks, token counts, and the event loop of an
-accumulator (decode one event, count what is malformed, never raise)."""
+"""What every API module shares: the facts read from a request and a response, request
+checks, token counts, and the event loop of an accumulator (decode one event, count what is
+malformed, never raise)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Final
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
 import orjson
+
+from aibridge import strict_json
 
 # SQLite's INTEGER is signed 64-bit; a larger count cannot be stored as a number.
 MAX_COUNT: Final = 2**63 - 1
@@ -14,8 +19,97 @@ MAX_COUNT: Final = 2**63 - 1
 MAX_TIER_CHARS: Final = 32
 
 
+@dataclass(slots=True)
+class RequestInfo:
+    """What the interception records from a request body, whatever the API."""
+
+    model: str | None
+    stream: bool
+    background: bool
+    prompt: str | None
+    correlating_tool_call_id: str | None
+    previous_response_id: str | None
+    session_id: str | None
+
+
+@dataclass(slots=True)
+class ResponseResult:
+    """What an accumulator yields at the end: the interception's outcome and the rows of
+    ``token_usages``, ``tool_usages`` and ``model_thoughts`` (without ids and times)."""
+
+    response_id: str | None
+    response_model: str | None
+    status: str | None
+    error: str | None
+    token_usage: dict[str, Any] | None
+    tool_usages: list[dict[str, Any]]
+    thoughts: list[dict[str, Any]]
+    malformed_events: int
+    terminal_seen: bool
+    error_code: str | None = None
+
+
+class Accumulator(Protocol):
+    """Collects the records of one response from its stream events or its buffered body."""
+
+    malformed_events: int
+
+    @property
+    def ended(self) -> bool:
+        """The response is over by the API's protocol (a terminal event or an error)."""
+        ...
+
+    def feed_event(self, event_name: str | None, data: str | bytes) -> None: ...
+
+    def feed_response_object(self, obj: Any) -> None: ...
+
+    def result(self) -> ResponseResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """What differs between the APIs the bridge speaks: one per module in ``aibridge.apis``.
+
+    Everything else (routing, identity, the tee, outcome, rows, the recorder) is written
+    against this and never asks which API it has.
+    """
+
+    name: str  # the ``interceptions.api`` value
+    title: str  # for messages: "the response held no <title> object"
+    path: str  # the API path of the POST request that is bridged and recorded
+    provider_types: frozenset[str]  # the provider types that serve it
+    # Decode and check a request body (RequestError → 400); the original bytes are forwarded.
+    parse_request: Callable[[bytes], tuple[dict[str, Any], RequestInfo]]
+    # A request the bridge cannot bridge although it is valid: (status, message), else None.
+    refusal: Callable[[RequestInfo], tuple[int, str] | None]
+    new_accumulator: Callable[[], Accumulator]
+    # SSE event names the records need (events without a name are always fed), and the
+    # unwanted ones that come by the hundred, which the SSE parser passes over in runs.
+    wanted_events: frozenset[str]
+    delta_events: frozenset[str]
+    error_body: Callable[[int, str], bytes]  # the bridge's own errors, in the API's shape
+    passthrough: tuple[str, ...] = ()  # its provider paths let through by default
+
+
 class RequestError(ValueError):
     """The request body cannot be bridged; the message is meant for a 400 to the client."""
+
+
+def load_body(body: bytes, watched: frozenset[str]) -> dict[str, Any]:
+    """A request body decoded strictly (strict_json): a JSON object whose `watched` fields
+    appear once each, else a RequestError saying what is wrong."""
+    if not body:
+        raise RequestError("empty request body")
+    try:
+        return strict_json.loads_object(body, watched=watched)
+    except strict_json.DuplicateKey as exc:
+        raise RequestError(f"request body is ambiguous: {exc}") from None
+    except strict_json.NotAnObject:
+        raise RequestError("request body must be a JSON object") from None
+    except strict_json.StrictJSONError as exc:
+        if not body.strip():
+            raise RequestError("empty request body") from None
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
 
 
 def checked(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:

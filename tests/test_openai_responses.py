@@ -1,4 +1,4 @@
-"""Record extraction (aibridge.extract): golden fixtures, the prompt rules, untrusted JSON."""
+"""Responses extraction (aibridge.apis.openai_responses): golden fixtures, prompts, bad JSON."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aibridge.extract import (
+from aibridge.apis.openai_responses import (
     WANTED_EVENTS,
     RequestError,
     ResponseAccumulator,
@@ -1053,7 +1053,7 @@ def test_memory_does_not_keep_the_streamed_text() -> None:
 
 
 def test_extract_does_not_import_mitmproxy() -> None:
-    code = "import sys, aibridge.extract; sys.exit('mitmproxy' in sys.modules)"
+    code = "import sys, aibridge.apis.openai_responses; sys.exit('mitmproxy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -42,14 +42,20 @@ from typing import Any, Final
 
 import orjson
 
-from aibridge import strict_json
+from aibridge.apis import openai_errors
 from aibridge.apis.common import (
     MAX_TIER_CHARS,
+    Api,
     EventAccumulator,
     RequestError,
+    RequestInfo,
+    ResponseResult,
     checked,
     count,
+    load_body,
 )
+
+BACKGROUND_NOT_SUPPORTED: Final = "background requests are currently not supported by AI Bridge"
 
 COMPLETED: Final = "response.completed"
 INCOMPLETE: Final = "response.incomplete"
@@ -127,17 +133,6 @@ _GENERIC_SKIPPED_FIELDS: Final = frozenset(
 # --------------------------------------------------------------------------- request
 
 
-@dataclass(slots=True)
-class RequestInfo:
-    model: str | None
-    stream: bool
-    background: bool
-    prompt: str | None
-    correlating_tool_call_id: str | None
-    previous_response_id: str | None
-    session_id: str | None
-
-
 # The top-level fields the bridge reads (parse_request, session_id_from_body) or that decide
 # what the provider does with the request. Given twice, the provider may read the other copy
 # than the bridge did, so such a body is refused.
@@ -165,18 +160,7 @@ def parse_request(body: bytes) -> tuple[dict[str, Any], RequestInfo]:
     judge. A field that is absent or ``null`` is as if not sent. The body is decoded strictly
     (strict_json): a field of CHECKED_FIELDS given twice is refused.
     """
-    if not body:
-        raise RequestError("empty request body")
-    try:
-        obj = strict_json.loads_object(body, watched=CHECKED_FIELDS)
-    except strict_json.DuplicateKey as exc:
-        raise RequestError(f"request body is ambiguous: {exc}") from None
-    except strict_json.NotAnObject:
-        raise RequestError("request body must be a JSON object") from None
-    except strict_json.StrictJSONError as exc:
-        if not body.strip():
-            raise RequestError("empty request body") from None
-        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    obj = load_body(body, CHECKED_FIELDS)
     return obj, request_info(obj)
 
 
@@ -266,20 +250,6 @@ def session_id_from_body(obj: dict[str, Any]) -> str | None:
 
 
 # -------------------------------------------------------------------------- response
-
-
-@dataclass(slots=True)
-class ResponseResult:
-    response_id: str | None
-    response_model: str | None
-    status: str | None
-    error: str | None
-    token_usage: dict[str, Any] | None
-    tool_usages: list[dict[str, Any]]
-    thoughts: list[dict[str, Any]]
-    malformed_events: int
-    terminal_seen: bool
-    error_code: str | None = None
 
 
 @dataclass(slots=True)
@@ -645,3 +615,29 @@ def _json_safe(value: Any, fallback: Any = None) -> Any:
     except orjson.JSONEncodeError:
         return fallback
     return value
+
+
+def refusal(info: RequestInfo) -> tuple[int, str] | None:
+    """Background mode: the response would be fetched later, past the audit log (DESIGN §3.2)."""
+    return (501, BACKGROUND_NOT_SUPPORTED) if info.background else None
+
+
+API: Final = Api(
+    name="responses",
+    title="Responses API",
+    path="/v1/responses",
+    provider_types=frozenset({"openai", "chatgpt"}),
+    parse_request=parse_request,
+    refusal=refusal,
+    new_accumulator=ResponseAccumulator,
+    wanted_events=WANTED_EVENTS,
+    delta_events=DELTA_EVENTS,
+    error_body=openai_errors.error_body,
+    passthrough=(
+        "/v1/models",
+        "/v1/models/*",
+        "/v1/responses/*",
+        "/v1/conversations",
+        "/v1/conversations/*",
+    ),
+)
