@@ -160,3 +160,98 @@ def test_chatgpt_sign_in_is_forwarded_and_identified():
     assert h["authorization"] == "Bearer eyJchatgpt-oauth-token-xyz"
     with pytest.raises(auth.AuthError):
         auth.identify(CONFIG, CHATGPT, headers(), {})
+
+
+# ---- Anthropic: the key goes as x-api-key; Claude subscriptions forwarded when allowed -------
+
+ANTHROPIC_KEY = "sk-ant-api03-provider-0123456789"
+OAUTH = "sk-ant-oat01-user-sign-in-0123456789abcdef"
+
+
+def anthropic_config(**provider: object) -> object:
+    return parse_config(
+        {
+            "providers": [
+                {
+                    "name": "anthropic",
+                    "type": "anthropic",
+                    "base_url": "https://api.anthropic.com/v1",
+                    "api_key": ANTHROPIC_KEY,
+                    **provider,
+                }
+            ],
+            "users": [{"id": "alice", "token": "alice-token-1"}],
+        },
+        "t.yaml",
+        {},
+    )
+
+
+@pytest.mark.parametrize(
+    "client_headers",
+    [
+        {"x-api-key": "alice-token-1"},
+        {"authorization": "Bearer alice-token-1"},
+        {"authorization": "bearer alice-token-1", "x-api-key": "alice-token-1"},
+    ],
+)
+def test_anthropic_key_goes_as_x_api_key(client_headers: dict[str, str]) -> None:
+    config = anthropic_config()
+    provider = config.providers[0]
+    identity = auth.identify(config, provider, client_headers, {})
+    assert (identity.user_id, identity.credential_kind) == ("alice", "centralized")
+    headers = http.Headers(
+        **{k.replace("-", "_"): v for k, v in client_headers.items()},
+        anthropic_version="2023-06-01",
+    )
+    auth.install_credentials(headers, provider, identity)
+    assert headers.get_all("x-api-key") == [ANTHROPIC_KEY]
+    assert "authorization" not in headers
+    assert headers["anthropic-version"] == "2023-06-01"
+    # Masked for the flow: both credential headers are concealed.
+    assert set(auth.upstream_credential_headers(provider)) >= {"x-api-key", "authorization"}
+    auth.mask_credentials(headers, provider)
+    assert ANTHROPIC_KEY not in str(headers.fields)
+
+
+def test_subscription_sign_in_is_forwarded_only_when_configured() -> None:
+    headers = {"authorization": f"Bearer {OAUTH}"}
+    with pytest.raises(auth.AuthError):
+        auth.identify(anthropic_config(), anthropic_config().providers[0], headers, {})
+    config = anthropic_config(subscription=True)
+    provider = config.providers[0]
+    identity = auth.identify(config, provider, headers, {})
+    assert identity.credential_kind == "subscription"
+    assert identity.user_id == f"subscription:{auth.hint(OAUTH)}"
+    assert identity.credential_hint == auth.hint(OAUTH)
+    assert OAUTH not in repr(identity)
+    named = auth.identify(config, provider, headers, {"proxyauth": ("bob", "pw")})
+    assert named.user_id == "bob"
+    sent = http.Headers(authorization=f"Bearer {OAUTH}")
+    auth.install_credentials(sent, provider, identity)
+    # The user's own token goes as the bearer it came as, never the provider key.
+    assert sent.get_all("authorization") == [f"Bearer {OAUTH}"]
+    assert "x-api-key" not in sent
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-api-key": OAUTH},  # an OAuth token is never sent as an API key
+        {"authorization": "Bearer sk-ant-api03-someone-elses-key-0000"},
+        {"authorization": "Bearer sk-ant-oa"},
+        {"authorization": f"Basic {OAUTH}"},
+        {},
+    ],
+)
+def test_not_a_subscription_sign_in(headers: dict[str, str]) -> None:
+    config = anthropic_config(subscription=True)
+    with pytest.raises(auth.AuthError):
+        auth.identify(config, config.providers[0], headers, {})
+
+
+def test_a_bridge_token_wins_over_subscription() -> None:
+    config = anthropic_config(subscription=True)
+    headers = {"authorization": "Bearer alice-token-1"}
+    identity = auth.identify(config, config.providers[0], headers, {})
+    assert (identity.user_id, identity.credential_kind) == ("alice", "centralized")

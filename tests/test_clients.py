@@ -51,10 +51,17 @@ from aibridge.headers import header_view
         ("python-requests/2.32.3", None, "python-requests"),
         ("python-httpx/0.28.1", None, "python-httpx"),
         ("Go-http-client/2.0", None, "Go net/http"),
+        # Anthropic's SDKs and Claude Code.
+        ("Anthropic/Python 0.69.0", None, "anthropic-python"),
+        ("AsyncAnthropic/Python 2.15.0", None, "anthropic-python"),
+        ("Anthropic/JS 0.128.0", None, "anthropic-node"),
+        ("AnthropicBedrock/Python 2.1.0", None, "anthropic-python"),
+        ("claude-cli/2.1.332 (external, sdk-cli)", None, "Claude Code"),
         # Unknown or absent.
         ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36", None, None),
         ("NotOpenAI/Python 1.0", None, None),
-        ("Anthropic/Python 0.69.0", None, None),
+        ("Anthropicx", None, None),
+        ("NotAnthropic/Python 1.0", None, None),
         (None, None, None),
         ("", "", None),
         (None, "some-other-tool", None),

@@ -143,3 +143,47 @@ def test_no_secret_shows_in_a_repr() -> None:
         assert key not in shown and header_secret not in shown and token not in shown
         assert sha256_hex(token) not in shown
     assert "sk-l...6789" in repr(config.providers[0])
+
+
+def test_anthropic_provider() -> None:
+    raw = {
+        "providers": [
+            {
+                "name": "claude",
+                "type": "anthropic",
+                "base_url": "https://api.anthropic.com/v1/",
+                "api_key": "sk-ant-api03-0123456789abcdef",
+                "subscription": True,
+            }
+        ]
+    }
+    config = parse_config(raw, "c.yaml", {})
+    (provider,) = config.providers
+    assert (provider.type, provider.base_url, provider.key_header) == (
+        "anthropic",
+        "https://api.anthropic.com/v1",
+        "x-api-key",
+    )
+    assert provider.subscription is True
+    assert "0123456789abcdef" not in repr(provider) and "subscription=True" in repr(provider)
+    assert config.passthrough_for(provider) == (
+        "/v1/messages/count_tokens",
+        "/v1/models",
+        "/v1/models/*",
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"type": "openai", "subscription": True}, "only an anthropic provider"),
+        ({"type": "chatgpt", "subscription": True}, "only an anthropic provider"),
+        ({"type": "anthropic", "subscription": "sometimes"}, "must be true or false"),
+        ({"type": "claude"}, "unsupported provider type 'claude'"),
+    ],
+)
+def test_bad_anthropic_provider(entry: dict[str, object], problem: str) -> None:
+    raw = {"providers": [{"name": "p", "base_url": "https://h/v1", "api_key": "", **entry}]}
+    with pytest.raises(ConfigError, match=problem) as info:
+        parse_config(raw, "c.yaml", {})
+    assert "c.yaml: providers[0]." in str(info.value)

@@ -4,6 +4,8 @@ real SQLite file."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,16 @@ import orjson
 import pytest
 
 from devtools.fake_upstream import FakeUpstream
-from tests.harness import PROVIDER_KEY, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import (
+    ADDON,
+    MITMDUMP,
+    PROVIDER_KEY,
+    TOKENS,
+    Mitmdump,
+    bridge_config,
+    query,
+    wait_for,
+)
 
 ALICE = TOKENS["alice"]
 
@@ -114,6 +125,9 @@ def test_streamed_text_is_recorded(bridge: Mitmdump, upstream: FakeUpstream) -> 
     (usage,) = children(bridge, "token_usages", row["id"])
     assert usage_columns(usage) == expected_usage(n)
     assert usage["service_tier"] == "standard"
+    # Priced from Anthropic's list (genai-prices), cache reads and writes at their own rates.
+    assert (usage["price_source"], usage["priced_model"]) == ("genai-prices", "claude-sonnet-4-5")
+    assert usage["estimated_cost_usd"] > 0
     # The SDK's own view of the usage agrees with the log (Anthropic's input excludes cache).
     assert final.usage.input_tokens == usage["uncached_input_tokens"]
     assert final.usage.output_tokens == usage["output_tokens"]
@@ -364,3 +378,117 @@ def test_reverse_proxy_shape(upstream: FakeUpstream, tmp_path: Path) -> None:
             "completed",
             "alice",
         )
+
+
+def test_truncated_stream_keeps_what_arrived(bridge: Mitmdump) -> None:
+    """A stream cut before message_stop: the client gets every byte upstream sent, and the
+    record says how it ended, with the usage that had arrived."""
+    marker = "truncated stream (e2e)"
+    body = {
+        "model": "fake-truncated",
+        "max_tokens": 16,
+        "stream": True,
+        "messages": [{"role": "user", "content": marker}],
+    }
+    headers = {"x-api-key": ALICE, "anthropic-version": "2023-06-01"}
+    response = httpx.post(f"{bridge.url}/anthropic/v1/messages", headers=headers, json=body)
+    assert response.status_code == 200
+    assert b"event: message_start" in response.content
+    assert b"message_stop" not in response.content
+    row = ended(
+        bridge, "id in (select interception_id from user_prompts where prompt = ?)", (marker,)
+    )
+    assert (row["status"], row["error"]) == ("error", "the stream ended before a terminal event")
+    (usage,) = children(bridge, "token_usages", row["id"])
+    assert usage["output_tokens"] == 1  # message_start's: no message_delta came
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_events_split_anywhere_give_the_same_records(bridge: Mitmdump, chunk_size: int) -> None:
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    records = []
+    for size in (None, chunk_size):
+        extra = {"x-fake-chunk-size": str(size)} if size else {}
+        with client(bridge, default_headers=extra).messages.stream(
+            model="fake-parallel",
+            max_tokens=64,
+            tools=tools,
+            messages=[{"role": "user", "content": f"split {size}"}],
+        ) as stream:
+            final = stream.get_final_message()
+        row = ended(bridge, "response_id = ?", (final.id,))
+        tools_rows = children(bridge, "tool_usages", row["id"])
+        records.append(
+            (row["status"], [(t["tool"], t["args"]) for t in tools_rows], len(tools_rows))
+        )
+    assert records[0] == records[1]
+    assert records[0][2] == 2
+
+
+def test_offline_replay_rebuilds_the_records(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """Flows saved with -w, read back by `mitmdump -n --rfile`: the same Messages records."""
+    config = bridge_config(upstream.url)
+    config["providers"] = [anthropic_provider(upstream.url)]
+    flows = tmp_path / "flows.mitm"
+    live_dir = tmp_path / "live"
+    live_dir.mkdir()
+    args = ["-w", str(flows), "--set", "store_streamed_bodies=true"]
+    with Mitmdump(live_dir, config, extra_args=args) as live:
+        sdk = client(live)
+        with sdk.messages.stream(
+            model="fake-thinking", max_tokens=64, messages=[{"role": "user", "content": "a"}]
+        ) as stream:
+            stream.get_final_message()
+        sdk.messages.create(
+            model="fake-tool",
+            max_tokens=64,
+            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
+            messages=[{"role": "user", "content": "b"}],
+        )
+        with pytest.raises(anthropic.AuthenticationError):
+            client(live, api_key="unknown-token-0000").messages.create(
+                model="m", max_tokens=1, messages=[{"role": "user", "content": "c"}]
+            )
+        wait_for(
+            lambda: (
+                len(query(live.db_path, "select 1 from interceptions where ended_at is not null"))
+                == 3
+            )
+        )
+    raw = flows.read_bytes()
+    assert ALICE.encode() not in raw and PROVIDER_KEY.encode() not in raw
+
+    rebuilt = tmp_path / "rebuilt.db"
+    subprocess.run(
+        [
+            str(MITMDUMP),
+            "-n",
+            "--rfile",
+            str(flows),
+            "-s",
+            str(ADDON),
+            "--set",
+            f"aibridge_config={live.config_path}",
+            "--set",
+            f"aibridge_db={rebuilt}",
+            "--set",
+            f"confdir={tmp_path / 'conf'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "TEST_PROVIDER_KEY": PROVIDER_KEY},
+    )
+    every = (
+        "select id, api, initiator_id, status, http_status, model, response_model, streaming, "
+        "response_id, credential_kind, credential_hint from interceptions order by id"
+    )
+    assert query(rebuilt, every) == query(live.db_path, every)
+    for table, columns in (
+        ("token_usages", "input_tokens, output_tokens, cache_read_input_tokens"),
+        ("tool_usages", "tool, call_id, args"),
+        ("model_thoughts", "source, content"),
+        ("user_prompts", "prompt"),
+    ):
+        sql = f"select {columns} from {table} order by {columns}"
+        assert query(rebuilt, sql) == query(live.db_path, sql), table

@@ -197,3 +197,109 @@ def test_a_base_url_with_a_trailing_dot_matches_its_host() -> None:
     assert (
         classify(config, "POST", "api.example.co", 443, "/v1/responses").kind is RouteKind.UNRELATED
     )
+
+
+# ---- Anthropic providers: the Messages API, and nothing of OpenAI's ---------------------------
+
+WITH_ANTHROPIC = parse_config(
+    {
+        "providers": [
+            {"name": "openai", "base_url": "https://api.openai.com/v1", "api_key": "k"},
+            {
+                "name": "anthropic",
+                "type": "anthropic",
+                "base_url": "https://api.anthropic.com/v1",
+                "api_key": "k",
+            },
+        ]
+    },
+    "test.yaml",
+    {},
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "upstream"),
+    [
+        ("/anthropic/v1/messages", "/v1/messages"),
+        ("/anthropic/v1/messages?beta=true", "/v1/messages?beta=true"),
+        ("/anthropic/v1/messages/", "/v1/messages/"),
+        ("/anthropic/v1//messages?beta=true&x=1", "/v1//messages?beta=true&x=1"),
+    ],
+)
+def test_messages_by_route_prefix(path: str, upstream: str) -> None:
+    r = classify(WITH_ANTHROPIC, "POST", "bridge.local", 8080, path)
+    assert (r.kind, r.provider.name, r.api.name, r.api_path) == (
+        RouteKind.BRIDGED,
+        "anthropic",
+        "messages",
+        "/v1/messages",
+    )
+    assert r.upstream_path == upstream
+
+
+@pytest.mark.parametrize("host", ["api.anthropic.com", "API.Anthropic.COM", "api.anthropic.com."])
+def test_messages_by_host(host: str) -> None:
+    r = classify(WITH_ANTHROPIC, "POST", host, 443, "/v1/messages?beta=true")
+    assert (r.kind, r.api.name, r.upstream_path) == (RouteKind.BRIDGED, "messages", None)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind"),
+    [
+        ("POST", "/v1/messages/count_tokens", RouteKind.PASSTHROUGH),
+        ("GET", "/v1/models", RouteKind.PASSTHROUGH),
+        ("GET", "/v1/models/claude-sonnet-4-5", RouteKind.PASSTHROUGH),
+        ("GET", "/v1/messages", RouteKind.FORBIDDEN),  # only POST creates a message
+        ("POST", "/v1/responses", RouteKind.FORBIDDEN),  # not an Anthropic API
+        ("GET", "/v1/responses", RouteKind.FORBIDDEN),
+        ("GET", "/v1/conversations", RouteKind.FORBIDDEN),  # OpenAI's passthrough, not ours
+        ("POST", "/v1/messages/batches", RouteKind.FORBIDDEN),
+        ("POST", "/v1/complete", RouteKind.FORBIDDEN),
+        ("POST", "/v1/messages/../responses", RouteKind.FORBIDDEN),
+        ("POST", "/v1/messages/%2e%2e/count_tokens", RouteKind.FORBIDDEN),
+    ],
+)
+def test_anthropic_provider_paths(method: str, path: str, kind: RouteKind) -> None:
+    for prefix, host in (("/anthropic", "bridge.local"), ("", "api.anthropic.com")):
+        r = classify(WITH_ANTHROPIC, method, host, 443, prefix + path)
+        assert r.kind is kind, (prefix, path)
+
+
+def test_websocket_upgrade_is_not_messages() -> None:
+    r = classify(
+        WITH_ANTHROPIC, "GET", "api.anthropic.com", 443, "/v1/messages", websocket_upgrade=True
+    )
+    assert r.kind is RouteKind.FORBIDDEN
+
+
+def test_openai_provider_does_not_bridge_messages() -> None:
+    for path in ("/openai/v1/messages", "/openai/v1/messages/count_tokens"):
+        assert classify(WITH_ANTHROPIC, "POST", "b", 80, path).kind is RouteKind.FORBIDDEN
+    r = classify(WITH_ANTHROPIC, "POST", "b", 80, "/openai/v1/responses")
+    assert (r.kind, r.api.name) == (RouteKind.BRIDGED, "responses")
+
+
+def test_a_passthrough_list_in_the_config_applies_to_every_provider() -> None:
+    config = parse_config(
+        {
+            "providers": WITH_ANTHROPIC_RAW,
+            "passthrough": ["/v1/models"],
+        },
+        "test.yaml",
+        {},
+    )
+    assert classify(config, "GET", "b", 80, "/anthropic/v1/models").kind is RouteKind.PASSTHROUGH
+    count = classify(config, "POST", "b", 80, "/anthropic/v1/messages/count_tokens")
+    assert count.kind is RouteKind.FORBIDDEN
+
+
+WITH_ANTHROPIC_RAW = [
+    {"name": "openai", "base_url": "https://api.openai.com/v1", "api_key": "k"},
+    {
+        "name": "anthropic",
+        "type": "anthropic",
+        "base_url": "https://api.anthropic.com/v1",
+        "api_key": "k",
+    },
+]
