@@ -492,3 +492,48 @@ def test_offline_replay_rebuilds_the_records(upstream: FakeUpstream, tmp_path: P
     ):
         sql = f"select {columns} from {table} order by {columns}"
         assert query(rebuilt, sql) == query(live.db_path, sql), table
+
+
+def test_subscription_sign_in_goes_upstream_as_the_users_own(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Claude Pro/Max: the OAuth token is forwarded as it came (a bearer), recorded by its
+    hint only, and not priced per token; a provider not configured for it refuses it."""
+    oauth = "sk-ant-oat01-" + "a1b2c3d4" * 8
+    config = bridge_config(upstream.url)
+    config["providers"] = [
+        {**anthropic_provider(upstream.url), "subscription": True},
+        {**anthropic_provider(upstream.url, "keyed")},
+    ]
+    flows = tmp_path / "flows.mitm"
+    with Mitmdump(tmp_path, config, extra_args=["-w", str(flows)]) as proc:
+        signed_in = anthropic.Anthropic(
+            base_url=f"{proc.url}/anthropic", auth_token=oauth, api_key=None, max_retries=0
+        )
+        message = signed_in.messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=16,
+            messages=[{"role": "user", "content": "my own plan"}],
+        )
+        sent = last_upstream_request(upstream, "/v1/messages")
+        assert sent.headers["authorization"] == f"Bearer {oauth}"
+        assert "x-api-key" not in sent.headers
+        row = ended(proc, "response_id = ?", (message.id,))
+        assert (row["credential_kind"], row["status"]) == ("subscription", "completed")
+        assert row["initiator_id"] == f"subscription:{oauth[:4]}...{oauth[-4:]}"
+        assert row["credential_hint"] == f"{oauth[:4]}...{oauth[-4:]}"
+        (usage,) = children(proc, "token_usages", row["id"])
+        assert usage["input_tokens"] > 0 and usage["estimated_cost_usd"] is None
+
+        refused = anthropic.Anthropic(
+            base_url=f"{proc.url}/keyed", auth_token=oauth, api_key=None, max_retries=0
+        )
+        with pytest.raises(anthropic.AuthenticationError):
+            refused.messages.create(
+                model="m", max_tokens=1, messages=[{"role": "user", "content": "no"}]
+            )
+        wait_for(
+            lambda: query(proc.db_path, "select 1 from interceptions where status = 'rejected'")
+        )
+    assert oauth.encode() not in proc.db_path.read_bytes()
+    assert oauth.encode() not in flows.read_bytes()
