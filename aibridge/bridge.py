@@ -23,7 +23,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http, websocket
 
 from aibridge import apis, auth, echo, mitm_compat, records
-from aibridge.apis import Api, openai_responses
+from aibridge.apis import Api
 from aibridge.apis.common import Accumulator, RequestError, RequestInfo
 from aibridge.apis.openai_errors import error_event
 from aibridge.concealment import ViewConcealment
@@ -379,7 +379,7 @@ class AIBridge:
                 message = "AI Bridge takes the Responses API over HTTP: use POST /v1/responses"
                 self._refuse(flow, 426, message, identity.user_id, api)
                 return
-            self._sockets[flow.id] = SocketState(route.provider, identity)
+            self._sockets[flow.id] = SocketState(route.provider, identity, api)
         if route.kind is RouteKind.BRIDGED:
             info = self._validate(flow, route, identity)
             if info is None:
@@ -725,7 +725,7 @@ class AIBridge:
         self, flow: http.HTTPFlow, state: SocketState, message: websocket.WebSocketMessage
     ) -> None:
         content = message.content
-        api = openai_responses.API  # the one API with a WebSocket mode
+        api = state.api
         route = Route(RouteKind.WEBSOCKET, state.provider, api.path, api=api)
         try:
             # Judged by decoding: a message the bridge cannot judge is refused, not forwarded.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from urllib.parse import unquote
 
-from aibridge.apis import Api, bridged_api, openai_responses
+from aibridge.apis import Api, bridged_api
 from aibridge.config import Config, Provider
 
 # A segment a passthrough path may hold (percent-decoded): an id, a model name
@@ -30,7 +30,7 @@ _WELL_FORMED_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+-]*")
 class RouteKind(enum.Enum):
     UNRELATED = "unrelated"  # not a provider's traffic: left untouched
     BRIDGED = "bridged"  # POST to an API path of the provider's type: bridged and recorded
-    WEBSOCKET = "websocket"  # GET /v1/responses with Upgrade: websocket (Responses only)
+    WEBSOCKET = "websocket"  # GET with Upgrade: websocket on an API with a WebSocket mode
     PASSTHROUGH = "passthrough"  # allow-listed provider path: authenticated, key injected
     FORBIDDEN = "forbidden"  # any other provider path: 403
 
@@ -91,7 +91,7 @@ def classify(
     if api is not None:
         if method == "POST":
             return Route(RouteKind.BRIDGED, provider, normalized, upstream_path, api)
-        if method == "GET" and websocket_upgrade and api is openai_responses.API:
+        if method == "GET" and websocket_upgrade and api.websocket:
             return Route(RouteKind.WEBSOCKET, provider, normalized, upstream_path, api)
     # Passthrough: whole, well-formed segments only, matched as written (nothing collapsed).
     if all(_WELL_FORMED_SEGMENT.fullmatch(segment) for segment in segments) and (

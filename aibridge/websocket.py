@@ -29,7 +29,7 @@ from typing import Any, Final
 import orjson
 
 from aibridge import strict_json
-from aibridge.apis.common import RequestError, RequestInfo
+from aibridge.apis.common import Api, RequestError, RequestInfo
 from aibridge.apis.openai_responses import WANTED_EVENTS, request_info
 from aibridge.auth import Identity
 from aibridge.config import Provider
@@ -55,6 +55,7 @@ class SocketState:
 
     provider: Provider
     identity: Identity
+    api: Api  # the API whose turns the socket carries (Responses)
     open_turns: deque[Any] = field(default_factory=deque)  # Exchanges, oldest first
     # Open turns by the response id they answer, and those ids by the turn's interception id
     _turn_of: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -640,4 +640,5 @@ API: Final = Api(
         "/v1/conversations",
         "/v1/conversations/*",
     ),
+    websocket=True,
 )
