@@ -396,22 +396,6 @@ class MessagesAccumulator(EventAccumulator):
         """``message_stop`` or an error arrived: the response is over by the protocol."""
         return self._stopped or self._error is not None or self._upstream_error is not None
 
-    def feed_response_body(self, body: bytes) -> None:
-        """Take a buffered response body as received; undecodable JSON counts as malformed."""
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            self.malformed_events += 1
-            return
-        self.feed_response_object(obj)
-
-    def feed_response_object(self, obj: Any) -> None:
-        """Take a buffered body already decoded: a message, or an error body (4xx/5xx)."""
-        try:
-            self._feed_object(obj)
-        except Exception:
-            self.malformed_events += 1
-
     def result(self) -> ResponseResult:
         status, error, error_code = self._status()
         note = self._note()

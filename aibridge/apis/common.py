@@ -134,9 +134,10 @@ def count(value: Any) -> int | None:
 
 
 class EventAccumulator:
-    """The part of an API's accumulator that takes stream events: each is decoded on its
-    own and handed to ``_dispatch`` with its type (the ``type`` field, else the SSE event
-    name). Bad JSON, a non-object or an event without a type counts as malformed."""
+    """The part of an API's accumulator that takes what upstream sent: stream events, each
+    decoded on its own and handed to ``_dispatch`` with its type (the ``type`` field, else
+    the SSE event name), or a buffered body, handed to ``_feed_object``. Bad JSON, a
+    non-object or an event without a type counts as malformed."""
 
     __slots__ = ("malformed_events",)
 
@@ -168,9 +169,29 @@ class EventAccumulator:
             # but an audit log must never break a client's stream.
             self.malformed_events += 1
 
+    def feed_response_body(self, body: bytes) -> None:
+        """Take a buffered response body as received; undecodable JSON counts as malformed."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            self.malformed_events += 1
+            return
+        self.feed_response_object(obj)
+
+    def feed_response_object(self, obj: Any) -> None:
+        """Take a buffered (non-streamed) body already decoded: the API's response object, or
+        its error body (4xx/5xx); never raises."""
+        try:
+            self._feed_object(obj)
+        except Exception:
+            self.malformed_events += 1
+
     def _accepts_events(self) -> bool:
         """False once nothing more belongs to this response."""
         return True
 
     def _dispatch(self, event_type: str, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _feed_object(self, obj: Any) -> None:
         raise NotImplementedError

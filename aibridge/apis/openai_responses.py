@@ -301,22 +301,6 @@ class ResponseAccumulator(EventAccumulator):
         """A terminal event or an ``error`` event arrived: nothing more belongs to this response."""
         return self.terminal is not None or self._error_event is not None
 
-    def feed_response_body(self, body: bytes) -> None:
-        """Take a buffered response body as received; undecodable JSON counts as malformed."""
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            self.malformed_events += 1
-            return
-        self.feed_response_object(obj)
-
-    def feed_response_object(self, obj: Any) -> None:
-        """Take a buffered (non-streamed) body already decoded: a response or an API error."""
-        try:
-            self._feed_object(obj)
-        except Exception:
-            self.malformed_events += 1
-
     def result(self) -> ResponseResult:
         summary = self._summary
         if summary is not None and summary.has_output:
