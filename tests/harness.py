@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import subprocess
@@ -20,7 +21,17 @@ from devtools.mitmdump_process import (
     local_bridge_config,
 )
 
-__all__ = ["ADDON", "MITMDUMP", "REPO", "Mitmdump", "bridge_config", "query", "wait_for"]
+__all__ = [
+    "ADDON",
+    "MITMDUMP",
+    "REPO",
+    "ChunkedReplies",
+    "Mitmdump",
+    "bridge_config",
+    "query",
+    "replay_flows",
+    "wait_for",
+]
 
 PROVIDER_KEY = "sk-test-provider-key-0123456789abcdef"
 TOKENS = {"alice": "alice-personal-token-1", "bob": "bob-personal-token-2"}
@@ -70,6 +81,60 @@ class LoopbackHTTP:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class ChunkedReplies(LoopbackHTTP):
+    """A provider that answers every POST with what ``reply(request headers)`` gives:
+    (status, content type, extra headers, body), sent chunked in pieces of 8191 bytes."""
+
+    def __init__(self, reply: Any) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                status, content_type, extra, body = reply(self.headers)
+                self.send_response(status)
+                self.send_header("content-type", content_type)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for i in range(0, len(body), 8191):
+                    piece = body[i : i + 8191]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+
+        super().__init__(Handler)
+
+
+def replay_flows(
+    flows: Path, config: Path, db: Path, confdir: Path, env: dict[str, str] | None = None
+) -> None:
+    """``mitmdump -n --rfile flows -s addon.py``: the offline rebuild of a log into `db`."""
+    subprocess.run(
+        [
+            str(MITMDUMP),
+            "-n",
+            "--rfile",
+            str(flows),
+            "-s",
+            str(ADDON),
+            "--set",
+            f"aibridge_config={config}",
+            "--set",
+            f"aibridge_db={db}",
+            "--set",
+            f"confdir={confdir}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env=None if env is None else {**os.environ, **env},
+    )
 
 
 def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from devtools import demo
-from tests.harness import ADDON, MITMDUMP, query
+from tests.harness import query, replay_flows
 
 
 def test_demo_and_offline_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,25 +34,7 @@ def test_demo_and_offline_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert b"sk-demo-" not in flows
 
     rebuilt = tmp_path / "rebuilt.db"
-    subprocess.run(
-        [
-            str(MITMDUMP),
-            "-n",
-            "--rfile",
-            str(out_dir / "flows.mitm"),
-            "-s",
-            str(ADDON),
-            "--set",
-            f"aibridge_config={out_dir / 'config.yaml'}",
-            "--set",
-            f"aibridge_db={rebuilt}",
-            "--set",
-            f"confdir={tmp_path / 'conf'}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    replay_flows(out_dir / "flows.mitm", out_dir / "config.yaml", rebuilt, tmp_path / "conf")
     # The same exchanges, refusals included, with the same ids.
     assert query(rebuilt, every_row) == live
     for table in ("token_usages", "tool_usages", "model_thoughts"):

@@ -4,8 +4,6 @@ real SQLite file."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +15,12 @@ import pytest
 
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
-    ADDON,
-    MITMDUMP,
     PROVIDER_KEY,
     TOKENS,
     Mitmdump,
     bridge_config,
     query,
+    replay_flows,
     wait_for,
 )
 
@@ -459,26 +456,8 @@ def test_offline_replay_rebuilds_the_records(upstream: FakeUpstream, tmp_path: P
     assert ALICE.encode() not in raw and PROVIDER_KEY.encode() not in raw
 
     rebuilt = tmp_path / "rebuilt.db"
-    subprocess.run(
-        [
-            str(MITMDUMP),
-            "-n",
-            "--rfile",
-            str(flows),
-            "-s",
-            str(ADDON),
-            "--set",
-            f"aibridge_config={live.config_path}",
-            "--set",
-            f"aibridge_db={rebuilt}",
-            "--set",
-            f"confdir={tmp_path / 'conf'}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-        env={**os.environ, "TEST_PROVIDER_KEY": PROVIDER_KEY},
-    )
+    env = {"TEST_PROVIDER_KEY": PROVIDER_KEY}
+    replay_flows(flows, live.config_path, rebuilt, tmp_path / "conf", env)
     every = (
         "select id, api, initiator_id, status, http_status, model, response_model, streaming, "
         "response_id, credential_kind, credential_hint from interceptions order by id"

@@ -17,7 +17,6 @@ import socket
 import sqlite3
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     PROVIDER_KEY,
     TOKENS,
-    LoopbackHTTP,
+    ChunkedReplies,
     Mitmdump,
     bridge_config,
     query,
@@ -201,24 +200,33 @@ def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> records.
     return records.finish_exchange(RESPONSES_API, acc, tee, None, None)
 
 
-def test_fuzzed_streams_forward_unchanged_and_record_cleanly(tmp_path: Path) -> None:
-    """A seeded fuzz run over every golden stream, its records written by the recorder."""
-    rng = random.Random(20_240_601)
-    rec = Recorder(tmp_path / "fuzz.db")
+def fuzz_into_recorder(
+    db: Path,
+    streams: list[Path],
+    rounds: int,
+    rng: random.Random,
+    through: Any,
+    rows: Any,
+) -> None:
+    """Mutate each golden stream `rounds` times (a fifth of them gzip-compressed and cut),
+    run it through the tee (`through(data, rng, encoding)`), and write its rows
+    (`rows(outcome, request body)`) with the real recorder: every value must bind, every
+    record must land, nothing may be lost."""
+    rec = Recorder(db)
     rec.start()
     cases = 0
-    for path in STREAMS:
+    for path in streams:
         original = path.read_bytes()
-        request = (FIXTURES / path.name.replace(".response.sse", ".request.json")).read_bytes()
-        for _ in range(40):
+        request = path.with_name(path.name.replace(".response.sse", ".request.json")).read_bytes()
+        for _ in range(rounds):
             data = mutate(original, rng)
             encoding = ""
             if rng.random() < 0.2:
                 data, encoding = gzip.compress(data)[: rng.randrange(10, 10_000)], "gzip"
-            outcome = through_tee(data, rng, encoding)
+            outcome = through(data, rng, encoding)
             iid = uuid.uuid4().hex
             rec.upsert("interceptions", {"id": iid, "status": "in_progress"})
-            for table, row in rows_of(outcome, request):
+            for table, row in rows(outcome, request):
                 for value in row.values():
                     bindable(value)
                 if table == "interceptions":
@@ -228,9 +236,14 @@ def test_fuzzed_streams_forward_unchanged_and_record_cleanly(tmp_path: Path) -> 
             cases += 1
     assert rec.flush(SAFETY)
     rec.close()
-    db = tmp_path / "fuzz.db"
     assert query(db, "select count(*) as n from interceptions")[0]["n"] == cases
     assert query(db, "select * from recorder_losses") == []
+
+
+def test_fuzzed_streams_forward_unchanged_and_record_cleanly(tmp_path: Path) -> None:
+    """A seeded fuzz run over every golden stream, its records written by the recorder."""
+    rng = random.Random(20_240_601)
+    fuzz_into_recorder(tmp_path / "fuzz.db", STREAMS, 40, rng, through_tee, rows_of)
 
 
 def test_fuzzed_request_bodies_parse_or_get_a_400() -> None:
@@ -432,35 +445,14 @@ def hostile_cases() -> dict[str, tuple[str, dict[str, str], bytes]]:
     }
 
 
-class HostileUpstream(LoopbackHTTP):
+class HostileUpstream(ChunkedReplies):
     """Answers each request with the case its ``x-case`` header names, in chunks."""
 
     def __init__(self) -> None:
         cases = hostile_cases()
         assert set(cases) == set(HOSTILE_CASES)
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                content_type, extra, body = cases[self.headers["x-case"]]
-                self.send_response(200)
-                self.send_header("content-type", content_type)
-                for name, value in extra.items():
-                    self.send_header(name, value)
-                self.send_header("transfer-encoding", "chunked")
-                self.end_headers()
-                for i in range(0, len(body), 8191):
-                    piece = body[i : i + 8191]
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                self.wfile.write(b"0\r\n\r\n")
-
         self.cases = cases
-        super().__init__(Handler)
+        super().__init__(lambda headers: (200, *cases[headers["x-case"]]))
 
 
 class Served:

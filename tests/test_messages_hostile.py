@@ -10,7 +10,6 @@ import random
 import uuid
 import zlib
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,18 @@ from aibridge.apis import anthropic_messages
 from aibridge.apis.anthropic_messages import MAX_BLOCK_BYTES, MessagesAccumulator
 from aibridge.apis.common import RequestError
 from aibridge.config import Privacy, hint
-from aibridge.recorder import Recorder
 from aibridge.stream import StreamTee
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     PROVIDER_KEY,
     TOKENS,
-    LoopbackHTTP,
+    ChunkedReplies,
     Mitmdump,
     bridge_config,
     query,
     wait_for,
 )
-from tests.test_hostile_input import bindable, chunked, mutate
+from tests.test_hostile_input import chunked, fuzz_into_recorder
 
 SAFETY = 60.0  # upper bound for waits; never asserted as a duration
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic_messages"
@@ -66,33 +64,7 @@ def rows_of(outcome: records.Outcome, request: bytes) -> list[tuple[str, dict[st
 def test_fuzzed_messages_streams_forward_unchanged_and_record_cleanly(tmp_path: Path) -> None:
     """A seeded fuzz run over every golden Messages stream, its rows written by the recorder."""
     rng = random.Random(20_261_201)
-    rec = Recorder(tmp_path / "fuzz.db")
-    rec.start()
-    cases = 0
-    for path in STREAMS:
-        original = path.read_bytes()
-        request = (FIXTURES / path.name.replace(".response.sse", ".request.json")).read_bytes()
-        for _ in range(30):
-            data = mutate(original, rng)
-            encoding = ""
-            if rng.random() < 0.2:
-                data, encoding = gzip.compress(data)[: rng.randrange(10, 10_000)], "gzip"
-            outcome = through_tee(data, rng, encoding)
-            iid = uuid.uuid4().hex
-            rec.upsert("interceptions", {"id": iid, "status": "in_progress"})
-            for table, row in rows_of(outcome, request):
-                for value in row.values():
-                    bindable(value)
-                if table == "interceptions":
-                    rec.upsert(table, {**row, "id": iid})
-                else:
-                    rec.insert(table, {**row, "interception_id": iid})
-            cases += 1
-    assert rec.flush(SAFETY)
-    rec.close()
-    db = tmp_path / "fuzz.db"
-    assert query(db, "select count(*) as n from interceptions")[0]["n"] == cases
-    assert query(db, "select * from recorder_losses") == []
+    fuzz_into_recorder(tmp_path / "fuzz.db", STREAMS, 30, rng, through_tee, rows_of)
 
 
 @pytest.mark.parametrize("path", STREAMS, ids=lambda p: p.name.removesuffix(".response.sse"))
@@ -304,38 +276,17 @@ CASES["echoed_key_in_stream"] = (
 )
 
 
-class HostileAnthropic(LoopbackHTTP):
-    """Answers each request with the case its ``x-case`` header names, in chunks."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length") or 0))
-                status, content_type, extra, body, _, _ = CASES[self.headers["x-case"]]
-                self.send_response(status)
-                self.send_header("content-type", content_type)
-                for name, value in extra.items():
-                    self.send_header(name, value)
-                self.send_header("transfer-encoding", "chunked")
-                self.end_headers()
-                for i in range(0, len(body), 8191):
-                    piece = body[i : i + 8191]
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                self.wfile.write(b"0\r\n\r\n")
-
-        super().__init__(Handler)
+def hostile_reply(headers: Any) -> tuple[int, str, dict[str, str], bytes]:
+    """The case the request's ``x-case`` header names."""
+    status, content_type, extra, body, _, _ = CASES[headers["x-case"]]
+    return status, content_type, extra, body
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mitmdump]:
     with contextlib.ExitStack() as stack:
         fake = stack.enter_context(FakeUpstream())
-        hostile = stack.enter_context(HostileAnthropic())
+        hostile = stack.enter_context(ChunkedReplies(hostile_reply))
         config = bridge_config(fake.url)
         config["providers"] = [
             {
