@@ -128,15 +128,17 @@ def _by_host(config: Config, host: str, port: int, raw_path: str) -> Provider | 
     Host names compare as DNS compares them: case-insensitively, a trailing dot ignored.
     """
     host = dns_name(host)
-    best: Provider | None = None
+    first: Provider | None = None  # when the path is under no provider's root
+    best: Provider | None = None  # the longest root the path is under
     for provider in config.providers:
         if provider.host != host or provider.port != port:
             continue
+        first = first or provider
         root = provider.base_path
         under_root = not root or raw_path == root or raw_path.startswith(root + "/")
-        if best is None or (under_root and len(root) > len(best.base_path)):
+        if under_root and (best is None or len(root) > len(best.base_path)):
             best = provider
-    return best
+    return best or first
 
 
 def dns_name(host: str) -> str:

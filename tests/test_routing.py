@@ -303,3 +303,25 @@ WITH_ANTHROPIC_RAW = [
         "api_key": "k",
     },
 ]
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_providers_on_one_host_are_told_apart_by_root_in_any_order(order: int) -> None:
+    """Two providers behind one gateway: each path goes to the one whose root it is under,
+    whichever is listed first."""
+    providers = [
+        {
+            "name": "claude",
+            "type": "anthropic",
+            "base_url": "http://gw:8000/anthropic/v1",
+            "api_key": "k",
+        },
+        {"name": "oai", "base_url": "http://gw:8000/v1", "api_key": "k"},
+    ][::order]
+    config = parse_config({"providers": providers}, "test.yaml", {})
+    r = classify(config, "POST", "gw", 8000, "/v1/responses")
+    assert (r.kind, r.provider.name) == (RouteKind.BRIDGED, "oai")
+    r = classify(config, "POST", "gw", 8000, "/anthropic/v1/messages")
+    assert (r.kind, r.provider.name, r.api_path) == (RouteKind.BRIDGED, "claude", "/v1/messages")
+    # Under neither root: the first listed answers (403), never unrelated traffic.
+    assert classify(config, "POST", "gw", 8000, "/other").kind is RouteKind.FORBIDDEN
