@@ -32,9 +32,26 @@ _LISTENING = re.compile(rb"listening at [\d.]+:(\d+)")
 _STARTUP_FAILED = b"Error logged during startup"
 
 
+# Where Claude Code sends its Messages calls with ANTHROPIC_BASE_URL=http://<bridge>/anthropic
+# (README, Client set-up): the route prefix of the bridge's anthropic provider, and always
+# ?beta=true. The baselines forward the path as it is; the bench upstream serves both.
+MESSAGES_PATH = "/anthropic/v1/messages?beta=true"
+
+
 def bridge_config(upstream_url: str) -> dict[str, Any]:
-    """The bridge in reverse-proxy mode (DESIGN §1.1) in front of the bench upstream."""
-    return local_bridge_config(upstream_url, "${BENCH_PROVIDER_KEY}", {"alice": TOKEN})
+    """The bridge in reverse-proxy mode (DESIGN §1.1) in front of the bench upstream, with
+    an OpenAI and an Anthropic provider both there, so each API is measured against the
+    same mitmdump baselines."""
+    config = local_bridge_config(upstream_url, "${BENCH_PROVIDER_KEY}", {"alice": TOKEN})
+    config["providers"].append(
+        {
+            "name": "anthropic",
+            "type": "anthropic",
+            "base_url": f"{upstream_url}/v1",
+            "api_key": "${BENCH_PROVIDER_KEY}",
+        }
+    )
+    return config
 
 
 def _env() -> dict[str, str]:

@@ -1,10 +1,11 @@
 """The benchmark: ``python -m bench`` (``--quick`` for a seconds-long smoke run).
 
 Starts the bench upstream and four mitmdumps on loopback, all in reverse mode with the same
-flags: stream-only (the SSE baseline), plain (the buffered baseline), the bridge, and the
-bridge with the lag probe and the burst script. Variants run alternately, baseline then
-bridge, for several rounds after a warm-up round; medians are reported, and ratios are
-medians of the per-round ratios. See BENCHMARKS.md for what each figure means.
+flags: stream-only (the SSE baseline, for Responses and Messages streams alike), plain (the
+buffered baseline), the bridge, and the bridge with the lag probe and the burst script.
+Variants run alternately, baseline then bridge, for several rounds after a warm-up round;
+medians are reported, and ratios are medians of the per-round ratios. See BENCHMARKS.md
+for what each figure means.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bench.procs import (
     BENCH,
     BURST,
     LAG_PROBE,
+    MESSAGES_PATH,
     STREAM_ONLY,
     TOKEN,
     Proxy,
@@ -42,7 +44,13 @@ from bench.procs import (
     rss_kib,
     wait_idle,
 )
-from bench.workloads import CODEX_HEADERS, codex_body, flow_rows
+from bench.workloads import (
+    CLAUDE_CODE_HEADERS,
+    CODEX_HEADERS,
+    claude_code_body,
+    codex_body,
+    flow_rows,
+)
 
 DOC = BENCH.parent / "BENCHMARKS.md"
 DEFAULT_OUT = BENCH / "results" / "latest.json"
@@ -117,6 +125,27 @@ def request_bytes(proxy: Proxy, body: bytes, **headers: str) -> bytes:
     return build_request(HOST, proxy.port, "/v1/responses", body, all_headers)
 
 
+def messages_request_bytes(proxy: Proxy, body: bytes, **headers: str) -> bytes:
+    """A Claude Code ``POST /v1/messages``: its headers, the bridge token as ``x-api-key``."""
+    all_headers = {**CLAUDE_CODE_HEADERS, "x-api-key": TOKEN, **headers}
+    return build_request(HOST, proxy.port, MESSAGES_PATH, body, all_headers)
+
+
+# The streamed APIs, by the key of their figures in the result JSON.
+RESPONSES_SSE = "sse"
+MESSAGES_SSE = "messages_sse"
+
+
+def sse_request(proxy: Proxy, api: str, events: int) -> bytes:
+    """One ``fake-long-<events>`` stream request of that API, one chunk per event as a
+    provider sends them (for Messages, ~90-byte text deltas the addon skips by their bytes)."""
+    model = f"fake-long-{events}"
+    flush = {"x-fake-flush-each": "1"}
+    if api == MESSAGES_SSE:
+        return messages_request_bytes(proxy, claude_code_body(model), **flush)
+    return request_bytes(proxy, codex_body(model, stream=True), **flush)
+
+
 def load(
     proxy: Proxy, raws: list[bytes], total: int, concurrency: int, **kw: Any
 ) -> tuple[LoadResult, float]:
@@ -161,9 +190,10 @@ def alternate(
 # ---- 1. SSE throughput --------------------------------------------------------------------------
 
 
-def sse_once(proxy: Proxy, sizes: Sizes, concurrency: int, streams: int) -> dict[str, float]:
-    body = codex_body(f"fake-long-{sizes.sse_events}", stream=True)
-    raw = request_bytes(proxy, body, **{"x-fake-flush-each": "1"})
+def sse_once(
+    proxy: Proxy, sizes: Sizes, concurrency: int, streams: int, api: str = RESPONSES_SSE
+) -> dict[str, float]:
+    raw = sse_request(proxy, api, sizes.sse_events)
     result, cpu = load(proxy, [raw], streams, concurrency)
     if any(r.events < sizes.sse_events for r in result.replies):
         raise BenchError(f"{proxy.name}: a stream lost events")
@@ -182,22 +212,27 @@ def scaled(count: int, concurrency: int, per_second: float, sizes: Sizes) -> int
     return math.ceil(wanted / concurrency) * concurrency  # every connection as busy
 
 
-def bench_sse(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
+def bench_sse(
+    baseline: Proxy, addon: Proxy, sizes: Sizes, api: str = RESPONSES_SSE
+) -> dict[str, Any]:
     out: dict[str, Any] = {"events": sizes.sse_events}
+    name = "Messages SSE" if api == MESSAGES_SSE else "SSE"
     for label, concurrency, streams in (
         ("c1", 1, sizes.sse_streams_c1),
         ("c16", 16, sizes.sse_streams_c16),
     ):
         if sizes.seconds_per_load:
-            rate = sse_once(baseline, sizes, concurrency, streams)["events_per_s"]
+            rate = sse_once(baseline, sizes, concurrency, streams, api)["events_per_s"]
             streams = scaled(streams, concurrency, rate / sizes.sse_events, sizes)
-        log(f"SSE {sizes.sse_events}-event streams, concurrency {concurrency}, {streams} streams")
+        log(
+            f"{name} {sizes.sse_events}-event streams, concurrency {concurrency}, {streams} streams"
+        )
         runs = alternate(
             sizes.rounds,
             sizes.warmup_rounds,
             {
-                "baseline": lambda c=concurrency, s=streams: sse_once(baseline, sizes, c, s),
-                "addon": lambda c=concurrency, s=streams: sse_once(addon, sizes, c, s),
+                "baseline": lambda c=concurrency, s=streams: sse_once(baseline, sizes, c, s, api),
+                "addon": lambda c=concurrency, s=streams: sse_once(addon, sizes, c, s, api),
             },
         )
         out[label] = report.paired(runs["baseline"], runs["addon"])
@@ -472,6 +507,7 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
 
         addon = proxies["addon"]
         metrics["sse"] = bench_sse(proxies["stream_only"], addon, sizes)
+        metrics["messages_sse"] = bench_sse(proxies["stream_only"], addon, sizes, MESSAGES_SSE)
         metrics["buffered"] = bench_buffered(proxies["plain"], addon, sizes)
         metrics["paced"] = bench_paced(proxies["stream_only"], addon, sizes)
         burst = bench_burst(probed, sizes.burst_flows)
@@ -523,13 +559,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the working directory (logs, databases) and print its path",
     )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="the working directory to use (created if need be, kept afterwards)",
+    )
     args = parser.parse_args(argv)
 
     sizes = QUICK if args.quick else FULL
     if args.rounds:
         sizes = replace(sizes, rounds=args.rounds)
     mode = "quick" if args.quick else "full"
-    workdir = Path(tempfile.mkdtemp(prefix="aibridge-bench-"))
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        workdir, args.keep = args.workdir, True
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="aibridge-bench-"))
     try:
         result = run(sizes, workdir, mode)
     finally:

@@ -1,13 +1,18 @@
-"""The benchmark's upstream: the fake Responses API served from one asyncio loop.
+"""The benchmark's upstream: the fake Responses and Messages APIs served from one asyncio loop.
 
-Replies come from ``devtools.fake_upstream.plan_responses`` (same scenarios, same bytes),
-but the serving differs from ``FakeUpstream`` on purpose:
+Replies come from ``devtools.fake_upstream.plan_responses`` for ``POST …/responses`` and
+``devtools.fake_anthropic.plan_messages`` for ``POST …/v1/messages`` (same scenarios, same
+bytes; ``fake-long-N`` is the one the benchmark streams), but the serving differs from
+``FakeUpstream`` on purpose:
 - asyncio instead of a thread per connection, so the upstream costs little CPU on a small
   machine where it competes with mitmdump and the load generator;
-- nothing is kept per request (``FakeUpstream.requests`` grows with every 40 KB body);
+- nothing is kept per request (``FakeUpstream.requests`` grows with every 40 KB body), only
+  the count of Messages calls, which numbers their usage as the fake does;
 - ``fake-slow`` is paced with ``asyncio.sleep`` and every delta carries ``"t_sent"``, the
   ``time.monotonic()`` at which it was written, so the client can measure each event's
-  transit through the proxy (CLOCK_MONOTONIC is shared by all processes on Linux).
+  transit through the proxy (CLOCK_MONOTONIC is shared by all processes on Linux);
+  Messages' ``fake-slow`` is refused (400): the fake paces it with ``time.sleep``, which
+  would stall every connection of this loop.
 
 Run as ``python -m bench.upstream``: prints its URL, serves until SIGINT or SIGTERM.
 """
@@ -24,6 +29,7 @@ from collections.abc import Iterable, Iterator
 
 import orjson
 
+from devtools import fake_anthropic
 from devtools import fake_upstream as fake
 
 _DELTA_PREFIX = b"event: response.output_text.delta\n"
@@ -45,7 +51,11 @@ def paced_frames(req: dict, delay_s: float) -> Iterator[tuple[float, bytes]]:
 
 
 def head(status: int, headers: dict[str, str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:  # Anthropic's 529 is in no registry
+        phrase = "Unknown"
+    lines = [f"HTTP/1.1 {status} {phrase}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -77,6 +87,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self.stop = asyncio.Event()
+        self.messages_calls = 0
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> None:
         server = await asyncio.start_server(self._connection, host, port, limit=_HEAD_LIMIT)
@@ -113,6 +124,8 @@ class Upstream:
         body: bytes,
     ) -> bool:
         path = target.split("?", 1)[0]
+        if method == "POST" and path.endswith("/v1/messages"):
+            return await self._respond_messages(writer, headers, body)
         if method != "POST" or not path.endswith("/responses"):
             payload = fake.error_body(f"Invalid URL ({method} {path})", "invalid_request_error")
             await self._send_body(writer, 404, {}, payload)
@@ -129,7 +142,26 @@ class Upstream:
             delay = header_ms(headers, "x-fake-delay-ms", 50) / 1000
             await self._send_paced(writer, paced_frames(req, delay))
             return True
-        reply = fake.plan_responses(req, headers)
+        return await self._send_reply(writer, fake.plan_responses(req, headers))
+
+    async def _respond_messages(
+        self, writer: asyncio.StreamWriter, headers: dict[str, str], body: bytes
+    ) -> bool:
+        self.messages_calls += 1
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            req = None
+        if isinstance(req, dict) and req.get("model") == "fake-slow":
+            reply = fake_anthropic.error_reply(
+                400, "invalid_request_error", "fake-slow is not served by the bench upstream"
+            )
+        else:  # the fake's own entry point: its checks, in its order (auth first)
+            reply = fake_anthropic.messages_reply(body, headers, self.messages_calls)
+        return await self._send_reply(writer, reply)
+
+    async def _send_reply(self, writer: asyncio.StreamWriter, reply: fake.Reply) -> bool:
+        """Send a planned reply; False when the connection is to be closed after it."""
         if reply.chunks is None:
             await self._send_body(writer, reply.status, reply.headers, reply.body, reply.close)
         else:

@@ -1,4 +1,5 @@
-"""What the benchmark sends: Codex-shaped request bodies and realistic audit-log rows.
+"""What the benchmark sends: Codex- and Claude-Code-shaped request bodies and realistic
+audit-log rows.
 
 Everything here is deterministic, so every variant and every round gets the same bytes.
 """
@@ -104,6 +105,229 @@ def codex_body(
         history.append({"type": "function_call_output", "call_id": call_id, "output": lines})
         turn += 1
     history.append(last)
+    return orjson.dumps(body)
+
+
+# ---- Claude Code ---------------------------------------------------------------------------
+# Shaped after what claude-cli 2.1.332 sends (tests/fixtures/claude_code_captured/README.md),
+# written out here so the benchmark depends on no fixture file.
+
+CLAUDE_CODE_SESSION = "5f0c2a9e-8d41-4b7a-9e3c-1a2b3c4d5e6f"
+CLAUDE_CODE_HEADERS = {
+    "accept": "application/json",
+    "content-type": "application/json",
+    "user-agent": "claude-cli/2.1.332 (external, sdk-cli)",
+    "x-claude-code-session-id": CLAUDE_CODE_SESSION,
+    "x-stainless-arch": "x64",
+    "x-stainless-lang": "js",
+    "x-stainless-os": "Linux",
+    "x-stainless-package-version": "0.128.0",
+    "x-stainless-retry-count": "0",
+    "x-stainless-runtime": "node",
+    "x-stainless-runtime-version": "v26.12.1",
+    "x-stainless-timeout": "600",
+    "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,"
+    "context-management-2025-06-27,per-turn-control-2026-07-01,"
+    "mid-conversation-tool-changes-2026-07-01,thinking-token-count-2026-05-13,"
+    "advanced-tool-use-2025-11-20,effort-2025-11-24",
+    "anthropic-dangerous-direct-browser-access": "true",
+    "anthropic-version": "2023-06-01",
+    "x-app": "cli",
+}
+CLAUDE_CODE_PROMPT = "The login test fails since the last change; find out why and fix it."
+
+_CC_SYSTEM = (
+    "You are an interactive agent that helps users with software engineering tasks. Use "
+    "the instructions below and the tools available to you to assist the user. Read files "
+    "before you edit them, keep changes small, and run the tests after each change. "
+)
+_CC_REMINDER = (
+    "<system-reminder>\nAs you answer the user's questions, you can use the following "
+    "context:\n# claudeMd\nCodebase and user instructions are shown below. Be sure to "
+    "adhere to these instructions.\n\nContents of /src/app/CLAUDE.md (project "
+    "instructions, checked into the codebase):\n\n- Run `make test` before committing.\n"
+    "- Type hints everywhere; comments say why.\n</system-reminder>"
+)
+# The 12 tools of a Claude Code session: (name, description, properties, required).
+_CC_TOOLS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        "Agent",
+        "Launch a new agent to handle a complex, multi-step task.",
+        ("description", "prompt", "subagent_type"),
+        ("description", "prompt"),
+    ),
+    (
+        "Bash",
+        "Executes a given bash command and returns its output.",
+        ("command", "description", "timeout", "run_in_background"),
+        ("command",),
+    ),
+    (
+        "Edit",
+        "Performs exact string replacements in files.",
+        ("file_path", "old_string", "new_string", "replace_all"),
+        ("file_path", "old_string", "new_string"),
+    ),
+    (
+        "Glob",
+        "Fast file pattern matching tool that works with any codebase size.",
+        ("pattern", "path"),
+        ("pattern",),
+    ),
+    (
+        "Grep",
+        "A powerful search tool built on ripgrep.",
+        ("pattern", "path", "glob", "output_mode", "-n", "-i"),
+        ("pattern",),
+    ),
+    (
+        "Read",
+        "Reads a file from the local filesystem.",
+        ("file_path", "offset", "limit"),
+        ("file_path",),
+    ),
+    (
+        "Write",
+        "Writes a file to the local filesystem.",
+        ("file_path", "content"),
+        ("file_path", "content"),
+    ),
+    (
+        "NotebookEdit",
+        "Replaces the contents of a specific cell in a Jupyter notebook.",
+        ("notebook_path", "cell_id", "new_source", "edit_mode"),
+        ("notebook_path", "new_source"),
+    ),
+    (
+        "WebFetch",
+        "Fetches content from a specified URL and processes it.",
+        ("url", "prompt"),
+        ("url", "prompt"),
+    ),
+    (
+        "WebSearch",
+        "Allows Claude to search the web and use the results.",
+        ("query", "allowed_domains", "blocked_domains"),
+        ("query",),
+    ),
+    (
+        "TodoWrite",
+        "Use this tool to create and manage a structured task list.",
+        ("todos",),
+        ("todos",),
+    ),
+    ("Skill", "Execute a skill within the main conversation.", ("skill", "args"), ("skill",)),
+)
+_CC_USAGE_NOTE = (
+    " Usage notes: the tool runs in the user's workspace with the user's permissions; "
+    "prefer it over shell equivalents, and batch independent calls in one message. "
+)
+
+
+def _cc_tool(
+    name: str, description: str, props: tuple[str, ...], required: tuple[str, ...]
+) -> dict:
+    return {
+        "name": name,
+        "description": description + _CC_USAGE_NOTE * 6,
+        "input_schema": {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "properties": {
+                prop: {"type": "string", "description": f"The {prop} of the call."}
+                for prop in props
+            },
+            "required": list(required),
+            "additionalProperties": False,
+        },
+    }
+
+
+def claude_code_body(
+    model: str, size: int = 40_000, *, stream: bool = True, prompt: str = CLAUDE_CODE_PROMPT
+) -> bytes:
+    """A Claude-Code-like ``POST /v1/messages`` body of about ``size`` bytes.
+
+    A turn deep in a session: three system blocks, the 12 tools, the first request, then
+    tool_use / tool_result turns (files read, commands run), and the user's new message last:
+    a ``<system-reminder>`` block and the typed text, which the bridge records as the prompt.
+    """
+    metadata_user = orjson.dumps(
+        {"device_id": "ab" * 32, "account_uuid": "", "session_id": CLAUDE_CODE_SESSION}
+    ).decode()
+    messages: list[dict[str, Any]] = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": _CC_REMINDER},
+                {"type": "text", "text": "Look at the login module and its tests."},
+            ],
+        }
+    ]
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "system": [
+            {
+                "type": "text",
+                "text": "x-anthropic-billing-header: cc_version=2.1.332.0b8; "
+                "cc_entrypoint=sdk-cli;",
+            },
+            {
+                "type": "text",
+                "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+                "cache_control": {"type": "ephemeral"},
+            },
+            {"type": "text", "text": _CC_SYSTEM * 16, "cache_control": {"type": "ephemeral"}},
+        ],
+        "tools": [_cc_tool(*tool) for tool in _CC_TOOLS],
+        "metadata": {"user_id": metadata_user},
+        "max_tokens": 128_000,
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "medium"},
+        "stream": stream,
+    }
+    closing = {"role": "assistant", "content": [{"type": "text", "text": "Done."}]}
+    last = {
+        "role": "user",
+        "content": [{"type": "text", "text": _CC_REMINDER}, {"type": "text", "text": prompt}],
+    }
+    tail = len(orjson.dumps(closing)) + len(orjson.dumps(last))
+    lines = "".join(_FILE_LINE.format(n=n) for n in range(min(40, 1 + size // 2000)))
+    turn = 0
+    while len(orjson.dumps(body)) + tail < size:
+        call_id = f"toolu_01Bench{turn:018d}"
+        command = f"sed -n 1,40p app/login_{turn}.py"
+        messages.append(
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": f"Next I read app/login_{turn}.py."},
+                    {
+                        "type": "tool_use",
+                        "id": call_id,
+                        "name": "Bash",
+                        "input": {"command": command, "description": "Show the file"},
+                    },
+                ],
+            }
+        )
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": call_id,
+                        "content": lines,
+                        "is_error": False,
+                    }
+                ],
+            }
+        )
+        turn += 1
+    messages += [closing, last]
     return orjson.dumps(body)
 
 
