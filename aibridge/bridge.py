@@ -22,7 +22,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http, websocket
 
-from aibridge import apis, auth, echo, mitm_compat, records
+from aibridge import apis, auth, echo
 from aibridge.apis import Api
 from aibridge.apis.common import Accumulator, RequestError, RequestInfo
 from aibridge.apis.openai_errors import error_event
@@ -31,11 +31,14 @@ from aibridge.config import Config, ConfigError, Provider, load_config
 from aibridge.cost import PriceBook
 from aibridge.errors import error_response
 from aibridge.headers import header_view
-from aibridge.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
-from aibridge.recorder import Recorder, RecorderError
+from aibridge.record import rows
+from aibridge.record.outcome import Outcome, finish_exchange
+from aibridge.record.recorder import Recorder, RecorderError
 from aibridge.routing import Route, RouteKind, classify
-from aibridge.stream import StreamTee
-from aibridge.websocket import SocketState, read_turn, worth_decoding
+from aibridge.transport import mitm_compat
+from aibridge.transport.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
+from aibridge.transport.tee import StreamTee
+from aibridge.transport.websocket import SocketState, read_turn, worth_decoding
 
 log = logging.getLogger(__name__)
 
@@ -668,7 +671,7 @@ class AIBridge:
         try:
             # A response the bridge answered with is not upstream's: judge by the error.
             response = None if answered else flow.response
-            outcome = records.finish_exchange(
+            outcome = finish_exchange(
                 exchange.api, exchange.accumulator, exchange.tee, response, error
             )
             self._record_end(flow, exchange, outcome)
@@ -681,7 +684,7 @@ class AIBridge:
         self._mask(exchange.flow, exchange)
         if exchange.request is None or exchange.accumulator is None:
             return
-        outcome = records.finish_exchange(
+        outcome = finish_exchange(
             exchange.api,
             exchange.accumulator,
             exchange.tee,
@@ -780,7 +783,7 @@ class AIBridge:
         turn.accumulator.feed_event(None, message.content)
         if turn.accumulator.ended:
             state.close(turn)
-            outcome = records.finish_exchange(turn.api, turn.accumulator, None, None, None)
+            outcome = finish_exchange(turn.api, turn.accumulator, None, None, None)
             self._write_end(turn, outcome, 101)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -797,7 +800,7 @@ class AIBridge:
             why = f"the WebSocket closed before the response ended (code {code})"
         while state.open_turns:
             turn = state.open_turns.popleft()
-            outcome = records.finish_exchange(turn.api, turn.accumulator, None, None, why)
+            outcome = finish_exchange(turn.api, turn.accumulator, None, None, why)
             self._write_end(turn, outcome, 101)
 
     # ---- records -----------------------------------------------------------------------------
@@ -811,7 +814,7 @@ class AIBridge:
     ) -> None:
         if self.recorder is None or exchange.request is None:
             return
-        row = records.interception_start(
+        row = rows.interception_start(
             interception_id=exchange.interception_id,
             flow_id=flow.id,
             started_at=utc_now(),
@@ -843,7 +846,7 @@ class AIBridge:
             return
         now = utc_now()
         token = auth.presented_token(flow.request.headers)
-        row = records.interception_start(
+        row = rows.interception_start(
             interception_id=str(noted["interception_id"]) if noted else uuid.uuid4().hex,
             flow_id=flow.id,
             started_at=now,
@@ -874,34 +877,30 @@ class AIBridge:
         if info is not None and info.prompt is not None and self.config is not None:
             self.recorder.insert(
                 "user_prompts",
-                records.prompt_row(row["id"], None, info.prompt, self.config.privacy, now),
+                rows.prompt_row(row["id"], None, info.prompt, self.config.privacy, now),
             )
 
-    def _record_end(
-        self, flow: http.HTTPFlow, exchange: Exchange, outcome: records.Outcome
-    ) -> None:
+    def _record_end(self, flow: http.HTTPFlow, exchange: Exchange, outcome: Outcome) -> None:
         self._write_end(exchange, outcome, flow.response.status_code if flow.response else None)
         self._annotate(exchange, outcome)
 
     @staticmethod
-    def _annotate(exchange: Exchange, outcome: records.Outcome) -> None:
+    def _annotate(exchange: Exchange, outcome: Outcome) -> None:
         """What mitmweb shows in its flow list."""
-        exchange.flow.comment = records.flow_comment(
+        exchange.flow.comment = rows.flow_comment(
             exchange.identity.user_id, exchange.request, outcome
         )
         if outcome.status != "completed":
             exchange.flow.marked = ":warning:"
 
-    def _write_end(
-        self, exchange: Exchange, outcome: records.Outcome, http_status: int | None
-    ) -> None:
+    def _write_end(self, exchange: Exchange, outcome: Outcome, http_status: int | None) -> None:
         if self.recorder is None or self.config is None or exchange.request is None:
             return
         now = utc_now()
         # A sign-in (ChatGPT, Claude Pro/Max) is paid by its plan, not per token.
         signed_in = exchange.identity.credential_kind in auth.SIGN_IN_KINDS
         prices = None if signed_in else self.prices
-        for table, row in records.end_rows(
+        for table, row in rows.end_rows(
             exchange.interception_id,
             exchange.request,
             outcome,

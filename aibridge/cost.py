@@ -47,7 +47,7 @@ import orjson
 import sqlite_utils
 
 from aibridge.config import ConfigError, PriceOverride, Pricing, load_config
-from aibridge.schema import migrate
+from aibridge.record.schema import migrate
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,8 @@ select t.id, t.input_tokens, t.cache_read_input_tokens, t.cache_write_input_toke
        t.output_tokens, t.reasoning_tokens, t.usage, t.created_at, i.model, i.response_model,
        t.service_tier, i.provider
 from token_usages t join interceptions i on i.id = t.interception_id
-where t.id > ? and i.credential_kind is not 'subscription' {only_missing}
+where t.id > ? and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+  {only_missing}
 order by t.id limit ?
 """
 # Rows from before a provider type was recorded went to OpenAI: the only API bridged then.
@@ -426,8 +427,9 @@ def backfill(
 ) -> BackfillReport:
     """Estimate the cost of rows that have none (or of every row, with `recompute`).
 
-    Each row is priced from its interception's provider type. Rows sent with a subscription
-    sign-in (Claude Pro/Max) are not billed per token and are left alone. Safe while the
+    Each row is priced from its interception's provider type. Rows sent with a user's own
+    sign-in to a plan (ChatGPT, Claude Pro/Max: credential kinds ``client`` and
+    ``subscription``) are not billed per token and are left alone, as the live bridge does. Safe while the
     bridge writes: short transactions, each waiting its turn for the lock.
     """
     conn = sqlite3.connect(str(db_path), timeout=busy_timeout_ms / 1000)

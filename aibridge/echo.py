@@ -30,7 +30,7 @@ from mitmproxy import http
 
 from aibridge import auth
 from aibridge.config import Provider
-from aibridge.inflate import (
+from aibridge.transport.inflate import (
     PASS_THROUGH,
     BoundedInflater,
     DecodeLimitExceeded,

@@ -29,8 +29,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-from aibridge import schema
 from aibridge.config import ConfigError, load_config
+from aibridge.record import schema
 
 # Timestamps are UTC ISO 8601 text; comparing up to the second needs no parsing.
 _TIME_PREFIX: Final = 19

@@ -1,6 +1,6 @@
 """``python -m bench.bombs``: the delay other clients see while request bombs are decoded.
 
-The bridge decodes a compressed request body on a worker thread (aibridge.inflate), so the
+The bridge decodes a compressed request body on a worker thread (aibridge.transport.inflate), so the
 event loop keeps serving everyone else. Measured here: one thread sends request bombs
 (1 GiB of zeros as zstd and as gzip; the bridge decodes 32 MiB of each, then answers 413)
 in a loop, while the main thread sends small buffered requests one after another and times
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from aibridge.inflate import zstd  # the module the bridge decodes with
+from aibridge.transport.inflate import zstd  # the module the bridge decodes with
 from bench.client import Connection, build_request
 from bench.procs import LAG_PROBE, TOKEN, Proxy, UpstreamProcess
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from aibridge.recorder import Recorder
+from aibridge.record.recorder import Recorder
 from bench import report
 from bench.client import LoadResult, build_request, one_request, run_load
 from bench.procs import (

@@ -50,7 +50,7 @@ import orjson
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
-from aibridge.sse import SSEParser
+from aibridge.transport.sse import SSEParser
 
 TEXT_ANSWER = "Hello from the fake upstream. This answer is deterministic and short."
 SLOW_ANSWER = (

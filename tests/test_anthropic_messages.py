@@ -37,7 +37,7 @@ from aibridge.apis.anthropic_messages import (
 )
 from aibridge.apis.common import EventAccumulator
 from aibridge.apis.openai_responses import RequestError, RequestInfo, ResponseResult
-from aibridge.sse import SSEParser
+from aibridge.transport.sse import SSEParser
 from tests.test_openai_responses import (
     THOUGHT_COLUMNS,
     TOKEN_USAGE_COLUMNS,

@@ -32,16 +32,20 @@ import yaml
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from aibridge import records
 from aibridge.apis.openai_responses import API as RESPONSES_API
 from aibridge.apis.openai_responses import ResponseAccumulator
 from aibridge.bridge import AIBridge
-from aibridge.inflate import (
+from aibridge.record.outcome import (
+    MAX_BUFFERED_DECODED_BYTES,
+    MAX_ERROR_DECODED_BYTES,
+    finish_exchange,
+    upstream_error_text,
+)
+from aibridge.transport.inflate import (
     BoundedInflater,
     zstd,  # the module the bridge decodes with
 )
-from aibridge.records import MAX_BUFFERED_DECODED_BYTES, MAX_ERROR_DECODED_BYTES
-from aibridge.stream import MAX_DECODED_BYTES, StreamTee
+from aibridge.transport.tee import MAX_DECODED_BYTES, StreamTee
 from bench.bombs import zeros_bomb
 from bench.procs import peak_rss_kib, reset_peak_rss, rss_kib
 from tests.harness import (
@@ -124,7 +128,7 @@ def test_stream_tee_stops_parsing_a_bomb_and_forwards_every_byte(encoding: str) 
     assert tee.parse_error == f"decoded body passed {limit_mib} MiB: parsing stopped"
     # One inflate step (1 MiB, briefly a few) and the parser's one event (8 MiB at most).
     assert peak < 16 * MIB, peak
-    outcome = records.finish_exchange(RESPONSES_API, acc, tee, None, None)
+    outcome = finish_exchange(RESPONSES_API, acc, tee, None, None)
     assert (outcome.status, outcome.error) == ("error", tee.parse_error)
 
     # The limit is on decoding: plain bytes past it are parsed as ever.
@@ -180,7 +184,7 @@ def upstream_response(status: int, encoding: str, data: bytes, content_type: str
 def test_a_buffered_bomb_is_cut_at_the_limit(encoding: str) -> None:
     response = upstream_response(200, encoding, bomb(encoding), "application/json")
     outcome, peak = traced_peak(
-        lambda: records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
+        lambda: finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     )
     limit_mib = MAX_BUFFERED_DECODED_BYTES >> 20
     assert outcome.status == "error"
@@ -191,11 +195,11 @@ def test_a_buffered_bomb_is_cut_at_the_limit(encoding: str) -> None:
     # Under the limits, compressed answers and error bodies are read as before.
     body = (FIXTURES / "text_buffered.response.json").read_bytes()
     ok = upstream_response(200, encoding, compressed(encoding, body), "application/json")
-    outcome = records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, ok, None)
+    outcome = finish_exchange(RESPONSES_API, ResponseAccumulator(), None, ok, None)
     assert (outcome.status, outcome.error) == ("completed", None)
     error = compressed(encoding, b'{"error": {"message": "slow down"}}')
     failed = upstream_response(429, encoding, error, "application/json")
-    assert records.upstream_error_text(failed) == "upstream answered HTTP 429: slow down"
+    assert upstream_error_text(failed) == "upstream answered HTTP 429: slow down"
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
@@ -203,7 +207,7 @@ def test_a_buffered_event_stream_bomb_is_decoded_step_by_step(encoding: str) -> 
     """Offline mode: a stored stream arrives whole, still encoded, and goes through the tee."""
     response = upstream_response(200, encoding, bomb(encoding), "text/event-stream")
     outcome, peak = traced_peak(
-        lambda: records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
+        lambda: finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     )
     assert outcome.status == "error"
     assert outcome.error == f"decoded body passed {MAX_DECODED_BYTES >> 20} MiB: parsing stopped"
@@ -214,7 +218,7 @@ def test_a_buffered_event_stream_bomb_is_decoded_step_by_step(encoding: str) -> 
 def test_an_error_body_bomb_says_the_body_could_not_be_read(encoding: str) -> None:
     response = upstream_response(500, encoding, bomb(encoding), "application/json")
     outcome, peak = traced_peak(
-        lambda: records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
+        lambda: finish_exchange(RESPONSES_API, ResponseAccumulator(), None, response, None)
     )
     limit_mib = MAX_ERROR_DECODED_BYTES >> 20
     assert outcome.status == "upstream_error"
@@ -313,7 +317,7 @@ def test_a_compressed_request_is_decoded_off_the_loop_and_forwarded_unchanged(
     # Uncompressed bodies stay on the synchronous path, and nothing is decoded off the loop
     # for a client the bridge does not know (401 at once) or a path it does not parse.
     decoded: list[bytes] = []
-    monkeypatch.setattr("aibridge.inflate.decode_body", lambda *a: decoded.append(a[0]))
+    monkeypatch.setattr("aibridge.transport.inflate.decode_body", lambda *a: decoded.append(a[0]))
     for extra in ({}, {"encoding": "identity"}, {"encoding": " IDENTITY "}):
         flow = make_flow(REQUEST, **extra)
         assert hooks.addon.request(flow) is None
@@ -663,9 +667,9 @@ def test_a_stream_bomb_is_recorded_the_same_live_and_offline() -> None:
     for chunk in chunks_of(data, 8192):
         tee(chunk)
     tee(b"")
-    live = records.finish_exchange(RESPONSES_API, live_acc, tee, None, None)
+    live = finish_exchange(RESPONSES_API, live_acc, tee, None, None)
     stored = upstream_response(200, "zstd", data, "text/event-stream")
-    offline = records.finish_exchange(RESPONSES_API, ResponseAccumulator(), None, stored, None)
+    offline = finish_exchange(RESPONSES_API, ResponseAccumulator(), None, stored, None)
     assert live.error == f"decoded body passed {MAX_DECODED_BYTES >> 20} MiB: parsing stopped"
     assert (offline.status, offline.error) == (live.status, live.error)
     assert asdict(offline.result) == asdict(live.result)

@@ -24,11 +24,11 @@ from mitmproxy.flow import Error
 from mitmproxy.options import Options
 from mitmproxy.test import taddons, tflow
 
-from aibridge import mitm_compat
 from aibridge.apis.openai_responses import BACKGROUND_NOT_SUPPORTED
 from aibridge.auth import hint
 from aibridge.bridge import METADATA_KEY, AIBridge
-from aibridge.stream import StreamTee
+from aibridge.transport import mitm_compat
+from aibridge.transport.tee import StreamTee
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROVIDER_KEY = "sk-proj-bridge-test-key-0123456789ABCDEF"

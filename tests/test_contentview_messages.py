@@ -29,7 +29,7 @@ from aibridge.contentview import (
     render_response,
     unregister,
 )
-from aibridge.sse import SSEParser
+from aibridge.transport.sse import SSEParser
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic_messages"
 CAPTURED = Path(__file__).parent / "fixtures" / "claude_code_captured"

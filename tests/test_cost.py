@@ -19,7 +19,7 @@ import pytest
 import sqlite_utils
 from genai_prices import data_snapshot
 
-from aibridge import cost, schema
+from aibridge import cost
 from aibridge.apis import anthropic_messages
 from aibridge.apis.openai_responses import RequestInfo, ResponseAccumulator
 from aibridge.config import (
@@ -30,7 +30,9 @@ from aibridge.config import (
     load_config,
 )
 from aibridge.cost import COST_COLUMNS, PriceBook
-from aibridge.records import Outcome, end_rows
+from aibridge.record import schema
+from aibridge.record.outcome import Outcome
+from aibridge.record.rows import end_rows
 from devtools.mitmdump_process import REPO
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -933,7 +935,7 @@ def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> No
 
     done = run_cost_cli("--db", str(path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "9 token usage rows examined, 7 priced, 2 without a known price" in done.stdout
+    assert "8 token usage rows examined, 6 priced, 2 without a known price" in done.stdout
 
     def openai_list_price(model: str) -> float:
         price = genai_prices.calc_price(
@@ -948,7 +950,7 @@ def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> No
     assert got == {
         "oa": (openai_list_price("gpt-5"), "genai-prices", "gpt-5"),
         "old": (openai_list_price("gpt-4.1-mini"), "genai-prices", "gpt-4.1-mini"),
-        "cg": (openai_list_price("gpt-5"), "genai-prices", "gpt-5"),
+        "cg": (None, None, None),  # a ChatGPT sign-in: paid by the plan, as live
         "an": (0.03975, "genai-prices", "claude-sonnet-4-5"),
         "an-nosplit": (0.03525, "genai-prices", "claude-sonnet-4-5"),
         "an-fast": (0.1325, "genai-prices", "claude-opus-4-8"),
@@ -957,6 +959,6 @@ def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> No
         "oa-claude": (None, None, None),
         "sub": (None, None, None),
     }
-    # --all recomputes the same, and still leaves the subscription row alone.
-    assert cost.backfill(path, PriceBook(), recompute=True) == cost.BackfillReport(9, 7, 2)
+    # --all recomputes the same, and still leaves the sign-in rows alone.
+    assert cost.backfill(path, PriceBook(), recompute=True) == cost.BackfillReport(8, 6, 2)
     assert {row[0]: row[1:] for row in costs(path)} == got

@@ -1,10 +1,13 @@
 """Every canned query of datasette/metadata.yaml, run by datasette on a log the bridge wrote.
 
-The log comes from the end-to-end set-up (mitmdump with addon.py, the fake upstream, the openai
-SDK): two people, three days across a month boundary, two sessions, a tool round trip, reasoning,
-cached tokens, failures and refusals. The bridge stamps rows with the wall clock, so the
-exchanges are then moved to fixed days and times; costs are estimated from the config's
-`pricing.overrides` (and genai-prices for one real model name) by ``python -m aibridge.cost``.
+The log comes from the end-to-end set-up (mitmdump with addon.py, the fake upstream) with both
+APIs: the openai SDK on the Responses API, the anthropic SDK and replayed Claude Code requests
+(tests/fixtures/claude_code_captured) on the Messages API. Two people and a Claude Pro/Max
+sign-in, three days across a month boundary, Codex-style and Claude Code sessions, tool round
+trips, reasoning and thinking, cache reads and 5-minute and 1-hour cache writes, failures and
+refusals. The bridge stamps rows with the wall clock, so the exchanges are then moved to fixed
+days and times; costs are estimated from the config's `pricing.overrides` (and genai-prices
+for real model names) by ``python -m aibridge.cost``.
 """
 
 from __future__ import annotations
@@ -17,22 +20,28 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import genai_prices
 import httpx
 import openai
+import orjson
 import pytest
 import yaml
+from datasette_dashboards import replace_opts_in_query
 
 from aibridge import cost
 from aibridge.config import load_config
+from devtools.fake_anthropic import THINKING
 from devtools.fake_upstream import FakeUpstream
 from devtools.mitmdump_process import REPO
 from tests.harness import TOKENS, Datasette, Mitmdump, bridge_config
 
 METADATA = REPO / "datasette" / "metadata.yaml"
 DB_NAME = "aibridge"
+CAPTURED = REPO / "tests" / "fixtures" / "claude_code_captured"
 
 # Negotiated rates (USD per million tokens) for the fake models; "fake-tool*" is a glob.
+# Overrides apply to every provider: the Anthropic fake's fake-cached is priced as OpenAI's.
 PRICING = {
     "overrides": {
         "fake-text": {"input_per_mtok": 2, "output_per_mtok": 8, "cached_input_per_mtok": 0.5},
@@ -44,15 +53,27 @@ PRICING = {
         },
         "fake-reasoning": {"input_per_mtok": 3, "output_per_mtok": 12, "reasoning_per_mtok": 6},
         "fake-tool*": {"input_per_mtok": 1, "output_per_mtok": 5},
+        "fake-thinking": {
+            "input_per_mtok": 3,
+            "cached_input_per_mtok": 0.3,
+            "cache_write_per_mtok": 3.75,
+            "output_per_mtok": 15,
+        },
     }
 }
-# What those rates make of the fake upstream's fixed token counts.
+# What those rates make of the fake upstream's fixed token counts (Responses) and of the
+# Anthropic fake's counts for its n-th call (see messages_usage).
 COST = {
     "text": 0.00016,  # 24 in x 2 + 14 out x 8
     "cached": 0.0007536,  # 384 uncached x 1 + 1536 cached x 0.1 + 128 written x 1.25 + 14 x 4
     "tool_call": 0.000206,  # 96 x 1 + 22 x 5
     "tool_result": 0.00023,  # 140 x 1 + 18 x 5
     "reasoning": 0.001488,  # 48 x 3 + 64 plain out x 12 + 96 reasoning x 6
+    # n=2: 201 uncached x 1 + 20003 read x 0.1 + 1202 written for 5 minutes x 1.25 + 800 for
+    # an hour x 2 (no 1-hour rate given: twice the input rate, as Anthropic bills) + 19 x 4
+    "m_cached": 0.0053798,
+    # n=5: 501 uncached x 3 + 50003 read x 0.3 + 5002 written x 3.75 + 40 out x 15
+    "m_thinking": 0.0358614,
 }
 WEATHER_TOOL = {
     "type": "function",
@@ -60,6 +81,7 @@ WEATHER_TOOL = {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
 # When each exchange "happened", in the order they are sent (ended two seconds later).
+# n is the Anthropic fake's call number, which sets that exchange's usage.
 SCHEDULE = [
     ("2025-05-31", "09:00"),  # 0 alice fake-text, streamed
     ("2025-05-31", "10:00"),  # 1 bob fake-cached
@@ -72,8 +94,29 @@ SCHEDULE = [
     ("2025-06-02", "11:00"),  # 8 bob fake-429: upstream error
     ("2025-06-02", "12:00"),  # 9 alice background request: rejected 501
     ("2025-06-02", "13:00"),  # 10 unknown token: rejected 401
+    # The Messages API, from here on.
+    ("2025-05-31", "11:00"),  # 11 n=1 alice claude-sonnet-4-5, streamed: genai-prices
+    ("2025-05-31", "12:00"),  # 12 n=2 bob fake-cached: 5-minute and 1-hour cache writes
+    ("2025-06-01", "14:00"),  # 13 n=3 bob Claude Code "run echo hi": Bash tool_use
+    ("2025-06-01", "14:01"),  # 14 n=4 bob Claude Code: the tool_result goes back
+    ("2025-06-01", "15:00"),  # 15 n=5 alice fake-thinking, streamed: a thought
+    ("2025-06-02", "14:00"),  # 16 n=6 Claude Code "say hi" on a Pro/Max sign-in: not priced
+    ("2025-06-02", "15:00"),  # 17 n=7 bob fake-max-tokens, streamed: incomplete, no price
+    ("2025-06-02", "16:00"),  # 18 n=8 alice fake-refusal: completed with error refusal
+    ("2025-06-02", "17:00"),  # 19 n=9 bob fake-529: upstream error
+    ("2025-06-02", "18:00"),  # 20 unknown token on /anthropic: rejected 401
 ]
 CATALOG_MODEL = "gpt-5-mini"
+CATALOG_CLAUDE = "claude-sonnet-4-5"
+CLAUDE_CODE_MODEL = "claude-opus-5-5"  # Claude Code's default in the captured requests
+CC_SESSION = "ff778444-109f-4382-b1a7-f131f7df8ced"  # tool_turn1/2's session
+SIGN_IN_SESSION = "941f58b2-61f3-458f-b8cb-bd1aedd69e6c"  # say_hi's session
+CAPTURED_CALL_ID = "toolu_01CaptureBashEchoHi0001"
+# A Claude Pro/Max OAuth token, as Claude Code sends it (Authorization: Bearer).
+SIGN_IN_TOKEN = "sk-ant-oat01-carol-pro-max-sign-in-token"
+SIGN_IN_USER = "subscription:sk-a...oken"  # who the bridge says sent it: the token's hint
+# Headers of the capture that belong to its run (its port, its token), set anew on replay.
+_NOT_REPLAYED = {"host", "content-length", "connection", "accept-encoding", "x-api-key"}
 
 
 def started(i: int) -> str:
@@ -87,11 +130,77 @@ def ended(i: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Tokens:
+    """One token_usages row as the bridge must have written it."""
+
+    input: int
+    cache_read: int
+    cache_write: int
+    output: int
+    reasoning: int | None
+    write_1h: int | None  # Anthropic's 1-hour cache writes; None: no split reported (OpenAI)
+
+    @property
+    def uncached(self) -> int:
+        return self.input - self.cache_read - self.cache_write
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
+
+    @property
+    def write_5m(self) -> int | None:
+        return None if self.write_1h is None else self.cache_write - self.write_1h
+
+
+def responses_tokens(
+    inp: int, out: int, *, read: int = 0, write: int = 0, reasoning: int = 0
+) -> Tokens:
+    return Tokens(inp, read, write, out, reasoning, None)
+
+
+def messages_tokens(n: int, *, split_cache: bool = False) -> Tokens:
+    """The Anthropic fake's n-th call (devtools/fake_anthropic.py): Anthropic's input_tokens
+    100n+1 is our uncached part, ours adds cache reads 10000n+3 and writes 1000n+2 (fake-cached:
+    400n of them for an hour); output 7n+5. Anthropic reports no reasoning split."""
+    uncached, read, write = 100 * n + 1, 10000 * n + 3, 1000 * n + 2
+    return Tokens(
+        uncached + read + write, read, write, 7 * n + 5, None, 400 * n if split_cache else 0
+    )
+
+
+# The token_usages row of each exchange of SCHEDULE that has one.
+TOKENS_OF = {
+    0: responses_tokens(24, 14),
+    1: responses_tokens(2048, 14, read=1536, write=128),
+    2: responses_tokens(96, 22),
+    3: responses_tokens(140, 18),
+    4: responses_tokens(48, 160, reasoning=96),
+    5: responses_tokens(24, 14),
+    6: responses_tokens(24, 16),
+    7: responses_tokens(24, 0),
+    **{11 + k: messages_tokens(1 + k, split_cache=k == 1) for k in range(8)},
+}
+FIXED_COST = {
+    0: COST["text"],
+    1: COST["cached"],
+    2: COST["tool_call"],
+    3: COST["tool_result"],
+    4: COST["reasoning"],
+    12: COST["m_cached"],
+    15: COST["m_thinking"],
+}
+UNPRICED = {6, 7, 17, 18}  # models without a price
+SIGNED_IN = {16}  # the Claude Pro/Max sign-in: paid by the plan
+
+
+@dataclass(frozen=True, slots=True)
 class UsageLog:
     db_path: Path
     ids: list[str]  # interception ids, in SCHEDULE order
     catalog_cost: float  # genai-prices' price of exchange 5
     price_version: str  # the override fingerprint of fake-reasoning
+    list_costs: dict[int, float]  # genai-prices' price of the Messages exchanges 11, 13, 14
 
 
 def run_exchanges(base_url: str) -> None:
@@ -145,6 +254,73 @@ def run_exchanges(base_url: str) -> None:
         stranger.responses.create(model="fake-text", input="Let me in")
 
 
+def replay_claude_code(
+    base_url: str, name: str, credential: dict[str, str], edits: dict[str, str] | None = None
+) -> bytes:
+    """Send one captured Claude Code request (its body and headers) with this credential;
+    returns the streamed answer."""
+    captured = orjson.loads((CAPTURED / f"{name}.headers.json").read_bytes())
+    headers = {k: v for k, v in captured.items() if k.lower() not in _NOT_REPLAYED}
+    headers.pop("Authorization", None)
+    body = (CAPTURED / f"{name}.request.json").read_bytes()
+    for old, new in (edits or {}).items():
+        body = body.replace(old.encode(), new.encode())
+    response = httpx.post(
+        f"{base_url}/v1/messages?beta=true",
+        headers={**headers, **credential},
+        content=body,
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def tool_use_id(sse: bytes) -> str:
+    for line in sse.splitlines():
+        if line.startswith(b"data: "):
+            event = orjson.loads(line[6:])
+            block = event.get("content_block") or {}
+            if event.get("type") == "content_block_start" and block.get("type") == "tool_use":
+                return str(block["id"])
+    raise AssertionError("no tool_use in the answer")
+
+
+def run_messages_exchanges(base_url: str) -> None:
+    def say(text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": text}]
+
+    alice = anthropic.Anthropic(base_url=base_url, api_key=TOKENS["alice"], max_retries=0)
+    bob = anthropic.Anthropic(base_url=base_url, api_key=TOKENS["bob"], max_retries=0)
+
+    with alice.messages.stream(
+        model=CATALOG_CLAUDE, max_tokens=256, messages=say("Review this diff")
+    ) as stream:
+        stream.get_final_message()
+    bob.messages.create(model="fake-cached", max_tokens=64, messages=say("Summarise the changelog"))
+    # Claude Code runs "run echo hi": the model calls Bash, Claude Code sends the result back.
+    bob_key = {"x-api-key": TOKENS["bob"]}
+    call_id = tool_use_id(replay_claude_code(base_url, "tool_turn1", bob_key))
+    replay_claude_code(base_url, "tool_turn2", bob_key, {CAPTURED_CALL_ID: call_id})
+    with alice.messages.stream(
+        model="fake-thinking",
+        max_tokens=2048,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=say("Is 1013 prime?"),
+    ) as stream:
+        stream.get_final_message()
+    replay_claude_code(base_url, "say_hi", {"Authorization": f"Bearer {SIGN_IN_TOKEN}"})
+    with bob.messages.stream(
+        model="fake-max-tokens", max_tokens=16, messages=say("Write a long story")
+    ) as stream:
+        stream.get_final_message()
+    alice.messages.create(model="fake-refusal", max_tokens=64, messages=say("Help me pick a lock"))
+    with pytest.raises(anthropic.InternalServerError):
+        bob.messages.create(model="fake-529", max_tokens=64, messages=say("Are you busy?"))
+    stranger = anthropic.Anthropic(base_url=base_url, api_key="not-a-bridge-token", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        stranger.messages.create(model="fake-text", max_tokens=8, messages=say("Let me in"))
+
+
 def move_to_schedule(db_path: Path) -> list[str]:
     """Give every exchange its scheduled time; returns the interception ids in order."""
     conn = sqlite3.connect(db_path)
@@ -168,28 +344,54 @@ def move_to_schedule(db_path: Path) -> list[str]:
         conn.close()
 
 
+def list_price(model: str, provider: str, tokens: Tokens, at: str) -> float:
+    """genai-prices' own price of one usage (all cache writes 5-minute)."""
+    price = genai_prices.calc_price(
+        genai_prices.Usage(
+            input_tokens=tokens.input,
+            cache_read_tokens=tokens.cache_read,
+            cache_write_tokens=tokens.cache_write,
+            output_tokens=tokens.output,
+        ),
+        model,
+        provider_id=provider,
+        genai_request_timestamp=datetime.fromisoformat(at),
+    )
+    return float(price.total_price)
+
+
 def build_usage_log(workdir: Path) -> UsageLog:
     """The bridge's log of SCHEDULE, with costs: shared with the screenshot test."""
     config = bridge_config("http://placeholder", pricing=PRICING)
     with FakeUpstream() as upstream:
         config["providers"][0]["base_url"] = f"{upstream.url}/v1"
+        config["providers"].append(
+            {
+                "name": "anthropic",
+                "type": "anthropic",
+                "base_url": f"{upstream.url}/v1",
+                "api_key": "${TEST_PROVIDER_KEY}",
+                "subscription": True,  # Claude Pro/Max sign-ins go upstream as they are
+            }
+        )
         with Mitmdump(workdir, config) as bridge:
             run_exchanges(f"{bridge.url}/openai/v1")
+            run_messages_exchanges(f"{bridge.url}/anthropic")
+        assert upstream.messages_calls == 9
     # Leaving the with-block stopped the bridge cleanly, so every row is written.
     ids = move_to_schedule(bridge.db_path)
     loaded = load_config(bridge.config_path, {"TEST_PROVIDER_KEY": "unused-here"})
     report = cost.backfill(bridge.db_path, cost.PriceBook(loaded.pricing), recompute=True)
-    assert (report.examined, report.unpriced) == (8, 2)
-    catalog = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=24, output_tokens=14),
-        CATALOG_MODEL,
-        provider_id="openai",
-        genai_request_timestamp=datetime.fromisoformat(ended(5)),
-    )
+    # The sign-in's row is left alone; fake-incomplete, fake-failed, fake-max-tokens and
+    # fake-refusal have no price.
+    assert (report.examined, report.unpriced) == (15, 4)
+    catalog = list_price(CATALOG_MODEL, "openai", TOKENS_OF[5], ended(5))
+    list_costs = {
+        i: list_price(model, "anthropic", TOKENS_OF[i], ended(i))
+        for i, model in ((11, CATALOG_CLAUDE), (13, CLAUDE_CODE_MODEL), (14, CLAUDE_CODE_MODEL))
+    }
     reasoning = next(o for o in loaded.pricing.overrides if o.model == "fake-reasoning")
-    return UsageLog(
-        bridge.db_path, ids, float(catalog.total_price), cost.override_fingerprint(reasoning)
-    )
+    return UsageLog(bridge.db_path, ids, catalog, cost.override_fingerprint(reasoning), list_costs)
 
 
 @pytest.fixture(scope="module")
@@ -216,14 +418,62 @@ def r6(*costs: float) -> float:
     return round(float(sum((Decimal(repr(c)) for c in costs), Decimal(0))), 6)
 
 
-def usage(inp: int, cached: int, out: int, reasoning: int, total: int) -> dict[str, int]:
+def cost_of(log: UsageLog, i: int) -> float | None:
+    if i in FIXED_COST:
+        return FIXED_COST[i]
+    if i == 5:
+        return log.catalog_cost
+    return log.list_costs.get(i)
+
+
+def shown_cost(log: UsageLog, *ix: int) -> float | None:
+    """What a query shows as the estimated cost of these exchanges: None when none is priced."""
+    priced = [c for i in ix if (c := cost_of(log, i)) is not None]
+    return r6(*priced) if priced else None
+
+
+# Query column -> Tokens field, for the columns that are plain sums.
+_SUMMED = {
+    "input_tokens": "input",
+    "uncached_input_tokens": "uncached",
+    "cache_read_input_tokens": "cache_read",
+    "cached_input_tokens": "cache_read",
+    "cache_write_input_tokens": "cache_write",
+    "output_tokens": "output",
+    "total_tokens": "total",
+}
+
+
+def sums(ix: list[int], *columns: str, no_reasoning: int | None = 0) -> dict[str, int | None]:
+    """The token columns a query sums over these exchanges; reasoning_tokens is no_reasoning
+    when none of them reported any (Messages)."""
+    rows = [TOKENS_OF[i] for i in ix if i in TOKENS_OF]
+    out: dict[str, int | None] = {}
+    for column in columns:
+        if column == "reasoning_tokens":
+            known = [r.reasoning for r in rows if r.reasoning is not None]
+            out[column] = sum(known) if known else no_reasoning
+        else:
+            out[column] = sum(getattr(r, _SUMMED[column]) for r in rows)
+    return out
+
+
+def billing(log: UsageLog, ix: list[int]) -> dict[str, Any]:
     return {
-        "input_tokens": inp,
-        "cached_input_tokens": cached,
-        "output_tokens": out,
-        "reasoning_tokens": reasoning,
-        "total_tokens": total,
+        "estimated_cost_usd": shown_cost(log, *ix),
+        "unpriced_responses": len(UNPRICED.intersection(ix)),
+        "subscription_responses": len(SIGNED_IN.intersection(ix)),
     }
+
+
+PER_USER = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
 
 
 # ---------------------------------------------------------------------------------- tests
@@ -235,192 +485,226 @@ def test_every_canned_query_is_tested() -> None:
     assert set(queries) <= tested
 
 
-def test_usage_per_user_per_day(datasette: Datasette, log: UsageLog) -> None:
-    def row(day: str, user: str, requests: int, tokens: dict[str, int], **rest: Any) -> dict:
-        return {"day": day, "user": user, "requests": requests, **tokens, **rest}
+def test_the_log_holds_what_the_fakes_sent(log: UsageLog) -> None:
+    """The ground the query tests stand on: each exchange's usage row, its cost, the API."""
+    conn = sqlite3.connect(f"file:{log.db_path}?mode=ro", uri=True)
+    try:
+        for i, iid in enumerate(log.ids):
+            (api,) = conn.execute("select api from interceptions where id = ?", (iid,)).fetchone()
+            assert api == ("responses" if i <= 10 else "messages"), i
+            rows = conn.execute(
+                "select input_tokens, cache_read_input_tokens, cache_write_input_tokens, "
+                "uncached_input_tokens, output_tokens, reasoning_tokens, total_tokens, usage, "
+                "estimated_cost_usd from token_usages where interception_id = ?",
+                (iid,),
+            ).fetchall()
+            if i not in TOKENS_OF:
+                assert rows == [], i
+                continue
+            ((inp, read, write, uncached, out, reasoning, total, raw, estimate),) = rows
+            want = TOKENS_OF[i]
+            assert (inp, read, write, uncached, out, reasoning, total) == (
+                want.input,
+                want.cache_read,
+                want.cache_write,
+                want.uncached,
+                want.output,
+                want.reasoning,
+                want.total,
+            ), i
+            split = orjson.loads(raw).get("cache_creation")
+            if want.write_1h is None:
+                assert split is None, i
+            else:
+                assert split == {
+                    "ephemeral_5m_input_tokens": want.write_5m,
+                    "ephemeral_1h_input_tokens": want.write_1h,
+                }, i
+            assert estimate == cost_of(log, i), i
+        # The sign-in's token is only ever a hint.
+        dump = "\n".join(conn.iterdump())
+        assert SIGN_IN_TOKEN not in dump and SIGN_IN_USER in dump
+    finally:
+        conn.close()
+    # Anthropic's usage scheme, spelled out once: n=2 (fake-cached) and n=1.
+    assert TOKENS_OF[12] == Tokens(22206, 20003, 2002, 19, None, 800)
+    assert (TOKENS_OF[11].uncached, TOKENS_OF[11].total) == (101, 11118)
 
-    alice_june_1 = r6(COST["tool_call"], COST["tool_result"], log.catalog_cost)
-    assert canned(datasette, "usage_per_user_per_day") == [
-        row(
-            "2025-06-02",
-            "(unauthenticated)",
-            1,
-            usage(0, 0, 0, 0, 0),
-            estimated_cost_usd=None,
-            unpriced_responses=0,
-        ),
-        row(
-            "2025-06-02",
-            "alice",
-            2,
-            usage(24, 0, 0, 0, 24),
-            estimated_cost_usd=None,
-            unpriced_responses=1,
-        ),
-        row(
-            "2025-06-02",
-            "bob",
-            2,
-            usage(24, 0, 16, 0, 40),
-            estimated_cost_usd=None,
-            unpriced_responses=1,
-        ),
-        row(
-            "2025-06-01",
-            "alice",
-            3,
-            usage(260, 0, 54, 0, 314),
-            estimated_cost_usd=alice_june_1,
-            unpriced_responses=0,
-        ),
-        row(
-            "2025-06-01",
-            "bob",
-            1,
-            usage(48, 0, 160, 96, 208),
-            estimated_cost_usd=r6(COST["reasoning"]),
-            unpriced_responses=0,
-        ),
-        row(
-            "2025-05-31",
-            "alice",
-            1,
-            usage(24, 0, 14, 0, 38),
-            estimated_cost_usd=r6(COST["text"]),
-            unpriced_responses=0,
-        ),
-        row(
-            "2025-05-31",
-            "bob",
-            1,
-            usage(2048, 1536, 14, 0, 2062),
-            estimated_cost_usd=r6(COST["cached"]),
-            unpriced_responses=0,
-        ),
+
+def test_usage_per_user_per_day(datasette: Datasette, log: UsageLog) -> None:
+    def row(day: str, user: str, ix: list[int]) -> dict[str, Any]:
+        return {
+            "day": day,
+            "user": user,
+            "requests": len(ix),
+            **sums(ix, *PER_USER),
+            **billing(log, ix),
+        }
+
+    rows = canned(datasette, "usage_per_user_per_day")
+    assert rows == [
+        row("2025-06-02", "(unauthenticated)", [10, 20]),
+        row("2025-06-02", "alice", [7, 9, 18]),
+        row("2025-06-02", "bob", [6, 8, 17, 19]),
+        row("2025-06-02", SIGN_IN_USER, [16]),
+        row("2025-06-01", "alice", [2, 3, 5, 15]),
+        row("2025-06-01", "bob", [4, 13, 14]),
+        row("2025-05-31", "alice", [0, 11]),
+        row("2025-05-31", "bob", [1, 12]),
     ]
+    # By hand: bob's Responses fake-cached and Messages fake-cached on 2025-05-31.
+    assert {k: rows[-1][k] for k in PER_USER} == {
+        "input_tokens": 2048 + 22206,
+        "cached_input_tokens": 1536 + 20003,
+        "cache_write_input_tokens": 128 + 2002,
+        "output_tokens": 14 + 19,
+        "reasoning_tokens": 0,
+        "total_tokens": 2062 + 22225,
+    }
+    assert rows[-1]["estimated_cost_usd"] == 0.006133  # 0.0007536 + 0.0053798
+    # The sign-in's tokens count, its cost is the plan's; the stranger used nothing.
+    assert (rows[3]["total_tokens"], rows[3]["estimated_cost_usd"]) == (66653, None)
+    assert rows[0]["total_tokens"] == 0
+
+
+def test_usage_per_api_per_day(datasette: Datasette, log: UsageLog) -> None:
+    columns = (
+        "input_tokens",
+        "uncached_input_tokens",
+        "cache_read_input_tokens",
+        "cache_write_input_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "total_tokens",
+    )
+
+    def row(
+        day: str, api: str, client: str, ix: list[int], users: int, not_completed: int
+    ) -> dict[str, Any]:
+        return {
+            "day": day,
+            "api": api,
+            "provider": "anthropic" if api == "messages" else "openai",
+            "client": client,
+            "requests": len(ix),
+            "users": users,
+            "not_completed": not_completed,
+            **sums(ix, *columns, no_reasoning=None),
+            **billing(log, ix),
+        }
+
+    rows = canned(datasette, "usage_per_api_per_day")
+    assert rows == [
+        row("2025-06-02", "messages", "Claude Code", [16], 1, 0),
+        # max_tokens, 529 and the stranger did not complete; the refusal did.
+        row("2025-06-02", "messages", "anthropic-python", [17, 18, 19, 20], 2, 3),
+        row("2025-06-02", "responses", "openai-python", [6, 7, 8, 9, 10], 2, 5),
+        row("2025-06-01", "messages", "Claude Code", [13, 14], 1, 0),
+        row("2025-06-01", "messages", "anthropic-python", [15], 1, 0),
+        row("2025-06-01", "responses", "openai-python", [2, 3, 4, 5], 2, 0),
+        row("2025-05-31", "messages", "anthropic-python", [11, 12], 2, 0),
+        row("2025-05-31", "responses", "openai-python", [0, 1], 2, 0),
+    ]
+    # Claude Code's two turns by hand: Anthropic's own input (301 + 401) is the uncached part.
+    claude_code = rows[3]
+    assert (claude_code["uncached_input_tokens"], claude_code["input_tokens"]) == (702, 77712)
+    assert claude_code["reasoning_tokens"] is None  # thinking is in output_tokens
+    assert claude_code["estimated_cost_usd"] == r6(log.list_costs[13], log.list_costs[14])
+    assert rows[5]["reasoning_tokens"] == 96
 
 
 def test_usage_per_model(datasette: Datasette, log: UsageLog) -> None:
-    def row(model: str, reported: str | None, counts: tuple[int, int, int], **rest: Any) -> dict:
-        requests, users, not_completed = counts
+    columns = (
+        "input_tokens",
+        "cached_input_tokens",
+        "cache_write_input_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "total_tokens",
+    )
+
+    def row(
+        api: str, model: str, reported: str | None, ix: list[int], users: int, nc: int
+    ) -> dict[str, Any]:
         return {
+            "api": api,
             "model": model,
             "reported_as": reported,
-            "requests": requests,
+            "requests": len(ix),
             "users": users,
-            "not_completed": not_completed,
-            **rest,
+            "not_completed": nc,
+            **sums(ix, *columns, no_reasoning=None),
+            **billing(log, ix),
         }
 
     want = [
-        row(
-            "fake-reasoning",
-            "fake-reasoning",
-            (1, 1, 0),
-            **usage(48, 0, 160, 96, 208),
-            estimated_cost_usd=r6(COST["reasoning"]),
-            unpriced_responses=0,
-        ),
-        row(
-            "fake-cached",
-            "fake-cached",
-            (1, 1, 0),
-            **usage(2048, 1536, 14, 0, 2062),
-            estimated_cost_usd=r6(COST["cached"]),
-            unpriced_responses=0,
-        ),
-        row(
-            "fake-tool",
-            "fake-tool",
-            (2, 1, 0),
-            **usage(236, 0, 40, 0, 276),
-            estimated_cost_usd=r6(COST["tool_call"], COST["tool_result"]),
-            unpriced_responses=0,
-        ),
+        # Claude Code on the bridge's key and on a sign-in: only the first is priced.
+        row("messages", CLAUDE_CODE_MODEL, CLAUDE_CODE_MODEL, [13, 14, 16], 2, 0),
+        row("messages", "fake-thinking", "fake-thinking", [15], 1, 0),
+        row("messages", CATALOG_CLAUDE, CATALOG_CLAUDE, [11], 1, 0),
+        # The same override name on both APIs: one row per API.
+        row("messages", "fake-cached", "fake-cached", [12], 1, 0),
+        row("responses", "fake-cached", "fake-cached", [1], 1, 0),
+        row("responses", "fake-reasoning", "fake-reasoning", [4], 1, 0),
+        row("responses", "fake-tool", "fake-tool", [2, 3], 1, 0),
         # The background request was refused before upstream: counted, but it used nothing.
-        row(
-            "fake-text",
-            "fake-text",
-            (2, 1, 1),
-            **usage(24, 0, 14, 0, 38),
-            estimated_cost_usd=r6(COST["text"]),
-            unpriced_responses=0,
-        ),
-        row(
-            CATALOG_MODEL,
-            CATALOG_MODEL,
-            (1, 1, 0),
-            **usage(24, 0, 14, 0, 38),
-            estimated_cost_usd=r6(log.catalog_cost),
-            unpriced_responses=0,
-        ),
-        row(
-            "fake-incomplete",
-            "fake-incomplete",
-            (1, 1, 1),
-            **usage(24, 0, 16, 0, 40),
-            estimated_cost_usd=None,
-            unpriced_responses=1,
-        ),
-        row(
-            "fake-failed",
-            "fake-failed",
-            (1, 1, 1),
-            **usage(24, 0, 0, 0, 24),
-            estimated_cost_usd=None,
-            unpriced_responses=1,
-        ),
+        row("responses", "fake-text", "fake-text", [0, 9], 1, 1),
+        row("responses", CATALOG_MODEL, CATALOG_MODEL, [5], 1, 0),
+        row("messages", "fake-refusal", "fake-refusal", [18], 1, 0),
+        row("messages", "fake-max-tokens", "fake-max-tokens", [17], 1, 1),
+        row("responses", "fake-incomplete", "fake-incomplete", [6], 1, 1),
+        row("responses", "fake-failed", "fake-failed", [7], 1, 1),
         # Refused for an unknown token: the body was never read, so no model is known.
-        row(
-            "(none)",
-            None,
-            (1, 0, 1),
-            **usage(0, 0, 0, 0, 0),
-            estimated_cost_usd=None,
-            unpriced_responses=0,
-        ),
-        row(
-            "fake-429",
-            None,
-            (1, 1, 1),
-            **usage(0, 0, 0, 0, 0),
-            estimated_cost_usd=None,
-            unpriced_responses=0,
-        ),
+        row("messages", "(none)", None, [20], 0, 1),
+        row("responses", "(none)", None, [10], 0, 1),
+        row("responses", "fake-429", None, [8], 1, 1),
+        row("messages", "fake-529", None, [19], 1, 1),
     ]
-    # Most expensive first, then the most tokens: the list price decides where gpt-5-mini is.
+    # Most expensive first, then the most tokens: list prices decide where the real models are.
     want.sort(
         key=lambda r: (
             r["estimated_cost_usd"] is None,
             -(r["estimated_cost_usd"] or 0),
             -r["total_tokens"],
             r["model"],
+            r["api"],
         )
     )
-    assert canned(datasette, "usage_per_model") == want
+    rows = canned(datasette, "usage_per_model")
+    assert rows == want
+    by_key = {(r["api"], r["model"]): r for r in rows}
+    assert by_key[("messages", "fake-cached")]["estimated_cost_usd"] == 0.00538  # 0.0053798
+    assert by_key[("messages", CLAUDE_CODE_MODEL)]["subscription_responses"] == 1
+    assert by_key[("responses", "fake-reasoning")]["reasoning_tokens"] == 96
 
 
 def test_top_tools(datasette: Datasette, log: UsageLog) -> None:
-    assert canned(datasette, "top_tools") == [
-        {
-            "tool": "get_weather",
-            "type": "function_call",
+    def row(tool: str, kind: str, i: int) -> dict[str, Any]:
+        return {
+            "tool": tool,
+            "type": kind,
             "calls": 1,
             "users": 1,
             "sessions": 1,
             "errors": 0,
-            "first_called": ended(2),
-            "last_called": ended(2),
+            "first_called": ended(i),
+            "last_called": ended(i),
         }
+
+    assert canned(datasette, "top_tools") == [
+        row("Bash", "tool_use", 13),  # Claude Code's, on the Messages API
+        row("get_weather", "function_call", 2),
     ]
 
 
 def test_prompts_of_user(datasette: Datasette, log: UsageLog) -> None:
     def row(i: int, model: str, session: str | None, status: str, prompt: str) -> dict:
+        messages = i > 10
         return {
             "at": ended(i),
+            "api": "messages" if messages else "responses",
             "model": model,
-            "client": "openai-python",
+            "client": "anthropic-python" if messages else "openai-python",
             "session": session,
             "status": status,
             "prompt": prompt,
@@ -428,24 +712,45 @@ def test_prompts_of_user(datasette: Datasette, log: UsageLog) -> None:
         }
 
     assert canned(datasette, "prompts_of_user", user="alice") == [
+        row(18, "fake-refusal", None, "completed", "Help me pick a lock"),
         row(9, "fake-text", None, "rejected", "Later, please"),
         row(7, "fake-failed", None, "failed", "Please fail"),
+        row(15, "fake-thinking", None, "completed", "Is 1013 prime?"),
         row(5, CATALOG_MODEL, None, "completed", "Name three primes"),
         row(2, "fake-tool", "sess-alice", "completed", "What's the weather in Paris?"),
+        row(11, CATALOG_CLAUDE, None, "completed", "Review this diff"),
         row(0, "fake-text", None, "completed", "Draft the release notes"),
     ]
-    assert [r["prompt"] for r in canned(datasette, "prompts_of_user", user="bob")] == [
-        "Too many at once",
-        "Write a long essay",
-        "Is 1013 prime? Think first.",
-        "Summarise the style guide",
+    # Claude Code's prompt is what bob typed, not the system-reminder blocks before it.
+    assert [
+        (r["prompt"], r["client"]) for r in canned(datasette, "prompts_of_user", user="bob")
+    ] == [
+        ("Are you busy?", "anthropic-python"),
+        ("Write a long story", "anthropic-python"),
+        ("Too many at once", "openai-python"),
+        ("Write a long essay", "openai-python"),
+        ("run echo hi", "Claude Code"),
+        ("Is 1013 prime? Think first.", "openai-python"),
+        ("Summarise the changelog", "anthropic-python"),
+        ("Summarise the style guide", "openai-python"),
+    ]
+    signed_in = canned(datasette, "prompts_of_user", user=SIGN_IN_USER)
+    assert [(r["prompt"], r["session"], r["api"]) for r in signed_in] == [
+        ("say hi", SIGN_IN_SESSION, "messages")
     ]
     assert canned(datasette, "prompts_of_user", user="nobody") == []
 
 
+def story(ds: Datasette, log: UsageLog, i: int) -> list[tuple[str, str]]:
+    return [
+        (r["what"], r["detail"])
+        for r in canned(ds, "interception_story", interception_id=log.ids[i])
+    ]
+
+
 def test_interception_story(datasette: Datasette, log: UsageLog) -> None:
-    story = canned(datasette, "interception_story", interception_id=log.ids[4])
-    assert [(r["at"], r["what"]) for r in story] == [
+    rows = canned(datasette, "interception_story", interception_id=log.ids[4])
+    assert [(r["at"], r["what"]) for r in rows] == [
         (started(4), "request"),
         (ended(4), "prompt"),
         (ended(4), "thought: reasoning_summary"),
@@ -454,97 +759,227 @@ def test_interception_story(datasette: Datasette, log: UsageLog) -> None:
         (ended(4), "tokens"),
         (ended(4), "end"),
     ]
-    details = [r["detail"] for r in story]
-    assert details[0] == "bob via openai-python asked fake-reasoning, streamed, session sess-bob"
+    details = [r["detail"] for r in rows]
+    assert details[0] == (
+        "bob via openai-python asked fake-reasoning on openai (responses), streamed, "
+        "session sess-bob"
+    )
     assert details[1] == "Is 1013 prime? Think first."
     assert details[2].startswith("**Planning the answer**")
     assert details[3].startswith("**Double-checking**")
     assert details[4] == "Let me check this quickly before answering."
     assert details[5] == (
-        "input 48 (cached 0), output 160 (reasoning 96), total 208, "
-        f"estimated $0.001488 (config {log.price_version}, priced as fake-reasoning)"
+        "input 48 (uncached 48, cache read 0, cache write 0), output 160 (reasoning 96), "
+        f"total 208, estimated $0.001488 (config {log.price_version}, priced as fake-reasoning)"
     )
     assert details[6] == "completed, HTTP 200, answered by fake-reasoning"
 
     # The tool round trip: the call in one request, its result carried back by the next.
-    call = canned(datasette, "interception_story", interception_id=log.ids[2])
-    assert [r["what"] for r in call] == [
+    call = story(datasette, log, 2)
+    assert [what for what, _ in call] == [
         "request",
         "prompt",
         "tool call: function_call",
         "tokens",
         "end",
     ]
-    assert call[2]["detail"].startswith("get_weather({")
-    assert "estimated $0.000206 (config sha256:" in call[3]["detail"]
+    assert call[2][1].startswith("get_weather({")
+    assert "estimated $0.000206 (config sha256:" in call[3][1]
     (tool,) = httpx.get(
         f"{datasette.url}/{DB_NAME}/tool_usages.json",
         params={"interception_id": log.ids[2], "_shape": "array"},
         timeout=30,
     ).json()
-    result = canned(datasette, "interception_story", interception_id=log.ids[3])
-    assert [r["what"] for r in result] == ["request", "tokens", "end"]
-    assert result[0]["detail"].endswith(f"returning the result of tool call {tool['call_id']}")
+    result = story(datasette, log, 3)
+    assert [what for what, _ in result] == ["request", "tokens", "end"]
+    assert result[0][1].endswith(f"returning the result of tool call {tool['call_id']}")
 
-    refused = canned(datasette, "interception_story", interception_id=log.ids[10])
-    assert [(r["what"], r["detail"].split(":")[0]) for r in refused] == [
-        ("request", "(unauthenticated) via openai-python asked no model"),
+    refused = story(datasette, log, 10)
+    assert [(what, detail.split(":")[0]) for what, detail in refused] == [
+        ("request", "(unauthenticated) via openai-python asked no model on openai (responses)"),
         ("end", "rejected, HTTP 401"),
     ]
     assert canned(datasette, "interception_story", interception_id="no-such-id") == []
 
 
+def test_interception_story_of_messages(datasette: Datasette, log: UsageLog) -> None:
+    # Claude Code's tool turn and the turn that carries the result back.
+    turn = story(datasette, log, 13)
+    assert turn == [
+        (
+            "request",
+            f"bob via Claude Code asked {CLAUDE_CODE_MODEL} on anthropic (messages), streamed, "
+            f"session {CC_SESSION}",
+        ),
+        ("prompt", "run echo hi"),
+        ("tool call: tool_use", 'Bash({"command":"echo hi","description":"Run the command"})'),
+        (
+            "tokens",
+            "input 33306 (uncached 301, cache read 30003, cache write 3002: 3002 for 5 minutes, "
+            f"0 for 1 hour), output 26, total 33332, estimated ${log.list_costs[13]:.6f} "
+            f"(genai-prices {genai_prices.__version__}, priced as {CLAUDE_CODE_MODEL})",
+        ),
+        ("end", f"completed, HTTP 200, answered by {CLAUDE_CODE_MODEL}"),
+    ]
+    conn = sqlite3.connect(f"file:{log.db_path}?mode=ro", uri=True)
+    try:
+        ((call_id,),) = conn.execute(
+            "select call_id from tool_usages where interception_id = ?", (log.ids[13],)
+        ).fetchall()
+    finally:
+        conn.close()
+    assert call_id.startswith("toolu_")
+    result = story(datasette, log, 14)
+    assert [what for what, _ in result] == ["request", "tokens", "end"]
+    assert result[0][1].endswith(f", returning the result of tool call {call_id}")
+
+    # 5-minute and 1-hour cache writes, from the raw usage; no reasoning split on Messages.
+    cached = dict(story(datasette, log, 12))
+    assert cached["tokens"].startswith(
+        "input 22206 (uncached 201, cache read 20003, cache write 2002: 1202 for 5 minutes, "
+        "800 for 1 hour), output 19, total 22225, estimated $0.005380 (config sha256:"
+    )
+    thinking = story(datasette, log, 15)
+    assert ("thought: thinking", THINKING) in thinking
+    assert "reasoning" not in dict(thinking)["tokens"]
+
+    signed_in = dict(story(datasette, log, 16))
+    assert signed_in["request"] == (
+        f"{SIGN_IN_USER} via Claude Code asked {CLAUDE_CODE_MODEL} on anthropic (messages), "
+        f"streamed, session {SIGN_IN_SESSION}, on their Claude subscription sign-in"
+    )
+    assert signed_in["tokens"].endswith(", total 66653, not priced: paid by the subscription")
+
+    assert dict(story(datasette, log, 17))["end"] == (
+        "incomplete, HTTP 200, answered by fake-max-tokens: max_tokens"
+    )
+    assert dict(story(datasette, log, 17))["tokens"].endswith(", no price known")
+    assert dict(story(datasette, log, 18))["end"] == (
+        "completed, HTTP 200, answered by fake-refusal: refusal"
+    )
+    assert story(datasette, log, 19) == [
+        ("request", "bob via anthropic-python asked fake-529 on anthropic (messages)"),
+        ("prompt", "Are you busy?"),
+        ("end", "upstream_error, HTTP 529: upstream answered HTTP 529: Overloaded"),
+    ]
+    refused = story(datasette, log, 20)
+    assert [(what, detail.split(":")[0]) for what, detail in refused] == [
+        (
+            "request",
+            "(unauthenticated) via anthropic-python asked no model on anthropic (messages)",
+        ),
+        ("end", "rejected, HTTP 401"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        "",
+        "not json",
+        "[1, 2]",
+        '"a string"',
+        '{"cache_creation": 5}',
+        '{"cache_creation": null}',
+        '{"cache_creation": ["ephemeral_1h_input_tokens", 800]}',
+    ],
+)
+def test_raw_usage_without_a_split_object(log: UsageLog, tmp_path: Path, raw: str | None) -> None:
+    """The queries that read the raw usage JSON answer for any text in it: no split, no error."""
+    db_path = tmp_path / "copy.db"
+    source = sqlite3.connect(f"file:{log.db_path}?mode=ro", uri=True)
+    copy = sqlite3.connect(db_path)
+    try:
+        source.backup(copy)
+        with copy:
+            copy.execute(
+                "update token_usages set usage = ? where interception_id = ?", (raw, log.ids[12])
+            )
+        queries = yaml.safe_load(METADATA.read_text())["databases"][DB_NAME]["queries"]
+        details = dict(
+            (what, detail)
+            for _, what, detail in copy.execute(
+                queries["interception_story"]["sql"], {"interception_id": log.ids[12]}
+            )
+        )
+        assert details["tokens"].startswith(
+            "input 22206 (uncached 201, cache read 20003, cache write 2002), output 19, "
+        )
+        copy.row_factory = sqlite3.Row
+        rows = {r["api"]: dict(r) for r in copy.execute(queries["cache_efficiency"]["sql"])}
+    finally:
+        copy.close()
+        source.close()
+    messages = rows["messages"]
+    # The other rows' splits still count; this one's writes are in the total only.
+    assert messages["cache_write_1h_input_tokens"] == 0
+    assert messages["cache_write_5m_input_tokens"] == sum(
+        TOKENS_OF[i].write_5m or 0 for i in range(11, 19) if i != 12
+    )
+    assert messages["cache_write_input_tokens"] == sum(
+        TOKENS_OF[i].cache_write for i in range(11, 19)
+    )
+
+
 def test_failed_requests(datasette: Datasette, log: UsageLog) -> None:
     rows = canned(datasette, "failed_requests")
-    assert [
-        (r["at"], r["user"], r["status"], r["http_status"], r["model"], r["interception_id"])
-        for r in rows
-    ] == [
-        (started(10), "(unauthenticated)", "rejected", 401, None, log.ids[10]),
-        (started(9), "alice", "rejected", 501, "fake-text", log.ids[9]),
-        (started(8), "bob", "upstream_error", 429, "fake-429", log.ids[8]),
-        (started(7), "alice", "failed", 200, "fake-failed", log.ids[7]),
-        (started(6), "bob", "incomplete", 200, "fake-incomplete", log.ids[6]),
+    assert [r["interception_id"] for r in rows] == [
+        log.ids[i] for i in (20, 19, 18, 17, 10, 9, 8, 7, 6)
     ]
-    unknown, background, limited, failed, _ = rows
+    assert [
+        (r["at"], r["user"], r["api"], r["status"], r["http_status"], r["model"]) for r in rows
+    ] == [
+        (started(20), "(unauthenticated)", "messages", "rejected", 401, None),
+        (started(19), "bob", "messages", "upstream_error", 529, "fake-529"),
+        # Completed, but the model refused: worth a look.
+        (started(18), "alice", "messages", "completed", 200, "fake-refusal"),
+        (started(17), "bob", "messages", "incomplete", 200, "fake-max-tokens"),
+        (started(10), "(unauthenticated)", "responses", "rejected", 401, None),
+        (started(9), "alice", "responses", "rejected", 501, "fake-text"),
+        (started(8), "bob", "responses", "upstream_error", 429, "fake-429"),
+        (started(7), "alice", "responses", "failed", 200, "fake-failed"),
+        (started(6), "bob", "responses", "incomplete", 200, "fake-incomplete"),
+    ]
+    stranger_m, overloaded, refusal, max_tokens, unknown, background, limited, failed, _ = rows
     # What a security reviewer needs about the stranger: a hint of the token, never the token.
-    assert unknown["credential_kind"] is None
-    assert unknown["credential_hint"] == "no...en"
+    for stranger in (unknown, stranger_m):
+        assert stranger["credential_kind"] is None
+        assert stranger["credential_hint"] == "no...en"
     assert "not-a-bridge-token" not in str(rows)
     assert background["error"] == "background requests are currently not supported by AI Bridge"
     assert "Rate limit reached" in limited["error"]
     assert "failed while generating the response" in failed["error"]
-    assert {r["client"] for r in rows} == {"openai-python"}
+    assert overloaded["error"] == "upstream answered HTTP 529: Overloaded"
+    assert (refusal["error"], max_tokens["error"]) == ("refusal", "max_tokens")
+    assert {r["client"] for r in rows} == {"openai-python", "anthropic-python"}
 
 
 def test_sessions(datasette: Datasette, log: UsageLog) -> None:
+    def row(
+        session: str, user: str, client: str, ix: list[int], counts: tuple[int, int, int]
+    ) -> dict[str, Any]:
+        prompts, tool_calls, not_completed = counts
+        return {
+            "session": session,
+            "users": user,
+            "clients": client,
+            "apis": "responses" if ix[0] <= 10 else "messages",
+            "turns": len(ix),
+            "prompts": prompts,
+            "tool_calls": tool_calls,
+            "not_completed": not_completed,
+            **sums(ix, "total_tokens"),
+            "estimated_cost_usd": shown_cost(log, *ix),
+            "started": started(ix[0]),
+            "last_activity": ended(ix[-1]),
+        }
+
     assert canned(datasette, "sessions") == [
-        {
-            "session": "sess-bob",
-            "users": "bob",
-            "clients": "openai-python",
-            "turns": 2,
-            "prompts": 2,
-            "tool_calls": 0,
-            "not_completed": 1,
-            "total_tokens": 248,
-            "estimated_cost_usd": r6(COST["reasoning"]),
-            "started": started(4),
-            "last_activity": ended(6),
-        },
-        {
-            "session": "sess-alice",
-            "users": "alice",
-            "clients": "openai-python",
-            "turns": 2,
-            "prompts": 1,
-            "tool_calls": 1,
-            "not_completed": 0,
-            "total_tokens": 276,
-            "estimated_cost_usd": r6(COST["tool_call"], COST["tool_result"]),
-            "started": started(2),
-            "last_activity": ended(3),
-        },
+        row(SIGN_IN_SESSION, SIGN_IN_USER, "Claude Code", [16], (1, 0, 0)),
+        row("sess-bob", "bob", "openai-python", [4, 6], (2, 0, 1)),
+        row(CC_SESSION, "bob", "Claude Code", [13, 14], (1, 1, 0)),
+        row("sess-alice", "alice", "openai-python", [2, 3], (1, 1, 0)),
     ]
 
 
@@ -588,64 +1023,218 @@ def test_session_turns(datasette: Datasette, log: UsageLog) -> None:
         (1, "prompt", "completed", r6(COST["reasoning"])),
         (2, "prompt", "incomplete", None),
     ]
+    claude_code = canned(datasette, "session_turns", session_id=CC_SESSION)
+    assert claude_code == [
+        {
+            "turn": 1,
+            "at": started(13),
+            "user": "bob",
+            "model": CLAUDE_CODE_MODEL,
+            "kind": "prompt",
+            "prompt": "run echo hi",
+            "tools_called": "Bash",
+            "total_tokens": 33332,
+            "estimated_cost_usd": r6(log.list_costs[13]),
+            "status": "completed",
+            "interception_id": log.ids[13],
+        },
+        {
+            "turn": 2,
+            "at": started(14),
+            "user": "bob",
+            "model": CLAUDE_CODE_MODEL,
+            "kind": "tool result",
+            "prompt": None,
+            "tools_called": None,
+            "total_tokens": 44439,
+            "estimated_cost_usd": r6(log.list_costs[14]),
+            "status": "completed",
+            "interception_id": log.ids[14],
+        },
+    ]
+
+
+def test_claude_code_sessions(datasette: Datasette, log: UsageLog) -> None:
+    columns = (
+        "input_tokens",
+        "uncached_input_tokens",
+        "cache_read_input_tokens",
+        "cache_write_input_tokens",
+        "output_tokens",
+        "total_tokens",
+    )
+
+    def row(
+        session: str, user: str, kind: str, ix: list[int], first: str, **counts: Any
+    ) -> dict[str, Any]:
+        return {
+            "session": session,
+            "users": user,
+            "credential_kinds": kind,
+            "models": CLAUDE_CODE_MODEL,
+            "first_prompt": first,
+            "turns": len(ix),
+            **counts,
+            "thoughts": 0,
+            "not_completed": 0,
+            **sums(ix, *columns),
+            **billing(log, ix),
+            "started": started(ix[0]),
+            "last_activity": ended(ix[-1]),
+        }
+
+    rows = canned(datasette, "claude_code_sessions")
+    # Only Claude Code's sessions: the openai-python ones are left out.
+    assert rows == [
+        row(
+            SIGN_IN_SESSION,
+            SIGN_IN_USER,
+            "subscription",
+            [16],
+            "say hi",
+            prompts=1,
+            tool_results=0,
+            tool_calls=0,
+            tools=None,
+        ),
+        row(
+            CC_SESSION,
+            "bob",
+            "centralized",
+            [13, 14],
+            "run echo hi",
+            prompts=1,
+            tool_results=1,
+            tool_calls=1,
+            tools="Bash x1",
+        ),
+    ]
+    # By hand, from the fake's scheme (n = 3, 4): what claude -p would report for the run.
+    assert [rows[1][c] for c in columns] == [77712, 702, 70006, 7004, 59, 77771]
+    assert (rows[0]["estimated_cost_usd"], rows[0]["subscription_responses"]) == (None, 1)
+
+
+def test_cache_efficiency(datasette: Datasette, log: UsageLog) -> None:
+    def row(api: str, provider: str, ix: list[int]) -> dict[str, Any]:
+        rows = [TOKENS_OF[i] for i in ix]
+        inp = sum(r.input for r in rows)
+        read = sum(r.cache_read for r in rows)
+        write = sum(r.cache_write for r in rows)
+        uncached = sum(r.uncached for r in rows)
+        split = [r for r in rows if r.write_1h is not None]
+        return {
+            "api": api,
+            "provider": provider,
+            "responses": len(ix),
+            "input_tokens": inp,
+            "uncached_input_tokens": uncached,
+            "cache_read_input_tokens": read,
+            "cache_write_input_tokens": write,
+            "cache_write_5m_input_tokens": sum(r.write_5m or 0 for r in split) if split else None,
+            "cache_write_1h_input_tokens": sum(r.write_1h or 0 for r in split) if split else None,
+            "uncached_pct": round(100 * uncached / inp, 1),
+            "cache_read_pct": round(100 * read / inp, 1),
+            "cache_write_pct": round(100 * write / inp, 1),
+            "reads_per_written_token": round(read / write, 2),
+        }
+
+    rows = canned(datasette, "cache_efficiency")
+    assert rows == [
+        row("messages", "anthropic", list(range(11, 19))),
+        row("responses", "openai", list(range(8))),
+    ]
+    messages, responses = rows
+    # By hand: the only 1-hour writes are fake-cached's 400 x 2; OpenAI reports no split.
+    assert messages["cache_write_1h_input_tokens"] == 800
+    assert messages["cache_write_5m_input_tokens"] == messages["cache_write_input_tokens"] - 800
+    assert (responses["cache_read_input_tokens"], responses["cache_write_input_tokens"]) == (
+        1536,
+        128,
+    )
+    assert responses["cache_write_5m_input_tokens"] is None
+    assert (responses["cache_read_pct"], responses["reads_per_written_token"]) == (63.3, 12.0)
 
 
 def test_cost_per_user_per_month(datasette: Datasette, log: UsageLog) -> None:
-    rows = canned(datasette, "cost_per_user_per_month")
-    sources = [set((r.pop("price_sources") or "").split(",")) - {""} for r in rows]
-    assert rows == [
-        {
-            "month": "2025-06",
-            "user": "bob",
-            "requests": 3,
-            "input_tokens": 72,
-            "output_tokens": 176,
-            "estimated_cost_usd": r6(COST["reasoning"]),
-            "priced_responses": 1,
-            "unpriced_responses": 1,
-        },
-        {
-            "month": "2025-06",
-            "user": "alice",
-            "requests": 5,
-            "input_tokens": 284,
-            "output_tokens": 54,
-            "estimated_cost_usd": r6(COST["tool_call"], COST["tool_result"], log.catalog_cost),
-            "priced_responses": 3,
-            "unpriced_responses": 1,
-        },
-        {
-            "month": "2025-06",
-            "user": "(unauthenticated)",
-            "requests": 1,
-            "input_tokens": 0,
-            "output_tokens": 0,
-            "estimated_cost_usd": None,
-            "priced_responses": 0,
-            "unpriced_responses": 0,
-        },
-        {
-            "month": "2025-05",
-            "user": "bob",
-            "requests": 1,
-            "input_tokens": 2048,
-            "output_tokens": 14,
-            "estimated_cost_usd": r6(COST["cached"]),
-            "priced_responses": 1,
-            "unpriced_responses": 0,
-        },
-        {
-            "month": "2025-05",
-            "user": "alice",
-            "requests": 1,
-            "input_tokens": 24,
-            "output_tokens": 14,
-            "estimated_cost_usd": r6(COST["text"]),
-            "priced_responses": 1,
-            "unpriced_responses": 0,
-        },
+    def row(month: str, user: str, ix: list[int], sources: set[str]) -> dict[str, Any]:
+        return {
+            "month": month,
+            "user": user,
+            "requests": len(ix),
+            **sums(ix, "input_tokens", "output_tokens"),
+            **billing(log, ix),
+            "priced_responses": sum(1 for i in ix if cost_of(log, i) is not None),
+            "price_sources": sources,
+        }
+
+    both = {"config", "genai-prices"}
+    june = [
+        row("2025-06", "bob", [4, 6, 8, 13, 14, 17, 19], both),
+        row("2025-06", "alice", [2, 3, 5, 7, 9, 15, 18], both),
+        row("2025-06", "(unauthenticated)", [10, 20], set()),
+        row("2025-06", SIGN_IN_USER, [16], set()),
     ]
-    assert sources == [{"config"}, {"config", "genai-prices"}, set(), {"config"}, {"config"}]
+    may = [
+        row("2025-05", "alice", [0, 11], both),
+        row("2025-05", "bob", [1, 12], {"config"}),
+    ]
+    for month in (june, may):  # most expensive first, then by name: as list prices have it
+        month.sort(key=lambda r: (r["estimated_cost_usd"] is None, -(r["estimated_cost_usd"] or 0)))
+    rows = canned(datasette, "cost_per_user_per_month")
+    for r in rows:
+        r["price_sources"] = set((r["price_sources"] or "").split(",")) - {""}
+    assert rows == june + may
+    signed_in = next(r for r in rows if r["user"] == SIGN_IN_USER)
+    assert (signed_in["unpriced_responses"], signed_in["subscription_responses"]) == (0, 1)
+
+
+def chart_rows(ds: Datasette, chart: str, **filters: str) -> list[dict[str, Any]]:
+    """A dashboard chart's query as datasette-dashboards runs it with these filters."""
+    board = yaml.safe_load(METADATA.read_text())["plugins"]["datasette-dashboards"]["usage"]
+    sql = replace_opts_in_query(board["charts"][chart]["query"], filters)
+    response = httpx.get(
+        f"{ds.url}/{DB_NAME}.json",
+        params={"sql": sql, **filters, "_shape": "array"},
+        timeout=30,
+    )
+    assert response.status_code == 200, (chart, filters, response.text)
+    return response.json()
+
+
+def test_dashboard_charts_split_by_api(datasette: Datasette, log: UsageLog) -> None:
+    board = yaml.safe_load(METADATA.read_text())["plugins"]["datasette-dashboards"]["usage"]
+    assert set(board["filters"]) == {"user", "api", "date_start", "date_end"}
+    every = {"user": "bob", "api": "messages", "date_start": "2025-06-01", "date_end": "2025-06-01"}
+    for chart in board["charts"]:
+        for filters in ({}, *({k: v} for k, v in every.items()), every):
+            chart_rows(datasette, chart, **filters)
+
+    by_day: dict[tuple[str, str], int] = {}
+    for i, tokens in TOKENS_OF.items():
+        key = (SCHEDULE[i][0], "messages" if i > 10 else "responses")
+        by_day[key] = by_day.get(key, 0) + tokens.total
+    assert chart_rows(datasette, "tokens-per-api") == [
+        {"day": day, "api": api, "tokens": n} for (day, api), n in sorted(by_day.items())
+    ]
+    messages = [i for i in TOKENS_OF if i > 10]
+    (metric,) = chart_rows(datasette, "total-cost", api="messages")
+    assert metric == {"cost": f"{shown_cost(log, *messages):.4f}"}
+    # 17 (max_tokens), 19 (529) and 20 (unknown token); the refusal completed.
+    assert chart_rows(datasette, "failed", api="messages") == [{"failed": 3}]
+    assert {r["api"] for r in chart_rows(datasette, "per-model", api="messages")} == {"messages"}
+    bob = [13, 14, 17]  # bob's Messages rows with usage on 2025-06-01 and after: 12 is in May
+    assert chart_rows(datasette, "input-per-api", user="bob", api="messages") == [
+        {
+            "api": "messages",
+            "kind": kind,
+            "tokens": sum(getattr(TOKENS_OF[i], field) for i in [12, *bob]),
+        }
+        for kind, field in (
+            ("cache read", "cache_read"),
+            ("cache write", "cache_write"),
+            ("uncached", "uncached"),
+        )
+    ]
 
 
 def test_tables_are_described_and_dashboard_is_served(datasette: Datasette) -> None:
@@ -662,5 +1251,8 @@ def test_tables_are_described_and_dashboard_is_served(datasette: Datasette) -> N
         conn.close()
     page = httpx.get(f"{datasette.url}/{DB_NAME}/token_usages", timeout=30).text
     assert "Estimated cost in US dollars" in page
+    assert "Anthropic counts thinking in output_tokens" in page
     dashboard = httpx.get(f"{datasette.url}/-/dashboards/usage", timeout=30)
-    assert dashboard.status_code == 200 and "Tokens per day and person" in dashboard.text
+    assert dashboard.status_code == 200
+    assert "Tokens per day and person" in dashboard.text
+    assert "Tokens per day and API" in dashboard.text

@@ -32,9 +32,9 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
 from aibridge import bridge as bridge_module
-from aibridge import schema
 from aibridge.bridge import AIBridge
-from aibridge.recorder import REASON_CONTENT_SHED, REASON_ROW_SHED, Recorder
+from aibridge.record import schema
+from aibridge.record.recorder import REASON_CONTENT_SHED, REASON_ROW_SHED, Recorder
 from devtools import mitmdump_process
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
@@ -344,14 +344,14 @@ def test_queue_overflow_sheds_content_never_usage(
 ) -> None:
     bridge = in_process(max_queue=40, busy_timeout_ms=20)
     n = 30
-    with writer_stuck(bridge), caplog.at_level(logging.WARNING, logger="aibridge.recorder"):
+    with writer_stuck(bridge), caplog.at_level(logging.WARNING, logger="aibridge.record.recorder"):
         # Per exchange: 2 interception upserts, a prompt, a token usage, a tool usage and
         # three thoughts: 240 rows for a queue of 40.
         for i in range(n):
             bridge.exchange("reasoning_commentary_streamed", f"overflow {i}")
         assert bridge.recorder.stats["stripped"] > 0 and bridge.recorder.stats["dropped"] > 0
         assert "dropping content of the oldest" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="aibridge.recorder"):
+    with caplog.at_level(logging.WARNING, logger="aibridge.record.recorder"):
         assert bridge.recorder.flush(SAFETY)
 
     db = bridge.db_path
@@ -396,7 +396,7 @@ def test_a_full_database_waits_and_catches_up(
 ) -> None:
     """SQLite's own "database or disk is full", made by capping the file's page count."""
     bridge = in_process(busy_timeout_ms=20)
-    caplog.set_level(logging.WARNING, logger="aibridge.recorder")
+    caplog.set_level(logging.WARNING, logger="aibridge.record.recorder")
     full = threading.Event()
     real_write = Recorder._write
 
@@ -430,7 +430,7 @@ def test_closing_gives_up_on_a_database_that_stays_locked(
     try:
         for i in range(10):
             rec.upsert(schema.INTERCEPTIONS, {"id": f"i{i}"})
-        with caplog.at_level(logging.ERROR, logger="aibridge.recorder"):
+        with caplog.at_level(logging.ERROR, logger="aibridge.record.recorder"):
             rec.close(timeout=0.2)
         assert "could not finish" in caplog.text and "rows are not written" in caplog.text
     finally:

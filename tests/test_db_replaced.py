@@ -23,9 +23,9 @@ import orjson
 import pytest
 import sqlite_utils
 
-from aibridge import recorder as recorder_module
-from aibridge import schema
-from aibridge.recorder import Recorder
+from aibridge.record import recorder as recorder_module
+from aibridge.record import schema
+from aibridge.record.recorder import Recorder
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
 
@@ -89,7 +89,7 @@ def notices(caplog: pytest.LogCaptureFixture, path: Path, what: str) -> int:
     return sum(
         1
         for r in caplog.records
-        if r.name == "aibridge.recorder"
+        if r.name == "aibridge.record.recorder"
         and r.levelno == logging.WARNING
         and what in r.getMessage()
         and str(path) in r.getMessage()
@@ -104,7 +104,7 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def rec(db: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Recorder]:
-    caplog.set_level(logging.WARNING, logger="aibridge.recorder")
+    caplog.set_level(logging.WARNING, logger="aibridge.record.recorder")
     recorder = Recorder(db)
     recorder.start()
     yield recorder
@@ -338,7 +338,7 @@ def test_a_batch_already_taken_when_the_file_goes_lands_in_the_new_file(
 ) -> None:
     """The writer holds a batch it cannot write (the file is locked); the file is deleted
     meanwhile; the retry writes the batch to the recreated file, not the old one."""
-    caplog.set_level(logging.WARNING, logger="aibridge.recorder")
+    caplog.set_level(logging.WARNING, logger="aibridge.record.recorder")
     rec = Recorder(db, busy_timeout_ms=20, linger=0)
     rec.start()
     try:
@@ -374,7 +374,7 @@ def test_deleting_only_side_files_keeps_the_connection_and_loses_nothing(
     """The main file is still the database: the open connection keeps its WAL and
     checkpoints it into the main file, so no reopen (which could drop frames not yet
     checkpointed) and no warning. (This passes on the recorder before the change too.)"""
-    caplog.set_level(logging.WARNING, logger="aibridge.recorder")
+    caplog.set_level(logging.WARNING, logger="aibridge.record.recorder")
     rec = Recorder(db)
     rec.start()
     before = write(rec, "before")

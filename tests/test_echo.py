@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from aibridge import echo, mitm_compat
+from aibridge import echo
 from aibridge.apis.openai_responses import API as RESPONSES_API
 from aibridge.apis.openai_responses import ResponseAccumulator
 from aibridge.auth import hint
@@ -39,7 +39,8 @@ from aibridge.echo import (
     secret_values,
     secrets_for,
 )
-from aibridge.stream import StreamTee
+from aibridge.transport import mitm_compat
+from aibridge.transport.tee import StreamTee
 from devtools import fake_upstream
 
 if sys.version_info >= (3, 14):

@@ -29,14 +29,16 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
-from aibridge import mitm_compat, records
 from aibridge.apis.openai_responses import API as RESPONSES_API
 from aibridge.apis.openai_responses import RequestError, ResponseAccumulator, parse_request
 from aibridge.bridge import AIBridge
 from aibridge.config import Privacy, parse_config
-from aibridge.recorder import REASON_INVALID_UNICODE, Recorder
+from aibridge.record.outcome import Outcome, finish_exchange
+from aibridge.record.recorder import REASON_INVALID_UNICODE, Recorder
+from aibridge.record.rows import end_rows
 from aibridge.routing import RouteKind, classify
-from aibridge.stream import StreamTee
+from aibridge.transport import mitm_compat
+from aibridge.transport.tee import StreamTee
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     PROVIDER_KEY,
@@ -150,12 +152,12 @@ def bindable(value: Any) -> None:
     sqlite3.connect(":memory:").execute("select ?", (value,))
 
 
-def rows_of(outcome: records.Outcome, request: bytes) -> list[tuple[str, dict[str, Any]]]:
+def rows_of(outcome: Outcome, request: bytes) -> list[tuple[str, dict[str, Any]]]:
     try:
         _, info = parse_request(request)
     except RequestError:
         _, info = parse_request(b'{"model": "m", "input": "x"}')
-    return list(records.end_rows("i1", info, outcome, 200, Privacy(), "now"))
+    return list(end_rows("i1", info, outcome, 200, Privacy(), "now"))
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -190,14 +192,14 @@ def chunked(data: bytes, rng: random.Random) -> list[bytes]:
     return chunks
 
 
-def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> records.Outcome:
+def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> Outcome:
     acc = ResponseAccumulator()
     tee = StreamTee(acc, RESPONSES_API, encoding)
     for piece in chunked(data, rng):
         assert tee(piece) is piece  # forwarded at once, unchanged
     assert tee(b"") == b""
     assert tee.bytes_forwarded == len(data)
-    return records.finish_exchange(RESPONSES_API, acc, tee, None, None)
+    return finish_exchange(RESPONSES_API, acc, tee, None, None)
 
 
 def fuzz_into_recorder(

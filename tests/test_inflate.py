@@ -1,4 +1,4 @@
-"""aibridge.inflate: every Content-Encoding decoded in bounded steps, with a cap on the total.
+"""aibridge.transport.inflate: every Content-Encoding decoded in bounded steps, total capped.
 
 Bodies are compressed here, with the standard libraries, in the shapes servers send: whole,
 flushed piece by piece, several gzip members or zstd frames. Bombs are runs of zeros
@@ -22,8 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aibridge import inflate
-from aibridge.inflate import (
+from aibridge.transport import inflate
+from aibridge.transport.inflate import (
     STEP,
     BoundedInflater,
     DecodeError,

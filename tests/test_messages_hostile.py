@@ -17,12 +17,13 @@ import httpx
 import orjson
 import pytest
 
-from aibridge import records
 from aibridge.apis import anthropic_messages
 from aibridge.apis.anthropic_messages import MAX_BLOCK_BYTES, MessagesAccumulator
 from aibridge.apis.common import RequestError
 from aibridge.config import Privacy, hint
-from aibridge.stream import StreamTee
+from aibridge.record.outcome import Outcome, finish_exchange
+from aibridge.record.rows import end_rows
+from aibridge.transport.tee import StreamTee
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     PROVIDER_KEY,
@@ -41,24 +42,22 @@ STREAMS = sorted(FIXTURES.glob("*.response.sse"))
 API = anthropic_messages.API
 
 
-def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> records.Outcome:
+def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> Outcome:
     acc = MessagesAccumulator()
     tee = StreamTee(acc, API, encoding)
     for piece in chunked(data, rng):
         assert tee(piece) is piece  # forwarded at once, unchanged
     assert tee(b"") == b""
     assert tee.bytes_forwarded == len(data)
-    return records.finish_exchange(API, acc, tee, None, None)
+    return finish_exchange(API, acc, tee, None, None)
 
 
-def rows_of(outcome: records.Outcome, request: bytes) -> list[tuple[str, dict[str, Any]]]:
+def rows_of(outcome: Outcome, request: bytes) -> list[tuple[str, dict[str, Any]]]:
     try:
         _, info = API.parse_request(request)
     except RequestError:
         _, info = API.parse_request(b'{"model": "m", "messages": []}')
-    return list(
-        records.end_rows("i1", info, outcome, 200, Privacy(), "now", provider_type="anthropic")
-    )
+    return list(end_rows("i1", info, outcome, 200, Privacy(), "now", provider_type="anthropic"))
 
 
 def test_fuzzed_messages_streams_forward_unchanged_and_record_cleanly(tmp_path: Path) -> None:
@@ -72,7 +71,7 @@ def test_fuzzed_messages_streams_forward_unchanged_and_record_cleanly(tmp_path: 
 def test_a_compressed_stream_gives_the_records_of_the_plain_one(path: Path, encoding: str) -> None:
     import brotli
 
-    from aibridge.inflate import zstd
+    from aibridge.transport.inflate import zstd
 
     plain = path.read_bytes()
     compress = {

@@ -58,7 +58,7 @@ THOUGHT_COLUMNS = {"response_id", "source", "content"}
 
 
 def split_sse(raw: bytes) -> list[tuple[str | None, str]]:
-    """A minimal SSE splitter for the fixtures (the real one is aibridge.sse).
+    """A minimal SSE splitter for the fixtures (the real one is aibridge.transport.sse).
 
     Events end at a blank line; multi-line data joins with newlines; comments are
     skipped; an event not ended by a blank line when the stream stops is dropped.
@@ -156,7 +156,7 @@ def test_fixture_same_result_when_every_event_is_fed(name: str) -> None:
 )
 def test_fixture_through_the_bridge_sse_parser(name: str) -> None:
     # The same records when the bridge's own parser splits the stream, in awkward chunks.
-    sse = pytest.importorskip("aibridge.sse")
+    sse = pytest.importorskip("aibridge.transport.sse")
     raw = (FIXTURES / f"{name}.response.sse").read_bytes()
     parser = sse.SSEParser()
     events = []

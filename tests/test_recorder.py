@@ -1,4 +1,4 @@
-"""Tests for aibridge.schema and aibridge.recorder, against real SQLite files."""
+"""Tests for aibridge.record.schema and aibridge.record.recorder, against real SQLite files."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import orjson
 import pytest
 import sqlite_utils
 
-from aibridge import schema
-from aibridge.recorder import (
+from aibridge.record import schema
+from aibridge.record.recorder import (
     INSERT,
     REASON_CONTENT_SHED,
     REASON_INVALID_UNICODE,
@@ -601,7 +601,7 @@ def test_insert_after_close_is_ignored_with_a_warning(
     rec = Recorder(db_path)
     rec.start()
     rec.close()
-    with caplog.at_level(logging.WARNING, logger="aibridge.recorder"):
+    with caplog.at_level(logging.WARNING, logger="aibridge.record.recorder"):
         rec.insert(schema.INTERCEPTIONS, {"id": new_id()})
         rec.upsert(schema.INTERCEPTIONS, {"id": new_id()})
     assert "closed" in caplog.text
@@ -919,7 +919,7 @@ def test_writer_survives_an_unexpected_error(
         return real_prepare(self, batch)
 
     monkeypatch.setattr(Recorder, "_prepare", failing_once)
-    with caplog.at_level(logging.ERROR, logger="aibridge.recorder"):
+    with caplog.at_level(logging.ERROR, logger="aibridge.record.recorder"):
         rec.upsert(schema.INTERCEPTIONS, {"id": "lost"})
         assert rec.flush(WAIT)
     assert "bug" in caplog.text
@@ -966,7 +966,7 @@ def test_newer_database_is_used_with_a_warning(
     db = migrated(db_path)
     db[schema.MIGRATIONS_TABLE].insert({"name": "m999_from_the_future", "applied_at": "x"})
     db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
-    with caplog.at_level(logging.WARNING, logger="aibridge.schema"):
+    with caplog.at_level(logging.WARNING, logger="aibridge.record.schema"):
         schema.migrate(db)
     assert "m999_from_the_future" in caplog.text
     assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION + 1

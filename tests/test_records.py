@@ -1,4 +1,4 @@
-"""From a finished exchange to rows (aibridge.records): status rules, error text, privacy, comment.
+"""From a finished exchange to rows (aibridge.record): status rules, error text, privacy, comment.
 
 Everything here is pure: responses are built with ``http.Response.make`` and streams are fed
 through a real ``StreamTee`` from the golden fixtures, without a proxy or a database.
@@ -23,16 +23,9 @@ from aibridge.apis.openai_responses import (
 )
 from aibridge.auth import Identity
 from aibridge.config import Privacy, Provider
-from aibridge.records import (
-    Outcome,
-    end_rows,
-    finish_exchange,
-    flow_comment,
-    interception_start,
-    prompt_row,
-    upstream_error_text,
-)
-from aibridge.stream import StreamTee
+from aibridge.record.outcome import Outcome, finish_exchange, upstream_error_text
+from aibridge.record.rows import end_rows, flow_comment, interception_start, prompt_row
+from aibridge.transport.tee import StreamTee
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NOW = "2025-01-02T03:04:05.000006+00:00"

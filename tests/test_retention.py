@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from aibridge.config import ConfigError, Retention, load_config
-from aibridge.recorder import Recorder
+from aibridge.record.recorder import Recorder
 from aibridge.retention import PruneReport, RetentionError, prune
 from devtools.mitmdump_process import REPO
 

@@ -162,18 +162,19 @@ def test_usage_page_renders_its_rows(browser: Browser, datasette: Datasette, log
     table.feed(browser.dom(url))
     assert table.headers[:4] == ["day", "user", "requests", "input_tokens"]
     assert "estimated_cost_usd" in table.headers
-    # The same seven rows the canned query answers, in the same order.
+    # The same eight rows the canned query answers, in the same order.
     assert [(r[0], r[1], r[2]) for r in table.rows] == [
-        ("2025-06-02", "(unauthenticated)", "1"),
-        ("2025-06-02", "alice", "2"),
-        ("2025-06-02", "bob", "2"),
-        ("2025-06-01", "alice", "3"),
-        ("2025-06-01", "bob", "1"),
-        ("2025-05-31", "alice", "1"),
-        ("2025-05-31", "bob", "1"),
+        ("2025-06-02", "(unauthenticated)", "2"),
+        ("2025-06-02", "alice", "3"),
+        ("2025-06-02", "bob", "4"),
+        ("2025-06-02", "subscription:sk-a...oken", "1"),
+        ("2025-06-01", "alice", "4"),
+        ("2025-06-01", "bob", "3"),
+        ("2025-05-31", "alice", "2"),
+        ("2025-05-31", "bob", "2"),
     ]
     cost = table.headers.index("estimated_cost_usd")
-    assert table.rows[4][cost] == "0.001488"
+    assert table.rows[7][cost] == "0.006133"  # both APIs' fake-cached: 0.0007536 + 0.0053798
 
     shot = browser.screenshot(url, "usage.png", (1400, 760))
     width, height, distinct = png_facts(shot)

@@ -1,4 +1,4 @@
-"""Tests for the incremental SSE parser (aibridge/sse.py)."""
+"""Tests for the incremental SSE parser (aibridge/transport/sse.py)."""
 
 import itertools
 import re
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aibridge.sse import SSEEvent, SSEParser
+from aibridge.transport.sse import SSEEvent, SSEParser
 
 BOM = b"\xef\xbb\xbf"
 

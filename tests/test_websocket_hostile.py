@@ -35,7 +35,7 @@ from wsproto.frame_protocol import Opcode
 from aibridge.apis.openai_responses import BACKGROUND_NOT_SUPPORTED, DELTA_EVENTS, WANTED_EVENTS
 from aibridge.auth import hint
 from aibridge.bridge import AIBridge
-from aibridge.websocket import worth_decoding
+from aibridge.transport.websocket import worth_decoding
 from devtools.fake_upstream import (
     TEXT_ANSWER,
     Outcome,
@@ -349,7 +349,7 @@ def test_a_client_message_the_bridge_fails_on_is_not_forwarded(
     def broken(obj: dict[str, Any]) -> None:
         raise RuntimeError("a bug in the bridge")
 
-    monkeypatch.setattr("aibridge.websocket.request_info", broken)
+    monkeypatch.setattr("aibridge.transport.websocket.request_info", broken)
     flow = open_socket(hooks)
     message = from_client(hooks, flow, orjson.dumps(create("while broken")))
     assert message.dropped

@@ -89,7 +89,7 @@ class Api:
     delta_events: frozenset[str]
     error_body: Callable[[int, str], bytes]  # the bridge's own errors, in the API's shape
     passthrough: tuple[str, ...] = ()  # its provider paths let through by default
-    # A WebSocket mode on its path (GET with Upgrade), whose turns aibridge.websocket reads.
+    # A WebSocket mode on its path (GET with Upgrade), read by aibridge.transport.websocket.
     websocket: bool = False
 
 

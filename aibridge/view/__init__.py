@@ -16,7 +16,7 @@ from typing import Final
 
 import orjson
 
-from aibridge.sse import SSEParser
+from aibridge.transport.sse import SSEParser
 from aibridge.view import messages, responses
 from aibridge.view.common import (
     JSON_TYPE,

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import orjson
 
-from aibridge.sse import SSEEvent, SSEParser
+from aibridge.transport.sse import SSEEvent, SSEParser
 
 # Display limits, in characters: enough to read, small enough that a long agent history
 # stays cheap to render and to ship to the browser.

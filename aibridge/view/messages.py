@@ -29,7 +29,7 @@ import orjson
 
 from aibridge.apis import anthropic_messages as am
 from aibridge.apis.common import ResponseResult, count
-from aibridge.sse import SSEParser
+from aibridge.transport.sse import SSEParser
 from aibridge.view.common import (
     CALL_ARGS_LIMIT,
     INDENT,
@@ -70,7 +70,7 @@ STREAM_BLOCKS: Final = 1000  # content blocks of one stream tracked
 INPUT_LIMIT: Final = 256 << 10  # characters of one streamed tool input kept to parse
 DROPPED_HEAD: Final = PRETTY_LIMIT - 200  # what is shown of a longer one (room for the note)
 STREAM_INPUT_LIMIT: Final = 8 << 20  # characters of all streamed tool inputs kept
-# As the stream tee parses (aibridge.stream): an event the log drops, the view drops too.
+# As the stream tee parses (aibridge.transport.tee): an event the log drops, the view drops too.
 TEE_EVENT_BYTES: Final = 8 << 20
 LABEL_LIMIT: Final = 120  # a name, an id, a stop reason
 # Where a message's prompt is, besides a block position: nowhere, or its string content.

@@ -18,7 +18,7 @@ from typing import Any, Final
 import orjson
 
 from aibridge.apis.openai_responses import token_usage_row, tool_usage_row
-from aibridge.sse import SSEParser
+from aibridge.transport.sse import SSEParser
 from aibridge.view.common import (
     CALL_ARGS_LIMIT,
     INDENT,

@@ -1,4 +1,4 @@
-"""The stream tee (aibridge.stream): every chunk goes back untouched, a copy is parsed.
+"""The stream tee (aibridge.transport.tee): every chunk goes back untouched, a copy is parsed.
 
 Compressed streams are built two ways from the golden SSE fixtures: compressed in one go,
 and flushed after every event the way a streaming server sends them. Each is cut at many
@@ -23,7 +23,7 @@ import pytest
 
 from aibridge.apis.openai_responses import API as RESPONSES_API
 from aibridge.apis.openai_responses import ResponseAccumulator
-from aibridge.stream import StreamTee
+from aibridge.transport.tee import StreamTee
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -130,7 +130,7 @@ def run(tee: StreamTee, chunks: Iterator[bytes]) -> list[bytes]:
 
 
 RAW_DEFLATE_BUG = (
-    "aibridge/stream.py _Inflater.decode: raw deflate is detected by the zlib error of the "
+    "aibridge/transport/tee.py _Inflater.decode: raw deflate is detected by the zlib error of the "
     "first decode, and the fallback re-inflates only the current chunk; when the first "
     "chunk is shorter than the 2-byte zlib header the error comes one chunk late and the "
     "bytes of earlier chunks are lost"
@@ -185,7 +185,7 @@ def test_plain_stream(encoding: str) -> None:
 
 
 MULTI_MEMBER_BUG = (
-    "aibridge/stream.py _Inflater: a body of several gzip members or zstd frames (both "
+    "aibridge/transport/tee.py _Inflater: a body of several gzip members or zstd frames (both "
     "valid content codings) is parsed only up to the end of the first: zlib leaves the "
     "rest in unused_data silently, zstd raises EOFError; after eof a new decompressor "
     "must take over with the unused data"

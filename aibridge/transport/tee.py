@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from aibridge.inflate import BoundedInflater, DecodeLimitExceeded, normalize
-from aibridge.sse import SSEParser
+from aibridge.transport.inflate import BoundedInflater, DecodeLimitExceeded, normalize
+from aibridge.transport.sse import SSEParser
 
 if TYPE_CHECKING:
     from aibridge.apis.common import Accumulator, Api

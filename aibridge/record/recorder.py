@@ -58,7 +58,7 @@ from typing import Any, Final
 import orjson
 import sqlite_utils
 
-from aibridge import schema
+from aibridge.record import schema
 
 log = logging.getLogger(__name__)
 
