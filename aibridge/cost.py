@@ -429,8 +429,8 @@ def backfill(
 
     Each row is priced from its interception's provider type. Rows sent with a user's own
     sign-in to a plan (ChatGPT, Claude Pro/Max: credential kinds ``client`` and
-    ``subscription``) are not billed per token and are left alone, as the live bridge does. Safe while the
-    bridge writes: short transactions, each waiting its turn for the lock.
+    ``subscription``) are not billed per token and are left alone, as the live bridge does.
+    Safe while the bridge writes: short transactions, each waiting its turn for the lock.
     """
     conn = sqlite3.connect(str(db_path), timeout=busy_timeout_ms / 1000)
     try:
