@@ -42,6 +42,7 @@ from tests.test_openai_responses import (
     THOUGHT_COLUMNS,
     TOKEN_USAGE_COLUMNS,
     TOOL_USAGE_COLUMNS,
+    feed_fixture,
     split_sse,
 )
 
@@ -66,16 +67,7 @@ def feed_like_the_tee(acc: MessagesAccumulator, events: Iterable[tuple[str | Non
 
 def accumulate(name: str, *, every_event: bool = False) -> MessagesAccumulator:
     acc = MessagesAccumulator()
-    sse = FIXTURES / f"{name}.response.sse"
-    if sse.exists():
-        events = split_sse(sse.read_bytes())
-        if every_event:
-            for event_name, data in events:
-                acc.feed_event(event_name, data)
-        else:
-            feed_like_the_tee(acc, events)
-    else:
-        acc.feed_response_body((FIXTURES / f"{name}.response.json").read_bytes())
+    feed_fixture(acc, FIXTURES, name, feed_like_the_tee, every_event)
     return acc
 
 

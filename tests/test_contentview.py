@@ -37,15 +37,15 @@ JSON = "application/json"
 INTERNAL_FAILURE = "could not render"
 
 
-def fixture(name: str) -> tuple[bytes, bytes, str, dict[str, Any]]:
+def fixture(name: str, folder: Path = FIXTURES) -> tuple[bytes, bytes, str, dict[str, Any]]:
     """Request body, response body, response content type and expected records."""
-    request = (FIXTURES / f"{name}.request.json").read_bytes()
-    sse = FIXTURES / f"{name}.response.sse"
+    request = (folder / f"{name}.request.json").read_bytes()
+    sse = folder / f"{name}.response.sse"
     if sse.exists():
         response, content_type = sse.read_bytes(), SSE
     else:
-        response, content_type = (FIXTURES / f"{name}.response.json").read_bytes(), JSON
-    expected = orjson.loads((FIXTURES / f"{name}.expected.json").read_bytes())
+        response, content_type = (folder / f"{name}.response.json").read_bytes(), JSON
+    expected = orjson.loads((folder / f"{name}.expected.json").read_bytes())
     return request, response, content_type, expected
 
 

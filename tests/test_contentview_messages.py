@@ -30,6 +30,8 @@ from aibridge.contentview import (
     unregister,
 )
 from aibridge.transport.sse import SSEParser
+from tests.test_contentview import assert_shown, leaves
+from tests.test_contentview import fixture as responses_fixture
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic_messages"
 CAPTURED = Path(__file__).parent / "fixtures" / "claude_code_captured"
@@ -46,14 +48,7 @@ STREAM_TITLE = "Messages API response (streamed"
 
 def fixture(name: str) -> tuple[bytes, bytes, str, dict[str, Any]]:
     """Request body, response body, response content type and expected records."""
-    request = (FIXTURES / f"{name}.request.json").read_bytes()
-    sse = FIXTURES / f"{name}.response.sse"
-    if sse.exists():
-        response, content_type = sse.read_bytes(), SSE
-    else:
-        response, content_type = (FIXTURES / f"{name}.response.json").read_bytes(), JSON
-    expected = orjson.loads((FIXTURES / f"{name}.expected.json").read_bytes())
-    return request, response, content_type, expected
+    return responses_fixture(name, FIXTURES)
 
 
 def events_of(stream: bytes) -> list[tuple[str | None, Any]]:
@@ -70,24 +65,6 @@ def stream_of(events: list[Any]) -> bytes:
         head = f"event: {name}\n".encode() if isinstance(name, str) else b""
         out.append(head + b"data: " + orjson.dumps(event) + b"\n\n")
     return b"".join(out)
-
-
-def assert_shown(text: str, rendered: str) -> None:
-    """Every non-blank line of ``text`` is in the rendering (which indents later lines)."""
-    for line in text.split("\n"):
-        if line.strip():
-            assert line.strip() in rendered, f"{line!r} missing from:\n{rendered}"
-
-
-def leaves(value: Any) -> Iterator[Any]:
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from leaves(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from leaves(v)
-    else:
-        yield value
 
 
 def usage_text(usage: dict[str, Any]) -> str:

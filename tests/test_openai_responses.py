@@ -92,9 +92,12 @@ def feed_like_the_tee(acc: ResponseAccumulator, events: list[tuple[str | None, s
             acc.feed_event(name, data)
 
 
-def accumulate(name: str, *, every_event: bool = False) -> ResponseAccumulator:
-    acc = ResponseAccumulator()
-    sse = FIXTURES / f"{name}.response.sse"
+def feed_fixture(
+    acc: Any, folder: Path, name: str, feed_like_the_tee: Any, every_event: bool
+) -> None:
+    """Feed a golden response to an accumulator: its stream as the tee would (or every
+    event, with `every_event`), else its buffered body."""
+    sse = folder / f"{name}.response.sse"
     if sse.exists():
         events = split_sse(sse.read_bytes())
         if every_event:
@@ -103,7 +106,12 @@ def accumulate(name: str, *, every_event: bool = False) -> ResponseAccumulator:
         else:
             feed_like_the_tee(acc, events)
     else:
-        acc.feed_response_body((FIXTURES / f"{name}.response.json").read_bytes())
+        acc.feed_response_body((folder / f"{name}.response.json").read_bytes())
+
+
+def accumulate(name: str, *, every_event: bool = False) -> ResponseAccumulator:
+    acc = ResponseAccumulator()
+    feed_fixture(acc, FIXTURES, name, feed_like_the_tee, every_event)
     return acc
 
 
