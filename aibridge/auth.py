@@ -23,7 +23,9 @@ from mitmproxy import http
 
 from aibridge.config import Config, Provider, User, hint
 
-CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
+# Where clients put their API key: OpenAI's and most tools' bearer token, Anthropic's
+# x-api-key, Azure OpenAI's api-key; and mitmproxy's proxyauth.
+CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
 # Credential kinds of a user's own sign-in to a plan, forwarded upstream: not priced per token.
 SIGN_IN_KINDS = frozenset({"client", "subscription"})
 
@@ -47,7 +49,7 @@ def presented_token(headers: Mapping[str, str]) -> str | None:
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    api_key = headers.get("x-api-key", "").strip()
+    api_key = headers.get("x-api-key", "").strip() or headers.get("api-key", "").strip()
     return api_key or None
 
 
@@ -192,6 +194,7 @@ def install_credentials(headers: http.Headers, provider: Provider, identity: Ide
     """Remove everything the client authenticated with; present the upstream key instead."""
     # One pass over the raw fields: each Headers.pop/set would rescan them all.
     drop = {n.encode() for n in CLIENT_CREDENTIAL_HEADERS}
+    drop.add(provider.key_header.encode())
     drop.update(n.lower().encode() for n in provider.extra_headers)
     fields = [(k, v) for k, v in headers.fields if k.lower() not in drop]
     if identity.upstream_key:
@@ -201,17 +204,22 @@ def install_credentials(headers: http.Headers, provider: Provider, identity: Ide
 
 
 def _credential_field(provider: Provider, identity: Identity) -> tuple[bytes, bytes]:
-    """The provider's key in its own header (Anthropic: x-api-key); a sign-in's token as the
-    bearer token it was presented as."""
+    """The provider's key in its own header (Anthropic: x-api-key, Azure: api-key; in
+    authorization as a bearer token); a sign-in's token as the bearer token it was
+    presented as."""
     key = identity.upstream_key
-    if provider.key_header == "x-api-key" and identity.credential_kind != "subscription":
-        return (b"x-api-key", key.encode())
-    return (b"authorization", f"Bearer {key}".encode())
+    header = provider.key_header
+    if header == "authorization" or identity.credential_kind == "subscription":
+        return (b"authorization", f"Bearer {key}".encode())
+    return (header.encode(), key.encode())
 
 
 def upstream_credential_headers(provider: Provider) -> tuple[str, ...]:
     """The headers that carry a secret to the provider once credentials are installed."""
-    return ("authorization", "x-api-key", *provider.extra_headers)
+    return (
+        *dict.fromkeys(("authorization", "x-api-key", provider.key_header)),
+        *provider.extra_headers,
+    )
 
 
 def mask_credentials(headers: http.Headers, provider: Provider) -> None:
@@ -267,7 +275,8 @@ def mask_client_credentials(headers: http.Headers) -> None:
     token = presented_token(headers)
     if "authorization" in headers:
         headers["authorization"] = f"Bearer {hint(token)}" if token else "<masked>"
-    if "x-api-key" in headers:
-        headers["x-api-key"] = hint(headers["x-api-key"])
+    for name in ("x-api-key", "api-key"):
+        if name in headers:
+            headers[name] = hint(headers[name])
     if "proxy-authorization" in headers:
         headers["proxy-authorization"] = "<masked>"

@@ -54,6 +54,7 @@ def _note(
     credential_kind: str | None,
     credential_hint: str | None,
     rejected: dict[str, Any] | None = None,
+    request: RequestInfo | None = None,
 ) -> None:
     """What the bridge notes on a flow it records (saved with it, `-w`), so that offline mode
     (`_replay_request`) rebuilds the same record without authenticating anyone."""
@@ -66,6 +67,8 @@ def _note(
     }
     if rejected is not None:
         noted["rejected"] = rejected
+    if request is not None and request.metadata:
+        noted["request"] = request.metadata  # what the body alone no longer says (an edit)
     flow.metadata[METADATA_KEY] = noted
 
 
@@ -325,7 +328,7 @@ class AIBridge:
                 if route.api is not None:
                     return route.api
                 if route.provider is not None:
-                    return apis.for_provider_type(route.provider.type)
+                    return apis.for_provider(route.provider.apis)
         return apis.for_path(flow.request.path)
 
     def _request(self, flow: http.HTTPFlow) -> None:
@@ -347,7 +350,7 @@ class AIBridge:
             return
         assert route.provider is not None
         # Every answer of the bridge's own is in the shape the client's API uses.
-        api = route.api or apis.for_provider_type(route.provider.type)
+        api = route.api or apis.for_provider(route.provider.apis)
         if route.kind is RouteKind.FORBIDDEN:
             message = f"{route.api_path or req.path} is not available through AI Bridge"
             self._refuse(flow, 403, message, None, api)
@@ -387,6 +390,7 @@ class AIBridge:
             info = self._validate(flow, route, identity)
             if info is None:
                 return
+            self._amend(flow, api, info)
         else:
             info = None
         self._retarget(flow, route)
@@ -408,6 +412,7 @@ class AIBridge:
                 identity.user_id,
                 identity.credential_kind,
                 identity.credential_hint,
+                request=info,
             )
             self._record_start(flow, exchange, headers=headers)
 
@@ -435,6 +440,8 @@ class AIBridge:
             _, info = route.api.parse_request(self._request_body(flow))
         except (RequestError, ValueError):
             info = None
+        if info is not None and isinstance(noted.get("request"), dict):
+            info.metadata = noted["request"]  # the body saved is the one sent, edited
         rejected = noted.get("rejected")
         if isinstance(rejected, dict):
             status, message = rejected.get("status"), rejected.get("message")
@@ -476,6 +483,20 @@ class AIBridge:
         if refusal is not None:
             return self._reject(flow, route, identity, *refusal, info)
         return info
+
+    def _amend(self, flow: http.HTTPFlow, api: Api, info: RequestInfo) -> None:
+        """The one edit the API may make to the body before it goes upstream (DESIGN §2)."""
+        if api.amend_request is None:
+            return
+        req = flow.request
+        encoding = req.headers.get("content-encoding", "").strip().lower()
+        body = req.raw_content or b""
+        amended = api.amend_request(body, info, self.config, encoding not in ("", "identity"))
+        if amended is None:
+            return
+        req.raw_content = amended
+        if "content-length" in req.headers:
+            req.headers["content-length"] = str(len(amended))
 
     def _request_body(self, flow: http.HTTPFlow) -> bytes:
         """The body for parsing: decoded (bounded) if compressed, never put back in the flow,
@@ -851,7 +872,7 @@ class AIBridge:
             flow_id=flow.id,
             started_at=now,
             provider=route.provider,
-            api=route.api or apis.for_provider_type(route.provider.type),
+            api=route.api or apis.for_provider(route.provider.apis),
             info=info,
             headers=flow.request.headers,
             identity=identity,
@@ -867,7 +888,7 @@ class AIBridge:
             rejected = {"status": status, "message": message, "request_read": info is not None}
             _note(
                 flow,
-                route.api or apis.for_provider_type(route.provider.type),
+                route.api or apis.for_provider(route.provider.apis),
                 row["id"],
                 row["initiator_id"],
                 row["credential_kind"],

@@ -18,12 +18,16 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from aibridge.apis import default_passthrough
+from aibridge.apis import BY_NAME, default_api_names, default_passthrough
 
 # "chatgpt": Codex signed in with a ChatGPT account (chatgpt.com/backend-api/codex). The
 # client's own credential goes upstream; the bridge identifies and records, holds no key.
 # "anthropic": Anthropic's API (the key goes as x-api-key).
-PROVIDER_TYPES = ("openai", "chatgpt", "anthropic")
+# "openai_compatible": a host that speaks OpenAI's Chat Completions (OpenRouter, vLLM, Ollama,
+# Azure OpenAI's v1 API, Google's OpenAI-compatible endpoint, ...).
+PROVIDER_TYPES = ("openai", "chatgpt", "anthropic", "openai_compatible")
+# A header name as HTTP allows it (a token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 WEBSOCKET_POLICIES = ("bridge", "refuse")
 
 # ${VAR} must be set; ${VAR:-default} falls back when VAR is unset or empty (as in POSIX shells).
@@ -51,12 +55,19 @@ class Provider:
     extra_headers: dict[str, str] = field(default_factory=dict)
     # Anthropic: a Claude Pro/Max sign-in goes upstream as the user's own credential.
     subscription: bool = False
+    # The APIs (aibridge.apis names) it serves; empty: those of its type.
+    apis: tuple[str, ...] = ()
+    # The header the provider key goes upstream in, lower case ("authorization" sends
+    # ``Bearer <key>``, any other the key alone, e.g. Azure's "api-key"); empty: by type.
+    key_header: str = ""
 
     # Parsed once: routing looks at these for every flow.
     scheme: str = field(init=False)
     host: str = field(init=False)
     port: int = field(init=False)
     base_path: str = field(init=False)  # the API root on the provider, e.g. "/v1"
+    # The base URL's query string (Azure's "api-version=..."), added to every request.
+    base_query: str = field(init=False)
     # The provider paths let through when the config lists none: its APIs' own.
     default_passthrough: tuple[str, ...] = field(init=False)
 
@@ -67,16 +78,17 @@ class Provider:
         set_(self, "host", (parts.hostname or "").rstrip("."))  # as DNS compares names
         set_(self, "port", parts.port or (443 if parts.scheme == "https" else 80))
         set_(self, "base_path", parts.path.rstrip("/"))
-        set_(self, "default_passthrough", default_passthrough({self.type}))
+        set_(self, "base_query", parts.query)
+        if not self.apis:
+            set_(self, "apis", default_api_names(self.type))
+        if not self.key_header:
+            set_(self, "key_header", "x-api-key" if self.type == "anthropic" else "authorization")
+        set_(self, "key_header", self.key_header.lower())
+        set_(self, "default_passthrough", default_passthrough(self.apis))
 
     @property
     def forwards_client_credential(self) -> bool:
         return self.type == "chatgpt"
-
-    @property
-    def key_header(self) -> str:
-        """The header the provider key goes upstream in (as ``Bearer <key>`` in authorization)."""
-        return "x-api-key" if self.type == "anthropic" else "authorization"
 
     def __repr__(self) -> str:
         # Secrets never show in a repr (logs, tracebacks, debuggers): hints only.
@@ -84,7 +96,8 @@ class Provider:
         return (
             f"Provider(name={self.name!r}, type={self.type!r}, base_url={self.base_url!r}, "
             f"api_key={hint(self.api_key)!r}, extra_headers={headers!r}, "
-            f"subscription={self.subscription!r})"
+            f"subscription={self.subscription!r}, apis={self.apis!r}, "
+            f"key_header={self.key_header!r})"
         )
 
 
@@ -138,6 +151,14 @@ class Retention:
 
 
 @dataclass(frozen=True, slots=True)
+class ChatCompletions:
+    """Chat Completions settings: ``request_usage`` adds ``stream_options.include_usage`` to a
+    streamed request that lacks it, so the provider reports the tokens (DESIGN §3.4)."""
+
+    request_usage: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     database: str
@@ -151,6 +172,7 @@ class Config:
     websocket: str = "bridge"
     pricing: Pricing = Pricing()
     retention: Retention = Retention()
+    chat_completions: ChatCompletions = ChatCompletions()
     warnings: tuple[str, ...] = ()
     # Looked up for every request: built once.
     _users_by_digest: dict[str, User] = field(init=False, repr=False, compare=False)
@@ -329,6 +351,7 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         "websocket",
         "pricing",
         "retention",
+        "chat_completions",
     }
     for name in top:
         if name not in known:
@@ -372,6 +395,7 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         websocket=websocket,
         pricing=_pricing(r, top.get("pricing")),
         retention=_retention(r, top.get("retention")),
+        chat_completions=_chat_completions(r, top.get("chat_completions")),
         warnings=tuple(r.warnings),
     )
 
@@ -420,6 +444,16 @@ def _pricing(r: _Reader, raw: Any) -> Pricing:
     return Pricing(tuple(overrides))
 
 
+def _chat_completions(r: _Reader, raw: Any) -> ChatCompletions:
+    section = r.mapping(raw or {}, "chat_completions")
+    for name in section:
+        if name != "request_usage":
+            raise r.fail(f"chat_completions.{name}", "unknown key (known: request_usage)")
+    return ChatCompletions(
+        r.boolean(section, "request_usage", "chat_completions.request_usage", True)
+    )
+
+
 def _retention(r: _Reader, raw: Any) -> Retention:
     section = r.mapping(raw or {}, "retention")
     for name in section:
@@ -444,7 +478,16 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
     for i, item in enumerate(raw):
         key = f"providers[{i}]"
         entry = r.mapping(item, key)
-        known = {"name", "type", "base_url", "api_key", "extra_headers", "subscription"}
+        known = {
+            "name",
+            "type",
+            "base_url",
+            "api_key",
+            "extra_headers",
+            "subscription",
+            "apis",
+            "key_header",
+        }
         for name in entry:
             if name not in known:
                 raise r.fail(f"{key}.{name}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -466,6 +509,16 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
                 f"{key}.base_url",
                 f"must be an http(s) URL such as https://api.openai.com/v1, got {base_url!r}",
             )
+        if parts.fragment:
+            raise r.fail(f"{key}.base_url", f"must not have a #fragment, got {base_url!r}")
+        served = _served_apis(r, entry, key, ptype)
+        key_header = r.string(
+            entry, "key_header", f"{key}.key_header", default="", allow_empty=True
+        ).lower()
+        if key_header and not _HEADER_NAME.fullmatch(key_header):
+            raise r.fail(f"{key}.key_header", f"must be an HTTP header name, got {key_header!r}")
+        if key_header and ptype == "chatgpt":
+            raise r.fail(f"{key}.key_header", "a chatgpt provider holds no key: remove key_header")
         if ptype == "chatgpt":
             if entry.get("api_key"):
                 raise r.fail(
@@ -492,10 +545,29 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
                 "only an anthropic provider takes subscription sign-ins (Claude Pro/Max); "
                 "for ChatGPT sign-ins use type: chatgpt",
             )
+        base = parts._replace(path=parts.path.rstrip("/")).geturl()
         providers.append(
-            Provider(name, ptype, base_url.rstrip("/"), api_key, extra_headers, subscription)
+            Provider(name, ptype, base, api_key, extra_headers, subscription, served, key_header)
         )
     return tuple(providers)
+
+
+def _served_apis(r: _Reader, entry: dict[str, Any], key: str, ptype: str) -> tuple[str, ...]:
+    """The provider's ``apis``: names of aibridge.apis, once each; by default its type's."""
+    default = default_api_names(ptype)
+    served = r.string_list(entry, "apis", f"{key}.apis", default)
+    if not served:
+        raise r.fail(f"{key}.apis", f"must name at least one API ({', '.join(BY_NAME)})")
+    for i, name in enumerate(served):
+        if name not in BY_NAME:
+            raise r.fail(f"{key}.apis[{i}]", f"unknown API {name!r} (known: {', '.join(BY_NAME)})")
+        if name in served[:i]:
+            raise r.fail(f"{key}.apis[{i}]", f"{name!r} is listed twice")
+    if ptype == "chatgpt" and served != ("responses",):
+        raise r.fail(
+            f"{key}.apis", "a chatgpt provider (a ChatGPT sign-in) serves only the responses API"
+        )
+    return served
 
 
 def _users(r: _Reader, raw: Any) -> tuple[User, ...]:

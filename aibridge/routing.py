@@ -72,8 +72,10 @@ def classify(
     if by_prefix is not None:
         if api_path is None:
             return Route(RouteKind.FORBIDDEN, provider, raw_path)
-        upstream_path = prefixed_path + sep + query
+        upstream_path = prefixed_path + _query(query, provider.base_query)
     else:
+        if provider.base_query and (merged := _query(query, provider.base_query)) != sep + query:
+            upstream_path = raw_path + merged
         root = provider.base_path
         if root and (raw_path == root or raw_path.startswith(root + "/")):
             api_path = "/v1" + raw_path[len(root) :]
@@ -87,7 +89,7 @@ def classify(
     # Judged as the upstream server would read it: percent-decoded, empty segments collapsed.
     segments = unquote(api_path).split("/")[1:]
     normalized = "/" + "/".join(segment for segment in segments if segment)
-    api = bridged_api(provider.type, normalized)
+    api = bridged_api(provider.apis, normalized)
     if api is not None:
         if method == "POST":
             return Route(RouteKind.BRIDGED, provider, normalized, upstream_path, api)
@@ -100,6 +102,18 @@ def classify(
     ):
         return Route(RouteKind.PASSTHROUGH, provider, normalized, upstream_path)
     return Route(RouteKind.FORBIDDEN, provider, normalized, upstream_path)
+
+
+def _query(client_query: str, base_query: str) -> str:
+    """The query string to send upstream, with its ``?``: the client's as sent, followed by
+    the parameters of the provider's base URL the client did not give (Azure's
+    ``api-version``), so a client never needs to know them."""
+    if not base_query:
+        return "?" + client_query if client_query else ""
+    given = {part.partition("=")[0] for part in client_query.split("&") if part}
+    added = [part for part in base_query.split("&") if part and part.partition("=")[0] not in given]
+    joined = "&".join(part for part in (client_query, *added) if part)
+    return "?" + joined if joined else ""
 
 
 def _has_dot_segment(raw_path: str) -> bool:

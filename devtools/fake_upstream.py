@@ -25,6 +25,7 @@ for the bulk scenarios (which otherwise send 64 KiB chunks); `x-fake-chunk-size:
 re-cuts the whole stream into N-byte chunks, splitting events anywhere.
 
 It also speaks Anthropic's Messages API on the same port (devtools/fake_anthropic.py).
+It also speaks OpenAI's Chat Completions API on the same port (devtools/fake_openai_chat.py).
 """
 
 from __future__ import annotations
@@ -784,10 +785,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, body: bytes, headers: dict[str, str]) -> Reply:
         path = self.path.split("?", 1)[0]
-        from devtools import fake_anthropic  # here: it imports this module's builders
+        # Imported here: they import this module's builders.
+        from devtools import fake_anthropic, fake_openai_chat
 
         fake = self.server.fake
         reply = fake_anthropic.route(self.command, path, body, headers, fake._next_messages_call)
+        if reply is not None:
+            return reply
+        reply = fake_openai_chat.route(self.command, path, body, headers, fake._next_chat_call)
         if reply is not None:
             return reply
         if self.command == "POST" and path.endswith("/responses"):
@@ -941,6 +946,7 @@ class FakeUpstream:
         self._lock = threading.Lock()
         self._responses: OrderedDict[str, dict] = OrderedDict()
         self.messages_calls = 0  # POST /v1/messages received: usage is numbered by it
+        self.chat_calls = 0  # POST …/chat/completions received: likewise
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -980,6 +986,11 @@ class FakeUpstream:
         with self._lock:
             self.messages_calls += 1
             return self.messages_calls
+
+    def _next_chat_call(self) -> int:
+        with self._lock:
+            self.chat_calls += 1
+            return self.chat_calls
 
     def _record(self, request: ReceivedRequest) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ from aibridge.apis.anthropic_messages import (
     upstream_error_text,
     worth_decoding,
 )
-from aibridge.apis.common import EventAccumulator
+from aibridge.apis.common import EventAccumulator, json_cost
 from aibridge.apis.openai_responses import RequestError, RequestInfo, ResponseResult
 from aibridge.transport.sse import SSEParser
 from tests.test_openai_responses import (
@@ -419,6 +419,7 @@ def test_parse_request_null_and_missing_fields_are_defaults() -> None:
         "correlating_tool_call_id": None,
         "previous_response_id": None,
         "session_id": None,
+        "metadata": None,
     }
     assert parse_request(b"{}")[1] == info
     assert parse_request(b'{"metadata": {"user_id": null}}')[1] == info
@@ -1394,7 +1395,7 @@ def test_json_cost_agrees_with_what_orjson_can_write(depth: int, shape: str) -> 
         writable = True
     except orjson.JSONEncodeError:
         writable = False
-    assert (am._json_cost(value, 1 << 30) is not None) == writable
+    assert (json_cost(value, 1 << 30) is not None) == writable
     result = run(tool_start(0), json_delta(0, raw), stop(0))
     assert result.tool_usages[0]["args"] == (value if writable else raw)
 
@@ -1412,7 +1413,7 @@ def test_json_cost_agrees_with_what_orjson_can_write(depth: int, shape: str) -> 
     ],
 )
 def test_json_cost_refuses_what_orjson_cannot_write(value: Any, writable: bool) -> None:
-    assert (am._json_cost(value, 1 << 30) is not None) == writable
+    assert (json_cost(value, 1 << 30) is not None) == writable
     row = token_usage_row({"input_tokens": 1, "odd": value})
     assert (row["usage"] is not None) == writable
     assert row["input_tokens"] == 1

@@ -405,9 +405,9 @@ def test_aibridge_db_overrides_the_database(
         (
             b"{}",
             TOKENS["alice"],
-            "https://api.openai.com/v1/chat/completions",
+            "https://api.openai.com/v1/completions",
             403,
-            "/v1/chat/completions is not available through AI Bridge",
+            "/v1/completions is not available through AI Bridge",
             None,
         ),
         (

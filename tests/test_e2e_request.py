@@ -62,7 +62,7 @@ def test_rejections_never_reach_upstream(bridge: Mitmdump, upstream: FakeUpstrea
     r = post(bridge, b'{"model": "fake-text", "input": "x"}', token=None)
     assert r.status_code == 401 and "missing bridge token" in r.json()["message"]
 
-    r = post(bridge, b"{}", path="/openai/v1/chat/completions")
+    r = post(bridge, b"{}", path="/openai/v1/completions")
     assert r.status_code == 403 and r.json()["code"] == "403"
     r = httpx.get(
         bridge.url + "/openai/v1/files", headers={"authorization": f"Bearer {TOKENS['alice']}"}

@@ -231,6 +231,7 @@ def test_parse_request_null_and_missing_fields_are_defaults() -> None:
         "correlating_tool_call_id": None,
         "previous_response_id": None,
         "session_id": None,
+        "metadata": None,
     }
     assert parse_request(b"{}")[1] == info
 

@@ -1,34 +1,52 @@
 """The APIs the bridge speaks, one module each behind one small protocol (DESIGN.md §2, §11).
 
 Each module gives an :class:`~aibridge.apis.common.Api`: request parsing and validation,
-refusals, the stream events that matter, the accumulator that turns a response into
-records, and the API's own error body. Adding an API is one module and one line below.
+refusals, the one request edit it may make, the stream events that matter, the accumulator
+that turns a response into records, and the API's own error body. Adding an API is one
+module and one line below.
 """
 
 from __future__ import annotations
 
-from aibridge.apis import anthropic_messages, openai_responses
+from collections.abc import Iterable
+
+from aibridge.apis import anthropic_messages, openai_chat, openai_responses
 from aibridge.apis.common import Api
 
-__all__ = ["APIS", "Api", "bridged_api", "default_passthrough", "for_path", "for_provider_type"]
+__all__ = [
+    "APIS",
+    "BY_NAME",
+    "Api",
+    "bridged_api",
+    "default_api_names",
+    "default_passthrough",
+    "for_path",
+    "for_provider",
+]
 
-APIS: tuple[Api, ...] = (openai_responses.API, anthropic_messages.API)
+APIS: tuple[Api, ...] = (openai_responses.API, anthropic_messages.API, openai_chat.API)
 
+BY_NAME = {api.name: api for api in APIS}
 _BY_PATH = {api.path: api for api in APIS}
 
 
-def bridged_api(provider_type: str, api_path: str) -> Api | None:
-    """The API a ``POST`` to this API path is, when a provider of this type serves it."""
+def default_api_names(provider_type: str) -> tuple[str, ...]:
+    """The APIs a provider of this type serves when its config does not say (``apis``)."""
+    return tuple(api.name for api in APIS if provider_type in api.provider_types)
+
+
+def bridged_api(served: Iterable[str], api_path: str) -> Api | None:
+    """The API a ``POST`` to this API path is, when the provider serves it (`served`: names)."""
     api = _BY_PATH.get(api_path)
-    return api if api is not None and provider_type in api.provider_types else None
+    return api if api is not None and api.name in served else None
 
 
-def for_provider_type(provider_type: str) -> Api:
+def for_provider(served: Iterable[str]) -> Api:
     """The API whose error shape a provider's clients understand (refusals before any body
-    is read: 401, 403)."""
-    for api in APIS:
-        if provider_type in api.provider_types:
-            return api
+    is read: 401, 403): the first it serves."""
+    for name in served:
+        if name in BY_NAME:
+            return BY_NAME[name]
     return APIS[0]
 
 
@@ -42,10 +60,11 @@ def for_path(path: str) -> Api:
     return APIS[0]
 
 
-def default_passthrough(provider_types: frozenset[str] | set[str]) -> tuple[str, ...]:
-    """The passthrough paths of the APIs these provider types serve, in order, once each."""
+def default_passthrough(served: Iterable[str]) -> tuple[str, ...]:
+    """The passthrough paths of these APIs, in the registry's order, once each."""
+    names = set(served)
     paths: dict[str, None] = {}
     for api in APIS:
-        if api.provider_types & set(provider_types):
+        if api.name in names:
             paths.update(dict.fromkeys(api.passthrough))
     return tuple(paths)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from typing import Any, Final
 
 import orjson
@@ -60,6 +59,7 @@ from aibridge.apis.common import (
     ResponseResult,
     checked,
     count,
+    json_cost,
     load_body,
 )
 
@@ -332,7 +332,7 @@ class _Block:
         self.name: str | None = None
         self.server_name: str | None = None
         self.start_input: Any = None  # the start block's input, checked writable
-        self.start_cost = 0  # its size, as _json_cost counts it
+        self.start_cost = 0  # its size, as json_cost counts it
         self.text = bytearray()  # partial_json or thinking, UTF-8, as it arrives
         self.closed = False
         self.dropped = False
@@ -523,7 +523,7 @@ class MessagesAccumulator(EventAccumulator):
             block.call_id, block.name, block.server_name = strings
             start_input = content.get("input")
             if start_input is not None:
-                size = _json_cost(start_input, MAX_BLOCK_BYTES)
+                size = json_cost(start_input, MAX_BLOCK_BYTES)
                 if size is not None and self._fits(block, size):
                     block.start_input, block.start_cost = start_input, size
                     self._kept += size
@@ -590,7 +590,7 @@ class MessagesAccumulator(EventAccumulator):
         if not isinstance(usage, dict):
             return
         merged = {**self._usage, **usage} if self._usage else dict(usage)
-        size = _json_cost(merged, MAX_USAGE_BYTES)
+        size = json_cost(merged, MAX_USAGE_BYTES)
         if len(merged) > 64 or size is None or size > MAX_USAGE_BYTES:
             # Bounded: a hostile stream could grow it by one large key per message_delta.
             merged = {
@@ -686,56 +686,9 @@ def _parse_input(raw: bytearray) -> Any:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return raw.decode("utf-8", "replace")
-    if _json_cost(parsed, sys.maxsize) is None:
+    if json_cost(parsed, sys.maxsize) is None:
         return raw.decode("utf-8", "replace")
     return parsed
-
-
-# orjson writes containers nested this deep at most (it reads 1024).
-_MAX_DEPTH: Final = 254
-_CONTAINER_COST: Final = 56
-_ITEM_COST: Final = 8
-
-
-def _json_cost(value: Any, limit: int) -> int | None:
-    """About the bytes ``value`` holds in memory, or None when orjson could not write it.
-
-    Counting stops past ``limit`` (the number returned is then above it). A walk, not
-    ``orjson.dumps``: dumps reserves 16 bytes per character of a string, so measuring an
-    8 MiB value that way would cost 128 MiB. The walk is as deep as the value, never more.
-    """
-    cost = 0
-    stack: list[Iterator[Any]] = [iter((value,))]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, str):
-                cost += sys.getsizeof(item)
-            elif isinstance(item, dict | list):
-                if len(stack) > _MAX_DEPTH:
-                    return None
-                cost += _CONTAINER_COST + _ITEM_COST * len(item)
-                if isinstance(item, dict):
-                    for key in item:
-                        if not isinstance(key, str):
-                            return None
-                        cost += sys.getsizeof(key)
-                if cost > limit:
-                    return cost
-                stack.append(iter(item.values() if isinstance(item, dict) else item))
-                break
-            elif item is None or isinstance(item, bool | float):
-                cost += _ITEM_COST
-            elif isinstance(item, int):
-                if not -(2**63) <= item < 2**64:
-                    return None
-                cost += _ITEM_COST
-            else:
-                return None
-            if cost > limit:
-                return cost
-        else:
-            stack.pop()
-    return cost
 
 
 def _small_usage_value(value: Any) -> bool:
@@ -820,7 +773,7 @@ def token_usage_row(usage: dict[str, Any]) -> dict[str, Any]:
         "output_tokens": output,
         "reasoning_tokens": None,  # Anthropic counts thinking in output_tokens, unsplit
         "total_tokens": total,
-        "usage": dict(usage) if _json_cost(usage, sys.maxsize) is not None else None,
+        "usage": dict(usage) if json_cost(usage, sys.maxsize) is not None else None,
         "service_tier": tier if tier_ok else None,
     }
 

@@ -5,7 +5,8 @@ malformed, never raise)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -30,6 +31,9 @@ class RequestInfo:
     correlating_tool_call_id: str | None
     previous_response_id: str | None
     session_id: str | None
+    # Facts for ``interceptions.metadata`` besides the bridge's own (Chat Completions: whether
+    # a stream's usage was requested, see openai_chat.amend_request).
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -91,6 +95,9 @@ class Api:
     passthrough: tuple[str, ...] = ()  # its provider paths let through by default
     # A WebSocket mode on its path (GET with Upgrade), read by aibridge.transport.websocket.
     websocket: bool = False
+    # The one edit the bridge may make to a request body (DESIGN §2): (body, info, config,
+    # whether the body is compressed) → the bytes to forward instead, or None to keep them.
+    amend_request: Callable[[bytes, RequestInfo, Any, bool], bytes | None] | None = None
 
 
 class RequestError(ValueError):
@@ -195,3 +202,50 @@ class EventAccumulator:
 
     def _feed_object(self, obj: Any) -> None:
         raise NotImplementedError
+
+
+# orjson writes containers nested this deep at most (it reads 1024).
+_MAX_DEPTH: Final = 254
+_CONTAINER_COST: Final = 56
+_ITEM_COST: Final = 8
+
+
+def json_cost(value: Any, limit: int) -> int | None:
+    """About the bytes ``value`` holds in memory, or None when orjson could not write it.
+
+    Counting stops past ``limit`` (the number returned is then above it). A walk, not
+    ``orjson.dumps``: dumps reserves 16 bytes per character of a string, so measuring an
+    8 MiB value that way would cost 128 MiB. The walk is as deep as the value, never more.
+    """
+    cost = 0
+    stack: list[Iterator[Any]] = [iter((value,))]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, str):
+                cost += sys.getsizeof(item)
+            elif isinstance(item, dict | list):
+                if len(stack) > _MAX_DEPTH:
+                    return None
+                cost += _CONTAINER_COST + _ITEM_COST * len(item)
+                if isinstance(item, dict):
+                    for key in item:
+                        if not isinstance(key, str):
+                            return None
+                        cost += sys.getsizeof(key)
+                if cost > limit:
+                    return cost
+                stack.append(iter(item.values() if isinstance(item, dict) else item))
+                break
+            elif item is None or isinstance(item, bool | float):
+                cost += _ITEM_COST
+            elif isinstance(item, int):
+                if not -(2**63) <= item < 2**64:
+                    return None
+                cost += _ITEM_COST
+            else:
+                return None
+            if cost > limit:
+                return cost
+        else:
+            stack.pop()
+    return cost

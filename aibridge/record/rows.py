@@ -61,7 +61,7 @@ def interception_start(
         "error": None,
         "response_id": None,
         "malformed_events": 0,
-        "metadata": {"request_bytes": request_bytes},
+        "metadata": {"request_bytes": request_bytes, **((info.metadata or {}) if info else {})},
     }
 
 

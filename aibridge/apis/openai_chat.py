@@ -1,0 +1,742 @@
+"""What the audit log records from one OpenAI Chat Completions exchange (DESIGN.md §3.4).
+
+Pure functions over decoded JSON, like the other API modules: no mitmproxy, no I/O.
+
+- the request: :func:`parse_request` validates a ``POST /v1/chat/completions`` body and reads
+  the model, stream flag, prompt and correlating tool call id; :func:`amend_request` adds
+  ``stream_options.include_usage`` to a streamed request that lacks it, as a byte-level edit
+  (aibridge.apis.json_bytes), so the provider reports the tokens it used;
+- the response: :class:`ChatAccumulator` is fed the stream's ``data:`` chunks one at a time
+  (or a buffered ``chat.completion`` once) and keeps only what the records need: tool calls
+  assembled from ``delta.tool_calls[]`` by ``index``, reasoning text that OpenAI-compatible
+  hosts stream (``reasoning_content``, ``reasoning``), the finish reasons and the usage.
+  Content deltas are dropped.
+
+Choices made where DESIGN is silent (the fixtures' README, tests/fixtures/openai_chat/, lists
+them with the scenario that shows each):
+
+- Prompt: the last message after skipping trailing ``system``/``developer`` messages, if its
+  role is ``user``; string content as is, else its ``text`` parts joined with ``\\n``. A last
+  ``tool`` message gives no prompt and its ``tool_call_id`` is the correlating call id.
+- A stream is over at ``data: [DONE]``, at an error chunk (``{"error": {...}}``, which some
+  hosts send mid-stream), or, for hosts that send no ``[DONE]``, once every choice seen has a
+  finish reason (then ``terminal_seen``, so a client that hangs up right after loses nothing).
+- Status from the finish reasons of every choice: any ``length`` → incomplete; else any
+  ``content_filter`` → completed with the reason kept in ``error``; ``stop``, ``tool_calls``,
+  ``function_call`` → completed; a reason not known yet → completed, the reason kept. A
+  ``refusal`` the model streamed is kept in ``error`` too.
+- Usage: the last ``usage`` object that is not null (the usage chunk, ``choices: []``, or a
+  host that repeats a running count on every chunk). DeepSeek's ``prompt_cache_hit_tokens``
+  stands for ``cached_tokens`` when that is missing.
+- Tool calls of every choice are recorded (``n`` > 1), in choice then index order; a legacy
+  ``function_call`` delta is one call of type ``function_call``; ``custom`` tools' ``input``
+  is their arguments. Arguments are parsed as JSON, else kept as the raw string.
+
+Memory per exchange is bounded: at most :data:`MAX_CALL_BYTES` of assembled arguments or
+reasoning text per call or choice, :data:`MAX_EXCHANGE_BYTES` of everything kept,
+:data:`MAX_CALLS` tool calls and :data:`MAX_CHOICES` choices tracked. Past a cap the content
+goes whole (a prefix of JSON is not the call's arguments): the row stays with ``args`` (or a
+thought's ``content``) null, and ``error`` says how many lost their content.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from aibridge.apis import json_bytes, openai_errors
+from aibridge.apis.common import (
+    MAX_COUNT,
+    MAX_TIER_CHARS,
+    Api,
+    EventAccumulator,
+    RequestError,
+    RequestInfo,
+    ResponseResult,
+    checked,
+    count,
+    json_cost,
+    load_body,
+)
+
+if TYPE_CHECKING:
+    from aibridge.config import Config
+
+MAX_CALL_BYTES: Final = 4 << 20
+MAX_EXCHANGE_BYTES: Final = 16 << 20
+MAX_CALLS: Final = 4096
+MAX_CHOICES: Final = 128
+MAX_USAGE_BYTES: Final = 64 << 10
+# Charged per tracked call or choice besides its strings: the Python objects that hold it.
+_ENTRY_OVERHEAD: Final = 512
+# A finish reason longer than this is not one (the API's are a word).
+_MAX_REASON_CHARS: Final = 64
+# A refusal is kept in the error text up to this many characters.
+_MAX_REFUSAL_CHARS: Final = 1000
+_MAX_SESSION_CHARS: Final = 256
+
+_COMPLETED_REASONS: Final = frozenset({"stop", "tool_calls", "function_call", "end_turn"})
+_INCOMPLETE_REASONS: Final = frozenset({"length"})
+# Reasoning text as OpenAI-compatible hosts stream it (DeepSeek, vLLM: reasoning_content;
+# OpenRouter, Ollama, Groq: reasoning).
+_REASONING_FIELDS: Final = ("reasoning_content", "reasoning")
+
+# What interceptions.metadata's "stream_usage" says about a streamed request's usage.
+USAGE_REQUESTED: Final = "requested by the client"
+USAGE_ADDED: Final = "added by the bridge"
+USAGE_NOT_REQUESTED: Final = "not requested"
+USAGE_NOT_ADDED_ENCODED: Final = "not requested (the compressed request body was left as sent)"
+
+# The field the bridge inserts: compact, as OpenAI's own SDKs write it.
+_USAGE_MEMBER: Final = b'"stream_options":{"include_usage":true}'
+
+# --------------------------------------------------------------------------- request
+
+# The top-level fields the bridge reads or edits, or that decide what the provider does and
+# bills. Given twice, the provider may read the other copy than the bridge did: refused.
+CHECKED_FIELDS: Final = frozenset(
+    {
+        "model",
+        "stream",
+        "stream_options",
+        "messages",
+        "metadata",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "n",
+        "service_tier",
+        "reasoning_effort",
+        "max_tokens",
+        "max_completion_tokens",
+        "modalities",
+        "audio",
+        "prediction",
+        "web_search_options",
+        "store",
+    }
+)
+
+
+def parse_request(body: bytes) -> tuple[dict[str, Any], RequestInfo]:
+    """Decode and check a ``POST /v1/chat/completions`` body; the caller forwards the bytes.
+
+    As strict as the other APIs: only the fields read here are type-checked, a field absent or
+    ``null`` is as if not sent, and a field of CHECKED_FIELDS given twice is refused.
+    """
+    obj = load_body(body, CHECKED_FIELDS)
+    return obj, request_info(obj)
+
+
+def request_info(obj: dict[str, Any]) -> RequestInfo:
+    """parse_request's checks and reading, on a body decoded already."""
+    model = checked(obj, "model", str, "a string")
+    stream = bool(checked(obj, "stream", bool, "a boolean"))
+    messages = checked(obj, "messages", list, "an array of messages")
+    options = checked(obj, "stream_options", dict, "an object")
+    if options is not None and not isinstance(options.get("include_usage"), bool | None):
+        raise RequestError("'stream_options.include_usage' must be a boolean")
+    metadata = checked(obj, "metadata", dict, "an object")
+    info = RequestInfo(
+        model=model,
+        stream=stream,
+        background=False,  # Chat Completions has no background mode
+        prompt=prompt_from_messages(messages),
+        correlating_tool_call_id=correlating_tool_call_id(messages),
+        previous_response_id=None,  # nor server-side conversation state
+        session_id=_session_id(metadata),
+    )
+    if stream:
+        requested = options is not None and options.get("include_usage") is True
+        info.metadata = {"stream_usage": USAGE_REQUESTED if requested else USAGE_NOT_REQUESTED}
+    return info
+
+
+def _last_message(messages: Any) -> dict[str, Any] | None:
+    """The last message, skipping ``system``/``developer`` messages after it."""
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if not isinstance(message, dict):
+            return None
+        if message.get("role") in ("system", "developer"):
+            continue
+        return message
+    return None
+
+
+def prompt_from_messages(messages: Any) -> str | None:
+    """The prompt of DESIGN §3.4: the last ``user`` message's string, or its text parts."""
+    message = _last_message(messages)
+    if message is None or message.get("role") != "user":
+        return None
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    texts = [
+        part["text"]
+        for part in content
+        if isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    ]
+    return "\n".join(texts) if texts else None
+
+
+def _is_text_part(part: Any) -> bool:
+    return (
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+    )
+
+
+def correlating_tool_call_id(messages: Any) -> str | None:
+    """The ``tool_call_id`` of a last ``tool`` message (the result the model answers)."""
+    message = _last_message(messages)
+    if message is None or message.get("role") != "tool":
+        return None
+    call_id = message.get("tool_call_id")
+    return call_id if isinstance(call_id, str) and call_id else None
+
+
+def _session_id(metadata: Any) -> str | None:
+    value = metadata.get("session_id") if isinstance(metadata, dict) else None
+    return value if isinstance(value, str) and 0 < len(value) <= _MAX_SESSION_CHARS else None
+
+
+def amend_request(body: bytes, info: RequestInfo, config: Config, encoded: bool) -> bytes | None:
+    """The body to forward instead of `body`, or None to forward it as sent.
+
+    A streamed request whose client did not ask for usage gets
+    ``"stream_options":{"include_usage":true}``, unless ``chat_completions.request_usage`` is
+    off. The edit is byte-level (json_bytes): every other byte of the body stays as sent. A
+    compressed body (`encoded`) is left alone: re-compressing it would re-encode it all.
+    """
+    metadata = info.metadata
+    if metadata is None or metadata.get("stream_usage") != USAGE_NOT_REQUESTED:
+        return None
+    if not config.chat_completions.request_usage:
+        return None
+    if encoded:
+        metadata["stream_usage"] = USAGE_NOT_ADDED_ENCODED
+        return None
+    amended = with_usage_requested(body)
+    if amended is not None:
+        metadata["stream_usage"] = USAGE_ADDED
+    return amended
+
+
+def with_usage_requested(body: bytes) -> bytes | None:
+    """`body` (a valid JSON object, its top-level keys once each) with
+    ``stream_options.include_usage`` true: inserted as the first member when there is no
+    ``stream_options``; inserted into it, or its ``false``/``null`` replaced, when there is.
+    None when nothing needs to change."""
+    spans = json_bytes.member_spans(body)
+    options = spans.get("stream_options")
+    if options is None:
+        return json_bytes.insert_first_member(body, _USAGE_MEMBER)
+    start, end = options
+    value = body[start:end]
+    if value == b"null":
+        return body[:start] + b'{"include_usage":true}' + body[end:]
+    inner = json_bytes.member_spans(body, start)
+    usage = inner.get("include_usage")
+    if usage is None:
+        return json_bytes.insert_first_member(body, b'"include_usage":true', start)
+    if body[usage[0] : usage[1]] == b"true":
+        return None
+    return body[: usage[0]] + b"true" + body[usage[1] :]
+
+
+# -------------------------------------------------------------------------- response
+
+
+class _Call:
+    """One tool call assembled from its deltas."""
+
+    __slots__ = ("arguments", "call_id", "dropped", "name", "type")
+
+    def __init__(self) -> None:
+        self.call_id: str | None = None
+        self.name: str | None = None
+        self.type = "function"
+        self.arguments = bytearray()  # UTF-8, as it arrives
+        self.dropped = False
+
+
+class _Choice:
+    """What one choice (``index``) of the response has given so far."""
+
+    __slots__ = ("calls", "finish_reason", "reasoning", "reasoning_dropped", "refusal")
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.calls: dict[Any, _Call] = {}  # by the delta's index ("function_call": legacy)
+        self.reasoning = bytearray()
+        self.reasoning_dropped = False
+        self.refusal: str | None = None
+
+
+class ChatAccumulator(EventAccumulator):
+    """Collects the records of one Chat Completions response from its chunks or its body.
+
+    The interface of the other accumulators: feed_event, feed_response_object,
+    feed_response_body, ended, result(). Also counted: ``dropped`` (content over a cap) and
+    ``untracked`` (calls or choices past their count cap), both reported in ``error``.
+    """
+
+    __slots__ = (
+        "_choices",
+        "_done",
+        "_error",
+        "_kept",
+        "_service_tier",
+        "_usage",
+        "_usage_trimmed",
+        "dropped",
+        "response_id",
+        "response_model",
+        "untracked",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.dropped = 0
+        self.untracked = 0
+        self._choices: dict[int, _Choice] = {}
+        self._kept = 0
+        self._usage: dict[str, Any] | None = None
+        self._usage_trimmed = False
+        self._service_tier: str | None = None
+        self._done = False
+        self._error: tuple[str | None, str | None] | None = None
+
+    # Chat chunks carry no ``type``: every one is a chunk, read whole.
+    def feed_event(self, event_name: str | None, data: str | bytes) -> None:
+        """Take one ``data:`` payload; never raises."""
+        if not data or self._done or self._error is not None:
+            return
+        if data in ("[DONE]", b"[DONE]"):
+            self._done = True
+            return
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.malformed_events += 1
+            return
+        if not isinstance(chunk, dict):
+            self.malformed_events += 1
+            return
+        try:
+            self._chunk(chunk)
+        except Exception:
+            # Last line of defence: an audit log must never break a client's stream.
+            self.malformed_events += 1
+
+    @property
+    def ended(self) -> bool:
+        """``[DONE]`` or an error chunk arrived: the response is over by the protocol."""
+        return self._done or self._error is not None
+
+    def _finished(self) -> bool:
+        """Every choice seen has its finish reason (hosts that send no ``[DONE]``)."""
+        return bool(self._choices) and all(
+            choice.finish_reason is not None for choice in self._choices.values()
+        )
+
+    def result(self) -> ResponseResult:
+        status, error, error_code = self._status()
+        note = self._note()
+        if note is not None:
+            error = f"{error}; {note}" if error else note
+        rid = self.response_id
+        usage = None if self._usage is None else token_usage_row(self._usage, self._service_tier)
+        tools: list[dict[str, Any]] = []
+        thoughts: list[dict[str, Any]] = []
+        for index in sorted(self._choices):
+            choice = self._choices[index]
+            if choice.reasoning_dropped:
+                thoughts.append({"response_id": rid, "source": "reasoning", "content": None})
+            elif (text := choice.reasoning.decode("utf-8", "replace")).strip():
+                thoughts.append({"response_id": rid, "source": "reasoning", "content": text})
+            # A choice cut off before its finish reason: its calls may be partial.
+            cut = choice.finish_reason is None and not self._done
+            for call in choice.calls.values():
+                tools.append({"response_id": rid, **_tool_row(call, cut)})
+        return ResponseResult(
+            response_id=rid,
+            response_model=self.response_model,
+            status=status,
+            error=error,
+            token_usage={"response_id": rid, **usage} if usage is not None else None,
+            tool_usages=tools,
+            thoughts=thoughts,
+            malformed_events=self.malformed_events,
+            terminal_seen=status is not None,
+            error_code=error_code,
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _chunk(self, chunk: dict[str, Any]) -> None:
+        error = chunk.get("error")
+        if error is not None and "choices" not in chunk:
+            self._error = _error_fields(chunk)
+            return
+        self._note_response(chunk)
+        choices = chunk.get("choices")
+        if choices is None:
+            return
+        if not isinstance(choices, list):
+            self.malformed_events += 1
+            return
+        for entry in choices:
+            if not isinstance(entry, dict) or not _is_index(entry.get("index", 0)):
+                self.malformed_events += 1
+                continue
+            choice = self._choice(entry.get("index", 0))
+            if choice is None:
+                continue
+            delta = entry.get("delta")
+            if isinstance(delta, dict):
+                self._take_message(choice, delta, streamed=True)
+            elif delta is not None:
+                self.malformed_events += 1
+            self._take_finish(choice, entry.get("finish_reason"))
+
+    def _note_response(self, obj: dict[str, Any]) -> None:
+        rid = obj.get("id")
+        if self.response_id is None and isinstance(rid, str) and rid:
+            self.response_id = rid
+        model = obj.get("model")
+        if self.response_model is None and isinstance(model, str) and model:
+            self.response_model = model
+        tier = obj.get("service_tier")
+        if isinstance(tier, str) and 0 < len(tier) <= MAX_TIER_CHARS:
+            self._service_tier = tier
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._set_usage(usage)
+        elif usage is not None:
+            self.malformed_events += 1
+
+    def _set_usage(self, usage: dict[str, Any]) -> None:
+        size = json_cost(usage, MAX_USAGE_BYTES)
+        if size is None or size > MAX_USAGE_BYTES:
+            # Bounded: only the counts the columns come from are kept.
+            usage = {key: usage[key] for key in _USAGE_COUNTED if _small(usage.get(key))}
+            self._usage_trimmed = True
+        self._usage = usage
+
+    def _choice(self, index: int) -> _Choice | None:
+        choice = self._choices.get(index)
+        if choice is not None:
+            return choice
+        if len(self._choices) >= MAX_CHOICES or self._kept + _ENTRY_OVERHEAD > MAX_EXCHANGE_BYTES:
+            self.untracked += 1
+            return None
+        self._kept += _ENTRY_OVERHEAD
+        choice = self._choices[index] = _Choice()
+        return choice
+
+    def _take_finish(self, choice: _Choice, reason: Any) -> None:
+        is_reason = isinstance(reason, str) and 0 < len(reason) <= _MAX_REASON_CHARS
+        if is_reason and choice.finish_reason is None:  # the first one decides
+            choice.finish_reason = reason
+
+    def _take_message(self, choice: _Choice, message: dict[str, Any], *, streamed: bool) -> None:
+        """A stream's ``delta`` or a buffered ``message``: reasoning, refusal, tool calls."""
+        for name in _REASONING_FIELDS:
+            piece = message.get(name)
+            if isinstance(piece, str) and piece:
+                self._append_reasoning(choice, piece)
+                break  # a host sends one of them; both would be the same text
+        refusal = message.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            kept = choice.refusal or ""
+            if len(kept) < _MAX_REFUSAL_CHARS:
+                choice.refusal = (kept + refusal)[:_MAX_REFUSAL_CHARS]
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for position, entry in enumerate(calls):
+                if not isinstance(entry, dict):
+                    self.malformed_events += 1
+                    continue
+                index = entry.get("index") if streamed else position
+                if not _is_index(index):
+                    # Some hosts send whole calls without an index: each is its own call.
+                    index = ("whole", len(choice.calls))
+                self._take_call(choice, index, entry)
+        elif calls is not None:
+            self.malformed_events += 1
+        legacy = message.get("function_call")
+        if isinstance(legacy, dict):
+            self._take_call(choice, "function_call", {"type": "function_call", "function": legacy})
+
+    def _take_call(self, choice: _Choice, index: Any, entry: dict[str, Any]) -> None:
+        call = choice.calls.get(index)
+        if call is None:
+            cost = _ENTRY_OVERHEAD
+            if self._calls() >= MAX_CALLS or self._kept + cost > MAX_EXCHANGE_BYTES:
+                self.untracked += 1
+                return
+            self._kept += cost
+            call = choice.calls[index] = _Call()
+        call_id = entry.get("id")
+        if isinstance(call_id, str) and call_id and call.call_id is None:
+            call.call_id = call_id[:_MAX_SESSION_CHARS]
+        kind = entry.get("type")
+        if isinstance(kind, str) and 0 < len(kind) <= _MAX_REASON_CHARS:
+            call.type = kind
+        body = entry.get("function")
+        if not isinstance(body, dict):
+            body = entry.get("custom")
+        if not isinstance(body, dict):
+            return
+        name = body.get("name")
+        if isinstance(name, str) and name and call.name is None:
+            call.name = name[:_MAX_SESSION_CHARS]
+        piece = body.get("arguments")
+        if piece is None:
+            piece = body.get("input")  # custom tools
+        if isinstance(piece, str):
+            self._append(call, piece)
+        elif piece is not None and not call.dropped:
+            # A host that sends structured arguments: kept as their JSON.
+            try:
+                self._append(call, orjson.dumps(piece).decode())
+            except orjson.JSONEncodeError:
+                self.malformed_events += 1
+
+    def _calls(self) -> int:
+        return sum(len(choice.calls) for choice in self._choices.values())
+
+    def _append(self, call: _Call, piece: str) -> None:
+        if call.dropped or not piece:
+            return
+        data = piece.encode("utf-8", "replace")
+        if len(call.arguments) + len(data) > MAX_CALL_BYTES or self._over(len(data)):
+            self._kept -= len(call.arguments)
+            call.arguments = bytearray()
+            call.dropped = True
+            self.dropped += 1
+            return
+        call.arguments += data
+        self._kept += len(data)
+
+    def _append_reasoning(self, choice: _Choice, piece: str) -> None:
+        if choice.reasoning_dropped:
+            return
+        data = piece.encode("utf-8", "replace")
+        if len(choice.reasoning) + len(data) > MAX_CALL_BYTES or self._over(len(data)):
+            self._kept -= len(choice.reasoning)
+            choice.reasoning = bytearray()
+            choice.reasoning_dropped = True
+            self.dropped += 1
+            return
+        choice.reasoning += data
+        self._kept += len(data)
+
+    def _over(self, size: int) -> bool:
+        return self._kept + size > MAX_EXCHANGE_BYTES
+
+    def _feed_object(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.malformed_events += 1
+            return
+        if obj.get("error") is not None and "choices" not in obj:
+            if self._error is None:
+                self._error = _error_fields(obj)
+            return
+        self._note_response(obj)
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            self.malformed_events += 1
+            return
+        for position, entry in enumerate(choices):
+            if not isinstance(entry, dict):
+                self.malformed_events += 1
+                continue
+            index = entry.get("index", position)
+            choice = self._choice(index if _is_index(index) else position)
+            if choice is None:
+                continue
+            message = entry.get("message")
+            if isinstance(message, dict):
+                self._take_message(choice, message, streamed=False)
+            self._take_finish(choice, entry.get("finish_reason"))
+        self._done = True  # a buffered completion is whole
+
+    def _status(self) -> tuple[str | None, str | None, str | None]:
+        """Status, error text and error code (DESIGN §3.4)."""
+        if self._error is not None:
+            return ("error", *self._error)
+        if not (self._done or self._finished()):
+            return None, None, None
+        reasons = [self._choices[i].finish_reason for i in sorted(self._choices)]
+        refusals = [c.refusal for c in self._choices.values() if c.refusal]
+        refusal = f"refusal: {refusals[0]}" if refusals else None
+        if any(reason in _INCOMPLETE_REASONS for reason in reasons):
+            return "incomplete", next(r for r in reasons if r in _INCOMPLETE_REASONS), None
+        unusual = [r for r in reasons if r is not None and r not in _COMPLETED_REASONS]
+        if unusual:
+            text = unusual[0] if refusal is None else f"{unusual[0]}; {refusal}"
+            return "completed", text, None  # content_filter, and reasons not known yet: kept
+        return "completed", refusal, None
+
+    def _note(self) -> str | None:
+        """What the caps cost, for the record's error text."""
+        parts = []
+        if self.dropped:
+            parts.append(
+                f"{self.dropped} tool call(s) or reasoning text(s) over the size limit "
+                f"({MAX_CALL_BYTES >> 20} MiB each, {MAX_EXCHANGE_BYTES >> 20} MiB per"
+                " response) recorded without their content"
+            )
+        if self.untracked:
+            parts.append(
+                f"{self.untracked} tool call(s) or choice(s) past the limits of {MAX_CALLS}"
+                f" calls and {MAX_CHOICES} choices not recorded"
+            )
+        if self._usage_trimmed:
+            parts.append(f"raw usage over {MAX_USAGE_BYTES >> 10} KiB: only its counts kept")
+        return "aibridge: " + "; ".join(parts) if parts else None
+
+
+_USAGE_COUNTED: Final = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+    "prompt_cache_hit_tokens",
+    "prompt_cache_miss_tokens",
+)
+
+
+def _small(value: Any) -> bool:
+    """What a trimmed usage keeps: a number, or a few counts (the details objects)."""
+    if isinstance(value, dict):
+        return len(value) <= 16 and all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in value.items()
+        )
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _tool_row(call: _Call, cut: bool) -> dict[str, Any]:
+    """A call's row; the arguments of a call `cut` off by the end of the stream are kept only
+    when they are whole JSON (a prefix of them is not what the model called the tool with)."""
+    args: Any = None
+    if not call.dropped and call.arguments:
+        args = _parse_arguments(call.arguments)
+        if cut and isinstance(args, str):
+            args = None
+    return {
+        "call_id": call.call_id,
+        "tool": call.name or call.type,
+        "type": call.type,
+        "args": args,
+        "injected": False,
+        "server_url": None,
+        "invocation_error": None,
+    }
+
+
+def _parse_arguments(raw: bytearray) -> Any:
+    """The assembled arguments parsed, or their text when not JSON (or too deep to write)."""
+    if raw.isspace():
+        return raw.decode("utf-8", "replace")
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+    if json_cost(parsed, sys.maxsize) is None:
+        return raw.decode("utf-8", "replace")
+    return parsed
+
+
+def _error_fields(obj: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Message and code of an error chunk or body: ``{"error": {"message", "type", "code"}}``
+    (or a bare string)."""
+    nested = obj.get("error")
+    if isinstance(nested, str):
+        return (nested or None), None
+    if isinstance(nested, dict):
+        obj = nested
+    code = obj.get("code")
+    if not (isinstance(code, str | int) and not isinstance(code, bool)) or code == "":
+        code = obj.get("type")
+    code_text = str(code) if isinstance(code, str | int) and not isinstance(code, bool) else None
+    code_text = code_text or None
+    message = obj.get("message")
+    if not isinstance(message, str) or not message:
+        message = code_text
+    return message, code_text
+
+
+def token_usage_row(usage: dict[str, Any], service_tier: str | None = None) -> dict[str, Any]:
+    """The ``token_usages`` columns (without ids and time) from a Chat Completions ``usage``.
+
+    OpenAI's ``prompt_tokens`` includes the cached tokens and ``completion_tokens`` the
+    reasoning ones: OpenTelemetry's semantics already. Unknown stays None.
+    """
+    prompt_details = usage.get("prompt_tokens_details")
+    if not isinstance(prompt_details, dict):
+        prompt_details = {}
+    completion_details = usage.get("completion_tokens_details")
+    if not isinstance(completion_details, dict):
+        completion_details = {}
+    input_tokens = count(usage.get("prompt_tokens"))
+    cache_read = count(prompt_details.get("cached_tokens"))
+    if cache_read is None:
+        cache_read = count(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
+    cache_write = count(prompt_details.get("cache_write_tokens"))  # OpenRouter
+    uncached = None
+    if input_tokens is not None:
+        uncached = max(0, input_tokens - (cache_read or 0) - (cache_write or 0))
+    output = count(usage.get("completion_tokens"))
+    total = count(usage.get("total_tokens"))
+    if total is None and input_tokens is not None and output is not None:
+        total = input_tokens + output if input_tokens + output <= MAX_COUNT else None
+    return {
+        "input_tokens": input_tokens,
+        "cache_read_input_tokens": cache_read,
+        "cache_write_input_tokens": cache_write,
+        "uncached_input_tokens": uncached,
+        "output_tokens": output,
+        "reasoning_tokens": count(completion_details.get("reasoning_tokens")),
+        "total_tokens": total,
+        "usage": dict(usage) if json_cost(usage, sys.maxsize) is not None else None,
+        "service_tier": service_tier,
+    }
+
+
+def refusal(info: RequestInfo) -> tuple[int, str] | None:
+    return None  # every valid Chat Completions request can be bridged
+
+
+API: Final = Api(
+    name="chat_completions",
+    title="Chat Completions",
+    path="/v1/chat/completions",
+    provider_types=frozenset({"openai", "openai_compatible"}),
+    parse_request=parse_request,
+    refusal=refusal,
+    new_accumulator=ChatAccumulator,
+    wanted_events=frozenset(),  # chunks have no event names: every one is fed
+    delta_events=frozenset(),
+    error_body=openai_errors.error_body,
+    passthrough=("/v1/models", "/v1/models/*", "/v1/chat/completions/*"),
+    amend_request=amend_request,
+)
