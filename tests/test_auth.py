@@ -255,3 +255,68 @@ def test_a_bridge_token_wins_over_subscription() -> None:
     headers = {"authorization": "Bearer alice-token-1"}
     identity = auth.identify(config, config.providers[0], headers, {})
     assert (identity.user_id, identity.credential_kind) == ("alice", "centralized")
+
+
+AZURE_KEY = "azure-provider-key-0123456789abcdef"
+
+
+def azure_config(**provider: object) -> object:
+    return parse_config(
+        {
+            "providers": [
+                {
+                    "name": "azure",
+                    "type": "openai_compatible",
+                    "base_url": "https://r.openai.azure.com/openai/v1",
+                    "api_key": AZURE_KEY,
+                    "key_header": "api-key",
+                    **provider,
+                }
+            ],
+            "users": [{"id": "alice", "token": "alice-token-1"}],
+        },
+        "t.yaml",
+        {},
+    )
+
+
+@pytest.mark.parametrize(
+    "client_headers",
+    [
+        {"api-key": "alice-token-1"},  # the AzureOpenAI SDKs' way
+        {"Api-Key": " alice-token-1 "},
+        {"authorization": "Bearer alice-token-1"},
+        {"x-api-key": "alice-token-1", "api-key": "something-else"},
+    ],
+)
+def test_a_provider_key_header_of_its_own(client_headers: dict[str, str]) -> None:
+    config = azure_config()
+    provider = config.providers[0]
+    headers = http.Headers([(k.encode(), v.encode()) for k, v in client_headers.items()])
+    identity = auth.identify(config, provider, headers, {})
+    assert (identity.user_id, identity.credential_kind) == ("alice", "centralized")
+    auth.install_credentials(headers, provider, identity)
+    # Only the provider key, in its own header; every client credential header is gone.
+    assert headers.get_all("api-key") == [AZURE_KEY]
+    assert "authorization" not in headers and "x-api-key" not in headers
+    assert "api-key" in auth.upstream_credential_headers(provider)
+    auth.mask_credentials(headers, provider)
+    assert AZURE_KEY not in str(headers.fields)
+
+
+def test_a_refused_client_api_key_is_masked() -> None:
+    headers = http.Headers(api_key="alice-token-1-and-more")
+    auth.mask_client_credentials(headers)
+    assert headers["api-key"] == auth.hint("alice-token-1-and-more")
+
+
+def test_a_custom_key_header_is_sent_bare_and_authorization_as_bearer() -> None:
+    for key_header, want in (
+        ("x-goog-api-key", AZURE_KEY),
+        ("authorization", f"Bearer {AZURE_KEY}"),
+    ):
+        config = azure_config(key_header=key_header)
+        provider = config.providers[0]
+        headers = http.Headers(authorization="Bearer alice-token-1")
+        auth.install_credentials(headers, provider, auth.identify(config, provider, headers, {}))
+        assert headers.get_all(key_header) == [want]

@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 import pytest
 
 from aibridge.auth import identify
-from aibridge.config import ConfigError, load_config, parse_config, sha256_hex
+from aibridge.config import ConfigError, Provider, load_config, parse_config, sha256_hex
 
 GOOD = """
 database: audit.db
@@ -187,3 +188,129 @@ def test_bad_anthropic_provider(entry: dict[str, object], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem) as info:
         parse_config(raw, "c.yaml", {})
     assert "c.yaml: providers[0]." in str(info.value)
+
+
+# ------------------------------------------------ providers of Chat Completions (issue 13)
+
+
+def one_provider(**entry: object) -> Provider:
+    raw = {
+        "providers": [{"name": "p", "base_url": "https://h.example/v1", "api_key": "k", **entry}]
+    }
+    (provider,) = parse_config(raw, "c.yaml", {}).providers
+    return provider
+
+
+@pytest.mark.parametrize(
+    ("ptype", "apis", "key_header"),
+    [
+        ("openai", ("responses", "chat_completions"), "authorization"),
+        ("chatgpt", ("responses",), "authorization"),
+        ("anthropic", ("messages",), "x-api-key"),
+        ("openai_compatible", ("chat_completions",), "authorization"),
+    ],
+)
+def test_the_apis_and_key_header_of_each_type(
+    ptype: str, apis: tuple[str, ...], key_header: str
+) -> None:
+    entry: dict[str, object] = {"type": ptype}
+    if ptype == "chatgpt":
+        entry["api_key"] = ""
+    provider = one_provider(**entry)
+    assert (provider.apis, provider.key_header) == (apis, key_header)
+
+
+def test_an_azure_style_provider() -> None:
+    provider = one_provider(
+        type="openai_compatible",
+        base_url="https://r.openai.azure.com/openai/v1/?api-version=preview",
+        key_header="API-Key",
+        apis=["chat_completions", "responses"],
+    )
+    assert provider.base_url == "https://r.openai.azure.com/openai/v1?api-version=preview"
+    assert (provider.base_path, provider.base_query) == ("/openai/v1", "api-version=preview")
+    assert (provider.key_header, provider.apis) == ("api-key", ("chat_completions", "responses"))
+    # Passthrough defaults follow the APIs it serves, not its type.
+    assert "/v1/responses/*" in provider.default_passthrough
+    assert "/v1/chat/completions/*" in provider.default_passthrough
+    assert "apis=('chat_completions', 'responses')" in repr(provider)
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "problem"),
+    [
+        ({"apis": []}, "apis", "must name at least one API"),
+        ({"apis": "chat_completions"}, "apis", "must be a list of strings"),
+        ({"apis": ["chat"]}, "apis[0]", "unknown API 'chat' (known: responses, messages"),
+        ({"apis": ["responses", "responses"]}, "apis[1]", "listed twice"),
+        ({"apis": [1]}, "apis", "must be a list of strings"),
+        (
+            {"type": "chatgpt", "api_key": "", "apis": ["chat_completions"]},
+            "apis",
+            "only the responses",
+        ),
+        ({"key_header": "api key"}, "key_header", "must be an HTTP header name"),
+        ({"key_header": "x:y"}, "key_header", "must be an HTTP header name"),
+        ({"key_header": ["api-key"]}, "key_header", "must be a string"),
+        ({"type": "chatgpt", "api_key": "", "key_header": "api-key"}, "key_header", "holds no key"),
+        ({"base_url": "https://h/v1#frag"}, "base_url", "must not have a #fragment"),
+        ({"type": "openai-compatible"}, "type", "unsupported provider type"),
+    ],
+)
+def test_bad_provider_apis_and_headers(entry: dict[str, object], key: str, problem: str) -> None:
+    raw = {"providers": [{"name": "p", "base_url": "https://h/v1", "api_key": "k", **entry}]}
+    with pytest.raises(ConfigError, match=re.escape(problem)) as info:
+        parse_config(raw, "c.yaml", {})
+    assert f"c.yaml: providers[0].{key}: " in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "request_usage"),
+    [
+        (None, True),
+        ({}, True),
+        ({"request_usage": False}, False),
+        ({"request_usage": "off"}, False),
+    ],
+)
+def test_chat_completions_section(section: object, request_usage: bool) -> None:
+    raw: dict[str, object] = {
+        "providers": [{"name": "p", "base_url": "https://h/v1", "api_key": "k"}]
+    }
+    if section is not None:
+        raw["chat_completions"] = section
+    assert parse_config(raw, "c.yaml", {}).chat_completions.request_usage is request_usage
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"request_usage": "sometimes"}, "chat_completions.request_usage: must be true or false"),
+        ({"include_usage": True}, "chat_completions.include_usage: unknown key"),
+        ("yes", "chat_completions: must be a mapping"),
+    ],
+)
+def test_bad_chat_completions_section(section: object, problem: str) -> None:
+    raw = {
+        "providers": [{"name": "p", "base_url": "https://h/v1", "api_key": "k"}],
+        "chat_completions": section,
+    }
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        parse_config(raw, "c.yaml", {})
+
+
+def test_the_shipped_config_examples_are_valid(tmp_path: Path) -> None:
+    """Every commented provider example of config.yaml, uncommented, loads."""
+    shipped = (Path(__file__).parent.parent / "config.yaml").read_text()
+    head, rest = shipped.split("\nproviders:\n", 1)
+    section, tail = rest.split("\nusers:\n", 1)
+    # Example lines are "  # - key: v" and "  #   key: v"; prose is "  # Words".
+    section = re.sub(r"(?m)^  # (- |  )", r"  \1", section)
+    text = f"{head}\nproviders:\n{section}\nusers:\n{tail}"
+    config = load_config(write(tmp_path, text), {"AIBRIDGE_TOKEN": "t" * 12})
+    assert [p.name for p in config.providers] == ["openai", "azure", "openrouter", "anthropic"]
+    azure = config.provider_named("azure")
+    assert azure is not None
+    assert (azure.key_header, azure.base_query) == ("api-key", "api-version=preview")
+    openrouter = config.provider_named("openrouter")
+    assert openrouter is not None and openrouter.apis == ("chat_completions", "responses")

@@ -326,3 +326,57 @@ def test_providers_on_one_host_are_told_apart_by_root_in_any_order(order: int) -
     assert (r.kind, r.provider.name, r.api_path) == (RouteKind.BRIDGED, "claude", "/v1/messages")
     # Under neither root: the first listed answers (403), never unrelated traffic.
     assert classify(config, "POST", "gw", 8000, "/other").kind is RouteKind.FORBIDDEN
+
+
+def azure_route(path: str, host: str = "127.0.0.1", port: int = 8080) -> object:
+    config = parse_config(
+        {
+            "providers": [
+                {
+                    "name": "azure",
+                    "type": "openai_compatible",
+                    "base_url": "https://r.openai.azure.com/openai/v1?api-version=preview&x=1",
+                    "api_key": "k",
+                }
+            ]
+        },
+        "t.yaml",
+        {},
+    )
+    return classify(config, "POST", host, port, path)
+
+
+@pytest.mark.parametrize(
+    ("path", "upstream"),
+    [
+        ("/azure/v1/chat/completions", "/openai/v1/chat/completions?api-version=preview&x=1"),
+        (
+            "/azure/v1/chat/completions?api-version=2024-10-21",
+            "/openai/v1/chat/completions?api-version=2024-10-21&x=1",
+        ),
+        (
+            "/azure/v1/chat/completions?a=b",
+            "/openai/v1/chat/completions?a=b&api-version=preview&x=1",
+        ),
+        ("/azure/v1/chat/completions?", "/openai/v1/chat/completions?api-version=preview&x=1"),
+    ],
+)
+def test_the_base_url_query_is_added_unless_the_client_gives_it(path: str, upstream: str) -> None:
+    r = azure_route(path)
+    assert (r.kind, r.upstream_path) == (RouteKind.BRIDGED, upstream)
+    assert r.api is not None and r.api.name == "chat_completions"
+
+
+def test_the_base_url_query_in_reverse_or_regular_proxy_mode() -> None:
+    r = azure_route("/openai/v1/chat/completions", "r.openai.azure.com", 443)
+    assert (r.kind, r.upstream_path) == (
+        RouteKind.BRIDGED,
+        "/openai/v1/chat/completions?api-version=preview&x=1",
+    )
+    r = azure_route("/openai/v1/chat/completions?api-version=v&x=2", "r.openai.azure.com", 443)
+    assert (r.kind, r.upstream_path) == (RouteKind.BRIDGED, None)  # nothing to add
+
+
+def test_a_provider_serves_only_its_apis() -> None:
+    assert azure_route("/azure/v1/responses").kind is RouteKind.FORBIDDEN
+    assert azure_route("/azure/v1/messages").kind is RouteKind.FORBIDDEN
