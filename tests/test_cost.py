@@ -962,3 +962,31 @@ def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> No
     # --all recomputes the same, and still leaves the sign-in rows alone.
     assert cost.backfill(path, PriceBook(), recompute=True) == cost.BackfillReport(8, 6, 2)
     assert {row[0]: row[1:] for row in costs(path)} == got
+
+
+def test_a_chat_completions_row_is_priced_like_openai_s_bill() -> None:
+    """prompt_tokens includes the cached ones, billed at the cached rate; an OpenAI-compatible
+    host has no list prices (another provider's table would be a guess)."""
+    from aibridge.apis.openai_chat import token_usage_row as chat_usage_row
+
+    book = PriceBook(Pricing())
+    row = chat_usage_row(
+        {
+            "prompt_tokens": 1_000_000,
+            "completion_tokens": 1_000_000,
+            "prompt_tokens_details": {"cached_tokens": 500_000},
+        }
+    )
+    at = "2026-12-01T00:00:00+00:00"
+    priced = book.cost_columns(row, model="gpt-4o", response_model=None, at=at, provider="openai")
+    # gpt-4o: $2.50 input, $1.25 cached input, $10 output per million tokens.
+    assert priced["estimated_cost_usd"] == pytest.approx(0.5 * 2.5 + 0.5 * 1.25 + 10)
+    unpriced = book.cost_columns(
+        row, model="gpt-4o", response_model=None, at=at, provider="openai_compatible"
+    )
+    assert unpriced["estimated_cost_usd"] is None
+    override = PriceOverride("gpt-4o", Decimal("1"), Decimal("2"))
+    negotiated = PriceBook(Pricing((override,))).cost_columns(
+        row, model="gpt-4o", response_model=None, at=at, provider="openai_compatible"
+    )
+    assert negotiated["estimated_cost_usd"] == pytest.approx(1 + 2)
