@@ -432,7 +432,7 @@ def test_registry_picks_the_view_for_a_buffered_flow_under_a_route_prefix() -> N
 @pytest.mark.usefixtures("registered")
 def test_other_flows_keep_their_usual_view() -> None:
     request, response, _, _ = fixture("text_buffered")
-    flow = responses_flow(request, response, JSON, path="/v1/chat/completions")
+    flow = responses_flow(request, response, JSON, path="/v1/completions")
     assert contentviews.prettify_message(flow.response, flow).view_name == "JSON"
     flow = responses_flow(request, b"<html>bad gateway</html>", "text/html")
     assert contentviews.prettify_message(flow.response, flow).view_name != NAME

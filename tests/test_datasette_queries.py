@@ -6,12 +6,18 @@ APIs: the openai SDK on the Responses API, the anthropic SDK and replayed Claude
 sign-in, three days across a month boundary, Codex-style and Claude Code sessions, tool round
 trips, reasoning and thinking, cache reads and 5-minute and 1-hour cache writes, failures and
 refusals. The bridge stamps rows with the wall clock, so the exchanges are then moved to fixed
-days and times; costs are estimated from the config's `pricing.overrides` (and genai-prices
-for real model names) by ``python -m aibridge.cost``.
+days and times. Chat Completions exchanges (OpenCode sessions with a tool round trip, Zed on an
+OpenAI-compatible host with reasoning, Copilot with cached tokens, streams whose usage was
+added by the bridge, requested by the client or not requested, a length stop, a content
+filter, a 429, an unknown token) are written into the same file the way the bridge's record
+rows put them (aibridge/record/rows.py, schema.py), at fixed times. Costs are estimated from
+the config's `pricing.overrides` (and genai-prices for real model names) by
+``python -m aibridge.cost``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +37,7 @@ from datasette_dashboards import replace_opts_in_query
 
 from aibridge import cost
 from aibridge.config import load_config
+from aibridge.record.schema import INDEX_NEW_PROMPTS, LAST_PROMPT_ID
 from devtools.fake_anthropic import THINKING
 from devtools.fake_upstream import FakeUpstream
 from devtools.mitmdump_process import REPO
@@ -74,6 +81,10 @@ COST = {
     "m_cached": 0.0053798,
     # n=5: 501 uncached x 3 + 50003 read x 0.3 + 5002 written x 3.75 + 40 out x 15
     "m_thinking": 0.0358614,
+    # Chat Completions: fake-tool* has no cached rate, so cached input is billed as input.
+    "c_tool_call": 0.0014,  # 1200 in x 1 + 40 x 5
+    "c_tool_result": 0.0016,  # 1300 in x 1 + 60 x 5
+    "c_reasoning": 0.001392,  # 64 x 3 + 50 plain out x 12 + 100 reasoning x 6
 }
 WEATHER_TOOL = {
     "type": "function",
@@ -105,9 +116,22 @@ SCHEDULE = [
     ("2025-06-02", "16:00"),  # 18 n=8 alice fake-refusal: completed with error refusal
     ("2025-06-02", "17:00"),  # 19 n=9 bob fake-529: upstream error
     ("2025-06-02", "18:00"),  # 20 unknown token on /anthropic: rejected 401
+    # Chat Completions, from here on: written into the file (see CHAT).
+    ("2025-05-31", "13:00"),  # 21 alice OpenCode fake-tool: the call (session OPENCODE_SESSION)
+    ("2025-05-31", "13:01"),  # 22 alice OpenCode: the result goes back
+    ("2025-06-01", "10:30"),  # 23 bob Zed on OpenRouter, fake-reasoning: a reasoning thought
+    ("2025-06-01", "16:00"),  # 24 bob curl, streamed, usage not requested: no usage row
+    ("2025-06-02", "08:00"),  # 25 alice Copilot gpt-4.1-mini, buffered, cached: genai-prices
+    ("2025-06-02", "10:30"),  # 26 alice OpenCode without a session id: length, incomplete
+    ("2025-06-02", "11:30"),  # 27 bob Open WebUI on OpenRouter (chat id): content_filter
+    ("2025-06-02", "12:30"),  # 28 bob Cursor fake-429, streamed: upstream error
+    ("2025-06-02", "14:30"),  # 29 alice OpenCode, compressed body: usage could not be added
+    ("2025-06-02", "19:00"),  # 30 unknown token on a Chat Completions path: rejected 401
 ]
+BRIDGED = 21  # exchanges 0..20 went through the bridge; the rest are CHAT's rows
 CATALOG_MODEL = "gpt-5-mini"
 CATALOG_CLAUDE = "claude-sonnet-4-5"
+CHAT_CATALOG_MODEL = "gpt-4.1-mini-2025-04-14"  # what exchange 25 reports: priced as gpt-4.1-mini
 CLAUDE_CODE_MODEL = "claude-opus-5-5"  # Claude Code's default in the captured requests
 CC_SESSION = "ff778444-109f-4382-b1a7-f131f7df8ced"  # tool_turn1/2's session
 SIGN_IN_SESSION = "941f58b2-61f3-458f-b8cb-bd1aedd69e6c"  # say_hi's session
@@ -117,6 +141,22 @@ SIGN_IN_TOKEN = "sk-ant-oat01-carol-pro-max-sign-in-token"
 SIGN_IN_USER = "subscription:sk-a...oken"  # who the bridge says sent it: the token's hint
 # Headers of the capture that belong to its run (its port, its token), set anew on replay.
 _NOT_REPLAYED = {"host", "content-length", "connection", "accept-encoding", "x-api-key"}
+
+
+def api_of(i: int) -> str:
+    return "responses" if i <= 10 else "messages" if i < BRIDGED else "chat_completions"
+
+
+def provider_of(i: int) -> str:
+    if i in CHAT:
+        return CHAT[i].provider[0]
+    return "anthropic" if api_of(i) == "messages" else "openai"
+
+
+def client_of(i: int) -> str:
+    if i in CHAT:
+        return CHAT[i].client
+    return "anthropic-python" if api_of(i) == "messages" else "openai-python"
 
 
 def started(i: int) -> str:
@@ -134,15 +174,15 @@ class Tokens:
     """One token_usages row as the bridge must have written it."""
 
     input: int
-    cache_read: int
-    cache_write: int
+    cache_read: int | None  # None: not reported (a host without a cache)
+    cache_write: int | None  # None: not reported (Chat Completions)
     output: int
     reasoning: int | None
     write_1h: int | None  # Anthropic's 1-hour cache writes; None: no split reported (OpenAI)
 
     @property
     def uncached(self) -> int:
-        return self.input - self.cache_read - self.cache_write
+        return self.input - (self.cache_read or 0) - (self.cache_write or 0)
 
     @property
     def total(self) -> int:
@@ -169,6 +209,172 @@ def messages_tokens(n: int, *, split_cache: bool = False) -> Tokens:
     )
 
 
+def chat_usage(
+    prompt: int, completion: int, *, cached: int | None = None, reasoning: int | None = None
+) -> dict[str, Any]:
+    """A Chat Completions ``usage`` as the provider sends it: OpenAI sends both details objects
+    (cached None: a host that sends neither, as OpenRouter may)."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached, "audio_tokens": 0}
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {
+            "reasoning_tokens": reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        }
+    return usage
+
+
+def chat_tokens(usage: dict[str, Any]) -> Tokens:
+    """What the bridge makes of a Chat Completions usage (OpenTelemetry semantics): prompt
+    tokens include the cached ones, completion tokens the reasoning ones; no cache writes."""
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+    return Tokens(usage["prompt_tokens"], cached, None, usage["completion_tokens"], reasoning, None)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatExchange:
+    """One Chat Completions exchange, as its rows in the log."""
+
+    user: str | None
+    client: str
+    user_agent: str
+    model: str | None
+    prompt: str | None
+    status: str = "completed"
+    http_status: int = 200
+    provider: tuple[str, str] = ("openai", "openai")  # type, name
+    session: str | None = None
+    streaming: bool | None = True
+    stream_usage: str | None = "added by the bridge"
+    usage: dict[str, Any] | None = None
+    response_model: str | None = None  # None: the requested model answered (if it did)
+    error: str | None = None
+    correlating_tool_call_id: str | None = None
+    tools: tuple[tuple[str, str, Any], ...] = ()  # call id, name, args
+    thoughts: tuple[str, ...] = ()
+    service_tier: str | None = "default"
+
+
+OPENCODE_SESSION = "ses_7f3a21c4effe1Qm8ZkR2xW9vLp"
+OPENCODE_UA = "opencode/1.18.33 ai-sdk/provider-utils/4.0.23 runtime/bun/1.3.14"  # captured
+OPENWEBUI_CHAT = "b3f1c2d4-5e6f-4a7b-8c9d-0e1f2a3b4c5d"
+OPENCODE_CALL_ID = "call_Rd21tQx0parser"
+REASONING_TEXT = "1013 is odd and not divisible by 3, 7, 11, 13, 17, 19, 23, 29 or 31."
+OPENROUTER = ("openai_compatible", "openrouter")
+CHAT_STRANGER_HINT = "un...en"  # of "unknown-chat-token"
+CHAT: dict[int, ChatExchange] = {
+    21: ChatExchange(
+        "alice",
+        "OpenCode",
+        OPENCODE_UA,
+        "fake-tool",
+        "Add a test for the parser",
+        session=OPENCODE_SESSION,
+        usage=chat_usage(1200, 40, cached=1024, reasoning=0),
+        tools=((OPENCODE_CALL_ID, "read", {"filePath": "tests/test_parser.py"}),),
+    ),
+    22: ChatExchange(
+        "alice",
+        "OpenCode",
+        OPENCODE_UA,
+        "fake-tool",
+        None,
+        session=OPENCODE_SESSION,
+        stream_usage="requested by the client",
+        usage=chat_usage(1300, 60, cached=1152, reasoning=0),
+        correlating_tool_call_id=OPENCODE_CALL_ID,
+    ),
+    23: ChatExchange(
+        "bob",
+        "Zed",
+        "Zed/0.210.4+stable.201.8f1a2b3c (macos; aarch64)",
+        "fake-reasoning",
+        "Is 1013 prime? Think first.",
+        provider=OPENROUTER,
+        stream_usage="requested by the client",
+        usage=chat_usage(64, 150, reasoning=100),
+        thoughts=(REASONING_TEXT,),
+        service_tier=None,
+    ),
+    24: ChatExchange(
+        "bob", "curl", "curl/8.5.0", "fake-text", "Tell me a joke", stream_usage="not requested"
+    ),
+    25: ChatExchange(
+        "alice",
+        "GitHub Copilot",
+        "GitHubCopilotChat/0.32.2025101401",
+        "gpt-4.1-mini",
+        "Explain this function",
+        streaming=False,
+        stream_usage=None,
+        usage=chat_usage(2048, 30, cached=1536, reasoning=0),
+        response_model="gpt-4.1-mini-2025-04-14",
+    ),
+    26: ChatExchange(
+        "alice",
+        "OpenCode",
+        "opencode/0.15.8 ai/5.0.59 ai-sdk/provider-utils/3.0.10 runtime/bun/1.2.23",
+        "fake-incomplete",
+        "Write the migration guide",
+        status="incomplete",
+        error="length",
+        usage=chat_usage(500, 256, cached=0, reasoning=0),
+    ),
+    27: ChatExchange(
+        "bob",
+        "Open WebUI",
+        "Python/3.11 aiohttp/3.12.15",
+        "fake-filter",
+        "Describe the incident",
+        provider=OPENROUTER,
+        session=OPENWEBUI_CHAT,
+        streaming=False,
+        stream_usage=None,
+        error="content_filter",
+        usage=chat_usage(20, 0),
+        service_tier=None,
+    ),
+    28: ChatExchange(
+        "bob",
+        "Cursor",
+        "OpenAI/JS 4.104.0",
+        "fake-429",
+        "Refactor the router",
+        status="upstream_error",
+        http_status=429,
+        stream_usage="requested by the client",
+        error="Rate limit reached for fake-429",
+    ),
+    29: ChatExchange(
+        "alice",
+        "OpenCode",
+        "opencode/0.15.8 ai/5.0.59 ai-sdk/provider-utils/3.0.10 runtime/bun/1.2.23",
+        "fake-text",
+        "Summarise the diff",
+        stream_usage="not requested (the compressed request body was left as sent)",
+    ),
+    30: ChatExchange(
+        None,
+        "openai-python",
+        "OpenAI/Python 1.109.1",
+        None,
+        None,
+        status="rejected",
+        http_status=401,
+        streaming=None,
+        stream_usage=None,
+        error=f"unknown bridge token {CHAT_STRANGER_HINT}: ask your admin for a personal token",
+    ),
+}
+
 # The token_usages row of each exchange of SCHEDULE that has one.
 TOKENS_OF = {
     0: responses_tokens(24, 14),
@@ -180,6 +386,7 @@ TOKENS_OF = {
     6: responses_tokens(24, 16),
     7: responses_tokens(24, 0),
     **{11 + k: messages_tokens(1 + k, split_cache=k == 1) for k in range(8)},
+    **{i: chat_tokens(x.usage) for i, x in CHAT.items() if x.usage is not None},
 }
 FIXED_COST = {
     0: COST["text"],
@@ -189,8 +396,16 @@ FIXED_COST = {
     4: COST["reasoning"],
     12: COST["m_cached"],
     15: COST["m_thinking"],
+    21: COST["c_tool_call"],
+    22: COST["c_tool_result"],
+    23: COST["c_reasoning"],
 }
-UNPRICED = {6, 7, 17, 18}  # models without a price
+UNPRICED = {6, 7, 17, 18, 26, 27}  # models without a price
+# Streams that reached the provider and left no usage row: curl's and the compressed body's
+# (usage not requested), the 429's.
+NO_USAGE_STREAMS = {
+    i for i, x in CHAT.items() if x.streaming and x.usage is None and x.status != "rejected"
+}
 SIGNED_IN = {16}  # the Claude Pro/Max sign-in: paid by the plan
 
 
@@ -200,7 +415,7 @@ class UsageLog:
     ids: list[str]  # interception ids, in SCHEDULE order
     catalog_cost: float  # genai-prices' price of exchange 5
     price_version: str  # the override fingerprint of fake-reasoning
-    list_costs: dict[int, float]  # genai-prices' price of the Messages exchanges 11, 13, 14
+    list_costs: dict[int, float]  # genai-prices' price of exchanges 11, 13, 14 (and 25)
 
 
 def run_exchanges(base_url: str) -> None:
@@ -326,7 +541,7 @@ def move_to_schedule(db_path: Path) -> list[str]:
     conn = sqlite3.connect(db_path)
     try:
         ids = [r[0] for r in conn.execute("select id from interceptions order by started_at")]
-        assert len(ids) == len(SCHEDULE), ids
+        assert len(ids) == BRIDGED, ids
         children = ("token_usages", "user_prompts", "tool_usages", "model_thoughts")
         with conn:
             for i, iid in enumerate(ids):
@@ -344,13 +559,109 @@ def move_to_schedule(db_path: Path) -> list[str]:
         conn.close()
 
 
+def write_chat_completions(db_path: Path) -> list[str]:
+    """CHAT's rows, as the bridge's recorder writes them; returns their interception ids."""
+    conn = sqlite3.connect(db_path)
+    ids: list[str] = []
+    try:
+        with conn:
+            (last_prompt,) = conn.execute(LAST_PROMPT_ID).fetchone()
+            for i, x in CHAT.items():
+                iid = f"c0ffee{i:026x}"
+                ids.append(iid)
+                ptype, pname = x.provider
+                answered = x.status not in ("rejected", "upstream_error")
+                rid = f"chatcmpl-{i:024x}" if answered else None
+                metadata: dict[str, Any] = {"request_bytes": 300 + i}
+                if x.stream_usage is not None:
+                    metadata["stream_usage"] = x.stream_usage
+                signed = x.user is not None
+                conn.execute(
+                    "insert into interceptions values "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        iid,
+                        f"f10w{i:028x}",
+                        started(i),
+                        ended(i),
+                        x.user,
+                        ptype,
+                        pname,
+                        "chat_completions",
+                        x.model,
+                        (x.response_model or x.model) if answered else None,
+                        None if x.streaming is None else int(x.streaming),
+                        x.client,
+                        x.user_agent,
+                        x.session,
+                        x.correlating_tool_call_id,
+                        None,
+                        "centralized" if signed else None,
+                        "sk-t...cdef" if signed else CHAT_STRANGER_HINT,
+                        x.http_status,
+                        x.status,
+                        x.error,
+                        rid,
+                        0,
+                        orjson.dumps(metadata).decode(),
+                    ),
+                )
+                children: list[tuple[str, dict[str, Any]]] = []
+                if x.prompt is not None:
+                    children.append(("user_prompts", {"prompt": x.prompt}))
+                if x.usage is not None:
+                    t = TOKENS_OF[i]
+                    usage_row = {
+                        "input_tokens": t.input,
+                        "cache_read_input_tokens": t.cache_read,
+                        "cache_write_input_tokens": t.cache_write,
+                        "uncached_input_tokens": t.uncached,
+                        "output_tokens": t.output,
+                        "reasoning_tokens": t.reasoning,
+                        "total_tokens": t.total,
+                        "usage": orjson.dumps(x.usage).decode(),
+                        "service_tier": x.service_tier,
+                    }
+                    children.append(("token_usages", usage_row))
+                for call_id, tool, args in x.tools:
+                    tool_row = {
+                        "call_id": call_id,
+                        "tool": tool,
+                        "type": "function",
+                        "args": orjson.dumps(args).decode(),
+                        "injected": 0,
+                        "server_url": None,
+                        "invocation_error": None,
+                    }
+                    children.append(("tool_usages", tool_row))
+                for text in x.thoughts:
+                    children.append(("model_thoughts", {"source": "reasoning", "content": text}))
+                for table, row in children:
+                    row = {
+                        "interception_id": iid,
+                        "response_id": rid,
+                        **row,
+                        "created_at": ended(i),
+                    }
+                    names = ", ".join(row)
+                    marks = ", ".join("?" * len(row))
+                    conn.execute(
+                        f"insert into {table} ({names}) values ({marks})", tuple(row.values())
+                    )
+            # The prompts' search index, as the recorder keeps it.
+            conn.execute(INDEX_NEW_PROMPTS, (last_prompt,))
+        return ids
+    finally:
+        conn.close()
+
+
 def list_price(model: str, provider: str, tokens: Tokens, at: str) -> float:
     """genai-prices' own price of one usage (all cache writes 5-minute)."""
     price = genai_prices.calc_price(
         genai_prices.Usage(
             input_tokens=tokens.input,
-            cache_read_tokens=tokens.cache_read,
-            cache_write_tokens=tokens.cache_write,
+            cache_read_tokens=tokens.cache_read or 0,
+            cache_write_tokens=tokens.cache_write or 0,
             output_tokens=tokens.output,
         ),
         model,
@@ -360,8 +671,9 @@ def list_price(model: str, provider: str, tokens: Tokens, at: str) -> float:
     return float(price.total_price)
 
 
-def build_usage_log(workdir: Path) -> UsageLog:
-    """The bridge's log of SCHEDULE, with costs: shared with the screenshot test."""
+def build_usage_log(workdir: Path, *, chat_completions: bool = False) -> UsageLog:
+    """The bridge's log of SCHEDULE, with costs: shared with the screenshot test, whose
+    pictures show the first two APIs (CHAT's rows only with `chat_completions`)."""
     config = bridge_config("http://placeholder", pricing=PRICING)
     with FakeUpstream() as upstream:
         config["providers"][0]["base_url"] = f"{upstream.url}/v1"
@@ -380,23 +692,27 @@ def build_usage_log(workdir: Path) -> UsageLog:
         assert upstream.messages_calls == 9
     # Leaving the with-block stopped the bridge cleanly, so every row is written.
     ids = move_to_schedule(bridge.db_path)
+    if chat_completions:
+        ids += write_chat_completions(bridge.db_path)
     loaded = load_config(bridge.config_path, {"TEST_PROVIDER_KEY": "unused-here"})
     report = cost.backfill(bridge.db_path, cost.PriceBook(loaded.pricing), recompute=True)
     # The sign-in's row is left alone; fake-incomplete, fake-failed, fake-max-tokens and
-    # fake-refusal have no price.
-    assert (report.examined, report.unpriced) == (15, 4)
+    # fake-refusal have no price (nor fake-incomplete and fake-filter on Chat Completions).
+    assert (report.examined, report.unpriced) == ((21, 6) if chat_completions else (15, 4))
     catalog = list_price(CATALOG_MODEL, "openai", TOKENS_OF[5], ended(5))
     list_costs = {
         i: list_price(model, "anthropic", TOKENS_OF[i], ended(i))
         for i, model in ((11, CATALOG_CLAUDE), (13, CLAUDE_CODE_MODEL), (14, CLAUDE_CODE_MODEL))
     }
+    if chat_completions:
+        list_costs[25] = list_price(CHAT_CATALOG_MODEL, "openai", TOKENS_OF[25], ended(25))
     reasoning = next(o for o in loaded.pricing.overrides if o.model == "fake-reasoning")
     return UsageLog(bridge.db_path, ids, catalog, cost.override_fingerprint(reasoning), list_costs)
 
 
 @pytest.fixture(scope="module")
 def log(tmp_path_factory: pytest.TempPathFactory) -> UsageLog:
-    return build_usage_log(tmp_path_factory.mktemp("usage-log"))
+    return build_usage_log(tmp_path_factory.mktemp("usage-log"), chat_completions=True)
 
 
 @pytest.fixture(scope="module")
@@ -432,6 +748,15 @@ def shown_cost(log: UsageLog, *ix: int) -> float | None:
     return r6(*priced) if priced else None
 
 
+_TOKEN_COLUMNS = (
+    "input_tokens",
+    "cache_read_input_tokens",
+    "cache_write_input_tokens",
+    "uncached_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
 # Query column -> Tokens field, for the columns that are plain sums.
 _SUMMED = {
     "input_tokens": "input",
@@ -454,7 +779,7 @@ def sums(ix: list[int], *columns: str, no_reasoning: int | None = 0) -> dict[str
             known = [r.reasoning for r in rows if r.reasoning is not None]
             out[column] = sum(known) if known else no_reasoning
         else:
-            out[column] = sum(getattr(r, _SUMMED[column]) for r in rows)
+            out[column] = sum(getattr(r, _SUMMED[column]) or 0 for r in rows)
     return out
 
 
@@ -491,7 +816,7 @@ def test_the_log_holds_what_the_fakes_sent(log: UsageLog) -> None:
     try:
         for i, iid in enumerate(log.ids):
             (api,) = conn.execute("select api from interceptions where id = ?", (iid,)).fetchone()
-            assert api == ("responses" if i <= 10 else "messages"), i
+            assert api == api_of(i), i
             rows = conn.execute(
                 "select input_tokens, cache_read_input_tokens, cache_write_input_tokens, "
                 "uncached_input_tokens, output_tokens, reasoning_tokens, total_tokens, usage, "
@@ -512,7 +837,20 @@ def test_the_log_holds_what_the_fakes_sent(log: UsageLog) -> None:
                 want.reasoning,
                 want.total,
             ), i
-            split = orjson.loads(raw).get("cache_creation")
+            usage = orjson.loads(raw)
+            if i in CHAT:
+                # OpenTelemetry's reading of Chat Completions' usage, from the raw JSON kept.
+                details = usage.get("prompt_tokens_details") or {}
+                out_details = usage.get("completion_tokens_details") or {}
+                assert (inp, read, out, reasoning, total) == (
+                    usage["prompt_tokens"],
+                    details.get("cached_tokens"),
+                    usage["completion_tokens"],
+                    out_details.get("reasoning_tokens"),
+                    usage["total_tokens"],
+                ), i
+                assert write is None and uncached == inp - (read or 0), i
+            split = usage.get("cache_creation")
             if want.write_1h is None:
                 assert split is None, i
             else:
@@ -526,6 +864,23 @@ def test_the_log_holds_what_the_fakes_sent(log: UsageLog) -> None:
         assert SIGN_IN_TOKEN not in dump and SIGN_IN_USER in dump
     finally:
         conn.close()
+    assert len(log.ids) == len(SCHEDULE)
+    if importlib.util.find_spec("aibridge.apis.openai_chat") is not None:
+        from aibridge.apis.openai_chat import token_usage_row
+
+        for i, x in CHAT.items():
+            if x.usage is not None:
+                row = token_usage_row(x.usage)
+                t = TOKENS_OF[i]
+                assert [row[c] for c in _TOKEN_COLUMNS] == [
+                    t.input,
+                    t.cache_read,
+                    t.cache_write,
+                    t.uncached,
+                    t.output,
+                    t.reasoning,
+                    t.total,
+                ], i
     # Anthropic's usage scheme, spelled out once: n=2 (fake-cached) and n=1.
     assert TOKENS_OF[12] == Tokens(22206, 20003, 2002, 19, None, 800)
     assert (TOKENS_OF[11].uncached, TOKENS_OF[11].total) == (101, 11118)
@@ -543,13 +898,13 @@ def test_usage_per_user_per_day(datasette: Datasette, log: UsageLog) -> None:
 
     rows = canned(datasette, "usage_per_user_per_day")
     assert rows == [
-        row("2025-06-02", "(unauthenticated)", [10, 20]),
-        row("2025-06-02", "alice", [7, 9, 18]),
-        row("2025-06-02", "bob", [6, 8, 17, 19]),
+        row("2025-06-02", "(unauthenticated)", [10, 20, 30]),
+        row("2025-06-02", "alice", [7, 9, 18, 25, 26, 29]),
+        row("2025-06-02", "bob", [6, 8, 17, 19, 27, 28]),
         row("2025-06-02", SIGN_IN_USER, [16]),
         row("2025-06-01", "alice", [2, 3, 5, 15]),
-        row("2025-06-01", "bob", [4, 13, 14]),
-        row("2025-05-31", "alice", [0, 11]),
+        row("2025-06-01", "bob", [4, 13, 14, 23, 24]),
+        row("2025-05-31", "alice", [0, 11, 21, 22]),
         row("2025-05-31", "bob", [1, 12]),
     ]
     # By hand: bob's Responses fake-cached and Messages fake-cached on 2025-05-31.
@@ -565,6 +920,12 @@ def test_usage_per_user_per_day(datasette: Datasette, log: UsageLog) -> None:
     # The sign-in's tokens count, its cost is the plan's; the stranger used nothing.
     assert (rows[3]["total_tokens"], rows[3]["estimated_cost_usd"]) == (66653, None)
     assert rows[0]["total_tokens"] == 0
+    # Bob's reasoning on 2025-06-01: Responses' 96 and Zed's 100 on Chat Completions; curl's
+    # stream without usage counts as a request, with no tokens.
+    assert (rows[5]["requests"], rows[5]["reasoning_tokens"]) == (5, 196)
+    # Alice on 2025-05-31: Messages' 10003 cached and 2176 of OpenCode's 2500 prompt tokens.
+    assert rows[6]["cached_input_tokens"] == 10003 + 1024 + 1152
+    assert rows[6]["input_tokens"] == 24 + 11106 + 1200 + 1300
 
 
 def test_usage_per_api_per_day(datasette: Datasette, log: UsageLog) -> None:
@@ -581,36 +942,61 @@ def test_usage_per_api_per_day(datasette: Datasette, log: UsageLog) -> None:
     def row(
         day: str, api: str, client: str, ix: list[int], users: int, not_completed: int
     ) -> dict[str, Any]:
+        assert {api_of(i) for i in ix} == {api}
+        (provider,) = {provider_of(i) for i in ix}
         return {
             "day": day,
             "api": api,
-            "provider": "anthropic" if api == "messages" else "openai",
+            "provider": provider,
             "client": client,
             "requests": len(ix),
             "users": users,
             "not_completed": not_completed,
+            "streams_without_usage": len(NO_USAGE_STREAMS.intersection(ix)),
             **sums(ix, *columns, no_reasoning=None),
             **billing(log, ix),
         }
 
+    chat = "chat_completions"
     rows = canned(datasette, "usage_per_api_per_day")
     assert rows == [
+        row("2025-06-02", chat, "Cursor", [28], 1, 1),  # 429
+        row("2025-06-02", chat, "GitHub Copilot", [25], 1, 0),
+        # A length stop; a compressed body whose stream could not be given usage.
+        row("2025-06-02", chat, "OpenCode", [26, 29], 1, 1),
+        row("2025-06-02", chat, "openai-python", [30], 0, 1),  # the stranger
+        row("2025-06-02", chat, "Open WebUI", [27], 1, 0),  # openai_compatible, after openai
         row("2025-06-02", "messages", "Claude Code", [16], 1, 0),
         # max_tokens, 529 and the stranger did not complete; the refusal did.
         row("2025-06-02", "messages", "anthropic-python", [17, 18, 19, 20], 2, 3),
         row("2025-06-02", "responses", "openai-python", [6, 7, 8, 9, 10], 2, 5),
+        row("2025-06-01", chat, "curl", [24], 1, 0),
+        row("2025-06-01", chat, "Zed", [23], 1, 0),
         row("2025-06-01", "messages", "Claude Code", [13, 14], 1, 0),
         row("2025-06-01", "messages", "anthropic-python", [15], 1, 0),
         row("2025-06-01", "responses", "openai-python", [2, 3, 4, 5], 2, 0),
+        row("2025-05-31", chat, "OpenCode", [21, 22], 1, 0),
         row("2025-05-31", "messages", "anthropic-python", [11, 12], 2, 0),
         row("2025-05-31", "responses", "openai-python", [0, 1], 2, 0),
     ]
+    by_key = {(r["day"], r["api"], r["client"]): r for r in rows}
+    # OpenCode's tool round trip by hand: prompt tokens include the cached ones.
+    opencode = by_key[("2025-05-31", chat, "OpenCode")]
+    assert [opencode[c] for c in columns] == [2500, 324, 2176, 0, 100, 0, 2600]
+    # Zed's host reports no cache: none read; 100 of its 150 output tokens were reasoning.
+    zed = by_key[("2025-06-01", chat, "Zed")]
+    assert (zed["cache_read_input_tokens"], zed["reasoning_tokens"]) == (0, 100)
+    # curl's stream asked for no usage: a request with no tokens, counted as such.
+    curl = by_key[("2025-06-01", chat, "curl")]
+    assert (curl["total_tokens"], curl["streams_without_usage"]) == (0, 1)
+    assert curl["reasoning_tokens"] is None and curl["estimated_cost_usd"] is None
     # Claude Code's two turns by hand: Anthropic's own input (301 + 401) is the uncached part.
-    claude_code = rows[3]
+    claude_code = by_key[("2025-06-01", "messages", "Claude Code")]
     assert (claude_code["uncached_input_tokens"], claude_code["input_tokens"]) == (702, 77712)
     assert claude_code["reasoning_tokens"] is None  # thinking is in output_tokens
     assert claude_code["estimated_cost_usd"] == r6(log.list_costs[13], log.list_costs[14])
-    assert rows[5]["reasoning_tokens"] == 96
+    assert by_key[("2025-06-01", "responses", "openai-python")]["reasoning_tokens"] == 96
+    assert sum(r["streams_without_usage"] for r in rows) == 3
 
 
 def test_usage_per_model(datasette: Datasette, log: UsageLog) -> None:
@@ -659,6 +1045,16 @@ def test_usage_per_model(datasette: Datasette, log: UsageLog) -> None:
         row("responses", "(none)", None, [10], 0, 1),
         row("responses", "fake-429", None, [8], 1, 1),
         row("messages", "fake-529", None, [19], 1, 1),
+        # Chat Completions: the tool round trip, a host's reasoning, a catalogue model that
+        # answered under its dated name, streams without usage (counted, no tokens), failures.
+        row("chat_completions", "fake-tool", "fake-tool", [21, 22], 1, 0),
+        row("chat_completions", "fake-reasoning", "fake-reasoning", [23], 1, 0),
+        row("chat_completions", "gpt-4.1-mini", CHAT_CATALOG_MODEL, [25], 1, 0),
+        row("chat_completions", "fake-text", "fake-text", [24, 29], 2, 0),
+        row("chat_completions", "fake-incomplete", "fake-incomplete", [26], 1, 1),
+        row("chat_completions", "fake-filter", "fake-filter", [27], 1, 0),
+        row("chat_completions", "fake-429", None, [28], 1, 1),
+        row("chat_completions", "(none)", None, [30], 0, 1),
     ]
     # Most expensive first, then the most tokens: list prices decide where the real models are.
     want.sort(
@@ -676,6 +1072,13 @@ def test_usage_per_model(datasette: Datasette, log: UsageLog) -> None:
     assert by_key[("messages", "fake-cached")]["estimated_cost_usd"] == 0.00538  # 0.0053798
     assert by_key[("messages", CLAUDE_CODE_MODEL)]["subscription_responses"] == 1
     assert by_key[("responses", "fake-reasoning")]["reasoning_tokens"] == 96
+    assert by_key[("chat_completions", "fake-reasoning")]["reasoning_tokens"] == 100
+    catalog = by_key[("chat_completions", "gpt-4.1-mini")]
+    assert (catalog["cached_input_tokens"], catalog["estimated_cost_usd"]) == (
+        1536,
+        r6(log.list_costs[25]),
+    )
+    assert by_key[("chat_completions", "fake-filter")]["reasoning_tokens"] is None
 
 
 def test_top_tools(datasette: Datasette, log: UsageLog) -> None:
@@ -694,17 +1097,17 @@ def test_top_tools(datasette: Datasette, log: UsageLog) -> None:
     assert canned(datasette, "top_tools") == [
         row("Bash", "tool_use", 13),  # Claude Code's, on the Messages API
         row("get_weather", "function_call", 2),
+        row("read", "function", 21),  # OpenCode's, on Chat Completions
     ]
 
 
 def test_prompts_of_user(datasette: Datasette, log: UsageLog) -> None:
     def row(i: int, model: str, session: str | None, status: str, prompt: str) -> dict:
-        messages = i > 10
         return {
             "at": ended(i),
-            "api": "messages" if messages else "responses",
+            "api": api_of(i),
             "model": model,
-            "client": "anthropic-python" if messages else "openai-python",
+            "client": client_of(i),
             "session": session,
             "status": status,
             "prompt": prompt,
@@ -713,11 +1116,16 @@ def test_prompts_of_user(datasette: Datasette, log: UsageLog) -> None:
 
     assert canned(datasette, "prompts_of_user", user="alice") == [
         row(18, "fake-refusal", None, "completed", "Help me pick a lock"),
+        row(29, "fake-text", None, "completed", "Summarise the diff"),
         row(9, "fake-text", None, "rejected", "Later, please"),
+        row(26, "fake-incomplete", None, "incomplete", "Write the migration guide"),
         row(7, "fake-failed", None, "failed", "Please fail"),
+        row(25, CHAT_CATALOG_MODEL, None, "completed", "Explain this function"),
         row(15, "fake-thinking", None, "completed", "Is 1013 prime?"),
         row(5, CATALOG_MODEL, None, "completed", "Name three primes"),
         row(2, "fake-tool", "sess-alice", "completed", "What's the weather in Paris?"),
+        # OpenCode's tool round trip: only the first turn is something alice typed.
+        row(21, "fake-tool", OPENCODE_SESSION, "completed", "Add a test for the parser"),
         row(11, CATALOG_CLAUDE, None, "completed", "Review this diff"),
         row(0, "fake-text", None, "completed", "Draft the release notes"),
     ]
@@ -727,10 +1135,14 @@ def test_prompts_of_user(datasette: Datasette, log: UsageLog) -> None:
     ] == [
         ("Are you busy?", "anthropic-python"),
         ("Write a long story", "anthropic-python"),
+        ("Refactor the router", "Cursor"),
+        ("Describe the incident", "Open WebUI"),
         ("Too many at once", "openai-python"),
         ("Write a long essay", "openai-python"),
+        ("Tell me a joke", "curl"),
         ("run echo hi", "Claude Code"),
         ("Is 1013 prime? Think first.", "openai-python"),
+        ("Is 1013 prime? Think first.", "Zed"),
         ("Summarise the changelog", "anthropic-python"),
         ("Summarise the style guide", "openai-python"),
     ]
@@ -872,6 +1284,303 @@ def test_interception_story_of_messages(datasette: Datasette, log: UsageLog) -> 
     ]
 
 
+def test_interception_story_of_chat_completions(datasette: Datasette, log: UsageLog) -> None:
+    conn = sqlite3.connect(f"file:{log.db_path}?mode=ro", uri=True)
+    try:
+        versions = dict(
+            conn.execute(
+                "select interception_id, price_version from token_usages where interception_id "
+                "in (?, ?)",
+                (log.ids[21], log.ids[23]),
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+    # OpenCode's tool call: the bridge added usage to the stream; cache reads as OpenAI
+    # reports them, no cache writes (OpenAI reports none on Chat Completions).
+    assert story(datasette, log, 21) == [
+        (
+            "request",
+            "alice via OpenCode asked fake-tool on openai (chat_completions), streamed, "
+            f"session {OPENCODE_SESSION}, stream usage added by the bridge",
+        ),
+        ("prompt", "Add a test for the parser"),
+        ("tool call: function", 'read({"filePath":"tests/test_parser.py"})'),
+        (
+            "tokens",
+            "input 1200 (uncached 176, cache read 1024), output 40 (reasoning 0), total 1240, "
+            f"estimated $0.001400 (config {versions[log.ids[21]]}, priced as fake-tool*)",
+        ),
+        ("end", "completed, HTTP 200, answered by fake-tool"),
+    ]
+    result = dict(story(datasette, log, 22))
+    assert result["request"].endswith(
+        f", returning the result of tool call {OPENCODE_CALL_ID}, "
+        "stream usage requested by the client"
+    )
+    assert "prompt" not in result
+    # A host's reasoning text is a thought; it reports no cache, so none is shown.
+    zed = story(datasette, log, 23)
+    assert zed == [
+        (
+            "request",
+            "bob via Zed asked fake-reasoning on openrouter (chat_completions), streamed, "
+            "stream usage requested by the client",
+        ),
+        ("prompt", "Is 1013 prime? Think first."),
+        ("thought: reasoning", REASONING_TEXT),
+        (
+            "tokens",
+            "input 64 (uncached 64), output 150 (reasoning 100), total 214, estimated "
+            f"$0.001392 (config {versions[log.ids[23]]}, priced as fake-reasoning)",
+        ),
+        ("end", "completed, HTTP 200, answered by fake-reasoning"),
+    ]
+    # Streams whose usage was not requested say why they have no tokens.
+    assert story(datasette, log, 24) == [
+        (
+            "request",
+            "bob via curl asked fake-text on openai (chat_completions), streamed, "
+            "stream usage not requested",
+        ),
+        ("prompt", "Tell me a joke"),
+        ("tokens", "none recorded: stream usage not requested"),
+        ("end", "completed, HTTP 200, answered by fake-text"),
+    ]
+    assert dict(story(datasette, log, 29))["tokens"] == (
+        "none recorded: stream usage not requested (the compressed request body was left as sent)"
+    )
+    copilot = dict(story(datasette, log, 25))
+    assert copilot["request"] == (
+        "alice via GitHub Copilot asked gpt-4.1-mini on openai (chat_completions)"
+    )
+    assert copilot["tokens"] == (
+        "input 2048 (uncached 512, cache read 1536), output 30 (reasoning 0), total 2078, "
+        f"estimated ${log.list_costs[25]:.6f} (genai-prices {genai_prices.__version__}, "
+        "priced as gpt-4.1-mini)"
+    )
+    webui = dict(story(datasette, log, 27))
+    assert webui["request"].endswith(f"(chat_completions), session {OPENWEBUI_CHAT}")
+    assert webui["tokens"] == "input 20 (uncached 20), output 0, total 20, no price known"
+    assert webui["end"] == "completed, HTTP 200, answered by fake-filter: content_filter"
+    assert dict(story(datasette, log, 26))["end"] == (
+        "incomplete, HTTP 200, answered by fake-incomplete: length"
+    )
+    # The 429's stream had asked for usage: no "none recorded" step, the end says why.
+    assert story(datasette, log, 28) == [
+        (
+            "request",
+            "bob via Cursor asked fake-429 on openai (chat_completions), streamed, "
+            "stream usage requested by the client",
+        ),
+        ("prompt", "Refactor the router"),
+        ("end", "upstream_error, HTTP 429: Rate limit reached for fake-429"),
+    ]
+    assert story(datasette, log, 30) == [
+        (
+            "request",
+            "(unauthenticated) via openai-python asked no model on openai (chat_completions)",
+        ),
+        ("end", f"rejected, HTTP 401: {CHAT[30].error}"),
+    ]
+
+
+def copy_of_log(log: UsageLog, tmp_path: Path) -> sqlite3.Connection:
+    """A writable copy of the log, for variants of a row."""
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    source = sqlite3.connect(f"file:{log.db_path}?mode=ro", uri=True)
+    try:
+        source.backup(copy)
+    finally:
+        source.close()
+    copy.row_factory = sqlite3.Row
+    return copy
+
+
+def run_query(conn: sqlite3.Connection, name: str, **params: str) -> list[dict[str, Any]]:
+    queries = yaml.safe_load(METADATA.read_text())["databases"][DB_NAME]["queries"]
+    return [dict(r) for r in conn.execute(queries[name]["sql"], params)]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Chat Completions' own forms, a LiteLLM-style one with Anthropic's names, and junk.
+        '{"prompt_tokens": 1200, "prompt_tokens_details": {"cached_tokens": "1024"}}',
+        '{"prompt_tokens": 1200, "prompt_tokens_details": null}',
+        '{"prompt_tokens_details": [1024], "cache_creation": "none"}',
+        '{"prompt_cache_hit_tokens": 1024, "prompt_cache_miss_tokens": 176}',
+        "not json",
+        None,
+    ],
+)
+def test_raw_chat_usage_is_not_read_for_counts(
+    log: UsageLog, tmp_path: Path, raw: str | None
+) -> None:
+    """Chat Completions counts come from the columns, whatever the raw usage JSON holds."""
+    copy = copy_of_log(log, tmp_path)
+    try:
+        with copy:
+            copy.execute(
+                "update token_usages set usage = ? where interception_id = ?", (raw, log.ids[21])
+            )
+        steps = {
+            r["what"]: r["detail"]
+            for r in run_query(copy, "interception_story", interception_id=log.ids[21])
+        }
+        efficiency = run_query(copy, "cache_efficiency")
+    finally:
+        copy.close()
+    assert steps["tokens"].startswith(
+        "input 1200 (uncached 176, cache read 1024), output 40 (reasoning 0), total 1240, "
+    )
+    chat = next(
+        r for r in efficiency if (r["api"], r["provider"]) == ("chat_completions", "openai")
+    )
+    assert chat["cache_read_input_tokens"] == 3712
+    assert (chat["cache_write_5m_input_tokens"], chat["cache_write_1h_input_tokens"]) == (
+        None,
+        None,
+    )
+
+
+def test_opencode_sessions(datasette: Datasette, log: UsageLog) -> None:
+    rows = canned(datasette, "opencode_sessions")
+    for r in rows:
+        r["models"] = set(r["models"].split(","))
+    assert rows == [
+        # A release that sends no session id: its turns grouped per person and day.
+        {
+            "session": "(none: alice 2025-06-02)",
+            "users": "alice",
+            "apis": "chat_completions",
+            "models": {"fake-incomplete", "fake-text"},
+            "first_prompt": "Write the migration guide",
+            "turns": 2,
+            "prompts": 2,
+            "tool_results": 0,
+            "tool_calls": 0,
+            "tools": None,
+            "thoughts": 0,
+            "not_completed": 1,
+            "streams_without_usage": 1,  # 29: the compressed body
+            "input_tokens": 500,
+            "uncached_input_tokens": 500,
+            "cache_read_input_tokens": 0,
+            "cache_write_input_tokens": None,
+            "output_tokens": 256,
+            "reasoning_tokens": 0,
+            "total_tokens": 756,
+            "estimated_cost_usd": None,
+            "unpriced_responses": 1,
+            "subscription_responses": 0,
+            "started": started(26),
+            "last_activity": ended(29),
+        },
+        {
+            "session": OPENCODE_SESSION,
+            "users": "alice",
+            "apis": "chat_completions",
+            "models": {"fake-tool"},
+            "first_prompt": "Add a test for the parser",
+            "turns": 2,
+            "prompts": 1,
+            "tool_results": 1,
+            "tool_calls": 1,
+            "tools": "read x1",
+            "thoughts": 0,
+            "not_completed": 0,
+            "streams_without_usage": 0,
+            **sums([21, 22], *_TOKEN_COLUMNS),
+            "cache_write_input_tokens": None,
+            "estimated_cost_usd": r6(COST["c_tool_call"], COST["c_tool_result"]),
+            "unpriced_responses": 0,
+            "subscription_responses": 0,
+            "started": started(21),
+            "last_activity": ended(22),
+        },
+    ]
+    # By hand: 2176 of 2500 prompt tokens cached, 0.0014 + 0.0016.
+    assert (rows[1]["cache_read_input_tokens"], rows[1]["estimated_cost_usd"]) == (2176, 0.003)
+
+
+def test_streams_without_usage(datasette: Datasette, log: UsageLog) -> None:
+    def row(i: int, stream_usage: str, why: str) -> dict[str, Any]:
+        x = CHAT[i]
+        return {
+            "at": started(i),
+            "user": x.user,
+            "api": "chat_completions",
+            "provider": x.provider[0],
+            "client": x.client,
+            "model": x.model,
+            "status": x.status,
+            "http_status": x.http_status,
+            "stream_usage": stream_usage,
+            "why": why,
+            "interception_id": log.ids[i],
+        }
+
+    assert canned(datasette, "streams_without_usage") == [
+        row(29, CHAT[29].stream_usage or "", "usage was not requested"),
+        row(28, "requested by the client", "ended (upstream_error) before any usage"),
+        row(24, "not requested", "usage was not requested"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "stream_usage", "why"),
+    [
+        (None, None, "the provider sent no usage"),
+        ("not json", None, "the provider sent no usage"),
+        ("[1, 2]", None, "the provider sent no usage"),
+        ('{"stream_usage": 5}', 5, "the provider sent no usage"),
+        (
+            '{"stream_usage": "requested by the client"}',
+            "requested by the client",
+            "the provider sent no usage",
+        ),
+        ('{"stream_usage": "not requested"}', "not requested", "usage was not requested"),
+        (
+            '{"stream_usage": "NOT REQUESTED, somehow"}',
+            "NOT REQUESTED, somehow",
+            "usage was not requested",
+        ),
+    ],
+)
+def test_streams_without_usage_read_any_metadata(
+    log: UsageLog, tmp_path: Path, metadata: str | None, stream_usage: object, why: str
+) -> None:
+    """A completed stream whose usage row is missing is listed whatever its metadata holds,
+    and the stories of both APIs' rows still answer."""
+    copy = copy_of_log(log, tmp_path)
+    try:
+        with copy:
+            for i in (21, 4):  # a Chat Completions stream and a Responses one
+                copy.execute("delete from token_usages where interception_id = ?", (log.ids[i],))
+                copy.execute(
+                    "update interceptions set metadata = ? where id = ?", (metadata, log.ids[i])
+                )
+        listed = {r["interception_id"]: r for r in run_query(copy, "streams_without_usage")}
+        stories = [
+            run_query(copy, "interception_story", interception_id=log.ids[i]) for i in (21, 4)
+        ]
+    finally:
+        copy.close()
+    for i in (21, 4):
+        assert (listed[log.ids[i]]["stream_usage"], listed[log.ids[i]]["why"]) == (
+            stream_usage,
+            why,
+        )
+    assert {log.ids[i] for i in NO_USAGE_STREAMS} < set(listed)
+    for steps in stories:
+        tokens = [r["detail"] for r in steps if r["what"] == "tokens"]
+        if why == "usage was not requested":
+            assert tokens == [f"none recorded: stream usage {stream_usage}"]
+        else:
+            assert tokens == []
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -924,9 +1633,29 @@ def test_raw_usage_without_a_split_object(log: UsageLog, tmp_path: Path, raw: st
 
 def test_failed_requests(datasette: Datasette, log: UsageLog) -> None:
     rows = canned(datasette, "failed_requests")
-    assert [r["interception_id"] for r in rows] == [
-        log.ids[i] for i in (20, 19, 18, 17, 10, 9, 8, 7, 6)
+    order = (30, 20, 19, 18, 17, 10, 28, 9, 27, 8, 26, 7, 6)
+    assert [r["interception_id"] for r in rows] == [log.ids[i] for i in order]
+    chat = [r for r in rows if r["api"] == "chat_completions"]
+    assert [
+        (r["at"], r["user"], r["status"], r["http_status"], r["model"], r["client"], r["error"])
+        for r in chat
+    ] == [
+        (started(30), "(unauthenticated)", "rejected", 401, None, "openai-python", CHAT[30].error),
+        (
+            started(28),
+            "bob",
+            "upstream_error",
+            429,
+            "fake-429",
+            "Cursor",
+            "Rate limit reached for fake-429",
+        ),
+        # Completed, but stopped by the content filter: worth a look.
+        (started(27), "bob", "completed", 200, "fake-filter", "Open WebUI", "content_filter"),
+        (started(26), "alice", "incomplete", 200, "fake-incomplete", "OpenCode", "length"),
     ]
+    assert chat[0]["credential_hint"] == CHAT_STRANGER_HINT and chat[0]["credential_kind"] is None
+    rows = [r for r in rows if r["api"] != "chat_completions"]
     assert [
         (r["at"], r["user"], r["api"], r["status"], r["http_status"], r["model"]) for r in rows
     ] == [
@@ -964,7 +1693,7 @@ def test_sessions(datasette: Datasette, log: UsageLog) -> None:
             "session": session,
             "users": user,
             "clients": client,
-            "apis": "responses" if ix[0] <= 10 else "messages",
+            "apis": api_of(ix[0]),
             "turns": len(ix),
             "prompts": prompts,
             "tool_calls": tool_calls,
@@ -977,9 +1706,13 @@ def test_sessions(datasette: Datasette, log: UsageLog) -> None:
 
     assert canned(datasette, "sessions") == [
         row(SIGN_IN_SESSION, SIGN_IN_USER, "Claude Code", [16], (1, 0, 0)),
+        # Open WebUI's chat id; stopped by the content filter, but completed.
+        row(OPENWEBUI_CHAT, "bob", "Open WebUI", [27], (1, 0, 0)),
         row("sess-bob", "bob", "openai-python", [4, 6], (2, 0, 1)),
         row(CC_SESSION, "bob", "Claude Code", [13, 14], (1, 1, 0)),
         row("sess-alice", "alice", "openai-python", [2, 3], (1, 1, 0)),
+        # OpenCode's x-session-affinity; its session-less turns (26, 29) are in no session.
+        row(OPENCODE_SESSION, "alice", "OpenCode", [21, 22], (1, 1, 0)),
     ]
 
 
@@ -1052,6 +1785,42 @@ def test_session_turns(datasette: Datasette, log: UsageLog) -> None:
             "interception_id": log.ids[14],
         },
     ]
+    # OpenCode's tool round trip on Chat Completions, and Open WebUI's one-turn chat.
+    turns = canned(datasette, "session_turns", session_id=OPENCODE_SESSION)
+    assert turns == [
+        {
+            "turn": 1,
+            "at": started(21),
+            "user": "alice",
+            "model": "fake-tool",
+            "kind": "prompt",
+            "prompt": "Add a test for the parser",
+            "tools_called": "read",
+            "total_tokens": 1240,
+            "estimated_cost_usd": r6(COST["c_tool_call"]),
+            "status": "completed",
+            "interception_id": log.ids[21],
+        },
+        {
+            "turn": 2,
+            "at": started(22),
+            "user": "alice",
+            "model": "fake-tool",
+            "kind": "tool result",
+            "prompt": None,
+            "tools_called": None,
+            "total_tokens": 1360,
+            "estimated_cost_usd": r6(COST["c_tool_result"]),
+            "status": "completed",
+            "interception_id": log.ids[22],
+        },
+    ]
+    (webui,) = canned(datasette, "session_turns", session_id=OPENWEBUI_CHAT)
+    assert (webui["kind"], webui["total_tokens"], webui["estimated_cost_usd"]) == (
+        "prompt",
+        20,
+        None,
+    )
 
 
 def test_claude_code_sessions(datasette: Datasette, log: UsageLog) -> None:
@@ -1115,11 +1884,16 @@ def test_claude_code_sessions(datasette: Datasette, log: UsageLog) -> None:
 
 
 def test_cache_efficiency(datasette: Datasette, log: UsageLog) -> None:
+    def total(values: list[int | None]) -> int | None:
+        """SQL's sum: None when no row reported a value."""
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
+
     def row(api: str, provider: str, ix: list[int]) -> dict[str, Any]:
         rows = [TOKENS_OF[i] for i in ix]
         inp = sum(r.input for r in rows)
-        read = sum(r.cache_read for r in rows)
-        write = sum(r.cache_write for r in rows)
+        read = total([r.cache_read for r in rows])
+        write = total([r.cache_write for r in rows])
         uncached = sum(r.uncached for r in rows)
         split = [r for r in rows if r.write_1h is not None]
         return {
@@ -1128,22 +1902,32 @@ def test_cache_efficiency(datasette: Datasette, log: UsageLog) -> None:
             "responses": len(ix),
             "input_tokens": inp,
             "uncached_input_tokens": uncached,
-            "cache_read_input_tokens": read,
-            "cache_write_input_tokens": write,
+            "cache_read_input_tokens": read or 0,
+            "cache_write_input_tokens": write or 0,
             "cache_write_5m_input_tokens": sum(r.write_5m or 0 for r in split) if split else None,
             "cache_write_1h_input_tokens": sum(r.write_1h or 0 for r in split) if split else None,
             "uncached_pct": round(100 * uncached / inp, 1),
-            "cache_read_pct": round(100 * read / inp, 1),
-            "cache_write_pct": round(100 * write / inp, 1),
-            "reads_per_written_token": round(read / write, 2),
+            "cache_read_pct": None if read is None else round(100 * read / inp, 1),
+            "cache_write_pct": None if write is None else round(100 * write / inp, 1),
+            "reads_per_written_token": round(read / write, 2)
+            if read is not None and write
+            else None,
         }
 
     rows = canned(datasette, "cache_efficiency")
     assert rows == [
+        row("chat_completions", "openai", [21, 22, 25, 26]),
+        row("chat_completions", "openai_compatible", [23, 27]),
         row("messages", "anthropic", list(range(11, 19))),
         row("responses", "openai", list(range(8))),
     ]
-    messages, responses = rows
+    chat, host, messages, responses = rows
+    # By hand: OpenAI's cached_tokens (1024 + 1152 + 1536 + 0) of 5048 prompt tokens; it
+    # reports no cache writes (nor a split), the OpenRouter host no cache at all.
+    assert (chat["cache_read_input_tokens"], chat["cache_read_pct"]) == (3712, 73.5)
+    assert (chat["cache_write_pct"], chat["reads_per_written_token"]) == (None, None)
+    assert chat["cache_write_5m_input_tokens"] is None
+    assert (host["uncached_pct"], host["cache_read_pct"]) == (100.0, None)
     # By hand: the only 1-hour writes are fake-cached's 400 x 2; OpenAI reports no split.
     assert messages["cache_write_1h_input_tokens"] == 800
     assert messages["cache_write_5m_input_tokens"] == messages["cache_write_input_tokens"] - 800
@@ -1169,13 +1953,13 @@ def test_cost_per_user_per_month(datasette: Datasette, log: UsageLog) -> None:
 
     both = {"config", "genai-prices"}
     june = [
-        row("2025-06", "bob", [4, 6, 8, 13, 14, 17, 19], both),
-        row("2025-06", "alice", [2, 3, 5, 7, 9, 15, 18], both),
-        row("2025-06", "(unauthenticated)", [10, 20], set()),
+        row("2025-06", "bob", [4, 6, 8, 13, 14, 17, 19, 23, 24, 27, 28], both),
+        row("2025-06", "alice", [2, 3, 5, 7, 9, 15, 18, 25, 26, 29], both),
+        row("2025-06", "(unauthenticated)", [10, 20, 30], set()),
         row("2025-06", SIGN_IN_USER, [16], set()),
     ]
     may = [
-        row("2025-05", "alice", [0, 11], both),
+        row("2025-05", "alice", [0, 11, 21, 22], both),
         row("2025-05", "bob", [1, 12], {"config"}),
     ]
     for month in (june, may):  # most expensive first, then by name: as list prices have it
@@ -1186,6 +1970,10 @@ def test_cost_per_user_per_month(datasette: Datasette, log: UsageLog) -> None:
     assert rows == june + may
     signed_in = next(r for r in rows if r["user"] == SIGN_IN_USER)
     assert (signed_in["unpriced_responses"], signed_in["subscription_responses"]) == (0, 1)
+    # Alice's June: Copilot's gpt-4.1-mini at list price, OpenCode's length stop unpriced.
+    alice = next(r for r in rows if (r["month"], r["user"]) == ("2025-06", "alice"))
+    assert alice["unpriced_responses"] == 3  # fake-failed, fake-refusal, fake-incomplete
+    assert alice["estimated_cost_usd"] == shown_cost(log, 2, 3, 5, 15, 25)
 
 
 def chart_rows(ds: Datasette, chart: str, **filters: str) -> list[dict[str, Any]]:
@@ -1206,17 +1994,40 @@ def test_dashboard_charts_split_by_api(datasette: Datasette, log: UsageLog) -> N
     assert set(board["filters"]) == {"user", "api", "date_start", "date_end"}
     every = {"user": "bob", "api": "messages", "date_start": "2025-06-01", "date_end": "2025-06-01"}
     for chart in board["charts"]:
-        for filters in ({}, *({k: v} for k, v in every.items()), every):
+        for filters in (
+            {},
+            *({k: v} for k, v in every.items()),
+            every,
+            {**every, "api": "chat_completions"},
+        ):
             chart_rows(datasette, chart, **filters)
+    (apis,) = [board["filters"]["api"]["query"]]
+    assert [
+        r["api"]
+        for r in httpx.get(
+            f"{datasette.url}/{DB_NAME}.json", params={"sql": apis, "_shape": "array"}, timeout=30
+        ).json()
+    ] == ["chat_completions", "messages", "responses"]
 
     by_day: dict[tuple[str, str], int] = {}
     for i, tokens in TOKENS_OF.items():
-        key = (SCHEDULE[i][0], "messages" if i > 10 else "responses")
+        key = (SCHEDULE[i][0], api_of(i))
         by_day[key] = by_day.get(key, 0) + tokens.total
     assert chart_rows(datasette, "tokens-per-api") == [
         {"day": day, "api": api, "tokens": n} for (day, api), n in sorted(by_day.items())
     ]
-    messages = [i for i in TOKENS_OF if i > 10]
+    chat = [i for i in TOKENS_OF if api_of(i) == "chat_completions"]
+    (metric,) = chart_rows(datasette, "total-cost", api="chat_completions")
+    assert metric == {"cost": f"{shown_cost(log, *chat):.4f}"}
+    # 26 (length), 28 (429) and 30 (unknown token); the content filter completed.
+    assert chart_rows(datasette, "failed", api="chat_completions") == [{"failed": 3}]
+    # Cached input share per kind, alice's Chat Completions: no cache writes reported.
+    assert chart_rows(datasette, "input-per-api", user="alice", api="chat_completions") == [
+        {"api": "chat_completions", "kind": "cache read", "tokens": 1024 + 1152 + 1536},
+        {"api": "chat_completions", "kind": "cache write", "tokens": None},
+        {"api": "chat_completions", "kind": "uncached", "tokens": 176 + 148 + 512 + 500},
+    ]
+    messages = [i for i in TOKENS_OF if api_of(i) == "messages"]
     (metric,) = chart_rows(datasette, "total-cost", api="messages")
     assert metric == {"cost": f"{shown_cost(log, *messages):.4f}"}
     # 17 (max_tokens), 19 (529) and 20 (unknown token); the refusal completed.
@@ -1252,6 +2063,9 @@ def test_tables_are_described_and_dashboard_is_served(datasette: Datasette) -> N
     page = httpx.get(f"{datasette.url}/{DB_NAME}/token_usages", timeout=30).text
     assert "Estimated cost in US dollars" in page
     assert "Anthropic counts thinking in output_tokens" in page
+    assert "prompt_tokens_details.cached_tokens" in page
+    page = httpx.get(f"{datasette.url}/{DB_NAME}/interceptions", timeout=30).text
+    assert "chat_completions (Chat Completions)" in page
     dashboard = httpx.get(f"{datasette.url}/-/dashboards/usage", timeout=30)
     assert dashboard.status_code == 200
     assert "Tokens per day and person" in dashboard.text
