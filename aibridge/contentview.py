@@ -1,12 +1,12 @@
 """The "AI Bridge" contentview: AI API bodies shown as a readable conversation.
 
-For mitmweb and mitmproxy (and mitmdump at ``flow_detail`` 4). OpenAI Responses and
-Anthropic Messages requests and responses (buffered JSON, or a stored
+For mitmweb and mitmproxy (and mitmdump at ``flow_detail`` 4). OpenAI Responses, Anthropic
+Messages and OpenAI Chat Completions requests and responses (buffered JSON, or a stored
 ``text/event-stream``) are rendered by aibridge.view, one renderer per API; this module is
 the mitmproxy side: which flows the view is for, which API a flow speaks, the registry.
 
 A flow's API is the one the bridge noted on it (``flow.metadata["aibridge"]["api"]``), else
-the one its path names (``…/responses``, ``…/messages``), else the one its body's shape
+the one its path names (``…/responses``, ``…/messages``, ``…/chat/completions``), else the one its body's shape
 says. Tool calls and usage are read with the functions the audit log uses, so the view
 shows what the database holds.
 

@@ -403,13 +403,13 @@ def test_prompt_mark_follows_the_log_not_equal_text() -> None:
             {"role": "system", "content": "hi"},
         ],
     }
-    out = render_request(orjson.dumps(body))
+    out = render_request(orjson.dumps(body), "messages")
     assert out.count("[prompt]") == 1
     assert out.index("[prompt] hi") > out.index("user (2 blocks):")
     assert out.endswith("    [prompt] hi\n\nsystem: hi")
     # An assistant prefill last: no prompt at all, as the log says.
     body["messages"] = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    out = render_request(orjson.dumps(body))
+    out = render_request(orjson.dumps(body), "messages")
     assert "logged prompt: none" in out
     assert "[prompt]" not in out
 
@@ -868,7 +868,7 @@ def test_the_noted_api_wins_over_path_and_shape() -> None:
     assert VIEW.prettify(request, meta).startswith(REQUEST_TITLE)
     # A flow of an API the view has no renderer for keeps the usual view; chosen by hand,
     # the body's shape decides.
-    flow.metadata[FLOW_METADATA_KEY]["api"] = "chat_completions"
+    flow.metadata[FLOW_METADATA_KEY]["api"] = "embeddings"
     assert VIEW.render_priority(request, meta) == 0
     assert VIEW.prettify(request, meta).startswith(REQUEST_TITLE)
     # Bridged without a note of its API, on a path that says nothing: the body's shape.

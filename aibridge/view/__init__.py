@@ -1,7 +1,8 @@
 """The "AI Bridge" view's renderers, one module per API, and the dispatch between them.
 
-Each API module (``responses``, ``messages``) gives a :class:`~aibridge.view.common.Renderer`;
-what they share (limits, text helpers, body loading, stream reading) is in ``common``.
+Each API module (``responses``, ``messages``, ``chat``) gives a
+:class:`~aibridge.view.common.Renderer`; what they share (limits, text helpers, body loading,
+stream reading) is in ``common``.
 :func:`render_request`, :func:`render_response` and :func:`render_body` pick the renderer
 named by ``api`` (as the bridge notes it on a flow, or as the path says, see
 aibridge.contentview), else the first whose ``claims_*`` recognise the body's shape, else
@@ -17,7 +18,7 @@ from typing import Final
 import orjson
 
 from aibridge.transport.sse import SSEParser
-from aibridge.view import messages, responses
+from aibridge.view import chat, messages, responses
 from aibridge.view.common import (
     JSON_TYPE,
     SSE_TYPE,
@@ -27,7 +28,11 @@ from aibridge.view.common import (
     unreadable,
 )
 
-RENDERERS: Final[dict[str, Renderer]] = {r.api: r for r in (responses.RENDERER, messages.RENDERER)}
+# Chat before Messages: both send "messages", and Chat claims only bodies with nothing
+# Anthropic-only in them (view.chat.claims_request).
+RENDERERS: Final[dict[str, Renderer]] = {
+    r.api: r for r in (responses.RENDERER, chat.RENDERER, messages.RENDERER)
+}
 # What a body is read as when nothing says which API it is (and nothing about it is known).
 DEFAULT: Final = responses.RENDERER
 # A stream is recognised by the first events with a type only one API sends, within this much.
@@ -68,6 +73,8 @@ def _for_stream(data: bytes) -> Renderer:
             except orjson.JSONDecodeError:
                 continue
             kind = obj.get("type") if isinstance(obj, dict) else None
+            if not isinstance(kind, str) and isinstance(obj, dict):
+                kind = obj.get("object")  # Chat Completions chunks: no type, an object name
             if not isinstance(kind, str):
                 continue
         for renderer in RENDERERS.values():
