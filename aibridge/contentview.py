@@ -6,9 +6,9 @@ Messages and OpenAI Chat Completions requests and responses (buffered JSON, or a
 the mitmproxy side: which flows the view is for, which API a flow speaks, the registry.
 
 A flow's API is the one the bridge noted on it (``flow.metadata["aibridge"]["api"]``), else
-the one its path names (``…/responses``, ``…/messages``, ``…/chat/completions``), else the one its body's shape
-says. Tool calls and usage are read with the functions the audit log uses, so the view
-shows what the database holds.
+the one its path names (``…/responses``, ``…/messages``, ``…/chat/completions``), else the one
+its body's shape says. Tool calls and usage are read with the functions the audit log uses, so
+the view shows what the database holds.
 
 The bridge streams every SSE response, and mitmproxy keeps a streamed body only with
 ``--set store_streamed_bodies=true``; without it a streamed response has no body to show.

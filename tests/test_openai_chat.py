@@ -747,3 +747,39 @@ def test_buffered_error_body_and_non_objects() -> None:
 def test_nothing_fed() -> None:
     result = oc.ChatAccumulator().result()
     assert (result.status, result.terminal_seen, result.token_usage) == (None, False, None)
+
+
+@pytest.mark.parametrize(
+    ("body", "may"),
+    [
+        (b'{"model":"m","stream":true}', False),
+        (b'{"model":"caf\\u00e9 \\u4e2d","stream":true}', False),  # escapes, none of a key's
+        (b'{"stream_options":{}}', True),
+        (b'{"x":"stream_options"}', True),  # only in a value: the walk decides
+        (b'{"stream\\u005foptions":{}}', True),
+        (b'{"\\u0073tream_options":{}}', True),
+        (b'{"s\\u0054ream":1}', True),  # any escaped word character: walk to be sure
+        (b'{"a":"\\u003cb\\u003e"}', True),  # Go's escaping of < and >: walked, still right
+    ],
+)
+def test_the_pre_check_is_sound(body: bytes, may: bool) -> None:
+    assert json_bytes.may_hold_key(body, b"stream_options") is may
+    # Whatever the pre-check says, the edit is the same as the full walk's.
+    spans = json_bytes.member_spans(body)
+    amended = oc.with_usage_requested(body)
+    if "stream_options" not in spans:
+        assert amended == body[:1] + b'"stream_options":{"include_usage":true},' + body[1:]
+
+
+@settings(max_examples=200)
+@given(st.text(min_size=1, max_size=14), st.integers(0, 13))
+def test_an_escaped_spelling_of_the_key_is_always_found(key: str, at: int) -> None:
+    """Spell "stream_options" with one character escaped anywhere: the pre-check says maybe."""
+    word = "stream_options"
+    at %= len(word)
+    spelled = word[:at] + f"\\u{ord(word[at]):04x}" + word[at + 1 :]
+    body = ('{"' + spelled + '":{},"k":' + orjson.dumps(key).decode() + "}").encode()
+    assert json_bytes.may_hold_key(body, word.encode())
+    assert orjson.loads(oc.with_usage_requested(body) or b"{}")["stream_options"] == {
+        "include_usage": True
+    }

@@ -19,10 +19,30 @@ from typing import Final
 import orjson
 
 _WHITESPACE: Final = re.compile(rb"[ \t\n\r]*")
-_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A JSON string, unrolled (runs of plain bytes between escapes): several times faster than
+# one alternation per byte.
+_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# How a letter, digit or "_" of a key can be escaped in JSON: \u00XX with XX in 30-7f.
+_ESCAPE_HEAD: Final = b"\\u00"
+_WORD_CHAR_HIGH_DIGITS: Final = frozenset(b"34567")
 # Inside a container only these bytes matter: strings are skipped whole, brackets counted.
 _STRUCTURAL: Final = re.compile(rb'["{}\[\]]')
 _SCALAR_END: Final = re.compile(rb"[ \t\n\r,}\]]")
+
+
+def may_hold_key(body: bytes, key: bytes) -> bool:
+    """False only when no member of the object can be named `key` (ASCII letters, digits and
+    ``_``): its bytes appear nowhere and no escape could spell one of its characters. A fast,
+    sound pre-check before :func:`member_spans`, which walks the whole body."""
+    if key in body:
+        return True
+    # bytes.find, not a regex: a memchr-speed scan, and most bodies hold no such escape.
+    at = body.find(_ESCAPE_HEAD)
+    while at >= 0:
+        if body[at + 4 : at + 5] and body[at + 4] in _WORD_CHAR_HIGH_DIGITS:
+            return True
+        at = body.find(_ESCAPE_HEAD, at + 1)
+    return False
 
 
 def member_spans(body: bytes, start: int = 0) -> dict[str, tuple[int, int]]:

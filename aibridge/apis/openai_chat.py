@@ -235,6 +235,9 @@ def with_usage_requested(body: bytes) -> bytes | None:
     ``stream_options.include_usage`` true: inserted as the first member when there is no
     ``stream_options``; inserted into it, or its ``false``/``null`` replaced, when there is.
     None when nothing needs to change."""
+    if not json_bytes.may_hold_key(body, b"stream_options"):
+        # The common case, decided without a walk over a body of maybe megabytes.
+        return json_bytes.insert_first_member(body, _USAGE_MEMBER)
     spans = json_bytes.member_spans(body)
     options = spans.get("stream_options")
     if options is None:
