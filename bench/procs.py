@@ -36,12 +36,15 @@ _STARTUP_FAILED = b"Error logged during startup"
 # (README, Client set-up): the route prefix of the bridge's anthropic provider, and always
 # ?beta=true. The baselines forward the path as it is; the bench upstream serves both.
 MESSAGES_PATH = "/anthropic/v1/messages?beta=true"
+# Where OpenCode sends its Chat Completions calls with an @ai-sdk/openai-compatible provider
+# whose baseURL is http://<bridge>/openai/v1: the route prefix of the bridge's openai provider.
+CHAT_PATH = "/openai/v1/chat/completions"
 
 
 def bridge_config(upstream_url: str) -> dict[str, Any]:
     """The bridge in reverse-proxy mode (DESIGN §1.1) in front of the bench upstream, with
-    an OpenAI and an Anthropic provider both there, so each API is measured against the
-    same mitmdump baselines."""
+    an OpenAI (Responses and Chat Completions) and an Anthropic provider both there, so each
+    API is measured against the same mitmdump baselines."""
     config = local_bridge_config(upstream_url, "${BENCH_PROVIDER_KEY}", {"alice": TOKEN})
     config["providers"].append(
         {
@@ -108,6 +111,8 @@ class UpstreamProcess:
 
     def stop(self) -> None:
         _stop(self.proc)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()  # the pipe its URL came on; left open it warns at exit
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The benchmark: ``python -m bench`` (``--quick`` for a seconds-long smoke run).
 
 Starts the bench upstream and four mitmdumps on loopback, all in reverse mode with the same
-flags: stream-only (the SSE baseline, for Responses and Messages streams alike), plain (the
-buffered baseline), the bridge, and the bridge with the lag probe and the burst script.
+flags: stream-only (the SSE baseline, for Responses, Messages and Chat Completions streams
+alike), plain (the buffered baseline), the bridge, and the bridge with the lag probe and the
+burst script.
 Variants run alternately, baseline then bridge, for several rounds after a warm-up round;
 medians are reported, and ratios are medians of the per-round ratios. See BENCHMARKS.md
 for what each figure means.
@@ -32,6 +33,7 @@ from bench.client import LoadResult, build_request, one_request, run_load
 from bench.procs import (
     BENCH,
     BURST,
+    CHAT_PATH,
     LAG_PROBE,
     MESSAGES_PATH,
     STREAM_ONLY,
@@ -47,9 +49,11 @@ from bench.procs import (
 from bench.workloads import (
     CLAUDE_CODE_HEADERS,
     CODEX_HEADERS,
+    OPENCODE_HEADERS,
     claude_code_body,
     codex_body,
     flow_rows,
+    opencode_chat_body,
 )
 
 DOC = BENCH.parent / "BENCHMARKS.md"
@@ -131,18 +135,30 @@ def messages_request_bytes(proxy: Proxy, body: bytes, **headers: str) -> bytes:
     return build_request(HOST, proxy.port, MESSAGES_PATH, body, all_headers)
 
 
-# The streamed APIs, by the key of their figures in the result JSON.
+def chat_request_bytes(proxy: Proxy, body: bytes, **headers: str) -> bytes:
+    """An OpenCode ``POST /v1/chat/completions``: its headers, the bridge token as Bearer."""
+    all_headers = {**OPENCODE_HEADERS, "authorization": f"Bearer {TOKEN}", **headers}
+    return build_request(HOST, proxy.port, CHAT_PATH, body, all_headers)
+
+
+# The streamed workloads, by the key of their figures in the result JSON (report.SSE_WORKLOADS).
 RESPONSES_SSE = "sse"
 MESSAGES_SSE = "messages_sse"
+CHAT_SSE = "chat_sse"  # the body asks for the usage chunk, as OpenCode's does
+CHAT_SSE_USAGE_ADDED = "chat_sse_usage_added"  # it does not: the bridge inserts the option
 
 
 def sse_request(proxy: Proxy, api: str, events: int) -> bytes:
     """One ``fake-long-<events>`` stream request of that API, one chunk per event as a
-    provider sends them (for Messages, ~90-byte text deltas the addon skips by their bytes)."""
+    provider sends them (for Messages, ~90-byte text deltas the addon skips by their bytes;
+    for Chat Completions, ~280-byte chunks the addon decodes each)."""
     model = f"fake-long-{events}"
     flush = {"x-fake-flush-each": "1"}
     if api == MESSAGES_SSE:
         return messages_request_bytes(proxy, claude_code_body(model), **flush)
+    if api in (CHAT_SSE, CHAT_SSE_USAGE_ADDED):
+        body = opencode_chat_body(model, include_usage=api == CHAT_SSE)
+        return chat_request_bytes(proxy, body, **flush)
     return request_bytes(proxy, codex_body(model, stream=True), **flush)
 
 
@@ -216,7 +232,7 @@ def bench_sse(
     baseline: Proxy, addon: Proxy, sizes: Sizes, api: str = RESPONSES_SSE
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"events": sizes.sse_events}
-    name = "Messages SSE" if api == MESSAGES_SSE else "SSE"
+    name = dict(report.SSE_WORKLOADS)[api]
     for label, concurrency, streams in (
         ("c1", 1, sizes.sse_streams_c1),
         ("c16", 16, sizes.sse_streams_c16),
@@ -507,7 +523,8 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
 
         addon = proxies["addon"]
         metrics["sse"] = bench_sse(proxies["stream_only"], addon, sizes)
-        metrics["messages_sse"] = bench_sse(proxies["stream_only"], addon, sizes, MESSAGES_SSE)
+        for api in (MESSAGES_SSE, CHAT_SSE, CHAT_SSE_USAGE_ADDED):
+            metrics[api] = bench_sse(proxies["stream_only"], addon, sizes, api)
         metrics["buffered"] = bench_buffered(proxies["plain"], addon, sizes)
         metrics["paced"] = bench_paced(proxies["stream_only"], addon, sizes)
         burst = bench_burst(probed, sizes.burst_flows)

@@ -1,18 +1,21 @@
-"""The benchmark's upstream: the fake Responses and Messages APIs served from one asyncio loop.
+"""The benchmark's upstream: the fake Responses, Messages and Chat Completions APIs served
+from one asyncio loop.
 
-Replies come from ``devtools.fake_upstream.plan_responses`` for ``POST …/responses`` and
-``devtools.fake_anthropic.plan_messages`` for ``POST …/v1/messages`` (same scenarios, same
-bytes; ``fake-long-N`` is the one the benchmark streams), but the serving differs from
+Replies come from ``devtools.fake_upstream.plan_responses`` for ``POST …/responses``,
+``devtools.fake_anthropic.plan_messages`` for ``POST …/v1/messages`` and
+``devtools.fake_openai_chat.chat_reply`` for ``POST …/chat/completions`` (same scenarios,
+same bytes; ``fake-long-N`` is the one the benchmark streams), but the serving differs from
 ``FakeUpstream`` on purpose:
 - asyncio instead of a thread per connection, so the upstream costs little CPU on a small
   machine where it competes with mitmdump and the load generator;
 - nothing is kept per request (``FakeUpstream.requests`` grows with every 40 KB body), only
-  the count of Messages calls, which numbers their usage as the fake does;
+  the counts of Messages and Chat Completions calls, which number their usage as the fakes
+  do;
 - ``fake-slow`` is paced with ``asyncio.sleep`` and every delta carries ``"t_sent"``, the
   ``time.monotonic()`` at which it was written, so the client can measure each event's
   transit through the proxy (CLOCK_MONOTONIC is shared by all processes on Linux);
-  Messages' ``fake-slow`` is refused (400): the fake paces it with ``time.sleep``, which
-  would stall every connection of this loop.
+  Messages' and Chat Completions' ``fake-slow`` are refused (400): their fakes pace it with
+  ``time.sleep``, which would stall every connection of this loop.
 
 Run as ``python -m bench.upstream``: prints its URL, serves until SIGINT or SIGTERM.
 """
@@ -29,7 +32,7 @@ from collections.abc import Iterable, Iterator
 
 import orjson
 
-from devtools import fake_anthropic
+from devtools import fake_anthropic, fake_openai_chat
 from devtools import fake_upstream as fake
 
 _DELTA_PREFIX = b"event: response.output_text.delta\n"
@@ -88,6 +91,7 @@ class Upstream:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.messages_calls = 0
+        self.chat_calls = 0
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> None:
         server = await asyncio.start_server(self._connection, host, port, limit=_HEAD_LIMIT)
@@ -126,6 +130,8 @@ class Upstream:
         path = target.split("?", 1)[0]
         if method == "POST" and path.endswith("/v1/messages"):
             return await self._respond_messages(writer, headers, body)
+        if method == "POST" and path.endswith("/chat/completions"):
+            return await self._respond_chat(writer, headers, body)
         if method != "POST" or not path.endswith("/responses"):
             payload = fake.error_body(f"Invalid URL ({method} {path})", "invalid_request_error")
             await self._send_body(writer, 404, {}, payload)
@@ -158,6 +164,22 @@ class Upstream:
             )
         else:  # the fake's own entry point: its checks, in its order (auth first)
             reply = fake_anthropic.messages_reply(body, headers, self.messages_calls)
+        return await self._send_reply(writer, reply)
+
+    async def _respond_chat(
+        self, writer: asyncio.StreamWriter, headers: dict[str, str], body: bytes
+    ) -> bool:
+        self.chat_calls += 1  # every call counted, refused ones too, as the fake counts
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            req = None
+        if isinstance(req, dict) and req.get("model") == "fake-slow":
+            reply = fake_openai_chat.error_reply(
+                400, "fake-slow is not served by the bench upstream", "invalid_request_error"
+            )
+        else:  # the fake's own entry point: its checks, in its order (auth first)
+            reply = fake_openai_chat.chat_reply(body, headers, self.chat_calls)
         return await self._send_reply(writer, reply)
 
     async def _send_reply(self, writer: asyncio.StreamWriter, reply: fake.Reply) -> bool:

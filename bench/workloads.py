@@ -1,5 +1,5 @@
-"""What the benchmark sends: Codex- and Claude-Code-shaped request bodies and realistic
-audit-log rows.
+"""What the benchmark sends: Codex-, Claude-Code- and OpenCode-shaped request bodies and
+realistic audit-log rows.
 
 Everything here is deterministic, so every variant and every round gets the same bytes.
 """
@@ -328,6 +328,218 @@ def claude_code_body(
         )
         turn += 1
     messages += [closing, last]
+    return orjson.dumps(body)
+
+
+# ---- OpenCode (Chat Completions) -----------------------------------------------------------
+# Shaped after what opencode 1.18.33 sends through @ai-sdk/openai-compatible
+# (tests/fixtures/opencode_captured/*.request.json and *.headers.json): the members in its
+# order (model, max_tokens, messages, tools, tool_choice, stream, stream_options), one system
+# message, function tools with draft 2020-12 schemas, assistant turns with ``content: ""`` and
+# ``tool_calls``, ``tool`` messages, the typed text last as a string. Written out here so the
+# benchmark depends on no fixture file.
+
+OPENCODE_SESSION = "ses_0b3f5e7a9c1dffa2Bench4Qx7Zk"
+OPENCODE_HEADERS = {
+    "content-type": "application/json",
+    "user-agent": "opencode/1.18.33 ai-sdk/provider-utils/4.0.23 runtime/bun/1.3.14",
+    "x-session-affinity": OPENCODE_SESSION,
+    "x-session-id": OPENCODE_SESSION,
+    "connection": "keep-alive",
+    "accept": "*/*",
+    "accept-encoding": "gzip, deflate, br, zstd",
+}
+OPENCODE_PROMPT = "The date parser drops the time zone; find the cause and fix it."
+
+_OC_SYSTEM = (
+    "You are opencode, an interactive CLI tool that helps users with software engineering "
+    "tasks. Use the instructions below and the tools available to you to assist the user. "
+    "Be concise and direct; explain a non-trivial command before you run it. "
+)
+_OC_ENV = (
+    "\n<env>\n  Working directory: /src/app\n  Is directory a git repo: yes\n"
+    "  Platform: linux\n  Today's date: Tue Dec 01 2026\n</env>\n"
+)
+_OC_SCHEMA = "https://json-schema.org/draft/2020-12/schema"
+_OC_INT = {"type": "integer", "minimum": 0, "maximum": 9007199254740991}
+# The 12 tools of an OpenCode session: (name, description, {property: schema}, required).
+_OC_TOOLS: tuple[tuple[str, str, dict[str, dict[str, Any]], tuple[str, ...]], ...] = (
+    (
+        "bash",
+        "Executes a given bash command in a persistent shell session with optional timeout.",
+        {
+            "command": {"type": "string"},
+            "timeout": {**_OC_INT, "exclusiveMinimum": 0},
+            "workdir": {"type": "string"},
+        },
+        ("command",),
+    ),
+    (
+        "edit",
+        "Performs exact string replacements in files.",
+        {
+            "filePath": {"type": "string"},
+            "oldString": {"type": "string"},
+            "newString": {"type": "string"},
+            "replaceAll": {"type": "boolean"},
+        },
+        ("filePath", "oldString", "newString"),
+    ),
+    (
+        "glob",
+        "Fast file pattern matching tool that works with any codebase size.",
+        {"pattern": {"type": "string"}, "path": {"type": "string"}},
+        ("pattern",),
+    ),
+    (
+        "grep",
+        "Fast content search tool that searches file contents using regular expressions.",
+        {"pattern": {"type": "string"}, "path": {"type": "string"}, "include": {"type": "string"}},
+        ("pattern",),
+    ),
+    (
+        "list",
+        "Lists files and directories in a given path.",
+        {"path": {"type": "string"}, "ignore": {"type": "array", "items": {"type": "string"}}},
+        (),
+    ),
+    (
+        "read",
+        "Read a file or directory from the local filesystem.",
+        {"filePath": {"type": "string"}, "offset": _OC_INT, "limit": _OC_INT},
+        ("filePath",),
+    ),
+    (
+        "skill",
+        "Load a specialized skill when the task at hand matches one of the skills listed.",
+        {"name": {"type": "string"}},
+        ("name",),
+    ),
+    (
+        "task",
+        "Launch a new agent to handle complex, multistep tasks autonomously.",
+        {
+            "description": {"type": "string"},
+            "prompt": {"type": "string"},
+            "subagent_type": {"type": "string"},
+            "task_id": {"type": "string"},
+        },
+        ("description", "prompt", "subagent_type"),
+    ),
+    ("todoread", "Read the current todo list of the session.", {}, ()),
+    (
+        "todowrite",
+        "Create and maintain a structured task list for the current coding session.",
+        {
+            "todos": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "content": {"type": "string"},
+                        "status": {"type": "string"},
+                        "priority": {"type": "string"},
+                    },
+                    "required": ["content", "status", "priority"],
+                },
+            }
+        },
+        ("todos",),
+    ),
+    (
+        "webfetch",
+        "Fetches content from a specified URL and converts it to the requested format.",
+        {
+            "url": {"type": "string"},
+            "format": {"type": "string", "enum": ["text", "markdown", "html"]},
+            "timeout": {"type": "number"},
+        },
+        ("url",),
+    ),
+    (
+        "write",
+        "Writes a file to the local filesystem.",
+        {"content": {"type": "string"}, "filePath": {"type": "string"}},
+        ("content", "filePath"),
+    ),
+)
+_OC_USAGE_NOTE = (
+    "\n\nUsage:\n- Prefer this tool over shell equivalents.\n- You can call multiple tools "
+    "in a single response; batch independent calls for better performance.\n"
+)
+
+
+def _oc_tool(
+    name: str, description: str, props: dict[str, dict[str, Any]], required: tuple[str, ...]
+) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description + _OC_USAGE_NOTE * 4,
+            "parameters": {
+                "$schema": _OC_SCHEMA,
+                "type": "object",
+                "properties": {
+                    prop: {**schema, "description": f"The {prop} of the call."}
+                    for prop, schema in props.items()
+                },
+                "required": list(required),
+            },
+        },
+    }
+
+
+def opencode_chat_body(
+    model: str,
+    size: int = 40_000,
+    *,
+    stream: bool = True,
+    include_usage: bool = True,
+    prompt: str = OPENCODE_PROMPT,
+) -> bytes:
+    """An OpenCode-like ``POST /v1/chat/completions`` body of about ``size`` bytes.
+
+    A turn deep in a session: the system message, the 12 tools, the first request, then
+    assistant turns calling ``read`` or ``bash`` each answered by a ``tool`` message, and the
+    user's new message last (the prompt the bridge records). ``include_usage`` is what
+    OpenCode sends; without it the body has no ``stream_options`` and the bridge inserts it.
+    """
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": _OC_SYSTEM * 12 + _OC_ENV},
+        {"role": "user", "content": "Look at the date parser and its tests."},
+    ]
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 32_000,
+        "messages": messages,
+        "tools": [_oc_tool(*tool) for tool in _OC_TOOLS],
+        "tool_choice": "auto",
+        "stream": stream,
+    }
+    if stream and include_usage:
+        body["stream_options"] = {"include_usage": True}
+    last = {"role": "user", "content": prompt}
+    tail = len(orjson.dumps(last))
+    lines = "".join(_FILE_LINE.format(n=n) for n in range(min(40, 1 + size // 2000)))
+    turn = 0
+    while len(orjson.dumps(body)) + tail < size:
+        call_id = f"call_bench{turn:014d}"
+        if turn % 2:
+            name, args = "bash", {"command": f"pytest -q tests/test_dates_{turn}.py"}
+        else:
+            name, args = "read", {"filePath": f"/src/app/dates/parse_{turn}.py"}
+        function = {"name": name, "arguments": orjson.dumps(args).decode()}
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"id": call_id, "type": "function", "function": function}],
+            }
+        )
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": lines})
+        turn += 1
+    messages.append(last)
     return orjson.dumps(body)
 
 

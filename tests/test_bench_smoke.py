@@ -1,5 +1,6 @@
 """The benchmark's quick mode runs end to end and reports every metric (no timing asserted);
-its Messages workload is Claude-Code-shaped, served as the fake serves it, and recorded."""
+its Messages workload is Claude-Code-shaped and its Chat Completions workloads OpenCode-shaped,
+served as the fakes serve them, and recorded."""
 
 from __future__ import annotations
 
@@ -15,19 +16,25 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from aibridge.apis import anthropic_messages
+from aibridge.apis import anthropic_messages, openai_chat
 from aibridge.clients import guess_client, session_id_from_headers
-from bench.procs import MESSAGES_PATH, TOKEN, UpstreamProcess
+from bench.procs import CHAT_PATH, MESSAGES_PATH, TOKEN, UpstreamProcess
 from bench.report import METRIC_PATHS, lookup
 from bench.run import QUICK
 from bench.workloads import (
     CLAUDE_CODE_HEADERS,
     CLAUDE_CODE_PROMPT,
     CLAUDE_CODE_SESSION,
+    OPENCODE_HEADERS,
+    OPENCODE_PROMPT,
+    OPENCODE_SESSION,
     claude_code_body,
+    opencode_chat_body,
 )
-from devtools import fake_anthropic
+from devtools import fake_anthropic, fake_openai_chat
 from tests.harness import REPO, query
+
+OPENCODE_CAPTURED = REPO / "tests" / "fixtures" / "opencode_captured"
 
 
 def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
@@ -50,28 +57,40 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         value = lookup(result["metrics"], path)
         assert isinstance(value, int | float) and not isinstance(value, bool), path
         assert math.isfinite(value), path
-    assert any(path.startswith("messages_sse.") for path in METRIC_PATHS)
+    for key in ("messages_sse", "chat_sse", "chat_sse_usage_added"):
+        assert any(path.startswith(f"{key}.") for path in METRIC_PATHS), key
 
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["cpu_model"]
     assert machine["python"] and machine["mitmproxy"]
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 9 and len(set(names)) == 9
-    assert "Messages SSE events/s vs stream-only mitmdump, c=16" in names
+    assert len(names) == 13 and len(set(names)) == 13
+    for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
+        for label in ("c=1", "c=16"):
+            assert f"{title} events/s vs stream-only mitmdump, {label}" in names
     for target in result["targets"]:
         assert isinstance(target["met"], bool) and target["target"] and target["value"]
         assert target["met"] or target["reason"], target
 
     # The printed table carries every target; quick mode never rewrites BENCHMARKS.md.
     assert run.stdout.count("| ") > 10 and "Ratio" in run.stdout
-    assert f"| Messages SSE events/s, {QUICK.sse_events}-event stream, c=1 |" in run.stdout
+    for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
+        assert f"| {title} events/s, {QUICK.sse_events}-event stream, c=1 |" in run.stdout
     assert (doc.read_bytes() if doc.exists() else None) == doc_before
 
     # The measured bridge recorded every Messages stream it was sent, with its usage.
-    messages = result["metrics"]["messages_sse"]
-    assert_messages_recorded(
-        workdir / "aibridge" / "aibridge.db", messages["c1"]["streams"] + messages["c16"]["streams"]
+    metrics = result["metrics"]
+    db = workdir / "aibridge" / "aibridge.db"
+    messages = metrics["messages_sse"]
+    assert_messages_recorded(db, messages["c1"]["streams"] + messages["c16"]["streams"])
+    # And every Chat stream, the usage asked for by OpenCode's body or added by the bridge.
+    assert_chat_recorded(
+        db,
+        {
+            openai_chat.USAGE_REQUESTED: metrics["chat_sse"],
+            openai_chat.USAGE_ADDED: metrics["chat_sse_usage_added"],
+        },
     )
 
 
@@ -110,6 +129,60 @@ def assert_messages_recorded(db: Path, timed_streams: int) -> None:
         assert row["cache_write_input_tokens"] == 1000 * n + 2
         assert row["input_tokens"] == (100 * n + 1) + (10000 * n + 3) + (1000 * n + 2)
         assert row["output_tokens"] == 7 * n + 5
+        calls.add(n)
+    assert len(calls) == len(rows)  # each row is its own upstream call
+
+
+def assert_chat_recorded(db: Path, workloads: dict[str, dict]) -> None:
+    """Each Chat workload's streams recorded, by the row's ``stream_usage``, with the usage
+    of the upstream call each one was (no interception without its usage row)."""
+    rows = query(
+        db,
+        "select i.*, json_extract(i.metadata, '$.stream_usage') as stream_usage,"
+        " u.input_tokens, u.uncached_input_tokens, u.cache_read_input_tokens,"
+        " u.output_tokens, u.reasoning_tokens, u.total_tokens, p.prompt,"
+        " (select count(*) from tool_usages t where t.interception_id = i.id) as tools"
+        " from interceptions i"
+        " join token_usages u on u.interception_id = i.id"
+        " left join user_prompts p on p.interception_id = i.id"
+        " where i.api = 'chat_completions'",
+    )
+    (interceptions,) = query(
+        db, "select count(*) as n from interceptions where api = 'chat_completions'"
+    )
+    assert len(rows) == interceptions["n"]
+    calls: set[int] = set()
+    for stream_usage, figures in workloads.items():
+        timed = figures["c1"]["streams"] + figures["c16"]["streams"]
+        # Warm-up requests are recorded too.
+        assert sum(1 for r in rows if r["stream_usage"] == stream_usage) >= timed, stream_usage
+    for row in rows:
+        assert row["stream_usage"] in workloads
+        assert (row["provider_name"], row["status"], row["http_status"], row["error"]) == (
+            "openai",
+            "completed",
+            200,
+            None,
+        )
+        assert (row["model"], row["response_model"], row["streaming"]) == (
+            f"fake-long-{QUICK.sse_events}",
+            f"fake-long-{QUICK.sse_events}",
+            1,
+        )
+        assert row["malformed_events"] == 0 and row["response_id"].startswith("chatcmpl-")
+        assert (row["client"], row["client_session_id"]) == ("OpenCode", OPENCODE_SESSION)
+        assert (row["prompt"], row["correlating_tool_call_id"], row["tools"]) == (
+            OPENCODE_PROMPT,
+            None,
+            0,
+        )
+        # The fake's usage for its n-th call (devtools/fake_openai_chat.py), from the usage
+        # chunk that ends the stream.
+        n, rest = divmod(row["input_tokens"] - 1, 1000)
+        assert rest == 0 and n >= 1
+        assert (row["cache_read_input_tokens"], row["uncached_input_tokens"]) == (0, 1000 * n + 1)
+        assert (row["output_tokens"], row["reasoning_tokens"]) == (7 * n + 5, 0)
+        assert row["total_tokens"] == 1007 * n + 6
         calls.add(n)
     assert len(calls) == len(rows)  # each row is its own upstream call
 
@@ -263,3 +336,188 @@ def test_bench_upstream_still_serves_responses(bench_upstream: UpstreamProcess) 
     status, _, got, _ = post(bench_upstream, "/v1/responses", body, {"authorization": "Bearer x"})
     assert status == 200
     assert got.count(b"event: response.output_text.delta\n") == 5
+
+
+# ---- the Chat Completions workload --------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [20_000, 40_000, 60_000, 100_000])
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_opencode_chat_body_is_opencode_shaped(size: int, include_usage: bool) -> None:
+    body = opencode_chat_body("fake-long-1000", size, include_usage=include_usage)
+    assert size <= len(body) <= size + 4_000
+    obj, info = openai_chat.parse_request(body)
+    assert (info.model, info.stream, info.prompt) == ("fake-long-1000", True, OPENCODE_PROMPT)
+    assert info.correlating_tool_call_id is None  # a typed prompt, not a tool result
+    expected = openai_chat.USAGE_REQUESTED if include_usage else openai_chat.USAGE_NOT_REQUESTED
+    assert info.metadata == {"stream_usage": expected}
+
+    # The members in the order OpenCode writes them (its captured requests).
+    captured = orjson.loads((OPENCODE_CAPTURED / "tool_turn2.request.json").read_bytes())
+    order = list(captured)
+    assert list(obj) == (order if include_usage else [k for k in order if k != "stream_options"])
+    assert len(obj["tools"]) == 12 and len({t["function"]["name"] for t in obj["tools"]}) == 12
+    for tool in obj["tools"]:
+        assert tool["type"] == "function"
+        schema = tool["function"]["parameters"]
+        assert schema["type"] == "object" and schema["$schema"].endswith("2020-12/schema")
+        assert set(schema["required"]) <= set(schema["properties"])
+    # OpenCode's own tools are among them, with the properties it declares.
+    captured_tools = {t["function"]["name"]: t["function"] for t in captured["tools"]}
+    ours = {t["function"]["name"]: t["function"] for t in obj["tools"]}
+    assert set(captured_tools) <= set(ours)
+    for name, spec in captured_tools.items():
+        assert set(ours[name]["parameters"]["properties"]) >= set(spec["parameters"]["required"])
+
+    messages = obj["messages"]
+    roles = [m["role"] for m in messages]
+    turns = (len(roles) - 3) // 2
+    assert roles == ["system", "user"] + ["assistant", "tool"] * turns + ["user"]
+    assert turns >= 2 and messages[-1]["content"] == OPENCODE_PROMPT
+    # A long history: each call answered by its tool message, in order.
+    calls = [c for m in messages if m["role"] == "assistant" for c in m["tool_calls"]]
+    answered = [m["tool_call_id"] for m in messages if m["role"] == "tool"]
+    assert [c["id"] for c in calls] == answered and len(set(answered)) == len(answered)
+    for call in calls:
+        assert isinstance(orjson.loads(call["function"]["arguments"]), dict)
+
+
+def test_opencode_chat_body_without_usage_is_what_the_bridge_edits() -> None:
+    asked = opencode_chat_body("fake-long-1000", include_usage=True)
+    bare = opencode_chat_body("fake-long-1000", include_usage=False)
+    assert b"stream_options" not in bare and asked.count(b"stream_options") == 1
+    # The bridge's edit: the member inserted first, every other byte as sent.
+    amended = openai_chat.with_usage_requested(bare)
+    assert amended == b'{"stream_options":{"include_usage":true},' + bare[1:]
+    assert openai_chat.with_usage_requested(asked) is None  # nothing to edit
+    assert orjson.loads(amended) | {"stream_options": None} == orjson.loads(asked) | {
+        "stream_options": None
+    }
+
+
+def test_opencode_chat_body_is_deterministic() -> None:
+    assert opencode_chat_body("m", 40_000) == opencode_chat_body("m", 40_000)
+    buffered = orjson.loads(opencode_chat_body("m", stream=False))
+    assert buffered["stream"] is False and "stream_options" not in buffered
+
+
+def test_opencode_headers_are_read_as_opencode() -> None:
+    headers = OPENCODE_HEADERS
+    assert guess_client(headers["user-agent"], None, headers=headers) == "OpenCode"
+    assert session_id_from_headers(headers) == OPENCODE_SESSION
+    # The headers OpenCode sends, but those the client builds per request.
+    captured = orjson.loads((OPENCODE_CAPTURED / "tool_turn2.headers.json").read_bytes())
+    per_request = {"authorization", "host", "content-length"}
+    assert {name.lower() for name in captured} - per_request == set(headers)
+    assert headers["user-agent"] == captured["User-Agent"]
+
+
+# ---- the bench upstream serves Chat Completions as the fake does --------------------------
+
+_CHAT_VARYING = re.compile(rb'"id":"chatcmpl-[0-9a-f]+"|"created":\d+')
+
+
+def without_chat_ids(data: bytes) -> bytes:
+    """The stream without its random completion id and its creation time (a clock second)."""
+    return _CHAT_VARYING.sub(b"", data)
+
+
+def chat_call_number(stream: bytes) -> int | None:
+    """n of the n-th call, from the usage chunk (1000n+1 prompt tokens), if there is one."""
+    for block in stream.split(b"\n\n"):
+        if block.startswith(b"data: {") and b'"usage":{' in block:
+            n, rest = divmod(orjson.loads(block[6:])["usage"]["prompt_tokens"] - 1, 1000)
+            assert rest == 0
+            return n
+    return None
+
+
+@pytest.mark.parametrize(
+    ("events", "path", "extra", "include_usage"),
+    [
+        (1000, CHAT_PATH, {"x-fake-flush-each": "1"}, True),  # the benchmark's request
+        (1000, CHAT_PATH, {"x-fake-flush-each": "1"}, False),  # ... without the option
+        (3, "/v1/chat/completions", {"x-fake-flush-each": "1"}, True),  # reverse-proxy path
+        (0, "/v1/chat/completions?api-version=2024-10-21", {}, True),  # 64 KiB chunks
+        (2000, "/openai/deployments/gpt/chat/completions", {}, False),
+    ],
+)
+def test_bench_upstream_streams_chat_as_the_fake(
+    bench_upstream: UpstreamProcess,
+    events: int,
+    path: str,
+    extra: dict[str, str],
+    include_usage: bool,
+) -> None:
+    body = opencode_chat_body(f"fake-long-{events}", 2_000, include_usage=include_usage)
+    headers = {**OPENCODE_HEADERS, "authorization": f"Bearer {TOKEN}", **extra}
+    status, got_headers, got, chunks = post(bench_upstream, path, body, headers)
+    assert status == 200
+    assert got_headers["content-type"].startswith("text/event-stream")
+    n = chat_call_number(got)
+    assert (n is not None) == include_usage
+    reply = fake_openai_chat.plan_chat(orjson.loads(body), headers, n or 1)
+    assert reply.chunks is not None
+    # The fake's bytes, but for the random id and the clock.
+    assert without_chat_ids(got) == without_chat_ids(b"".join(reply.chunks))
+    assert got.count(b'"delta":{"content":"word "}') == events
+    assert got.endswith(b"data: [DONE]\n\n")
+    frames = events + 3 + include_usage  # role, deltas, finish, usage if asked, [DONE]
+    assert got.count(b"\n\n") == frames
+    if extra:  # one chunk per event on the wire, as the benchmark asks
+        assert len(chunks) >= frames
+
+
+def test_bench_upstream_numbers_chat_calls_as_the_fake(bench_upstream: UpstreamProcess) -> None:
+    headers = {**OPENCODE_HEADERS, "authorization": f"Bearer {TOKEN}"}
+    body = opencode_chat_body("fake-long-2", 2_000)
+    _, _, first, _ = post(bench_upstream, CHAT_PATH, body, headers)
+    # Refused calls count too, as in FakeUpstream: a 401, a 400 and a streamed one unasked.
+    post(bench_upstream, CHAT_PATH, body, {"content-type": "application/json"})
+    post(bench_upstream, CHAT_PATH, b"{not json", headers)
+    post(bench_upstream, CHAT_PATH, opencode_chat_body("m", 2_000, include_usage=False), headers)
+    _, _, second, _ = post(bench_upstream, CHAT_PATH, body, headers)
+    n = chat_call_number(first)
+    assert n is not None and chat_call_number(second) == n + 4
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "kind"),
+    [
+        (b"{not json", {"authorization": "Bearer k"}, 400, "invalid_request_error"),
+        (b"[1, 2]", {"authorization": "Bearer k"}, 400, "invalid_request_error"),
+        (b"", {"api-key": "k"}, 400, "invalid_request_error"),
+        (b'"fake-long-3"', {"api-key": "k"}, 400, "invalid_request_error"),
+        # The fake paces fake-slow with time.sleep, which would stall the bench's loop.
+        (
+            b'{"model": "fake-slow", "stream": true}',
+            {"authorization": "Bearer k"},
+            400,
+            "invalid_request_error",
+        ),
+        (b'{"model":"fake-slow"}', {"api-key": "k"}, 400, "invalid_request_error"),
+        (b'{"model":"fake-slow"}', {}, 400, "invalid_request_error"),
+        # Usage asked for on a request that does not stream: OpenAI's 400.
+        (
+            b'{"model": "fake-long-3", "stream_options": {"include_usage": true}}',
+            {"authorization": "Bearer k"},
+            400,
+            "invalid_request_error",
+        ),
+        # No credential: the fake's 401, before the body is read.
+        (b'{"model": "fake-long-3", "stream": true}', {}, 401, "invalid_request_error"),
+        (b"{not json", {"authorization": "Basic k"}, 401, "invalid_request_error"),
+        (b"{}", {"authorization": "Bearer  "}, 401, "invalid_request_error"),
+        (b'{"model": "fake-429"}', {"authorization": "Bearer k"}, 429, "requests"),
+        (b'{"model": "fake-500", "stream": true}', {"api-key": "k"}, 500, "server_error"),
+    ],
+)
+def test_bench_upstream_refuses_chat_as_the_fake(
+    bench_upstream: UpstreamProcess, body: bytes, headers: dict[str, str], status: int, kind: str
+) -> None:
+    got_status, _, got, _ = post(
+        bench_upstream, CHAT_PATH, body, {"content-type": "application/json", **headers}
+    )
+    assert got_status == status
+    error = orjson.loads(got)["error"]
+    assert error["type"] == kind and error["message"]
