@@ -82,6 +82,8 @@ _INCOMPLETE_REASONS: Final = frozenset({"length"})
 # Reasoning text as OpenAI-compatible hosts stream it (DeepSeek, vLLM: reasoning_content;
 # OpenRouter, Ollama, Groq: reasoning).
 _REASONING_FIELDS: Final = ("reasoning_content", "reasoning")
+# A delta with only these keys holds nothing the records keep (text, the first chunk's role).
+_PLAIN_DELTA_KEYS: Final = frozenset({"content", "role"})
 
 # What interceptions.metadata's "stream_usage" says about a streamed request's usage.
 USAGE_REQUESTED: Final = "requested by the client"
@@ -400,33 +402,48 @@ class ChatAccumulator(EventAccumulator):
             self.malformed_events += 1
             return
         for entry in choices:
-            if not isinstance(entry, dict) or not _is_index(entry.get("index", 0)):
+            if not isinstance(entry, dict):
                 self.malformed_events += 1
                 continue
-            choice = self._choice(entry.get("index", 0))
+            index = entry.get("index", 0)
+            choice = self._choices.get(index) if _is_index(index) else None
             if choice is None:
-                continue
+                if not _is_index(index):
+                    self.malformed_events += 1
+                    continue
+                choice = self._choice(index)
+                if choice is None:
+                    continue
             delta = entry.get("delta")
             if isinstance(delta, dict):
-                self._take_message(choice, delta, streamed=True)
+                # Most chunks carry text alone: nothing in them is kept.
+                if not delta.keys() <= _PLAIN_DELTA_KEYS:
+                    self._take_message(choice, delta, streamed=True)
             elif delta is not None:
                 self.malformed_events += 1
-            self._take_finish(choice, entry.get("finish_reason"))
+            reason = entry.get("finish_reason")
+            if reason is not None:
+                self._take_finish(choice, reason)
 
     def _note_response(self, obj: dict[str, Any]) -> None:
-        rid = obj.get("id")
-        if self.response_id is None and isinstance(rid, str) and rid:
-            self.response_id = rid
-        model = obj.get("model")
-        if self.response_model is None and isinstance(model, str) and model:
-            self.response_model = model
+        if self.response_id is None:
+            rid = obj.get("id")
+            if isinstance(rid, str) and rid:
+                self.response_id = rid
+        if self.response_model is None:
+            model = obj.get("model")
+            if isinstance(model, str) and model:
+                self.response_model = model
         tier = obj.get("service_tier")
-        if isinstance(tier, str) and 0 < len(tier) <= MAX_TIER_CHARS:
+        fresh_tier = tier is not None and tier != self._service_tier
+        if fresh_tier and isinstance(tier, str) and 0 < len(tier) <= MAX_TIER_CHARS:
             self._service_tier = tier
         usage = obj.get("usage")
+        if usage is None:
+            return
         if isinstance(usage, dict):
             self._set_usage(usage)
-        elif usage is not None:
+        else:
             self.malformed_events += 1
 
     def _set_usage(self, usage: dict[str, Any]) -> None:
