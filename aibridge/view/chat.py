@@ -25,7 +25,7 @@ call's arguments (:data:`STREAM_INPUT_LIMIT` in all), :data:`CHOICES_TRACKED` ch
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -48,13 +48,14 @@ from aibridge.view.common import (
     compact,
     flag,
     indented,
-    is_sse,
     labelled,
     load_object,
     nonempty,
     plural,
     pretty,
+    render_response_with,
     shorten,
+    shown_positions,
     sse_events,
     unreadable,
 )
@@ -450,7 +451,7 @@ def _message(message: Any, *, prompt: bool) -> str:
             entries.append(shorten(text, limit))
     elif isinstance(content, list):
         head += f" ({plural(len(content), 'part')})"
-        for index in _shown_positions(len(content)):
+        for index in shown_positions(len(content), PARTS_HEAD, PARTS_TAIL):
             if index < 0:
                 hidden = len(content) - PARTS_HEAD - PARTS_TAIL
                 entries.append(f"… [{plural(hidden, 'part')} not shown]")
@@ -491,28 +492,12 @@ def _message_pieces(message: dict[str, Any], limit: int) -> tuple[str | None, li
     return reasoning, pieces
 
 
-def _shown_positions(n: int) -> Iterable[int]:
-    """The first PARTS_HEAD and last PARTS_TAIL positions of ``n``, -1 for the gap."""
-    if n <= PARTS_HEAD + PARTS_TAIL:
-        return range(n)
-    return [*range(PARTS_HEAD), -1, *range(n - PARTS_TAIL, n)]
-
-
 # ------------------------------------------------------------------------------- response
 
 
 def render_response(data: bytes, content_type: str) -> str:
-    """A Chat Completions response body as readable text. Never raises.
-
-    ``content_type`` decides between a ``text/event-stream`` and a buffered JSON body
-    (parameters such as ``charset`` are ignored); when it says neither, the body is sniffed.
-    """
-    try:
-        if is_sse(data, content_type):
-            return _render_stream(data)
-        return _render_buffered(data)
-    except Exception as exc:  # the view must show something for any body
-        return unreadable("AI Bridge could not render this response", repr(exc), data)
+    """A Chat Completions response body (stream or buffered JSON) as text. Never raises."""
+    return render_response_with(data, content_type, _render_stream, _render_buffered)
 
 
 @dataclass(slots=True)

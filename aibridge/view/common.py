@@ -6,7 +6,7 @@ Nothing here knows an API; every function is pure and none raises on any input.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -192,3 +192,27 @@ def sse_events(parser: SSEParser, data: bytes) -> Iterator[SSEEvent]:
     for start in range(0, len(data), STREAM_CHUNK):
         yield from parser.feed(data[start : start + STREAM_CHUNK])
     yield from parser.close()
+
+
+def shown_positions(n: int, head: int, tail: int) -> Iterable[int]:
+    """The first `head` and last `tail` positions of ``n`` items, -1 for the gap between."""
+    if n <= head + tail:
+        return range(n)
+    return [*range(head), -1, *range(n - tail, n)]
+
+
+def render_response_with(
+    data: bytes,
+    content_type: str,
+    stream: Callable[[bytes], str],
+    buffered: Callable[[bytes], str],
+) -> str:
+    """A response body rendered by `stream` (a ``text/event-stream``) or `buffered` (JSON), as
+    ``content_type`` says (parameters such as ``charset`` ignored; neither: sniffed). Never
+    raises: the view must show something for any body."""
+    try:
+        if is_sse(data, content_type):
+            return stream(data)
+        return buffered(data)
+    except Exception as exc:
+        return unreadable("AI Bridge could not render this response", repr(exc), data)

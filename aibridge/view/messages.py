@@ -45,14 +45,15 @@ from aibridge.view.common import (
     error_text,
     flag,
     indented,
-    is_sse,
     labelled,
     load_object,
     malformed_note,
     nonempty,
     plural,
     pretty,
+    render_response_with,
     shorten,
+    shown_positions,
     sse_events,
     unreadable,
 )
@@ -419,7 +420,7 @@ def _message(message: Any, mark: int) -> str:
     if not isinstance(content, list):
         return f"{role}: {'(empty)' if content is None else compact(content, VALUE_LIMIT)}"
     lines = [f"{role} ({plural(len(content), 'block')}):"]
-    for index in _shown_positions(len(content)):
+    for index in shown_positions(len(content), BLOCKS_HEAD, BLOCKS_TAIL):
         if index < 0:
             hidden = len(content) - BLOCKS_HEAD - BLOCKS_TAIL
             lines.append(f"{INDENT}… [{plural(hidden, 'block')} not shown]")
@@ -429,28 +430,12 @@ def _message(message: Any, mark: int) -> str:
     return "\n".join(lines)
 
 
-def _shown_positions(n: int) -> Iterable[int]:
-    """The first BLOCKS_HEAD and last BLOCKS_TAIL positions of ``n``, -1 for the gap."""
-    if n <= BLOCKS_HEAD + BLOCKS_TAIL:
-        return range(n)
-    return [*range(BLOCKS_HEAD), -1, *range(n - BLOCKS_TAIL, n)]
-
-
 # ------------------------------------------------------------------------------- response
 
 
 def render_response(data: bytes, content_type: str) -> str:
-    """A Messages API response body as readable text. Never raises.
-
-    ``content_type`` decides between a ``text/event-stream`` and a buffered JSON body
-    (parameters such as ``charset`` are ignored); when it says neither, the body is sniffed.
-    """
-    try:
-        if is_sse(data, content_type):
-            return _render_stream(data)
-        return _render_buffered(data)
-    except Exception as exc:  # the view must show something for any body
-        return unreadable("AI Bridge could not render this response", repr(exc), data)
+    """A Messages API response body (a stream or buffered JSON) as readable text. Never raises."""
+    return render_response_with(data, content_type, _render_stream, _render_buffered)
 
 
 def _is_error_body(obj: dict[str, Any]) -> bool:

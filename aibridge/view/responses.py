@@ -34,12 +34,12 @@ from aibridge.view.common import (
     error_text,
     flag,
     indented,
-    is_sse,
     labelled,
     load_object,
     malformed_note,
     nonempty,
     pretty,
+    render_response_with,
     shorten,
     sse_events,
     unreadable,
@@ -220,17 +220,8 @@ def _input_item(item: Any) -> str:
 
 
 def render_response(data: bytes, content_type: str) -> str:
-    """A Responses API response body as readable text. Never raises.
-
-    ``content_type`` decides between a ``text/event-stream`` and a buffered JSON body
-    (parameters such as ``charset`` are ignored); when it says neither, the body is sniffed.
-    """
-    try:
-        if is_sse(data, content_type):
-            return _render_stream(data)
-        return _render_buffered(data)
-    except Exception as exc:  # the view must show something for any body
-        return unreadable("AI Bridge could not render this response", repr(exc), data)
+    """A Responses API response body (a stream or buffered JSON) as readable text. Never raises."""
+    return render_response_with(data, content_type, _render_stream, _render_buffered)
 
 
 def _render_buffered(data: bytes) -> str:
