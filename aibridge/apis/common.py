@@ -129,6 +129,23 @@ def checked(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:
     return value
 
 
+def content_text(content: Any, part_type: str) -> str | None:
+    """A message's text: string content as is, else the texts of its `part_type` parts joined
+    with newlines (images, files and anything else skipped); None when it has no text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    texts = [
+        part["text"]
+        for part in content
+        if isinstance(part, dict)
+        and part.get("type") == part_type
+        and isinstance(part.get("text"), str)
+    ]
+    return "\n".join(texts) if texts else None
+
+
 def count(value: Any) -> int | None:
     """A token count as SQLite can store it; None for anything that is not one."""
     if isinstance(value, bool):

@@ -56,6 +56,7 @@ from aibridge.apis.common import (
     RequestInfo,
     ResponseResult,
     checked,
+    content_text,
     count,
     json_cost,
     load_body,
@@ -175,25 +176,7 @@ def prompt_from_messages(messages: Any) -> str | None:
     message = _last_message(messages)
     if message is None or message.get("role") != "user":
         return None
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return None
-    texts = [
-        part["text"]
-        for part in content
-        if isinstance(part, dict)
-        and part.get("type") == "text"
-        and isinstance(part.get("text"), str)
-    ]
-    return "\n".join(texts) if texts else None
-
-
-def _is_text_part(part: Any) -> bool:
-    return (
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-    )
+    return content_text(message.get("content"), "text")
 
 
 def correlating_tool_call_id(messages: Any) -> str | None:

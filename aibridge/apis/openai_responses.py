@@ -51,6 +51,7 @@ from aibridge.apis.common import (
     RequestInfo,
     ResponseResult,
     checked,
+    content_text,
     count,
     load_body,
 )
@@ -199,19 +200,7 @@ def prompt_from_input(input_value: Any) -> str | None:
     last = input_value[-1]
     if not isinstance(last, dict) or last.get("role") != "user":
         return None
-    content = last.get("content")
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return None
-    texts = [
-        part["text"]
-        for part in content
-        if isinstance(part, dict)
-        and part.get("type") == "input_text"
-        and isinstance(part.get("text"), str)
-    ]
-    return "\n".join(texts) if texts else None
+    return content_text(last.get("content"), "input_text")
 
 
 def correlating_tool_call_id(input_value: Any) -> str | None:
