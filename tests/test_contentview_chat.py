@@ -90,7 +90,7 @@ def chunk(delta: dict[str, Any], index: int = 0, finish: str | None = None) -> d
 
 def logged(stream: bytes) -> oc.ChatAccumulator:
     """What the log makes of a stream: the tee's parser, each unnamed event fed as it is."""
-    parser = SSEParser(max_event_bytes=8 << 20, wanted=oc.API.wanted_events.__contains__)
+    parser = SSEParser(max_event_bytes=8 << 20, wanted=None)
     accumulator = oc.ChatAccumulator()
     for event in parser.feed(stream) + parser.close():
         accumulator.feed_event(event.event, event.data)

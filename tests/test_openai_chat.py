@@ -105,7 +105,7 @@ def test_fixture(name: str) -> None:
 def test_fixture_through_the_bridge_sse_parser_in_random_chunks(name: str, seed: int) -> None:
     raw = (FIXTURES / f"{name}.response.sse").read_bytes()
     rng = random.Random(f"{name}-{seed}")
-    parser = SSEParser(max_event_bytes=8 << 20, wanted=oc.API.wanted_events.__contains__)
+    parser = SSEParser(max_event_bytes=8 << 20, wanted=None)
     acc = oc.ChatAccumulator()
     at = 0
     while at < len(raw):
@@ -783,3 +783,54 @@ def test_an_escaped_spelling_of_the_key_is_always_found(key: str, at: int) -> No
     assert orjson.loads(oc.with_usage_requested(body) or b"{}")["stream_options"] == {
         "include_usage": True
     }
+
+
+def test_an_error_chunk_with_a_last_choice_is_an_error() -> None:
+    """OpenRouter's mid-stream error: the error and a choice with finish_reason "error"."""
+    error = {"code": 502, "message": "Provider disconnected"}
+    result = run(chunk(delta(0, content="partial")), chunk(delta(0, "error"), error=error))
+    assert (result.status, result.error, result.error_code) == (
+        "error",
+        "Provider disconnected",
+        "502",
+    )
+    # finish_reason "error" alone (no error object) is an error too.
+    result = run(chunk(delta(0, "error")), DONE)
+    assert result.status == "error" and "finish_reason error" in (result.error or "")
+    # "error": null is no error.
+    assert run(chunk(delta(0, "stop"), error=None), DONE).status == "completed"
+
+
+def test_a_new_id_at_a_taken_index_is_a_new_call() -> None:
+    def start(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:
+        return {"index": index, "id": call_id, "function": {"name": name, "arguments": arguments}}
+
+    result = run(
+        chunk(delta(0, tool_calls=[start(0, "call_a", "f", '{"a":')])),
+        chunk(delta(0, tool_calls=[call_delta(0, "1}")])),
+        chunk(delta(0, tool_calls=[start(0, "call_b", "g", '{"b":2}')])),
+        chunk(delta(0, tool_calls=[start(1, "call_c", "h", "{}")])),
+        # the same id again at its index: the same call, not a new one
+        chunk(delta(0, tool_calls=[{"index": 1, "id": "call_c", "function": {"arguments": ""}}])),
+        chunk(delta(0, "tool_calls")),
+        DONE,
+    )
+    assert [(t["call_id"], t["tool"], t["args"]) for t in result.tool_usages] == [
+        ("call_a", "f", {"a": 1}),
+        ("call_b", "g", {"b": 2}),
+        ("call_c", "h", {}),
+    ]
+
+
+def test_named_events_are_read_as_chunks_through_the_tee() -> None:
+    from aibridge.record.outcome import finish_exchange
+    from aibridge.transport.tee import StreamTee
+
+    raw = (FIXTURES / "tool_call_streamed.response.sse").read_bytes()
+    named = raw.replace(b"data: ", b"event: chunk\ndata: ")
+    acc = oc.ChatAccumulator()
+    tee = StreamTee(acc, oc.API, "")
+    assert tee(named) is named
+    tee(b"")
+    outcome = finish_exchange(oc.API, acc, tee, None, None)
+    assert asdict(outcome.result) == expected("tool_call_streamed")["result"]

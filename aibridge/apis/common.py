@@ -87,9 +87,10 @@ class Api:
     # A request the bridge cannot bridge although it is valid: (status, message), else None.
     refusal: Callable[[RequestInfo], tuple[int, str] | None]
     new_accumulator: Callable[[], Accumulator]
-    # SSE event names the records need (events without a name are always fed), and the
-    # unwanted ones that come by the hundred, which the SSE parser passes over in runs.
-    wanted_events: frozenset[str]
+    # SSE event names the records need (events without a name are always fed; None: every
+    # named event too), and the unwanted ones that come by the hundred, which the SSE parser
+    # passes over in runs.
+    wanted_events: frozenset[str] | None
     delta_events: frozenset[str]
     error_body: Callable[[int, str], bytes]  # the bridge's own errors, in the API's shape
     passthrough: tuple[str, ...] = ()  # its provider paths let through by default

@@ -19,16 +19,21 @@ them with the scenario that shows each):
   role is ``user``; string content as is, else its ``text`` parts joined with ``\\n``. A last
   ``tool`` message gives no prompt and its ``tool_call_id`` is the correlating call id.
 - A stream is over at ``data: [DONE]``, at an error chunk (``{"error": {...}}``, which some
-  hosts send mid-stream), or, for hosts that send no ``[DONE]``, once every choice seen has a
-  finish reason (then ``terminal_seen``, so a client that hangs up right after loses nothing).
-- Status from the finish reasons of every choice: any ``length`` → incomplete; else any
+  hosts send mid-stream, with or without a last choice: the SDKs raise on either), or, for
+  hosts that send no ``[DONE]``, once every choice seen has a finish reason (then
+  ``terminal_seen``, so a client that hangs up right after loses nothing). Named SSE events
+  are read as chunks too, as the SDKs read them.
+- Status from the finish reasons of every choice: any ``error`` (a host's) → error; any
+  ``length`` → incomplete; else any
   ``content_filter`` → completed with the reason kept in ``error``; ``stop``, ``tool_calls``,
   ``function_call`` → completed; a reason not known yet → completed, the reason kept. A
   ``refusal`` the model streamed is kept in ``error`` too.
 - Usage: the last ``usage`` object that is not null (the usage chunk, ``choices: []``, or a
   host that repeats a running count on every chunk). DeepSeek's ``prompt_cache_hit_tokens``
   stands for ``cached_tokens`` when that is missing.
-- Tool calls of every choice are recorded (``n`` > 1), in choice then index order; a legacy
+- Tool calls of every choice are recorded (``n`` > 1), in choice then start order; a new
+  ``id`` at an index already taken starts a new call (gateways that send every parallel call at
+  index 0); a legacy
   ``function_call`` delta is one call of type ``function_call``; ``custom`` tools' ``input``
   is their arguments. Arguments are parsed as JSON, else kept as the raw string.
 
@@ -259,11 +264,12 @@ class _Call:
 class _Choice:
     """What one choice (``index``) of the response has given so far."""
 
-    __slots__ = ("calls", "finish_reason", "reasoning", "reasoning_dropped", "refusal")
+    __slots__ = ("calls", "finish_reason", "order", "reasoning", "reasoning_dropped", "refusal")
 
     def __init__(self) -> None:
         self.finish_reason: str | None = None
         self.calls: dict[Any, _Call] = {}  # by the delta's index ("function_call": legacy)
+        self.order: list[_Call] = []  # every call, in the order they began
         self.reasoning = bytearray()
         self.reasoning_dropped = False
         self.refusal: str | None = None
@@ -278,6 +284,7 @@ class ChatAccumulator(EventAccumulator):
     """
 
     __slots__ = (
+        "_calls",
         "_choices",
         "_done",
         "_error",
@@ -298,6 +305,7 @@ class ChatAccumulator(EventAccumulator):
         self.dropped = 0
         self.untracked = 0
         self._choices: dict[int, _Choice] = {}
+        self._calls = 0  # tool calls tracked, in all choices
         self._kept = 0
         self._usage: dict[str, Any] | None = None
         self._usage_trimmed = False
@@ -355,7 +363,7 @@ class ChatAccumulator(EventAccumulator):
                 thoughts.append({"response_id": rid, "source": "reasoning", "content": text})
             # A choice cut off before its finish reason: its calls may be partial.
             cut = choice.finish_reason is None and not self._done
-            for call in choice.calls.values():
+            for call in choice.order:
                 tools.append({"response_id": rid, **_tool_row(call, cut)})
         return ResponseResult(
             response_id=rid,
@@ -373,8 +381,9 @@ class ChatAccumulator(EventAccumulator):
     # ------------------------------------------------------------------ internals
 
     def _chunk(self, chunk: dict[str, Any]) -> None:
-        error = chunk.get("error")
-        if error is not None and "choices" not in chunk:
+        if chunk.get("error") is not None:
+            # Also with choices: OpenRouter's mid-stream error carries a last choice
+            # (finish_reason "error"), and the SDKs raise on any chunk with an error.
             self._error = _error_fields(chunk)
             return
         self._note_response(chunk)
@@ -474,7 +483,7 @@ class ChatAccumulator(EventAccumulator):
                 index = entry.get("index") if streamed else position
                 if not _is_index(index):
                     # Some hosts send whole calls without an index: each is its own call.
-                    index = ("whole", len(choice.calls))
+                    index = ("whole", len(choice.order))
                 self._take_call(choice, index, entry)
         elif calls is not None:
             self.malformed_events += 1
@@ -484,16 +493,23 @@ class ChatAccumulator(EventAccumulator):
 
     def _take_call(self, choice: _Choice, index: Any, entry: dict[str, Any]) -> None:
         call = choice.calls.get(index)
+        call_id = entry.get("id")
+        call_id = call_id[:_MAX_SESSION_CHARS] if isinstance(call_id, str) and call_id else None
+        if call is not None and call_id is not None and call.call_id not in (None, call_id):
+            # Another id at an index already taken: a new call (gateways that send every
+            # parallel call at index 0), never arguments glued to the previous one's.
+            call = None
         if call is None:
             cost = _ENTRY_OVERHEAD
-            if self._calls() >= MAX_CALLS or self._kept + cost > MAX_EXCHANGE_BYTES:
+            if self._calls >= MAX_CALLS or self._kept + cost > MAX_EXCHANGE_BYTES:
                 self.untracked += 1
                 return
             self._kept += cost
+            self._calls += 1
             call = choice.calls[index] = _Call()
-        call_id = entry.get("id")
-        if isinstance(call_id, str) and call_id and call.call_id is None:
-            call.call_id = call_id[:_MAX_SESSION_CHARS]
+            choice.order.append(call)
+        if call_id is not None and call.call_id is None:
+            call.call_id = call_id
         kind = entry.get("type")
         if isinstance(kind, str) and 0 < len(kind) <= _MAX_REASON_CHARS:
             call.type = kind
@@ -516,9 +532,6 @@ class ChatAccumulator(EventAccumulator):
                 self._append(call, orjson.dumps(piece).decode())
             except orjson.JSONEncodeError:
                 self.malformed_events += 1
-
-    def _calls(self) -> int:
-        return sum(len(choice.calls) for choice in self._choices.values())
 
     def _append(self, call: _Call, piece: str) -> None:
         if call.dropped or not piece:
@@ -553,7 +566,7 @@ class ChatAccumulator(EventAccumulator):
         if not isinstance(obj, dict):
             self.malformed_events += 1
             return
-        if obj.get("error") is not None and "choices" not in obj:
+        if obj.get("error") is not None:
             if self._error is None:
                 self._error = _error_fields(obj)
             return
@@ -585,6 +598,8 @@ class ChatAccumulator(EventAccumulator):
         reasons = [self._choices[i].finish_reason for i in sorted(self._choices)]
         refusals = [c.refusal for c in self._choices.values() if c.refusal]
         refusal = f"refusal: {refusals[0]}" if refusals else None
+        if "error" in reasons:  # a host's own end for a failed generation
+            return "error", "the provider ended the response with finish_reason error", None
         if any(reason in _INCOMPLETE_REASONS for reason in reasons):
             return "incomplete", next(r for r in reasons if r in _INCOMPLETE_REASONS), None
         unusual = [r for r in reasons if r is not None and r not in _COMPLETED_REASONS]
@@ -737,7 +752,9 @@ API: Final = Api(
     parse_request=parse_request,
     refusal=refusal,
     new_accumulator=ChatAccumulator,
-    wanted_events=frozenset(),  # chunks have no event names: every one is fed
+    # Chunks come without event names; a host that names them anyway is read all the same
+    # (the SDKs take them as chunks), so no name is ever skipped.
+    wanted_events=None,
     delta_events=frozenset(),
     error_body=openai_errors.error_body,
     passthrough=("/v1/models", "/v1/models/*", "/v1/chat/completions/*"),

@@ -47,7 +47,7 @@ class StreamTee:
         # one hostile event from holding much memory.
         self.parser = SSEParser(
             max_event_bytes=8 << 20,
-            wanted=api.wanted_events.__contains__,
+            wanted=None if api.wanted_events is None else api.wanted_events.__contains__,
             frequent=api.delta_events,
         )
         self.ended = False
