@@ -86,8 +86,8 @@ class Run:
 
 def isolated_env(root: Path, proxy: str) -> dict[str, str]:
     """The environment for OpenCode with its HOME, XDG dirs and TMPDIR (its scratch dir,
-    else /tmp/opencode) made under `root`, none of the caller's settings, and `proxy` for
-    every host but loopback."""
+    else one in the system's temporary directory) made under `root`, none of the caller's
+    settings, and `proxy` for every host but loopback."""
     dirs = {
         "HOME": "home",
         "TMPDIR": "tmp",
