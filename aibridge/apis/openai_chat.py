@@ -81,7 +81,8 @@ _ENTRY_OVERHEAD: Final = 512
 _MAX_REASON_CHARS: Final = 64
 # A refusal is kept in the error text up to this many characters.
 _MAX_REFUSAL_CHARS: Final = 1000
-_MAX_SESSION_CHARS: Final = 256
+# An id or name longer than this is cut (ids are a few dozen characters).
+_MAX_ID_CHARS: Final = 256
 
 _COMPLETED_REASONS: Final = frozenset({"stop", "tool_calls", "function_call", "end_turn"})
 _INCOMPLETE_REASONS: Final = frozenset({"length"})
@@ -195,7 +196,7 @@ def correlating_tool_call_id(messages: Any) -> str | None:
 
 def _session_id(metadata: Any) -> str | None:
     value = metadata.get("session_id") if isinstance(metadata, dict) else None
-    return value if isinstance(value, str) and 0 < len(value) <= _MAX_SESSION_CHARS else None
+    return value if isinstance(value, str) and 0 < len(value) <= _MAX_ID_CHARS else None
 
 
 def amend_request(body: bytes, info: RequestInfo, config: Config, encoded: bool) -> bytes | None:
@@ -248,30 +249,39 @@ def with_usage_requested(body: bytes) -> bytes | None:
 # -------------------------------------------------------------------------- response
 
 
+class _Text:
+    """Text assembled from pieces (a call's arguments, a choice's reasoning), as UTF-8; past
+    its cap it is dropped whole (``dropped``), never kept as a prefix."""
+
+    __slots__ = ("data", "dropped")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.dropped = False
+
+
 class _Call:
     """One tool call assembled from its deltas."""
 
-    __slots__ = ("arguments", "call_id", "dropped", "name", "type")
+    __slots__ = ("arguments", "call_id", "name", "type")
 
     def __init__(self) -> None:
         self.call_id: str | None = None
         self.name: str | None = None
         self.type = "function"
-        self.arguments = bytearray()  # UTF-8, as it arrives
-        self.dropped = False
+        self.arguments = _Text()
 
 
 class _Choice:
     """What one choice (``index``) of the response has given so far."""
 
-    __slots__ = ("calls", "finish_reason", "order", "reasoning", "reasoning_dropped", "refusal")
+    __slots__ = ("calls", "finish_reason", "order", "reasoning", "refusal")
 
     def __init__(self) -> None:
         self.finish_reason: str | None = None
         self.calls: dict[Any, _Call] = {}  # by the delta's index ("function_call": legacy)
         self.order: list[_Call] = []  # every call, in the order they began
-        self.reasoning = bytearray()
-        self.reasoning_dropped = False
+        self.reasoning = _Text()
         self.refusal: str | None = None
 
 
@@ -357,9 +367,9 @@ class ChatAccumulator(EventAccumulator):
         thoughts: list[dict[str, Any]] = []
         for index in sorted(self._choices):
             choice = self._choices[index]
-            if choice.reasoning_dropped:
+            if choice.reasoning.dropped:
                 thoughts.append({"response_id": rid, "source": "reasoning", "content": None})
-            elif (text := choice.reasoning.decode("utf-8", "replace")).strip():
+            elif (text := choice.reasoning.data.decode("utf-8", "replace")).strip():
                 thoughts.append({"response_id": rid, "source": "reasoning", "content": text})
             # A choice cut off before its finish reason: its calls may be partial.
             cut = choice.finish_reason is None and not self._done
@@ -467,7 +477,7 @@ class ChatAccumulator(EventAccumulator):
         for name in _REASONING_FIELDS:
             piece = message.get(name)
             if isinstance(piece, str) and piece:
-                self._append_reasoning(choice, piece)
+                self._append(choice.reasoning, piece)
                 break  # a host sends one of them; both would be the same text
         refusal = message.get("refusal")
         if isinstance(refusal, str) and refusal:
@@ -494,7 +504,7 @@ class ChatAccumulator(EventAccumulator):
     def _take_call(self, choice: _Choice, index: Any, entry: dict[str, Any]) -> None:
         call = choice.calls.get(index)
         call_id = entry.get("id")
-        call_id = call_id[:_MAX_SESSION_CHARS] if isinstance(call_id, str) and call_id else None
+        call_id = call_id[:_MAX_ID_CHARS] if isinstance(call_id, str) and call_id else None
         if call is not None and call_id is not None and call.call_id not in (None, call_id):
             # Another id at an index already taken: a new call (gateways that send every
             # parallel call at index 0), never arguments glued to the previous one's.
@@ -520,47 +530,35 @@ class ChatAccumulator(EventAccumulator):
             return
         name = body.get("name")
         if isinstance(name, str) and name and call.name is None:
-            call.name = name[:_MAX_SESSION_CHARS]
+            call.name = name[:_MAX_ID_CHARS]
         piece = body.get("arguments")
         if piece is None:
             piece = body.get("input")  # custom tools
         if isinstance(piece, str):
-            self._append(call, piece)
-        elif piece is not None and not call.dropped:
+            self._append(call.arguments, piece)
+        elif piece is not None and not call.arguments.dropped:
             # A host that sends structured arguments: kept as their JSON.
             try:
-                self._append(call, orjson.dumps(piece).decode())
+                self._append(call.arguments, orjson.dumps(piece).decode())
             except orjson.JSONEncodeError:
                 self.malformed_events += 1
 
-    def _append(self, call: _Call, piece: str) -> None:
-        if call.dropped or not piece:
+    def _append(self, text: _Text, piece: str) -> None:
+        """Add a piece within the caps of MAX_CALL_BYTES per text, MAX_EXCHANGE_BYTES in all."""
+        if text.dropped or not piece:
             return
         data = piece.encode("utf-8", "replace")
-        if len(call.arguments) + len(data) > MAX_CALL_BYTES or self._over(len(data)):
-            self._kept -= len(call.arguments)
-            call.arguments = bytearray()
-            call.dropped = True
+        if (
+            len(text.data) + len(data) > MAX_CALL_BYTES
+            or self._kept + len(data) > MAX_EXCHANGE_BYTES
+        ):
+            self._kept -= len(text.data)
+            text.data = bytearray()
+            text.dropped = True
             self.dropped += 1
             return
-        call.arguments += data
+        text.data += data
         self._kept += len(data)
-
-    def _append_reasoning(self, choice: _Choice, piece: str) -> None:
-        if choice.reasoning_dropped:
-            return
-        data = piece.encode("utf-8", "replace")
-        if len(choice.reasoning) + len(data) > MAX_CALL_BYTES or self._over(len(data)):
-            self._kept -= len(choice.reasoning)
-            choice.reasoning = bytearray()
-            choice.reasoning_dropped = True
-            self.dropped += 1
-            return
-        choice.reasoning += data
-        self._kept += len(data)
-
-    def _over(self, size: int) -> bool:
-        return self._kept + size > MAX_EXCHANGE_BYTES
 
     def _feed_object(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -656,8 +654,8 @@ def _tool_row(call: _Call, cut: bool) -> dict[str, Any]:
     """A call's row; the arguments of a call `cut` off by the end of the stream are kept only
     when they are whole JSON (a prefix of them is not what the model called the tool with)."""
     args: Any = None
-    if not call.dropped and call.arguments:
-        args = _parse_arguments(call.arguments)
+    if not call.arguments.dropped and call.arguments.data:
+        args = _parse_arguments(call.arguments.data)
         if cut and isinstance(args, str):
             args = None
     return {
