@@ -7,6 +7,7 @@ sent upstream asking for usage, and a 50 MB stream keeps the parsing copy's memo
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import random
@@ -24,11 +25,9 @@ import orjson
 import pytest
 
 from aibridge.apis import openai_chat
-from aibridge.apis.common import RequestError
 from aibridge.apis.openai_chat import MAX_CALL_BYTES, MAX_CALLS, MAX_CHOICES, ChatAccumulator
-from aibridge.config import Privacy, hint
-from aibridge.record.outcome import Outcome, finish_exchange
-from aibridge.record.rows import end_rows
+from aibridge.config import hint
+from aibridge.record.outcome import finish_exchange
 from aibridge.transport.inflate import zstd
 from aibridge.transport.tee import StreamTee
 from tests.harness import (
@@ -40,7 +39,7 @@ from tests.harness import (
     query,
     wait_for,
 )
-from tests.test_hostile_input import chunked, fuzz_into_recorder, nested
+from tests.test_hostile_input import api_rows, fuzz_into_recorder, nested, tee_outcome
 
 SAFETY = 60.0  # upper bound for waits; never asserted as a duration
 ROWS_SETTLE = 5.0  # upper bound for an interception's other rows to follow it
@@ -51,22 +50,8 @@ ES = "text/event-stream"
 JSON = "application/json"
 
 
-def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> Outcome:
-    acc = ChatAccumulator()
-    tee = StreamTee(acc, API, encoding)
-    for piece in chunked(data, rng):
-        assert tee(piece) is piece  # forwarded at once, unchanged
-    assert tee(b"") == b""
-    assert tee.bytes_forwarded == len(data)
-    return finish_exchange(API, acc, tee, None, None)
-
-
-def rows_of(outcome: Outcome, request: bytes) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        _, info = API.parse_request(request)
-    except RequestError:
-        _, info = API.parse_request(b'{"model": "m", "messages": []}')
-    return list(end_rows("i1", info, outcome, 200, Privacy(), "now", provider_type="openai"))
+through_tee = functools.partial(tee_outcome, API)
+rows_of = functools.partial(api_rows, API, b'{"model": "m", "messages": []}', "openai")
 
 
 def test_fuzzed_chat_streams_forward_unchanged_and_record_cleanly(tmp_path: Path) -> None:

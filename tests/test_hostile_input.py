@@ -9,6 +9,7 @@ real mitmdump go a 50 MB body, undecodable header bytes, and upstream bytes of e
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import itertools
@@ -29,8 +30,9 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 
+from aibridge.apis import Api
 from aibridge.apis.openai_responses import API as RESPONSES_API
-from aibridge.apis.openai_responses import RequestError, ResponseAccumulator, parse_request
+from aibridge.apis.openai_responses import RequestError, parse_request
 from aibridge.bridge import AIBridge
 from aibridge.config import Privacy, parse_config
 from aibridge.record.outcome import Outcome, finish_exchange
@@ -152,12 +154,18 @@ def bindable(value: Any) -> None:
     sqlite3.connect(":memory:").execute("select ?", (value,))
 
 
-def rows_of(outcome: Outcome, request: bytes) -> list[tuple[str, dict[str, Any]]]:
+def api_rows(
+    api: Api, fallback: bytes, provider_type: str, outcome: Outcome, request: bytes
+) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of `outcome` for `request` on `api` (`fallback` when the request is refused)."""
     try:
-        _, info = parse_request(request)
+        _, info = api.parse_request(request)
     except RequestError:
-        _, info = parse_request(b'{"model": "m", "input": "x"}')
-    return list(end_rows("i1", info, outcome, 200, Privacy(), "now"))
+        _, info = api.parse_request(fallback)
+    return list(end_rows("i1", info, outcome, 200, Privacy(), "now", provider_type=provider_type))
+
+
+rows_of = functools.partial(api_rows, RESPONSES_API, b'{"model": "m", "input": "x"}', "openai")
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -192,14 +200,19 @@ def chunked(data: bytes, rng: random.Random) -> list[bytes]:
     return chunks
 
 
-def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> Outcome:
-    acc = ResponseAccumulator()
-    tee = StreamTee(acc, RESPONSES_API, encoding)
+def tee_outcome(api: Api, data: bytes, rng: random.Random, encoding: str = "") -> Outcome:
+    """`data` through the stream tee of `api` in random chunks: each forwarded at once and
+    unchanged; how the exchange ended."""
+    acc = api.new_accumulator()
+    tee = StreamTee(acc, api, encoding)
     for piece in chunked(data, rng):
         assert tee(piece) is piece  # forwarded at once, unchanged
     assert tee(b"") == b""
     assert tee.bytes_forwarded == len(data)
-    return finish_exchange(RESPONSES_API, acc, tee, None, None)
+    return finish_exchange(api, acc, tee, None, None)
+
+
+through_tee = functools.partial(tee_outcome, RESPONSES_API)
 
 
 def fuzz_into_recorder(

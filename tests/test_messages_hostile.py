@@ -5,6 +5,7 @@ could be read and why it ended (the Messages side of tests/test_hostile_input.py
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import random
 import uuid
@@ -18,12 +19,8 @@ import orjson
 import pytest
 
 from aibridge.apis import anthropic_messages
-from aibridge.apis.anthropic_messages import MAX_BLOCK_BYTES, MessagesAccumulator
-from aibridge.apis.common import RequestError
-from aibridge.config import Privacy, hint
-from aibridge.record.outcome import Outcome, finish_exchange
-from aibridge.record.rows import end_rows
-from aibridge.transport.tee import StreamTee
+from aibridge.apis.anthropic_messages import MAX_BLOCK_BYTES
+from aibridge.config import hint
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import (
     PROVIDER_KEY,
@@ -34,7 +31,7 @@ from tests.harness import (
     query,
     wait_for,
 )
-from tests.test_hostile_input import chunked, fuzz_into_recorder
+from tests.test_hostile_input import api_rows, fuzz_into_recorder, tee_outcome
 
 SAFETY = 60.0  # upper bound for waits; never asserted as a duration
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic_messages"
@@ -42,22 +39,8 @@ STREAMS = sorted(FIXTURES.glob("*.response.sse"))
 API = anthropic_messages.API
 
 
-def through_tee(data: bytes, rng: random.Random, encoding: str = "") -> Outcome:
-    acc = MessagesAccumulator()
-    tee = StreamTee(acc, API, encoding)
-    for piece in chunked(data, rng):
-        assert tee(piece) is piece  # forwarded at once, unchanged
-    assert tee(b"") == b""
-    assert tee.bytes_forwarded == len(data)
-    return finish_exchange(API, acc, tee, None, None)
-
-
-def rows_of(outcome: Outcome, request: bytes) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        _, info = API.parse_request(request)
-    except RequestError:
-        _, info = API.parse_request(b'{"model": "m", "messages": []}')
-    return list(end_rows("i1", info, outcome, 200, Privacy(), "now", provider_type="anthropic"))
+through_tee = functools.partial(tee_outcome, API)
+rows_of = functools.partial(api_rows, API, b'{"model": "m", "messages": []}', "anthropic")
 
 
 def test_fuzzed_messages_streams_forward_unchanged_and_record_cleanly(tmp_path: Path) -> None:
