@@ -50,6 +50,7 @@ from aibridge.view.common import (
     indented,
     labelled,
     load_object,
+    logged_prompt_line,
     nonempty,
     plural,
     pretty,
@@ -334,12 +335,7 @@ def _render_request(data: bytes) -> str:
     messages = obj.get("messages")
     prompt = oc.prompt_from_messages(messages)
     call_id = oc.correlating_tool_call_id(messages)
-    if prompt is not None:
-        lines.append(block("logged prompt: ", shorten(prompt, INSTRUCTIONS_LIMIT) or "(empty)"))
-    elif call_id is not None:
-        lines.append(f"logged prompt: none (answers tool_call_id {shorten(call_id, LABEL_LIMIT)})")
-    else:
-        lines.append("logged prompt: none")
+    lines.append(logged_prompt_line(prompt, call_id, "tool_call_id", LABEL_LIMIT))
 
     transcript: list[str] = []
     if isinstance(messages, list):

@@ -216,3 +216,13 @@ def render_response_with(
         return buffered(data)
     except Exception as exc:
         return unreadable("AI Bridge could not render this response", repr(exc), data)
+
+
+def logged_prompt_line(prompt: str | None, call_id: str | None, id_name: str, id_limit: int) -> str:
+    """What the log took as the prompt: its text, else the tool call id the turn answers
+    (named `id_name`, as the API names it), else none."""
+    if prompt is not None:
+        return block("logged prompt: ", shorten(prompt, INSTRUCTIONS_LIMIT) or "(empty)")
+    if call_id is not None:
+        return f"logged prompt: none (answers {id_name} {shorten(call_id, id_limit)})"
+    return "logged prompt: none"

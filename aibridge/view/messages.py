@@ -47,6 +47,7 @@ from aibridge.view.common import (
     indented,
     labelled,
     load_object,
+    logged_prompt_line,
     malformed_note,
     nonempty,
     plural,
@@ -302,12 +303,7 @@ def _render_request(data: bytes) -> str:
     messages = obj.get("messages")
     prompt = am.prompt_from_messages(messages)
     call_id = am.correlating_tool_call_id(messages)
-    if prompt is not None:
-        lines.append(block("logged prompt: ", shorten(prompt, INSTRUCTIONS_LIMIT) or "(empty)"))
-    elif call_id is not None:
-        lines.append(f"logged prompt: none (answers tool_use_id {shorten(call_id, LABEL_LIMIT)})")
-    else:
-        lines.append("logged prompt: none")
+    lines.append(logged_prompt_line(prompt, call_id, "tool_use_id", LABEL_LIMIT))
 
     transcript: list[str] = []
     if isinstance(messages, list):
