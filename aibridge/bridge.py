@@ -30,6 +30,13 @@ from aibridge.concealment import ViewConcealment
 from aibridge.config import Config, ConfigError, Provider, load_config
 from aibridge.cost import PriceBook
 from aibridge.errors import error_response
+from aibridge.governance.governor import (
+    FREE_ADMISSION,
+    WARNING_HEADER,
+    Admission,
+    Governor,
+    warning_header,
+)
 from aibridge.headers import header_view
 from aibridge.record import rows
 from aibridge.record.outcome import Outcome, finish_exchange
@@ -89,6 +96,8 @@ class Exchange:
     accumulator: Accumulator | None = None  # set with request
     tee: StreamTee | None = None
     masked: bool = False
+    admission: Admission | None = None  # what governance let through (a slot to release)
+    started_at: str = ""  # as recorded: budgets count the exchange in the period it started
     # The upstream secrets shown as hints in the flow until the wire (mitm_compat.before_send).
     concealed: auth.Concealed | None = field(default=None, repr=False)
 
@@ -108,6 +117,7 @@ class AIBridge:
         self.config: Config | None = None
         self.recorder: Recorder | None = None
         self.prices: PriceBook | None = None
+        self.governor: Governor | None = None
         self._default_config_dir = default_config_dir
         self._exchanges: dict[str, Exchange] = {}
         self._sockets: dict[str, SocketState] = {}
@@ -193,6 +203,16 @@ class AIBridge:
             log.info(f"AI Bridge: recording to {db_path}")
         # Prices are loaded once here: the hooks only look them up.
         self.prices = PriceBook(config.pricing)
+        governor = Governor(config.governance, self.recorder.path)
+        try:
+            governor.start()
+        except Exception as e:
+            raise exceptions.OptionsError(
+                f"AI Bridge cannot read budgets from its database {db_path}: {e}"
+            ) from None
+        if self.governor is not None:
+            self.governor.stop()
+        self.governor = governor
         self.config = config
         self._config_error = None
         names = ", ".join(f"{p.name} ({p.base_url})" for p in config.providers)
@@ -224,6 +244,8 @@ class AIBridge:
             while state.open_turns:
                 self._finish_interrupted(state.open_turns.popleft())
         self._sockets.clear()
+        if self.governor is not None:
+            self.governor.stop()
         if self.recorder is not None:
             self.recorder.close()
             self.recorder = None
@@ -301,8 +323,12 @@ class AIBridge:
     def _fail_closed(self, flow: http.HTTPFlow) -> None:
         # A request the bridge could not judge never reaches a provider.
         log.exception("AI Bridge: failed to handle request of flow %s", flow.id)
-        self._exchanges.pop(flow.id, None)
-        self._sockets.pop(flow.id, None)
+        exchange = self._exchanges.pop(flow.id, None)
+        if exchange is not None:
+            self._release(exchange)
+        state = self._sockets.pop(flow.id, None)
+        for turn in state.open_turns if state is not None else ():
+            self._release(turn)
         self._concealment.forget(flow)
         if flow.live and flow.response is None:
             message = "AI Bridge failed on this request and did not forward it; see its log"
@@ -390,12 +416,16 @@ class AIBridge:
             info = self._validate(flow, route, identity)
             if info is None:
                 return
+            admission = self._admit(flow, route, identity, info)
+            if admission is None:
+                return
             self._amend(flow, api, info)
         else:
-            info = None
+            info = admission = None
         self._retarget(flow, route)
         auth.install_credentials(req.headers, route.provider, identity)
         exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, api, info)
+        exchange.admission = admission
         if info is not None:
             exchange.accumulator = api.new_accumulator()
         self._exchanges[flow.id] = exchange
@@ -483,6 +513,21 @@ class AIBridge:
         if refusal is not None:
             return self._reject(flow, route, identity, *refusal, info)
         return info
+
+    def _admit(
+        self, flow: http.HTTPFlow, route: Route, identity: auth.Identity, info: RequestInfo
+    ) -> Admission | None:
+        """Budgets and limits (DESIGN §9): None when a limit refused the request."""
+        if self.governor is None or not self.governor.enabled:
+            return FREE_ADMISSION
+        verdict = self.governor.admit(identity.user_id, identity.credential_kind)
+        if isinstance(verdict, Admission):
+            return verdict
+        info.metadata = {**(info.metadata or {}), "limit": verdict.detail}
+        self._reject(flow, route, identity, verdict.status, verdict.message, info)
+        assert flow.response is not None
+        flow.response.headers.update(verdict.headers)
+        return None
 
     def _amend(self, flow: http.HTTPFlow, api: Api, info: RequestInfo) -> None:
         """The one edit the API may make to the body before it goes upstream (DESIGN §2)."""
@@ -598,6 +643,8 @@ class AIBridge:
         if secrets:
             echo.mask_headers(response.headers, secrets)
         self._mask(flow, exchange)
+        if exchange.admission is not None and exchange.admission.warnings:
+            response.headers[WARNING_HEADER] = warning_header(exchange.admission.warnings)
         content_type = response.headers.get("content-type", "")
         sse = exchange.request is not None and content_type.lower().startswith("text/event-stream")
         # Streamed: our SSE tee, or a large body mitmproxy streams by itself (stream=True).
@@ -674,6 +721,7 @@ class AIBridge:
         exchange = self._exchanges.pop(flow.id, None)
         if exchange is None:
             return
+        self._release(exchange)
         # A buffered body (streams were masked chunk by chunk) is masked before the records,
         # mitmweb and -w read it; one that cannot be checked is replaced by our 502.
         if flow.response is not None and not answered:
@@ -699,9 +747,14 @@ class AIBridge:
         except Exception:  # an addon must never take a flow down with it
             log.exception("AI Bridge: failed to record flow %s", flow.id)
 
+    def _release(self, exchange: Exchange) -> None:
+        if self.governor is not None:
+            self.governor.release(exchange.admission)
+
     def _finish_interrupted(self, exchange: Exchange) -> None:
         """At shutdown: a flow still in flight is recorded as cut, and its key masked now,
         because mitmproxy saves active flows (``-w``) after this addon's ``done``."""
+        self._release(exchange)
         self._mask(exchange.flow, exchange)
         if exchange.request is None or exchange.accumulator is None:
             return
@@ -763,6 +816,16 @@ class AIBridge:
         if refusal is not None:
             self._refuse_on_socket(flow, message, route, state, *refusal, info)
             return
+        admission = FREE_ADMISSION
+        if self.governor is not None and self.governor.enabled:
+            verdict = self.governor.admit(state.identity.user_id, state.identity.credential_kind)
+            if not isinstance(verdict, Admission):
+                info.metadata = {**(info.metadata or {}), "limit": verdict.detail}
+                self._refuse_on_socket(
+                    flow, message, route, state, verdict.status, verdict.message, info
+                )
+                return
+            admission = verdict
         info.stream = True  # WebSocket mode always streams
         turn = Exchange(
             uuid.uuid4().hex,
@@ -773,6 +836,7 @@ class AIBridge:
             info,
             api.new_accumulator(),
             masked=True,
+            admission=admission,
         )
         self._record_start(flow, turn, len(content))
         state.open_turns.append(turn)  # only once recorded: a failure above drops the message
@@ -804,6 +868,7 @@ class AIBridge:
         turn.accumulator.feed_event(None, message.content)
         if turn.accumulator.ended:
             state.close(turn)
+            self._release(turn)
             outcome = finish_exchange(turn.api, turn.accumulator, None, None, None)
             self._write_end(turn, outcome, 101)
 
@@ -821,6 +886,7 @@ class AIBridge:
             why = f"the WebSocket closed before the response ended (code {code})"
         while state.open_turns:
             turn = state.open_turns.popleft()
+            self._release(turn)
             outcome = finish_exchange(turn.api, turn.accumulator, None, None, why)
             self._write_end(turn, outcome, 101)
 
@@ -835,10 +901,11 @@ class AIBridge:
     ) -> None:
         if self.recorder is None or exchange.request is None:
             return
+        exchange.started_at = utc_now()
         row = rows.interception_start(
             interception_id=exchange.interception_id,
             flow_id=flow.id,
-            started_at=utc_now(),
+            started_at=exchange.started_at,
             provider=exchange.provider,
             api=exchange.api,
             info=exchange.request,
@@ -894,6 +961,7 @@ class AIBridge:
                 row["credential_kind"],
                 row["credential_hint"],
                 rejected,
+                request=info,
             )
         if info is not None and info.prompt is not None and self.config is not None:
             self.recorder.insert(
@@ -935,3 +1003,12 @@ class AIBridge:
                 self.recorder.upsert(table, row)
             else:
                 self.recorder.insert(table, row)
+            if table == "token_usages" and self.governor is not None:
+                self.governor.record_use(
+                    exchange.identity.user_id,
+                    exchange.identity.credential_kind,
+                    exchange.interception_id,
+                    exchange.started_at,
+                    row.get("estimated_cost_usd") or 0.0,
+                    row.get("total_tokens") or 0,
+                )

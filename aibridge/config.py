@@ -15,10 +15,20 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from aibridge.apis import BY_NAME, default_api_names, default_passthrough
+from aibridge.governance.limits import (
+    EVERYONE,
+    METRICS,
+    UNLIMITED,
+    Governance,
+    Group,
+    Limits,
+)
+from aibridge.governance.periods import PERIODS
 
 # "chatgpt": Codex signed in with a ChatGPT account (chatgpt.com/backend-api/codex). The
 # client's own credential goes upstream; the bridge identifies and records, holds no key.
@@ -173,6 +183,7 @@ class Config:
     pricing: Pricing = Pricing()
     retention: Retention = Retention()
     chat_completions: ChatCompletions = ChatCompletions()
+    governance: Governance = field(default_factory=Governance)
     warnings: tuple[str, ...] = ()
     # Looked up for every request: built once.
     _users_by_digest: dict[str, User] = field(init=False, repr=False, compare=False)
@@ -306,6 +317,36 @@ class _Reader:
             raise self.fail(key, f"must be a number >= 0, got {value!r}")
         return amount
 
+    def number(self, parent: dict[str, Any], name: str, key: str) -> float:
+        value = parent.get(name)
+        if isinstance(value, str):
+            text = expand_env(value, self.file, key, self.env).strip()
+            try:
+                value = float(text)
+            except ValueError:
+                raise self.fail(key, f"must be a number, got {text!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"must be a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise self.fail(key, f"must be a finite number, got {value!r}")
+        return float(value)
+
+    def limit(self, parent: dict[str, Any], name: str, key: str, *, whole: bool) -> float | None:
+        """A limit: a number >= 0 (whole for counts), or ``unlimited`` (math.inf); None when
+        it is not given."""
+        value = parent.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str) and expand_env(value, self.file, key, self.env).strip() in (
+            UNLIMITED,
+        ):
+            return math.inf
+        amount = self.number(parent, name, key)
+        if amount < 0 or (whole and amount != int(amount)):
+            kind = "a whole number" if whole else "a number"
+            raise self.fail(key, f"must be {kind} >= 0 or {UNLIMITED!r}, got {value!r}")
+        return amount
+
     def days(self, parent: dict[str, Any], name: str, key: str) -> int | None:
         value = parent.get(name)
         if value is None:
@@ -352,6 +393,8 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         "pricing",
         "retention",
         "chat_completions",
+        "governance",
+        "groups",
     }
     for name in top:
         if name not in known:
@@ -363,7 +406,7 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         database = str(Path(file).resolve().parent / database)
 
     providers = _providers(r, top.get("providers"))
-    users = _users(r, top.get("users"))
+    users, user_entries = _users(r, top.get("users"))
 
     privacy_raw = r.mapping(top.get("privacy") or {}, "privacy")
     for name in privacy_raw:
@@ -396,6 +439,7 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         pricing=_pricing(r, top.get("pricing")),
         retention=_retention(r, top.get("retention")),
         chat_completions=_chat_completions(r, top.get("chat_completions")),
+        governance=_governance(r, top.get("governance"), top.get("groups"), user_entries),
         warnings=tuple(r.warnings),
     )
 
@@ -570,19 +614,26 @@ def _served_apis(r: _Reader, entry: dict[str, Any], key: str, ptype: str) -> tup
     return served
 
 
-def _users(r: _Reader, raw: Any) -> tuple[User, ...]:
+# A users[] entry with its id, for the governance keys read after all users are known.
+UserEntry = tuple[str, str, dict[str, Any]]  # (key, user id, entry)
+
+
+def _users(r: _Reader, raw: Any) -> tuple[tuple[User, ...], list[UserEntry]]:
     if raw is None:
-        return ()
+        return (), []
     if not isinstance(raw, list):
         raise r.fail("users", "must be a list")
     users: list[User] = []
+    entries: list[UserEntry] = []
+    known = ("id", "token", "token_sha256", "groups", "limits")
     for i, item in enumerate(raw):
         key = f"users[{i}]"
         entry = r.mapping(item, key)
         for name in entry:
-            if name not in ("id", "token", "token_sha256"):
-                raise r.fail(f"{key}.{name}", "unknown key (known: id, token, token_sha256)")
+            if name not in known:
+                raise r.fail(f"{key}.{name}", f"unknown key (known: {', '.join(known)})")
         user_id = r.string(entry, "id", f"{key}.id")
+        entries.append((key, user_id, entry))
         if "token" in entry and "token_sha256" in entry:
             raise r.fail(key, "give either token or token_sha256, not both")
         length: int | None = None
@@ -609,4 +660,126 @@ def _users(r: _Reader, raw: Any) -> tuple[User, ...]:
         if any(u.token_sha256 == digest for u in users):
             raise r.fail(key, "the same token is given to two users")
         users.append(User(user_id, digest, length))
-    return tuple(users)
+    return tuple(users), entries
+
+
+_LIMIT_KEYS = ("spend_usd", "tokens", "requests_per_minute", "concurrent_requests")
+
+
+def _governance(r: _Reader, raw: Any, groups_raw: Any, user_entries: list[UserEntry]) -> Governance:
+    """``governance`` (time zone, warnings, refresh), ``groups`` and ``users[].limits`` /
+    ``users[].groups`` (aibridge.governance.limits says how they combine)."""
+    section = r.mapping(raw or {}, "governance")
+    known = ("time_zone", "warn_at", "refresh_seconds")
+    for name in section:
+        if name not in known:
+            raise r.fail(f"governance.{name}", f"unknown key (known: {', '.join(known)})")
+    zone = r.string(section, "time_zone", "governance.time_zone", default="UTC")
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise r.fail(
+            "governance.time_zone",
+            f"unknown time zone {zone!r}: use an IANA name such as UTC or Europe/Berlin",
+        ) from None
+    warn_at: float | None = 0.8
+    if "warn_at" in section:
+        value = section["warn_at"]
+        if value is None or value is False:
+            warn_at = None
+        else:
+            warn_at = r.number(section, "warn_at", "governance.warn_at")
+            if not 0 < warn_at <= 1:
+                raise r.fail(
+                    "governance.warn_at",
+                    f"must be a share of the budget between 0 and 1 (0.8 = 80%), got {value!r}",
+                )
+    refresh = 5.0
+    if "refresh_seconds" in section:
+        refresh = r.number(section, "refresh_seconds", "governance.refresh_seconds")
+        if not 0.1 <= refresh <= 3600:
+            raise r.fail(
+                "governance.refresh_seconds", f"must be between 0.1 and 3600, got {refresh!r}"
+            )
+
+    user_ids = {user_id for _, user_id, _ in user_entries}
+    # users[].groups, by group name: (user id, where it is named).
+    members_named: dict[str, list[tuple[str, str]]] = {}
+    for key, user_id, entry in user_entries:
+        for j, name in enumerate(r.string_list(entry, "groups", f"{key}.groups", ())):
+            members_named.setdefault(name, []).append((user_id, f"{key}.groups[{j}]"))
+
+    groups: list[Group] = []
+    if groups_raw is not None and not isinstance(groups_raw, list):
+        raise r.fail("groups", "must be a list")
+    for i, item in enumerate(groups_raw or []):
+        key = f"groups[{i}]"
+        entry = r.mapping(item, key)
+        known_group = ("name", "members", "limits", "shared_limits")
+        for name in entry:
+            if name not in known_group:
+                raise r.fail(f"{key}.{name}", f"unknown key (known: {', '.join(known_group)})")
+        name = r.string(entry, "name", f"{key}.name")
+        if any(g.name == name for g in groups):
+            raise r.fail(f"{key}.name", f"duplicate group name {name!r}")
+        members = set(r.string_list(entry, "members", f"{key}.members", ()))
+        for member in sorted(members):
+            if member != EVERYONE and member not in user_ids:
+                r.warnings.append(
+                    f"{r.file}: {key}.members: {member!r} is not in users: it counts only once "
+                    "someone is identified by that name (mitmproxy's proxyauth)"
+                )
+        members.update(user_id for user_id, _ in members_named.pop(name, []))
+        groups.append(
+            Group(
+                name,
+                frozenset(members),
+                _limits(r, entry.get("limits"), f"{key}.limits"),
+                _limits(r, entry.get("shared_limits"), f"{key}.shared_limits", shared=True),
+                key,
+            )
+        )
+    for name, named in members_named.items():
+        where = named[0][1]
+        known_names = ", ".join(g.name for g in groups) or "none are configured"
+        raise r.fail(where, f"unknown group {name!r} (groups: {known_names})")
+
+    user_limits: dict[str, Limits] = {}
+    user_keys: dict[str, str] = {}
+    for key, user_id, entry in user_entries:
+        if entry.get("limits") is None:
+            continue
+        if user_id in user_limits:
+            raise r.fail(
+                f"{key}.limits",
+                f"user {user_id!r} has limits at {user_keys[user_id]}.limits already: "
+                "give one person's limits once",
+            )
+        user_limits[user_id] = _limits(r, entry["limits"], f"{key}.limits")
+        user_keys[user_id] = key
+    return Governance(zone, warn_at, refresh, tuple(groups), user_limits, user_keys)
+
+
+def _limits(r: _Reader, raw: Any, key: str, *, shared: bool = False) -> Limits:
+    section = r.mapping(raw or {}, key)
+    known = _LIMIT_KEYS[:2] if shared else _LIMIT_KEYS
+    for name in section:
+        if name not in known:
+            hint_ = " (rates and concurrency are per person: set them in limits)" if shared else ""
+            raise r.fail(f"{key}.{name}", f"unknown key (known: {', '.join(known)}){hint_}")
+    budgets: dict[Any, float] = {}
+    for metric in METRICS:
+        periods = r.mapping(section.get(metric) or {}, f"{key}.{metric}")
+        for period in periods:
+            if period not in PERIODS:
+                raise r.fail(
+                    f"{key}.{metric}.{period}", f"unknown period (known: {', '.join(PERIODS)})"
+                )
+            value = r.limit(periods, period, f"{key}.{metric}.{period}", whole=metric == "tokens")
+            if value is not None:
+                budgets[(metric, period)] = value
+    return Limits(
+        budgets,
+        r.limit(section, "requests_per_minute", f"{key}.requests_per_minute", whole=True),
+        r.limit(section, "concurrent_requests", f"{key}.concurrent_requests", whole=True),
+    )

@@ -16,6 +16,7 @@ _ERROR_TYPES: Final = {
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
+    429: "rate_limit_exceeded",
     501: "not_implemented",
     502: "upstream_unreachable",
 }
