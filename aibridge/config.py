@@ -28,7 +28,7 @@ from aibridge.governance.limits import (
     Group,
     Limits,
 )
-from aibridge.governance.periods import PERIODS
+from aibridge.governance.periods import ADJECTIVE, PERIODS
 
 # "chatgpt": Codex signed in with a ChatGPT account (chatgpt.com/backend-api/codex). The
 # client's own credential goes upstream; the bridge identifies and records, holds no key.
@@ -427,6 +427,9 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         if not pattern.startswith("/"):
             raise r.fail(f"passthrough[{i}]", f"must be a path starting with '/', got {pattern!r}")
 
+    retention = _retention(r, top.get("retention"))
+    governance = _governance(r, top.get("governance"), top.get("groups"), user_entries)
+    _warn_if_retention_forgets_spend(r, retention, governance)
     return Config(
         path=file,
         database=database,
@@ -437,11 +440,31 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         privacy=privacy,
         websocket=websocket,
         pricing=_pricing(r, top.get("pricing")),
-        retention=_retention(r, top.get("retention")),
+        retention=retention,
         chat_completions=_chat_completions(r, top.get("chat_completions")),
-        governance=_governance(r, top.get("governance"), top.get("groups"), user_entries),
+        governance=governance,
         warnings=tuple(r.warnings),
     )
+
+
+# The days of log a budget period needs at most (a month of 31 days).
+_PERIOD_DAYS = {"day": 1, "week": 7, "month": 31}
+
+
+def _warn_if_retention_forgets_spend(r: _Reader, retention: Retention, gov: Governance) -> None:
+    """Spend is read from the log: deleting rows younger than a budget's period forgets spend."""
+    if retention.days is None:
+        return
+    limits = [*gov.user_limits.values()]
+    limits += [lim for g in gov.groups for lim in (g.limits, g.shared_limits)]
+    periods = {period for lim in limits for (_, period) in lim.budgets}
+    longest = max(periods, key=_PERIOD_DAYS.__getitem__, default=None)
+    if longest is not None and retention.days < _PERIOD_DAYS[longest]:
+        r.warnings.append(
+            f"{r.file}: retention.days ({retention.days}) is shorter than a {longest}: "
+            f"deleting rows that young forgets spend that {ADJECTIVE[longest]} budgets count; "
+            f"keep at least {_PERIOD_DAYS[longest]} days"
+        )
 
 
 _PRICE_KEYS = (

@@ -314,3 +314,37 @@ def test_the_shipped_config_examples_are_valid(tmp_path: Path) -> None:
     assert (azure.key_header, azure.base_query) == ("api-key", "api-version=preview")
     openrouter = config.provider_named("openrouter")
     assert openrouter is not None and openrouter.apis == ("chat_completions", "responses")
+
+
+@pytest.mark.parametrize(
+    ("days", "periods", "warned"),
+    [
+        (10, ["month"], "shorter than a month"),
+        (30, ["day", "month"], "shorter than a month"),
+        (6, ["week"], "shorter than a week"),
+        (31, ["month"], None),
+        (7, ["day", "week"], None),
+        (1, ["day"], None),
+    ],
+)
+def test_retention_shorter_than_a_budget_period_is_warned(
+    days: int, periods: list[str], warned: str | None
+) -> None:
+    # Spend is read back from the log: rows deleted too young are spend forgotten.
+    raw = {
+        "providers": [{"name": "openai", "base_url": "https://api.openai.com/v1", "api_key": "k"}],
+        "retention": {"days": days},
+        "groups": [
+            {
+                "name": "team",
+                "members": ["*"],
+                "shared_limits": {"spend_usd": dict.fromkeys(periods, 5)},
+            }
+        ],
+    }
+    warnings = [w for w in parse_config(raw, "c.yaml", {}).warnings if "retention" in w]
+    if warned is None:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert warning.startswith("c.yaml: retention.days") and warned in warning

@@ -217,6 +217,9 @@ class Governor:
     def _judge_budget(self, budget: Budget, now: float, warnings: list[str]) -> Refusal | None:
         usd, tokens = self.ledger.used(budget.scope, budget.owner, budget.period, now)
         used = usd if budget.metric == "spend_usd" else tokens
+        warn_at = self.governance.warn_at
+        if used < budget.limit and (warn_at is None or used < warn_at * budget.limit):
+            return None  # nearly every request: nothing to say, nothing to format
         window = self.ledger.windows(now)[budget.period]
         zone, zone_name = self.governance.zone, self.governance.time_zone
         resets = describe_local(window.end_instant, zone, zone_name)
@@ -237,20 +240,17 @@ class Governor:
                 },
                 self._detail(budget, used, window.end),
             )
-        warn_at = self.governance.warn_at
-        if warn_at is not None and budget.limit > 0 and used >= warn_at * budget.limit:
-            share = used / budget.limit
-            text = (
-                f"{share:.0%} of {budget.title()} is used ({budget.amount(used)} of "
-                f"{budget.amount(budget.limit)}), resets at {resets}"
-            )
-            warnings.append(text)
-            key = (budget.scope, budget.owner, f"{budget.metric}.{budget.period}", window.start)
-            if key not in self._warned:
-                self._warned.add(key)
-                if len(self._warned) > 100_000:
-                    self._warned.clear()
-                log.warning(f"AI Bridge: budget warning: {text}")
+        text = (
+            f"{used / budget.limit:.0%} of {budget.title()} is used ({budget.amount(used)} of "
+            f"{budget.amount(budget.limit)}), resets at {resets}"
+        )
+        warnings.append(text)
+        key = (budget.scope, budget.owner, f"{budget.metric}.{budget.period}", window.start)
+        if key not in self._warned:
+            if len(self._warned) >= 100_000:
+                self._warned.clear()
+            self._warned.add(key)
+            log.warning(f"AI Bridge: budget warning: {text}")
         return None
 
     @staticmethod
