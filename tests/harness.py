@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
@@ -28,6 +29,7 @@ __all__ = [
     "ChunkedReplies",
     "Mitmdump",
     "bridge_config",
+    "noon_zone",
     "query",
     "replay_flows",
     "wait_for",
@@ -35,6 +37,13 @@ __all__ = [
 
 PROVIDER_KEY = "sk-test-provider-key-0123456789abcdef"
 TOKENS = {"alice": "alice-personal-token-1", "bob": "bob-personal-token-2"}
+
+
+def noon_zone() -> str:
+    """A time zone in which it is about noon now, for tests of daily budgets: no day, week or
+    month can end while they run."""
+    offset = datetime.now(UTC).hour - 12  # Etc/GMT+N is N hours behind UTC
+    return "UTC" if offset == 0 else f"Etc/GMT{offset:+d}"
 
 
 def bridge_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:

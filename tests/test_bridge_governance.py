@@ -19,6 +19,7 @@ from mitmproxy.test import taddons
 
 from aibridge.bridge import AIBridge
 from aibridge.governance.governor import WARNING_HEADER
+from tests.harness import noon_zone
 from tests.test_bridge import TOKENS, Bridge, fixture, make_flow, write_config
 
 # The buffered fixture's usage: total_tokens of one exchange.
@@ -28,12 +29,6 @@ MESSAGES_URL = "https://api.anthropic.com/v1/messages"
 MESSAGES_BODY = (
     b'{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}'
 )
-
-
-def noon_zone() -> str:
-    """A time zone in which it is about noon now: no period can end during a test."""
-    offset = datetime.now(UTC).hour - 12  # Etc/GMT+N is N hours behind UTC
-    return "UTC" if offset == 0 else f"Etc/GMT{offset:+d}"
 
 
 @pytest.fixture

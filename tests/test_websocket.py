@@ -18,6 +18,7 @@ from tests.harness import (
     Mitmdump,
     bridge_config,
     finished_with_prompt,
+    noon_zone,
     query,
     wait_for,
 )
@@ -179,3 +180,41 @@ def test_refuse_mode_answers_426(upstream: FakeUpstream, tmp_path: Path) -> None
             connect(proc)
         assert info.value.status == 426
         assert b"POST /v1/responses" in info.value.body
+
+
+def test_budgets_and_concurrency_hold_per_turn_on_a_socket(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    config = bridge_config(upstream.url, governance={"time_zone": noon_zone()})
+    config["users"][0]["limits"] = {"tokens": {"day": 1}, "concurrent_requests": 1}
+    with Mitmdump(tmp_path, config) as bridge:
+        ws = connect(bridge)
+        slow = f"ws slow {uuid.uuid4().hex}"
+        ws.send({"type": "response.create", "model": "fake-slow", "input": slow})
+        assert ws.receive()["type"] == "response.created"
+        busy = f"ws busy {uuid.uuid4().hex}"
+        ws.send({"type": "response.create", "model": "fake-text", "input": busy})
+        event = ws.until_terminal()[-1]  # the slow turn is still streaming meanwhile
+        assert (
+            event["type"] == "error"
+            and event["status"] == 429
+            and "in flight at once" in event["error"]["message"]
+        )
+        ws.close()  # the cut turn gives its slot back
+        assert finished_with_prompt(bridge.db_path, slow)["status"] == "client_disconnected"
+
+        ws = connect(bridge)
+        first = f"ws first {uuid.uuid4().hex}"
+        ws.send({"type": "response.create", "model": "fake-text", "input": first})
+        assert ws.until_terminal()[-1]["type"] == "response.completed"
+        refused = f"ws refused {uuid.uuid4().hex}"
+        ws.send({"type": "response.create", "model": "fake-text", "input": refused})
+        (event,) = ws.until_terminal()
+        assert event["status"] == 403
+        assert "the daily token budget of user alice is used up" in event["error"]["message"]
+        ws.close()
+        row = finished_with_prompt(bridge.db_path, refused)
+        assert (row["status"], row["http_status"]) == ("rejected", 403)
+        assert '"limit":"tokens.day"' in row["metadata"].replace(" ", "")
+        busy_row = finished_with_prompt(bridge.db_path, busy)
+        assert (busy_row["status"], busy_row["http_status"]) == ("rejected", 429)
