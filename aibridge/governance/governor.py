@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -34,6 +35,7 @@ RESEED_SECONDS: Final = 900.0
 CONCURRENCY_RETRY_SECONDS: Final = 1
 WARNING_HEADER: Final = "x-aibridge-budget-warning"
 _EFFECTIVE_MEMO_MAX: Final = 10_000
+_RECENT_USERS_MAX: Final = 10_000
 
 
 @dataclass(slots=True)
@@ -61,8 +63,16 @@ FREE_ADMISSION: Final = Admission("", released=True)
 
 
 class Governor:
-    def __init__(self, governance: Governance, db_path: str | None) -> None:
+    def __init__(
+        self,
+        governance: Governance,
+        db_path: str | None,
+        publish: Callable[[float], None] | None = None,
+    ) -> None:
         self.governance = governance
+        # Puts the limits and their current periods into the log (the `budgets` table), at
+        # start-up and at each new period, so that readers of the log see them.
+        self._publish = publish
         self.ledger = Ledger(governance)
         self._db_path = db_path
         self._effective: dict[str, EffectiveLimits] = {}
@@ -87,7 +97,9 @@ class Governor:
             return
         started = time.perf_counter()
         spend_log = SpendLog(self._db_path)
-        self._reseed(spend_log, time.time())
+        now = time.time()
+        self._reseed(spend_log, now)
+        self._published(now)
         took = 1000 * (time.perf_counter() - started)
         log.info(f"AI Bridge: budgets seeded from the log in {took:.0f} ms")
         self._thread = threading.Thread(
@@ -100,6 +112,14 @@ class Governor:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    def _published(self, now: float) -> None:
+        if self._publish is None:
+            return
+        try:
+            self._publish(now)
+        except Exception:  # the log of limits is for readers: enforcement goes on without it
+            log.exception("AI Bridge: could not write the budgets into the log")
 
     def _reseed(self, spend_log: SpendLog, now: float) -> None:
         windows = {p: (w.start, w.end) for p, w in self.ledger.windows(now).items()}
@@ -136,6 +156,8 @@ class Governor:
                     log.info("AI Bridge: budgets read the log again")
                     self._read_failure = None
                 if whole:
+                    if now_starts != period_starts:
+                        self._published(time.time())
                     last_seed, period_starts = time.monotonic(), now_starts
         finally:
             spend_log.close()
@@ -171,6 +193,8 @@ class Governor:
         if rpm is not None:
             recent = self._recent.get(user_id)
             if recent is None:
+                if len(self._recent) >= _RECENT_USERS_MAX:
+                    self._forget_idle(now)
                 recent = self._recent[user_id] = deque()
             while recent and recent[0] <= now - 60:
                 recent.popleft()
@@ -185,6 +209,14 @@ class Governor:
         if recent is not None:
             recent.append(now)
         return Admission(user_id, holds_slot=concurrent is not None, warnings=warnings)
+
+    def _forget_idle(self, now: float) -> None:
+        """Identities are unbounded (BYOK keys, proxyauth names): windows with nothing in the
+        last minute are dropped."""
+        for user_id in [
+            u for u, times in self._recent.items() if not times or times[-1] <= now - 60
+        ]:
+            del self._recent[user_id]
 
     def release(self, admission: Admission | None) -> None:
         """The admitted request ended (however): its slot is free again. Idempotent."""
