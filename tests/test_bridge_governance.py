@@ -209,7 +209,7 @@ def test_a_concurrency_slot_is_given_back_however_the_exchange_ends(
     assert held.response is None
     second = send(bridge)
     body = refusal(second, 429)
-    assert "may have 1 requests in flight at once" in body["error"]["message"]
+    assert "may have 1 request in flight at once" in body["error"]["message"]
     assert second.response.headers["retry-after"] == "1"
     if ending == "response":
         answer(bridge, held)

@@ -317,8 +317,8 @@ class Governor:
     def _concurrency_refusal(user_id: str, limit: int, in_flight: int) -> Refusal:
         wait = CONCURRENCY_RETRY_SECONDS
         message = (
-            f"AI Bridge: user {user_id} may have {limit} requests in flight at once and has "
-            f"{in_flight}: retry when one of them has finished"
+            f"AI Bridge: user {user_id} may have {limit} request{'s' * (limit != 1)} in flight "
+            f"at once and has {in_flight}: retry when one of them has finished"
         )
         detail = {"limit": "concurrent_requests", "scope": "user", "owner": user_id}
         detail |= {"limit_value": limit, "used": in_flight, "retry_after": wait}
