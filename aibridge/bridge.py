@@ -999,11 +999,8 @@ class AIBridge:
             prices,
             provider_type=exchange.provider.type,
         ):
-            if table == "interceptions":
-                self.recorder.upsert(table, row)
-            else:
-                self.recorder.insert(table, row)
             if table == "token_usages" and self.governor is not None:
+                # Counted before the row is queued: the log reader must find it pending.
                 self.governor.record_use(
                     exchange.identity.user_id,
                     exchange.identity.credential_kind,
@@ -1012,3 +1009,7 @@ class AIBridge:
                     row.get("estimated_cost_usd") or 0.0,
                     row.get("total_tokens") or 0,
                 )
+            if table == "interceptions":
+                self.recorder.upsert(table, row)
+            else:
+                self.recorder.insert(table, row)

@@ -327,6 +327,10 @@ class _Reader:
                 raise self.fail(key, f"must be a number, got {text!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, f"must be a number, got {_kind(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an int of hundreds of digits
+            raise self.fail(key, "is too large a number") from None
         if not math.isfinite(value):
             raise self.fail(key, f"must be a finite number, got {value!r}")
         return float(value)
@@ -700,7 +704,7 @@ def _governance(r: _Reader, raw: Any, groups_raw: Any, user_entries: list[UserEn
     zone = r.string(section, "time_zone", "governance.time_zone", default="UTC")
     try:
         ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory ("America")
         raise r.fail(
             "governance.time_zone",
             f"unknown time zone {zone!r}: use an IANA name such as UTC or Europe/Berlin",

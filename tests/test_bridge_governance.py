@@ -172,7 +172,7 @@ def test_a_warning_header_from_the_configured_share(governed: Callable[..., Brid
     assert WARNING_HEADER not in first.response.headers  # 0 of 4,000 when it started
     second = exchange(bridge)
     warning = second.response.headers[WARNING_HEADER]
-    assert warning.startswith("27% of the daily token budget of user alice is used")
+    assert warning.startswith("26% of the daily token budget of user alice is used")
     assert "(1,064 tokens of 4,000 tokens), resets at" in warning
 
 
@@ -234,10 +234,11 @@ def test_refusals_use_the_error_shape_of_the_clients_api(governed: Callable[...,
             "api_key": "sk-ant-api03-bridge-test-key-0123456789",
         }
     ]
-    bridge = governed({"requests_per_minute": 0}, providers=providers)
-    flow = make_flow(MESSAGES_BODY, url=MESSAGES_URL, x_api_key=TOKENS["alice"])
-    del flow.request.headers["authorization"]
-    bridge.addon.request(flow)
+    bridge = governed({"requests_per_minute": 1}, providers=providers)
+    for _ in range(2):
+        flow = make_flow(MESSAGES_BODY, url=MESSAGES_URL, x_api_key=TOKENS["alice"])
+        del flow.request.headers["authorization"]
+        bridge.addon.request(flow)
     body = refusal(flow, 429)
     assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
     assert "retry-after" in flow.response.headers

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -34,6 +35,7 @@ RESEED_SECONDS: Final = 900.0
 # How long a client is asked to wait when all its concurrent slots are taken.
 CONCURRENCY_RETRY_SECONDS: Final = 1
 WARNING_HEADER: Final = "x-aibridge-budget-warning"
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _EFFECTIVE_MEMO_MAX: Final = 10_000
 _RECENT_USERS_MAX: Final = 10_000
 
@@ -189,6 +191,10 @@ class Governor:
                 if refusal is not None:
                     return refusal
         rpm = limits.requests_per_minute
+        if rpm == 0 or limits.concurrent_requests == 0:
+            return self._suspended(
+                user_id, "requests_per_minute" if rpm == 0 else "concurrent_requests"
+            )
         recent = None
         if rpm is not None:
             recent = self._recent.get(user_id)
@@ -272,8 +278,9 @@ class Governor:
                 },
                 self._detail(budget, used, window.end),
             )
+        share = math.floor(100 * used / budget.limit)  # 99.7% used is not "100%" yet
         text = (
-            f"{used / budget.limit:.0%} of {budget.title()} is used ({budget.amount(used)} of "
+            f"{share}% of {budget.title()} is used ({budget.amount(used)} of "
             f"{budget.amount(budget.limit)}), resets at {resets}"
         )
         warnings.append(text)
@@ -296,6 +303,16 @@ class Governor:
             "resets_at": resets_at,
             "source": budget.source,
         }
+
+    @staticmethod
+    def _suspended(user_id: str, limit: str) -> Refusal:
+        """A rate or concurrency of 0: no retry can succeed, so the answer is final (403)."""
+        message = (
+            f"AI Bridge: user {user_id} may send no requests ({limit} is 0); "
+            "to change that, ask the bridge's operator"
+        )
+        detail = {"limit": limit, "scope": "user", "owner": user_id, "limit_value": 0}
+        return Refusal(403, message, {"x-aibridge-limit": limit}, detail)
 
     @staticmethod
     def _rate_refusal(user_id: str, rpm: int, recent: deque[float], now: float) -> Refusal:
@@ -332,5 +349,6 @@ class Governor:
 
 def warning_header(warnings: list[str]) -> str:
     """The warning header's value: ASCII only (a user id may not be), one warning per item."""
-    text = "; ".join(warnings)
-    return text.encode("ascii", "backslashreplace").decode("ascii")
+    text = "; ".join(warnings).encode("ascii", "backslashreplace").decode("ascii")
+    # CR and LF would end the header (a proxyauth name can hold anything): escaped as well.
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

@@ -130,15 +130,23 @@ class Ledger:
         for name in groups:
             yield "group", name
 
-    def _add(self, user_id: str, started_at: str, usd: float, tokens: float) -> None:
+    def _add(
+        self,
+        user_id: str,
+        started_at: str,
+        usd: float,
+        tokens: float,
+        totals: dict[TotalKey, list[float]] | None = None,
+    ) -> None:
         if not self._windows:
             return
+        into = self._totals if totals is None else totals
         for period in PERIODS:
             start = self._bucket(period, started_at)
             if start is None:
                 continue
             for scope, owner in self._owners(user_id):
-                total = self._totals.setdefault((scope, owner, period, start), [0.0, 0.0])
+                total = into.setdefault((scope, owner, period, start), [0.0, 0.0])
                 total[0] += usd
                 total[1] += tokens
 
@@ -169,6 +177,16 @@ class Ledger:
         with self._lock:
             for use in uses:
                 pending = self._pending.pop(use.interception_id, None)
+                if pending is not None and (pending.user_id, pending.started_at) == (
+                    use.user_id,
+                    use.started_at,
+                ):
+                    # One step: used() reads without the lock, and must not see the total
+                    # without this exchange between taking the pending amount out and
+                    # putting the logged one in.
+                    usd, tokens = use.usd - pending.usd, use.tokens - pending.tokens
+                    self._add(use.user_id, use.started_at, usd, tokens)
+                    continue
                 if pending is not None:
                     self._add(pending.user_id, pending.started_at, -pending.usd, -pending.tokens)
                 self._add(use.user_id, use.started_at, use.usd, use.tokens)
@@ -186,11 +204,14 @@ class Ledger:
         with self._lock:
             for interception_id in confirmed:
                 self._pending.pop(interception_id, None)
-            self._totals = {}
+            totals: dict[TotalKey, list[float]] = {}
             for (user_id, period, start), (usd, tokens) in per_user.items():
                 for scope, owner in self._owners(user_id):
-                    total = self._totals.setdefault((scope, owner, period, start), [0.0, 0.0])
+                    total = totals.setdefault((scope, owner, period, start), [0.0, 0.0])
                     total[0] += usd
                     total[1] += tokens
             for use in self._pending.values():
-                self._add(use.user_id, use.started_at, use.usd, use.tokens)
+                self._add(use.user_id, use.started_at, use.usd, use.tokens, totals)
+            # Swapped in whole: used() reads without the lock and must never see the totals
+            # half built (a spent budget read as zero).
+            self._totals = totals

@@ -52,10 +52,17 @@ def bounds(period: Period, at: datetime, zone: tzinfo) -> tuple[datetime, dateti
     first = _first_day(period, at.astimezone(zone).date())
     start = local_midnight(first, zone)
     end = local_midnight(_next_first_day(period, first), zone)
-    if at.astimezone(UTC) < start:
+    instant = at.astimezone(UTC)
+    if instant < start:
         # A local date whose midnight came later than `at` (a repeated midnight's second
         # pass cannot do this, a zone's odd history could): the period before.
         return bounds(period, start - timedelta(microseconds=1), zone)
+    while instant >= end:
+        # A clock set back past midnight (St John's at 00:01 until 2011, Casey in 2010):
+        # the local date reads the day before again, but the next day began at the first
+        # midnight, already passed.
+        first = _next_first_day(period, first)
+        start, end = end, local_midnight(_next_first_day(period, first), zone)
     return start, end
 
 

@@ -9,6 +9,7 @@ provider keys (``credential_kind = 'centralized'``).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ select t.id, t.interception_id, i.initiator_id, i.started_at,
        coalesce(t.estimated_cost_usd, 0), coalesce(t.total_tokens, 0)
 from token_usages t join interceptions i on i.id = t.interception_id
 where t.id > ? and i.credential_kind = 'centralized' and i.initiator_id is not null
+  and typeof(i.started_at) = 'text'
 order by t.id
 """
 
@@ -68,6 +70,7 @@ class SpendLog:
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file last seeded
         self.watermark = 0  # the last token_usages id read
 
     def _connection(self) -> sqlite3.Connection:
@@ -92,6 +95,7 @@ class SpendLog:
         The pending ids are taken once the snapshot is open: an exchange pending after that
         cannot be in it, one pending before is looked up in it."""
         self.close()  # a fresh connection: the file may have been replaced since
+        self._file = _file_id(self.path)
         conn = self._connection()
         periods = tuple(windows)
         params: dict[str, str] = {}
@@ -118,6 +122,12 @@ class SpendLog:
     def new_uses(self, limit: int = 50_000) -> list[Use] | None:
         """The uses the log gained since the last read, or None when it must be read whole
         again (its rows were renumbered: the file was replaced or emptied)."""
+        if _file_id(self.path) != self._file:
+            # Replaced (mv new.db aibridge.db), deleted or recreated since the last seed (or
+            # never seeded): an open connection still reads the old file, and the watermark
+            # says nothing about the new one.
+            self.close()
+            return None
         conn = self._connection()
         conn.execute("begin")
         try:
@@ -136,6 +146,14 @@ class SpendLog:
         finally:
             conn.execute("commit")
         return uses
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _json_list(items: list[str]) -> str:
