@@ -30,6 +30,7 @@ from aibridge.concealment import ViewConcealment
 from aibridge.config import Config, ConfigError, Provider, load_config
 from aibridge.cost import PriceBook
 from aibridge.errors import error_response
+from aibridge.governance import report
 from aibridge.governance.governor import (
     FREE_ADMISSION,
     WARNING_HEADER,
@@ -77,6 +78,13 @@ def _note(
     if request is not None and request.metadata:
         noted["request"] = request.metadata  # what the body alone no longer says (an edit)
     flow.metadata[METADATA_KEY] = noted
+
+
+def _publish_budgets(recorder: Recorder, config: Config, now: float) -> None:
+    """The limits and their current periods, into the log's ``budgets`` table, where the
+    canned query "budget use" reads them."""
+    for row in report.budget_rows(config.governance, report.configured_user_ids(config), now):
+        recorder.upsert("budgets", row)
 
 
 def utc_now() -> str:
@@ -203,7 +211,11 @@ class AIBridge:
             log.info(f"AI Bridge: recording to {db_path}")
         # Prices are loaded once here: the hooks only look them up.
         self.prices = PriceBook(config.pricing)
-        governor = Governor(config.governance, self.recorder.path)
+        governor = Governor(
+            config.governance,
+            self.recorder.path,
+            functools.partial(_publish_budgets, self.recorder, config),
+        )
         try:
             governor.start()
         except Exception as e:

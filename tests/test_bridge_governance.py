@@ -18,9 +18,10 @@ from mitmproxy.flow import Error
 from mitmproxy.test import taddons
 
 from aibridge.bridge import AIBridge
+from aibridge.governance import report
 from aibridge.governance.governor import WARNING_HEADER
 from tests.harness import noon_zone
-from tests.test_bridge import TOKENS, Bridge, fixture, make_flow, write_config
+from tests.test_bridge import TOKENS, Bridge, fixture, make_flow, query, write_config
 
 # The buffered fixture's usage: total_tokens of one exchange.
 TOKENS_PER_EXCHANGE = 1064
@@ -269,3 +270,26 @@ def test_no_limits_configured_costs_nothing_to_release(governed: Callable[..., B
     flow = exchange(bridge)
     assert bridge.interception(flow)["status"] == "completed"
     assert WARNING_HEADER not in flow.response.headers
+
+
+def test_the_bridge_publishes_its_budgets_for_the_canned_query(
+    governed: Callable[..., Bridge],
+) -> None:
+    groups = [{"name": "team", "members": ["*"], "shared_limits": {"tokens": {"month": 10**6}}}]
+    bridge = governed({"tokens": {"day": 4000}}, groups=groups)
+    exchange(bridge)
+    bridge.flush()
+    published = query(bridge.db_path, "select * from budgets order by id")
+    assert [(r["scope"], r["owner"], r["metric"], r["period"]) for r in published] == [
+        ("group", "team", "tokens", "month"),
+        ("user", "alice", "tokens", "day"),
+    ]
+    conn = sqlite3.connect(bridge.db_path)
+    conn.row_factory = sqlite3.Row
+    try:
+        use = {(r["scope"], r["owner"]): dict(r) for r in conn.execute(report.BUDGET_USE_SQL)}
+    finally:
+        conn.close()
+    assert use[("user", "alice")]["spent"] == TOKENS_PER_EXCHANGE
+    assert use[("group", "team")]["spent"] == TOKENS_PER_EXCHANGE
+    assert use[("user", "alice")]["limit"] == 4000

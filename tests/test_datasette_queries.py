@@ -21,7 +21,7 @@ import importlib.util
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from datasette_dashboards import replace_opts_in_query
 
 from aibridge import cost
 from aibridge.config import load_config
+from aibridge.governance.limits import Governance, Group, Limits
+from aibridge.governance.report import budget_rows
 from aibridge.record.schema import INDEX_NEW_PROMPTS, LAST_PROMPT_ID
 from devtools.fake_anthropic import THINKING
 from devtools.fake_upstream import FakeUpstream
@@ -1974,6 +1976,72 @@ def test_cost_per_user_per_month(datasette: Datasette, log: UsageLog) -> None:
     alice = next(r for r in rows if (r["month"], r["user"]) == ("2025-06", "alice"))
     assert alice["unpriced_responses"] == 3  # fake-failed, fake-refusal, fake-incomplete
     assert alice["estimated_cost_usd"] == shown_cost(log, 2, 3, 5, 15, 25)
+
+
+def test_budget_use(datasette: Datasette, log: UsageLog) -> None:
+    """Budgets published as the bridge publishes them (aibridge.governance.report) for
+    2025-06-01 in UTC: a person's daily spend and tokens, everyone's monthly spend and tokens.
+    Only the bridge's own keys count: the Pro/Max sign-in's tokens (16) are not in June's."""
+    governance = Governance(
+        groups=(
+            Group(
+                "everyone",
+                frozenset({"*"}),
+                shared_limits=Limits({("spend_usd", "month"): 0.05, ("tokens", "month"): 10**6}),
+                key="groups[0]",
+            ),
+        ),
+        user_limits={
+            "alice": Limits({("spend_usd", "day"): 0.5}),
+            "bob": Limits({("tokens", "day"): 100_000}),
+        },
+        user_keys={"alice": "users[0]", "bob": "users[1]"},
+    )
+    budgets = budget_rows(governance, ["alice", "bob"], datetime(2025, 6, 1, 12, tzinfo=UTC))
+    conn = sqlite3.connect(log.db_path)
+    try:
+        with conn:
+            for row in budgets:
+                names, marks = ", ".join(row), ", ".join("?" * len(row))
+                conn.execute(f"insert into budgets ({names}) values ({marks})", tuple(row.values()))
+    finally:
+        conn.close()
+    june = [i for i in TOKENS_OF if started(i).startswith("2025-06") and i not in SIGNED_IN]
+    june_priced = [i for i in june if cost_of(log, i) is not None]
+    alice_day = [2, 3, 5, 15]
+    bob_day = [4, 13, 14, 23]  # and 24, a stream without usage
+    spend_day = shown_cost(log, *alice_day) or 0
+    spend_month = shown_cost(log, *june_priced) or 0
+    tokens_day = sum(TOKENS_OF[i].total for i in bob_day)
+    tokens_month = sum(TOKENS_OF[i].total for i in june)
+    approx = pytest.approx
+    want = {
+        ("user", "alice", "spend per day"): (approx(spend_day), 0.5, spend_day / 0.5, "06-02"),
+        ("user", "bob", "tokens per day"): (tokens_day, 100_000, tokens_day / 1e5, "06-02"),
+        ("group", "everyone", "spend per month"): (
+            approx(spend_month),
+            0.05,
+            spend_month / 0.05,
+            "07-01",
+        ),
+        ("group", "everyone", "tokens per month"): (
+            tokens_month,
+            10**6,
+            tokens_month / 1e6,
+            "07-01",
+        ),
+    }
+    rows = canned(datasette, "budget_use")
+    got = {(r["scope"], r["owner"], r["budget"]): r for r in rows}
+    assert set(got) == set(want)
+    for key, (spent, limit, share, resets) in want.items():
+        row = got[key]
+        assert (row["spent"], row["limit"]) == (spent, limit), key
+        assert row["share"] == approx(share, abs=1e-4), key
+        assert row["resets_at"] == f"2025-{resets}T00:00:00.000000+00:00", key
+    assert tokens_month < sum(TOKENS_OF[i].total for i in [*june, *SIGNED_IN])
+    assert [r["share"] for r in rows] == sorted((r["share"] for r in rows), reverse=True)
+    assert got[("group", "everyone", "spend per month")]["source"] == "groups[0].shared_limits"
 
 
 def chart_rows(ds: Datasette, chart: str, **filters: str) -> list[dict[str, Any]]:

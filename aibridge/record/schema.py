@@ -24,6 +24,7 @@ USER_PROMPTS = "user_prompts"
 TOOL_USAGES = "tool_usages"
 MODEL_THOUGHTS = "model_thoughts"
 RECORDER_LOSSES = "recorder_losses"
+BUDGETS = "budgets"
 MIGRATIONS_TABLE = "_migrations"
 
 # The tables the recorder accepts rows for; the rest are bookkeeping.
@@ -34,6 +35,7 @@ WRITABLE_TABLES = (
     TOOL_USAGES,
     MODEL_THOUGHTS,
     RECORDER_LOSSES,
+    BUDGETS,
 )
 
 # The large free-text field of each table whose content the recorder may shed
@@ -183,6 +185,30 @@ def m003_prompts_indexed_per_batch(db: sqlite_utils.Database) -> None:
 def m004_token_usage_service_tier(db: sqlite_utils.Database) -> None:
     # The tier that served the request (default, flex, priority…): it sets the price.
     db[TOKEN_USAGES].add_column("service_tier", str)
+
+
+@migration
+def m005_budgets(db: sqlite_utils.Database) -> None:
+    # The budgets that hold (limits live in the config, not the log): the bridge publishes
+    # them so that reports can set spend against them (aibridge.governance.report).
+    db[BUDGETS].create(
+        {
+            "id": str,  # "<scope>:<owner>:<metric>:<period>"
+            "scope": str,
+            "owner": str,
+            "members": str,
+            "metric": str,
+            "period": str,
+            "limit_value": float,
+            "source": str,
+            "time_zone": str,
+            "period_start": str,
+            "resets_at": str,
+            "config_digest": str,
+            "updated_at": str,
+        },
+        pk="id",
+    )
 
 
 # The prompts' full-text index, kept by the recorder: the largest prompt id before a batch,
