@@ -2121,6 +2121,9 @@ def test_tables_are_described_and_dashboard_is_served(datasette: Datasette) -> N
     meta = yaml.safe_load(METADATA.read_text())["databases"][DB_NAME]["tables"]
     conn = sqlite3.connect(f"file:{datasette.db_path}?mode=ro", uri=True)
     try:
+        tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
+        ours = {t for t in tables if not t.startswith(("sqlite_", "user_prompts_fts"))}
+        assert ours <= set(meta), ours - set(meta)  # every table of the log is described
         for table, described in meta.items():
             columns = [r[1] for r in conn.execute(f"PRAGMA table_info([{table}])")]
             assert columns, table
