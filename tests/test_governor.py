@@ -359,6 +359,19 @@ def test_warnings_from_warn_at(caplog: pytest.LogCaptureFixture) -> None:
     assert len(logged) == 3 and "daily spend" in logged[-1] and "2026-05-15 00:00" in logged[-1]
 
 
+def test_a_spent_budget_is_logged_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="aibridge.governance.governor")
+    gov = governor([user("alice", limits={"spend_usd": {"day": 1}}), user("bob")], warn_at=None)
+    feed(gov, "alice", 1.5)
+    messages = [refused(gov.admit("alice", "centralized", T + i), 403).message for i in range(4)]
+    spent = [r.getMessage() for r in caplog.records if "budget spent" in r.getMessage()]
+    assert spent == [f"AI Bridge: budget spent: {messages[0]}"]
+    feed(gov, "alice", 2.0, when=NEXT_DAY + 60)  # the next day, spent again: logged again
+    refused(gov.admit("alice", "centralized", NEXT_DAY + 120), 403)
+    spent = [r.getMessage() for r in caplog.records if "budget spent" in r.getMessage()]
+    assert len(spent) == 2 and "2026-05-15 00:00" in spent[1]
+
+
 def test_no_warnings_when_warn_at_is_off() -> None:
     gov = governor([user("alice", limits={"spend_usd": {"day": 10}})], warn_at=None)
     feed(gov, "alice", 9.99)

@@ -80,7 +80,7 @@ class Governor:
         self._effective: dict[str, EffectiveLimits] = {}
         self._recent: dict[str, deque[float]] = {}  # admitted request times, per user
         self._in_flight: dict[str, int] = {}
-        self._warned: set[tuple[str, str, str, str]] = set()
+        self._warned: set[tuple[str, str, str, str, str]] = set()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._read_failure: str | None = None
@@ -269,6 +269,7 @@ class Governor:
                 f"until it resets at {resets} (in {describe_wait(window.end_epoch - now)}); "
                 f"to raise it, ask the bridge's operator ({budget.source})."
             )
+            self._log_once(budget, window.start, "spent", message)
             return Refusal(
                 403,
                 message,
@@ -284,13 +285,18 @@ class Governor:
             f"{budget.amount(budget.limit)}), resets at {resets}"
         )
         warnings.append(text)
-        key = (budget.scope, budget.owner, f"{budget.metric}.{budget.period}", window.start)
-        if key not in self._warned:
-            if len(self._warned) >= 100_000:
-                self._warned.clear()
-            self._warned.add(key)
-            log.warning(f"AI Bridge: budget warning: {text}")
+        self._log_once(budget, window.start, "warning", text)
         return None
+
+    def _log_once(self, budget: Budget, period_start: str, kind: str, text: str) -> None:
+        """One log line per budget, period and kind (warning, spent), not one per request."""
+        key = (budget.scope, budget.owner, f"{budget.metric}.{budget.period}", period_start, kind)
+        if key in self._warned:
+            return
+        if len(self._warned) >= 100_000:
+            self._warned.clear()
+        self._warned.add(key)
+        log.warning(f"AI Bridge: budget {kind}: {text}")
 
     @staticmethod
     def _detail(budget: Budget, used: float, resets_at: str) -> dict[str, Any]:
