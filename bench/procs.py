@@ -41,10 +41,34 @@ MESSAGES_PATH = "/anthropic/v1/messages?beta=true"
 CHAT_PATH = "/openai/v1/chat/completions"
 
 
-def bridge_config(upstream_url: str) -> dict[str, Any]:
+# The bench user's limits when governance is measured (DESIGN §9): every kind a request is
+# checked against, each far above what a run uses (a full run sends some tens of thousands
+# of requests of 38 tokens each, priced at nothing), so none refuses or warns and the checks
+# cost what they cost a person well within their budgets.
+BENCH_USER_LIMITS: dict[str, Any] = {
+    "spend_usd": {"day": 100_000, "month": 1_000_000},
+    "tokens": {"day": 10**12},
+    "requests_per_minute": 10**8,
+    "concurrent_requests": 10_000,
+}
+# ... and a group whose members share budgets of their own, checked on every request too.
+BENCH_GROUPS: list[dict[str, Any]] = [
+    {
+        "name": "bench-team",
+        "members": ["alice"],
+        "shared_limits": {
+            "spend_usd": {"day": 1_000_000, "month": 10**7},
+            "tokens": {"day": 10**13},
+        },
+    }
+]
+
+
+def bridge_config(upstream_url: str, *, limits: bool = False) -> dict[str, Any]:
     """The bridge in reverse-proxy mode (DESIGN §1.1) in front of the bench upstream, with
     an OpenAI (Responses and Chat Completions) and an Anthropic provider both there, so each
-    API is measured against the same mitmdump baselines."""
+    API is measured against the same mitmdump baselines. `limits`: the bench user has
+    budgets and limits (``BENCH_USER_LIMITS``, ``BENCH_GROUPS``), otherwise none."""
     config = local_bridge_config(upstream_url, "${BENCH_PROVIDER_KEY}", {"alice": TOKEN})
     config["providers"].append(
         {
@@ -54,6 +78,9 @@ def bridge_config(upstream_url: str) -> dict[str, Any]:
             "api_key": "${BENCH_PROVIDER_KEY}",
         }
     )
+    if limits:
+        config["groups"] = BENCH_GROUPS
+        config["users"][0]["limits"] = BENCH_USER_LIMITS
     return config
 
 
@@ -124,6 +151,7 @@ class Proxy:
     upstream_url: str
     scripts: list[Path] = field(default_factory=list)
     bridge: bool = False  # load addon.py with its own config and database
+    limits: bool = False  # the bridge's config gives the bench user budgets and limits
     options: dict[str, str] = field(default_factory=dict)  # --set for the scripts' options
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -161,7 +189,7 @@ class Proxy:
             args += ["-s", str(script)]
         if self.bridge:
             config = self.workdir / "config.yaml"
-            config.write_text(yaml.safe_dump(bridge_config(self.upstream_url)))
+            config.write_text(yaml.safe_dump(bridge_config(self.upstream_url, limits=self.limits)))
             args += [
                 "-s",
                 str(ADDON),

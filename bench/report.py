@@ -7,7 +7,7 @@ import os
 import platform
 import sqlite3
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,18 @@ SSE_WORKLOADS: tuple[tuple[str, str], ...] = (
     ("chat_sse_usage_added", "Chat SSE (usage added)"),
 )
 
+# How far enforcing budgets and limits (the bench user has every kind, none ever refuses)
+# may move the buffered req/s ratio against plain mitmdump.
+LIMITS_SHIFT_MAX = 0.02
+LIMITS_SHIFT_KEYS: tuple[str, ...] = (
+    "ratio_moved",
+    "ratio_moved_lowest",
+    "ratio_moved_highest",
+    "req_per_s_on_vs_off",
+    "cpu_ms_per_req_added",
+    "p50_ms_added",
+)
+
 # Every number a run must produce (dotted paths into "metrics"); the smoke test checks them.
 METRIC_PATHS: tuple[str, ...] = tuple(
     [
@@ -45,6 +57,13 @@ METRIC_PATHS: tuple[str, ...] = tuple(
         for side in ("baseline", "addon", "ratio")
         for m in ("req_per_s", "p50_ms", "p99_ms", "cpu_ms_per_req")
     ]
+    + [
+        f"buffered_limits.{c}.{side}.{m}"
+        for c in ("c1", "c16")
+        for side in ("baseline", "addon", "ratio")
+        for m in ("req_per_s", "p50_ms", "p99_ms", "cpu_ms_per_req")
+    ]
+    + [f"buffered_limits.{c}.limits_shift.{k}" for c in ("c1", "c16") for k in LIMITS_SHIFT_KEYS]
     + [
         f"paced.{side}.{m}"
         for side in ("baseline", "addon", "ratio")
@@ -138,6 +157,27 @@ def paired(baseline: list[dict[str, float]], addon: list[dict[str, float]]) -> d
     }
 
 
+def limits_shift(
+    baseline: list[dict[str, float]], off: list[dict[str, float]], on: list[dict[str, float]]
+) -> dict[str, float]:
+    """What enforcing limits moves, as medians over the rounds of per-round figures (each
+    round's three loads ran back to back): the req/s ratio against the baseline (on minus
+    off; with its lowest and highest round, the spread a noisy machine gives it), req/s
+    on / off, and the CPU per request and p50 latency added, ms."""
+    rounds = list(zip(baseline, off, on, strict=True))
+    moved = [(n["req_per_s"] - f["req_per_s"]) / b["req_per_s"] for b, f, n in rounds]
+    return {
+        "ratio_moved": median(moved),
+        "ratio_moved_lowest": min(moved),
+        "ratio_moved_highest": max(moved),
+        "req_per_s_on_vs_off": median(n["req_per_s"] / f["req_per_s"] for _, f, n in rounds),
+        "cpu_ms_per_req_added": median(
+            n["cpu_ms_per_req"] - f["cpu_ms_per_req"] for _, f, n in rounds
+        ),
+        "p50_ms_added": median(n["p50_ms"] - f["p50_ms"] for _, f, n in rounds),
+    }
+
+
 # ---- targets ---------------------------------------------------------------------------------
 
 
@@ -196,6 +236,24 @@ def verdicts(m: Mapping[str, Any]) -> list[Verdict]:
             f"without: {cpu_a - cpu_b:.2f} ms added per request",
         )
     )
+    for c, label in (("c1", "c=1"), ("c16", "c=16")):
+        if "buffered_limits" not in m:  # a result from before limits were measured
+            break
+        on, off = m["buffered_limits"][c], m["buffered"][c]
+        shift = on["limits_shift"]
+        moved = shift["ratio_moved"]
+        out.append(
+            Verdict(
+                f"Buffered req/s ratio moved by enforcing limits, {label}",
+                f"within {LIMITS_SHIFT_MAX:.2f}",
+                f"{moved:+.3f}",
+                abs(moved) <= LIMITS_SHIFT_MAX,
+                f"per round from {shift['ratio_moved_lowest']:+.3f} to "
+                f"{shift['ratio_moved_highest']:+.3f}; {on['ratio']['req_per_s']:.2f}x with limits "
+                f"on, {off['ratio']['req_per_s']:.2f}x off; mitmdump spends "
+                f"{shift['cpu_ms_per_req_added']:+.3f} ms CPU per request with them",
+            )
+        )
     rec = m["recorder"]
     rate = rec["alone_rows_per_s"]
     out.append(
@@ -269,6 +327,41 @@ def _p50_p99(m: Mapping[str, Any], p50: str, p99: str) -> tuple[str, str, str]:
     )
 
 
+def _limits_rows(
+    on: Mapping[str, Any], off: Mapping[str, Any], label: str, status: Callable[[str], str]
+) -> list[tuple[str, ...]]:
+    """The buffered workload with limits on: against plain mitmdump, then against itself
+    with limits off (same rounds; each figure a median of per-round ones, so the shift is
+    not the difference of the two ratios' medians)."""
+    shift = on["limits_shift"]
+    name = f"Buffered req/s ratio moved by enforcing limits, {label}"
+    return [
+        (
+            f"Buffered, limits on: req/s, 40 KB bodies, {label}",
+            *_pair(on, "req_per_s", "", 0),
+            "",
+            "",
+        ),
+        (
+            f"Buffered, limits on vs off: req/s ratio moved (rounds from, to), {label}",
+            f"{shift['ratio_moved']:+.3f} ({shift['ratio_moved_lowest']:+.3f}, "
+            f"{shift['ratio_moved_highest']:+.3f})",
+            f"{shift['req_per_s_on_vs_off']:.3f}x the req/s of off",
+            "",
+            f"within {LIMITS_SHIFT_MAX:.2f}",
+            status(name),
+        ),
+        (
+            f"Buffered, limits on vs off: mitmdump CPU per request, {label}",
+            f"{shift['cpu_ms_per_req_added']:+.3f} ms",
+            f"{on['addon']['cpu_ms_per_req']:.3f} ms on",
+            f"{off['addon']['cpu_ms_per_req']:.3f} ms off",
+            "",
+            "",
+        ),
+    ]
+
+
 def table(m: Mapping[str, Any], verdict_list: list[Verdict]) -> str:
     """The Markdown table: ratio first, then the addon's and the baseline's figures."""
     by_name = {v.name: v for v in verdict_list}
@@ -318,6 +411,8 @@ def table(m: Mapping[str, Any], verdict_list: list[Verdict]) -> str:
                 "",
             ),
         ]
+        if "buffered_limits" in m:
+            rows += _limits_rows(m["buffered_limits"][c], b, label, status)
     p = m["paced"]
     rows += [
         (

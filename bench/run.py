@@ -1,9 +1,9 @@
 """The benchmark: ``python -m bench`` (``--quick`` for a seconds-long smoke run).
 
-Starts the bench upstream and four mitmdumps on loopback, all in reverse mode with the same
+Starts the bench upstream and five mitmdumps on loopback, all in reverse mode with the same
 flags: stream-only (the SSE baseline, for Responses, Messages and Chat Completions streams
-alike), plain (the buffered baseline), the bridge, and the bridge with the lag probe and the
-burst script.
+alike), plain (the buffered baseline), the bridge, the bridge whose user has budgets and
+limits, and the bridge with the lag probe and the burst script.
 Variants run alternately, baseline then bridge, for several rounds after a warm-up round;
 medians are reported, and ratios are medians of the per-round ratios. See BENCHMARKS.md
 for what each figure means.
@@ -190,14 +190,22 @@ def load(
 
 
 def alternate(
-    rounds: int, warmup: int, sides: dict[str, Callable[[], dict[str, float]]]
+    rounds: int,
+    warmup: int,
+    sides: dict[str, Callable[[], dict[str, float]]],
+    swap: tuple[str, str] | None = None,
 ) -> dict[str, list[dict[str, float]]]:
     """Each round runs every side once, in order (baseline first); warm-up rounds are
-    measured the same way and thrown away."""
+    measured the same way and thrown away. `swap`: two sides that trade places every other
+    round, so that neither of the two is always measured after the other."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     for n in range(warmup + rounds):
-        for name, measure in sides.items():
-            result = measure()
+        order = list(sides)
+        if swap is not None and n % 2:
+            i, j = order.index(swap[0]), order.index(swap[1])
+            order[i], order[j] = order[j], order[i]
+        for name in order:
+            result = sides[name]()
             if n >= warmup:
                 runs[name].append(result)
     return runs
@@ -271,8 +279,14 @@ def buffered_once(proxy: Proxy, total: int, concurrency: int) -> dict[str, float
     }
 
 
-def bench_buffered(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
+def bench_buffered(
+    baseline: Proxy, addon: Proxy, limited: Proxy, sizes: Sizes
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bridge against plain mitmdump, and in the same rounds the bridge whose user has
+    budgets and limits (`limited`): the figures of each, the second with what enforcing
+    them moves (``limits_shift``)."""
     out: dict[str, Any] = {}
+    with_limits: dict[str, Any] = {}
     for label, concurrency, total in (
         ("c1", 1, sizes.buffered_c1),
         ("c16", 16, sizes.buffered_c16),
@@ -280,18 +294,28 @@ def bench_buffered(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any
         if sizes.seconds_per_load:
             rate = buffered_once(baseline, total, concurrency)["req_per_s"]
             total = scaled(total, concurrency, rate, sizes)
-        log(f"buffered requests with 40 KB bodies, concurrency {concurrency}, {total} requests")
+        log(
+            f"buffered requests with 40 KB bodies, concurrency {concurrency}, {total} requests, "
+            "limits off and on"
+        )
         runs = alternate(
             sizes.rounds,
             sizes.warmup_rounds,
             {
                 "baseline": lambda c=concurrency, t=total: buffered_once(baseline, t, c),
                 "addon": lambda c=concurrency, t=total: buffered_once(addon, t, c),
+                "limits": lambda c=concurrency, t=total: buffered_once(limited, t, c),
             },
+            swap=("addon", "limits"),
         )
         out[label] = report.paired(runs["baseline"], runs["addon"])
         out[label]["requests"] = total
-    return out
+        with_limits[label] = report.paired(runs["baseline"], runs["limits"])
+        with_limits[label]["requests"] = total
+        with_limits[label]["limits_shift"] = report.limits_shift(
+            runs["baseline"], runs["addon"], runs["limits"]
+        )
+    return out, with_limits
 
 
 # ---- 3. paced stream ----------------------------------------------------------------------------
@@ -504,6 +528,9 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
             ),
             "plain": Proxy("plain", workdir / "plain", upstream.url),
             "addon": Proxy("aibridge", workdir / "aibridge", upstream.url, bridge=True),
+            "limited": Proxy(
+                "aibridge+limits", workdir / "limits", upstream.url, bridge=True, limits=True
+            ),
             "probed": Proxy(
                 "aibridge+probe",
                 workdir / "probed",
@@ -513,7 +540,7 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
                 options={"lagprobe_file": str(probe_file)},
             ),
         }
-        log("starting the upstream and 4 mitmdumps")
+        log(f"starting the upstream and {len(proxies)} mitmdumps")
         for proxy in proxies.values():
             proxy.launch()
             stack.callback(proxy.stop)
@@ -525,7 +552,9 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
         metrics["sse"] = bench_sse(proxies["stream_only"], addon, sizes)
         for api in (MESSAGES_SSE, CHAT_SSE, CHAT_SSE_USAGE_ADDED):
             metrics[api] = bench_sse(proxies["stream_only"], addon, sizes, api)
-        metrics["buffered"] = bench_buffered(proxies["plain"], addon, sizes)
+        metrics["buffered"], metrics["buffered_limits"] = bench_buffered(
+            proxies["plain"], addon, proxies["limited"], sizes
+        )
         metrics["paced"] = bench_paced(proxies["stream_only"], addon, sizes)
         burst = bench_burst(probed, sizes.burst_flows)
         metrics["memory"] = bench_memory(proxies["stream_only"], addon, sizes)

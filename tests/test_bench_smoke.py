@@ -18,7 +18,8 @@ import pytest
 
 from aibridge.apis import anthropic_messages, openai_chat
 from aibridge.clients import guess_client, session_id_from_headers
-from bench.procs import CHAT_PATH, MESSAGES_PATH, TOKEN, UpstreamProcess
+from aibridge.config import load_config
+from bench.procs import CHAT_PATH, MESSAGES_PATH, PROVIDER_KEY, TOKEN, UpstreamProcess
 from bench.report import METRIC_PATHS, lookup
 from bench.run import QUICK
 from bench.workloads import (
@@ -35,6 +36,8 @@ from devtools import fake_anthropic, fake_openai_chat
 from tests.harness import REPO, query
 
 OPENCODE_CAPTURED = REPO / "tests" / "fixtures" / "opencode_captured"
+# What the bridges' config files read from the environment.
+BENCH_ENV = {"BENCH_PROVIDER_KEY": PROVIDER_KEY}
 
 
 def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
@@ -57,7 +60,7 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         value = lookup(result["metrics"], path)
         assert isinstance(value, int | float) and not isinstance(value, bool), path
         assert math.isfinite(value), path
-    for key in ("messages_sse", "chat_sse", "chat_sse_usage_added"):
+    for key in ("messages_sse", "chat_sse", "chat_sse_usage_added", "buffered_limits"):
         assert any(path.startswith(f"{key}.") for path in METRIC_PATHS), key
 
     machine = result["machine"]
@@ -65,10 +68,11 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert machine["python"] and machine["mitmproxy"]
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 13 and len(set(names)) == 13
-    for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
-        for label in ("c=1", "c=16"):
+    assert len(names) == 15 and len(set(names)) == 15
+    for label in ("c=1", "c=16"):
+        for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
             assert f"{title} events/s vs stream-only mitmdump, {label}" in names
+        assert f"Buffered req/s ratio moved by enforcing limits, {label}" in names
     for target in result["targets"]:
         assert isinstance(target["met"], bool) and target["target"] and target["value"]
         assert target["met"] or target["reason"], target
@@ -77,6 +81,12 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert run.stdout.count("| ") > 10 and "Ratio" in run.stdout
     for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
         assert f"| {title} events/s, {QUICK.sse_events}-event stream, c=1 |" in run.stdout
+    for label in ("c=1", "c=16"):
+        assert f"| Buffered, limits on: req/s, 40 KB bodies, {label} |" in run.stdout
+        assert (
+            f"| Buffered, limits on vs off: req/s ratio moved (rounds from, to), {label} |"
+            in run.stdout
+        )
     assert (doc.read_bytes() if doc.exists() else None) == doc_before
 
     # The measured bridge recorded every Messages stream it was sent, with its usage.
@@ -92,6 +102,44 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
             openai_chat.USAGE_ADDED: metrics["chat_sse_usage_added"],
         },
     )
+    # The bridge with limits on judged every buffered request against all of them, and let
+    # every one through; the bridge it is compared with has none.
+    limited = metrics["buffered_limits"]
+    assert_limits_enforced(
+        workdir / "limits", limited["c1"]["requests"] + limited["c16"]["requests"]
+    )
+    assert not load_config(workdir / "aibridge" / "config.yaml", BENCH_ENV).governance.enabled
+
+
+def assert_limits_enforced(proxy_dir: Path, timed_requests: int) -> None:
+    governance = load_config(proxy_dir / "config.yaml", BENCH_ENV).governance
+    limits = governance.effective("alice")
+    # Spend per day and month, tokens per day: alice's own and the group's shared ones.
+    budgets = {(b.scope, b.metric, b.period) for b in limits.budgets}
+    assert budgets == {
+        (scope, metric, period)
+        for scope in ("user", "group")
+        for metric, period in (("spend_usd", "day"), ("spend_usd", "month"), ("tokens", "day"))
+    }
+    assert limits.requests_per_minute and limits.concurrent_requests
+    assert limits.groups == ("bench-team",)
+    # The governor ran: it seeds its totals at start-up only when some limit is configured.
+    assert "budgets seeded from the log" in (proxy_dir / "mitmdump.log").read_text()
+    rows = query(
+        proxy_dir / "aibridge.db",
+        "select status, http_status, credential_kind, initiator_id,"
+        " json_extract(metadata, '$.limit') as refused_by from interceptions",
+    )
+    # Warm-up requests are recorded too; none was refused, each paid by the bridge's key
+    # (what budgets count).
+    assert len(rows) >= timed_requests
+    assert {
+        (r["status"], r["http_status"], r["credential_kind"], r["initiator_id"], r["refused_by"])
+        for r in rows
+    } == {("completed", 200, "centralized", "alice", None)}
+    (used,) = query(proxy_dir / "aibridge.db", "select sum(total_tokens) as n from token_usages")
+    # What the run used is far from every budget: nothing was refused or warned about.
+    assert 0 < used["n"] < 0.8 * min(b.limit for b in limits.budgets if b.metric == "tokens")
 
 
 def assert_messages_recorded(db: Path, timed_streams: int) -> None:

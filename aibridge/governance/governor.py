@@ -72,6 +72,7 @@ class Governor:
         publish: Callable[[float], None] | None = None,
     ) -> None:
         self.governance = governance
+        self.enabled = governance.enabled  # asked for every request
         # Puts the limits and their current periods into the log (the `budgets` table), at
         # start-up and at each new period, so that readers of the log see them.
         self._publish = publish
@@ -86,9 +87,6 @@ class Governor:
         self._read_failure: str | None = None
         self.reads = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.governance.enabled
 
     # ---- lifecycle -------------------------------------------------------------------------
 

@@ -185,7 +185,8 @@ class Ledger:
                     # without this exchange between taking the pending amount out and
                     # putting the logged one in.
                     usd, tokens = use.usd - pending.usd, use.tokens - pending.tokens
-                    self._add(use.user_id, use.started_at, usd, tokens)
+                    if usd or tokens:  # nearly always the same amounts: nothing to change
+                        self._add(use.user_id, use.started_at, usd, tokens)
                     continue
                 if pending is not None:
                     self._add(pending.user_id, pending.started_at, -pending.usd, -pending.tokens)

@@ -72,16 +72,17 @@ class Governance:
     user_limits: dict[str, Limits] = field(default_factory=dict)
     user_keys: dict[str, str] = field(default_factory=dict)
     zone: ZoneInfo = field(init=False, repr=False, compare=False)
+    # Whether any limit is configured at all: off, the hooks skip governance. Asked for
+    # every request, so known once.
+    enabled: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "zone", ZoneInfo(self.time_zone))
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any limit is configured at all: off, the hooks skip governance."""
-        return any(not lim.empty for lim in self.user_limits.values()) or any(
+        enabled = any(not lim.empty for lim in self.user_limits.values()) or any(
             not g.limits.empty or not g.shared_limits.empty for g in self.groups
         )
+        object.__setattr__(self, "enabled", enabled)
+
 
     def groups_of(self, user_id: str) -> tuple[Group, ...]:
         return tuple(g for g in self.groups if g.has_member(user_id))
