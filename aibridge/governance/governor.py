@@ -87,7 +87,6 @@ class Governor:
         self._read_failure: str | None = None
         self.reads = 0
 
-
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -83,7 +83,6 @@ class Governance:
         )
         object.__setattr__(self, "enabled", enabled)
 
-
     def groups_of(self, user_id: str) -> tuple[Group, ...]:
         return tuple(g for g in self.groups if g.has_member(user_id))
 
