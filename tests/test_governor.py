@@ -776,8 +776,9 @@ def test_the_governor_reads_the_log(audit: AuditLog, noon_zone: str) -> None:
     spend_log.close()
 
 
-def test_a_use_of_this_bridge_counts_at_once_and_once(audit: AuditLog, noon_zone: str) -> None:
-    gov = Governor(
+def alice_at_ten_a_day(audit: AuditLog, noon_zone: str) -> Governor:
+    """A governor on the audit log that reads it only when told (refresh_seconds 3600)."""
+    return Governor(
         governance(
             [user("alice", limits={"spend_usd": {"day": 10}})],
             time_zone=noon_zone,
@@ -785,6 +786,10 @@ def test_a_use_of_this_bridge_counts_at_once_and_once(audit: AuditLog, noon_zone
         ),
         str(audit.path),
     )
+
+
+def test_a_use_of_this_bridge_counts_at_once_and_once(audit: AuditLog, noon_zone: str) -> None:
+    gov = alice_at_ten_a_day(audit, noon_zone)
     audit.flush()
     spend_log = SpendLog(str(audit.path))
     gov.refresh(spend_log, whole=True)
@@ -825,14 +830,7 @@ def test_a_use_of_this_bridge_counts_at_once_and_once(audit: AuditLog, noon_zone
 def test_an_emptied_or_replaced_log_is_read_whole_by_the_governor(
     audit: AuditLog, noon_zone: str
 ) -> None:
-    gov = Governor(
-        governance(
-            [user("alice", limits={"spend_usd": {"day": 10}})],
-            time_zone=noon_zone,
-            refresh_seconds=3600,
-        ),
-        str(audit.path),
-    )
+    gov = alice_at_ten_a_day(audit, noon_zone)
     audit.exchange("alice", just_now(), 10.0, 1)
     audit.flush()
     spend_log = SpendLog(str(audit.path))
@@ -853,14 +851,7 @@ def test_start_seeds_before_the_first_request_and_stop_ends_the_reader(
     caplog.set_level(logging.INFO, logger="aibridge.governance.governor")
     audit.exchange("alice", just_now(), 10.0, 1)
     audit.flush()
-    gov = Governor(
-        governance(
-            [user("alice", limits={"spend_usd": {"day": 10}})],
-            time_zone=noon_zone,
-            refresh_seconds=3600,
-        ),
-        str(audit.path),
-    )
+    gov = alice_at_ten_a_day(audit, noon_zone)
     gov.start()
     try:
         refused(gov.admit("alice", "centralized"), 403)

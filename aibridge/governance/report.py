@@ -41,17 +41,7 @@ COLUMNS: Final[tuple[str, ...]] = (
     "updated_at",
 )
 # What the digest covers: what the config says, not where the periods stand.
-_DIGEST_FIELDS: Final = (
-    "id",
-    "scope",
-    "owner",
-    "members",
-    "metric",
-    "period",
-    "limit_value",
-    "source",
-    "time_zone",
-)
+_DIGEST_FIELDS: Final = COLUMNS[: COLUMNS.index("time_zone") + 1]
 
 # The canned query `budget_use` of datasette/metadata.yaml is exactly this text (a test says
 # so). Spend is summed once per person and period window, then per budget over its members
