@@ -36,6 +36,7 @@ from aibridge.governance.governor import (
     WARNING_HEADER,
     Admission,
     Governor,
+    Refusal,
     warning_header,
 )
 from aibridge.headers import header_view
@@ -428,19 +429,24 @@ class AIBridge:
             info = self._validate(flow, route, identity)
             if info is None:
                 return
-            admission = self._admit(flow, route, identity, info)
-            if admission is None:
+            verdict = self._governed(identity, info)
+            if isinstance(verdict, Refusal):
+                self._reject(flow, route, identity, verdict.status, verdict.message, info)
+                assert flow.response is not None
+                flow.response.headers.update(verdict.headers)
                 return
-            self._amend(flow, api, info)
         else:
-            info = admission = None
-        self._retarget(flow, route)
-        auth.install_credentials(req.headers, route.provider, identity)
+            info = verdict = None
         exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, api, info)
-        exchange.admission = admission
+        exchange.admission = verdict
         if info is not None:
             exchange.accumulator = api.new_accumulator()
+        # Known from here on: a failure below gives the admission's slot back (_fail_closed).
         self._exchanges[flow.id] = exchange
+        if info is not None:
+            self._amend(flow, api, info)
+        self._retarget(flow, route)
+        auth.install_credentials(req.headers, route.provider, identity)
         if self._mitm.before_send:
             # The flow shows hints; the real values are put in just for the wire.
             names = auth.upstream_credential_headers(route.provider)
@@ -526,20 +532,14 @@ class AIBridge:
             return self._reject(flow, route, identity, *refusal, info)
         return info
 
-    def _admit(
-        self, flow: http.HTTPFlow, route: Route, identity: auth.Identity, info: RequestInfo
-    ) -> Admission | None:
-        """Budgets and limits (DESIGN §9): None when a limit refused the request."""
+    def _governed(self, identity: auth.Identity, info: RequestInfo) -> Admission | Refusal:
+        """Budgets and limits (DESIGN §9); a refusal's detail goes into the request's record."""
         if self.governor is None or not self.governor.enabled:
             return FREE_ADMISSION
         verdict = self.governor.admit(identity.user_id, identity.credential_kind)
-        if isinstance(verdict, Admission):
-            return verdict
-        info.metadata = {**(info.metadata or {}), "limit": verdict.detail}
-        self._reject(flow, route, identity, verdict.status, verdict.message, info)
-        assert flow.response is not None
-        flow.response.headers.update(verdict.headers)
-        return None
+        if isinstance(verdict, Refusal):
+            info.metadata = {**(info.metadata or {}), "limit": verdict.detail}
+        return verdict
 
     def _amend(self, flow: http.HTTPFlow, api: Api, info: RequestInfo) -> None:
         """The one edit the API may make to the body before it goes upstream (DESIGN §2)."""
@@ -828,16 +828,12 @@ class AIBridge:
         if refusal is not None:
             self._refuse_on_socket(flow, message, route, state, *refusal, info)
             return
-        admission = FREE_ADMISSION
-        if self.governor is not None and self.governor.enabled:
-            verdict = self.governor.admit(state.identity.user_id, state.identity.credential_kind)
-            if not isinstance(verdict, Admission):
-                info.metadata = {**(info.metadata or {}), "limit": verdict.detail}
-                self._refuse_on_socket(
-                    flow, message, route, state, verdict.status, verdict.message, info
-                )
-                return
-            admission = verdict
+        verdict = self._governed(state.identity, info)
+        if isinstance(verdict, Refusal):
+            self._refuse_on_socket(
+                flow, message, route, state, verdict.status, verdict.message, info
+            )
+            return
         info.stream = True  # WebSocket mode always streams
         turn = Exchange(
             uuid.uuid4().hex,
@@ -848,9 +844,13 @@ class AIBridge:
             info,
             api.new_accumulator(),
             masked=True,
-            admission=admission,
+            admission=verdict,
         )
-        self._record_start(flow, turn, len(content))
+        try:
+            self._record_start(flow, turn, len(content))
+        except BaseException:
+            self._release(turn)  # the message is dropped (websocket_message): no turn holds it
+            raise
         state.open_turns.append(turn)  # only once recorded: a failure above drops the message
 
     def _refuse_on_socket(

@@ -293,3 +293,19 @@ def test_the_bridge_publishes_its_budgets_for_the_canned_query(
     assert use[("user", "alice")]["spent"] == TOKENS_PER_EXCHANGE
     assert use[("group", "team")]["spent"] == TOKENS_PER_EXCHANGE
     assert use[("user", "alice")]["limit"] == 4000
+
+
+def test_a_failure_after_admission_gives_the_slot_back(
+    governed: Callable[..., Bridge], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bridge = governed({"concurrent_requests": 1})
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("a bug after the budget check")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(AIBridge, "_retarget", staticmethod(broken))
+        failed = send(bridge)
+    assert failed.response is not None and failed.response.status_code == 500  # fail closed
+    assert bridge.addon.governor is not None and bridge.addon.governor._in_flight == {}
+    answer(bridge, send(bridge))  # the one slot is free
