@@ -865,3 +865,17 @@ def test_start_seeds_before_the_first_request_and_stop_ends_the_reader(
     idle.start()
     assert idle.reads == 0 and idle._thread is None
     idle.stop()
+
+
+def test_a_slot_goes_back_to_the_governor_that_gave_it() -> None:
+    # A new configuration replaces the governor while requests are in flight: their slots
+    # must not free (or go negative in) the new governor's counts.
+    old = governor([user("alice", limits={"concurrent_requests": 1})])
+    held = admitted(old.admit("alice", "centralized", T))
+    new = governor([user("alice", limits={"concurrent_requests": 1})])
+    taken = admitted(new.admit("alice", "centralized", T))
+    new.release(held)  # the bridge releases through whichever governor it has now
+    refused(new.admit("alice", "centralized", T), 429)  # still one in flight on the new one
+    assert old._in_flight == {}
+    new.release(taken)
+    admitted(new.admit("alice", "centralized", T))

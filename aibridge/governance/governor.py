@@ -45,9 +45,15 @@ class Admission:
     """A request let through: the slot it holds and the warnings its response carries."""
 
     user_id: str
-    holds_slot: bool = False
+    # The in-flight counts of the governor that gave the slot, when it holds one: released
+    # there even after a new configuration replaced that governor.
+    slots: dict[str, int] | None = field(default=None, repr=False)
     warnings: list[str] = field(default_factory=list)
     released: bool = False
+
+    @property
+    def holds_slot(self) -> bool:
+        return self.slots is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +217,8 @@ class Governor:
             self._in_flight[user_id] = in_flight + 1
         if recent is not None:
             recent.append(now)
-        return Admission(user_id, holds_slot=concurrent is not None, warnings=warnings)
+        slots = self._in_flight if concurrent is not None else None
+        return Admission(user_id, slots, warnings)
 
     def _forget_idle(self, now: float) -> None:
         """Identities are unbounded (BYOK keys, proxyauth names): windows with nothing in the
@@ -226,12 +233,13 @@ class Governor:
         if admission is None or admission.released:
             return
         admission.released = True
-        if admission.holds_slot:
-            left = self._in_flight.get(admission.user_id, 0) - 1
+        slots = admission.slots
+        if slots is not None:
+            left = slots.get(admission.user_id, 0) - 1
             if left > 0:
-                self._in_flight[admission.user_id] = left
+                slots[admission.user_id] = left
             else:
-                self._in_flight.pop(admission.user_id, None)
+                slots.pop(admission.user_id, None)
 
     def record_use(
         self,
