@@ -9,7 +9,6 @@ provider keys (``credential_kind = 'centralized'``).
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import orjson
 
 from aibridge.governance.ledger import Use
 from aibridge.governance.periods import Period
+from aibridge.record.recorder import FileId, known_file_id
 
 PAID_BY_THE_BRIDGE = "centralized"
 
@@ -70,7 +70,7 @@ class SpendLog:
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
-        self._file: tuple[int, int] | None = None  # (device, inode) of the file last seeded
+        self._file: FileId | None = None  # (device, inode) of the file last seeded
         self.watermark = 0  # the last token_usages id read
 
     def _connection(self) -> sqlite3.Connection:
@@ -95,7 +95,7 @@ class SpendLog:
         The pending ids are taken once the snapshot is open: an exchange pending after that
         cannot be in it, one pending before is looked up in it."""
         self.close()  # a fresh connection: the file may have been replaced since
-        self._file = _file_id(self.path)
+        self._file = known_file_id(self.path)
         conn = self._connection()
         periods = tuple(windows)
         params: dict[str, str] = {}
@@ -122,7 +122,7 @@ class SpendLog:
     def new_uses(self, limit: int = 50_000) -> list[Use] | None:
         """The uses the log gained since the last read, or None when it must be read whole
         again (its rows were renumbered: the file was replaced or emptied)."""
-        if _file_id(self.path) != self._file:
+        if known_file_id(self.path) != self._file:
             # Replaced (mv new.db aibridge.db), deleted or recreated since the last seed (or
             # never seeded): an open connection still reads the old file, and the watermark
             # says nothing about the new one.
@@ -146,14 +146,6 @@ class SpendLog:
         finally:
             conn.execute("commit")
         return uses
-
-
-def _file_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _json_list(items: list[str]) -> str:

@@ -159,8 +159,9 @@ def _file_id(path: str) -> FileId | None:
     return (st.st_dev, st.st_ino)
 
 
-def _side_file_id(path: str) -> FileId | None:
-    """_file_id of a -wal or -shm; None when unknown, which makes it never ours to remove."""
+def known_file_id(path: str) -> FileId | None:
+    """_file_id, None when it cannot be told: a -wal or -shm whose identity is unknown is
+    never ours to remove; a log the budgets reader cannot look at is read again."""
     try:
         return _file_id(path)
     except OSError:
@@ -501,7 +502,7 @@ class Recorder:
         self._db = db
         self._db_file = db_file
         # In WAL mode both exist now: the migration check read through them.
-        self._side_files = {self.path + s: _side_file_id(self.path + s) for s in _SIDE_SUFFIXES}
+        self._side_files = {self.path + s: known_file_id(self.path + s) for s in _SIDE_SUFFIXES}
 
     def _file_change(self) -> str | None:
         """How the path stopped naming the open file ("deleted", "replaced"), or None."""
@@ -552,7 +553,7 @@ class Recorder:
                     self.path,
                 )
             # Judged while our connection holds them, so an equal id is our own file.
-            stale = [p for p, ours in self._side_files.items() if ours and _side_file_id(p) == ours]
+            stale = [p for p, ours in self._side_files.items() if ours and known_file_id(p) == ours]
         self._close_connection()
         for path in stale:
             try:
