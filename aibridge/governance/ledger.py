@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from aibridge.governance.limits import Governance
@@ -154,22 +154,11 @@ class Ledger:
         """This bridge's own finished exchange: counted now, pending until the log has it."""
         self.windows(now)
         with self._lock:
+            self._add(use.user_id, use.started_at, use.usd, use.tokens)
             previous = self._pending.get(use.interception_id)
-            if previous is not None:  # a second usage row of one exchange
-                use = Use(
-                    use.interception_id,
-                    use.user_id,
-                    use.started_at,
-                    previous.usd + use.usd,
-                    previous.tokens + use.tokens,
-                )
+            if previous is not None:  # a second usage row of one exchange: pending together
+                use = replace(use, usd=previous.usd + use.usd, tokens=previous.tokens + use.tokens)
             self._pending[use.interception_id] = use
-            self._add(
-                use.user_id,
-                use.started_at,
-                use.usd - (previous.usd if previous else 0),
-                use.tokens - (previous.tokens if previous else 0),
-            )
 
     def add_logged(self, uses: Iterable[Use], now: float) -> None:
         """Rows the log gained since the last read. A pending exchange's row replaces it."""
