@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -20,14 +21,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from mitmproxy import ctx, exceptions, http, websocket
+from mitmproxy.proxy.mode_specs import ReverseMode
 
-from aibridge import apis, auth, echo
+from aibridge import __version__, apis, auth, echo, health
 from aibridge.apis import Api
 from aibridge.apis.common import Accumulator, RequestError, RequestInfo
 from aibridge.apis.openai_errors import error_event
 from aibridge.concealment import ViewConcealment
 from aibridge.config import Config, ConfigError, Provider, load_config
+from aibridge.console import ExchangeTally, FinishedExchange, exchange_line
 from aibridge.cost import PriceBook
 from aibridge.errors import error_response
 from aibridge.governance import report
@@ -40,6 +44,15 @@ from aibridge.governance.governor import (
     warning_header,
 )
 from aibridge.headers import header_view
+from aibridge.metrics import (
+    CircuitGauge,
+    ExchangeLabels,
+    KeyGauge,
+    Metrics,
+    MetricsServer,
+    RecorderGauge,
+    parse_listen,
+)
 from aibridge.record import rows
 from aibridge.record.outcome import Outcome, finish_exchange
 from aibridge.record.recorder import Recorder, RecorderError
@@ -48,6 +61,7 @@ from aibridge.transport import mitm_compat
 from aibridge.transport.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
 from aibridge.transport.tee import StreamTee
 from aibridge.transport.websocket import SocketState, read_turn, worth_decoding
+from aibridge.upstream.guard import NO_TICKET, Ticket, UpstreamGuard
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +102,53 @@ def _publish_budgets(recorder: Recorder, config: Config, now: float) -> None:
         recorder.upsert("budgets", row)
 
 
+# Why the bridge refused, as the metrics' ``reason`` label says it (DESIGN §9, §10).
+_LIMIT_REASONS = {"requests_per_minute": "rate_limit", "concurrent_requests": "concurrency"}
+_GUARD_REASONS = {"circuit_breaker": "circuit_open", "key_pool": "keys_parked"}
+
+
+def refusal_reason(refusal: Refusal) -> str:
+    detail = refusal.detail
+    by = _GUARD_REASONS.get(str(detail.get("refused_by")))
+    if by is not None:
+        return by
+    limit = str(detail.get("limit", ""))
+    return _LIMIT_REASONS.get(limit, "budget")  # spend_usd.day, tokens.month, ...
+
+
+def _labels(row: Mapping[str, Any]) -> ExchangeLabels:
+    """An interception's metric labels, from its first row."""
+    return ExchangeLabels(
+        row["provider_name"],
+        row["api"],
+        row["model"] or "",
+        row["client"] or "",
+        row["initiator_id"] or "",
+    )
+
+
+def token_counts(usage: Mapping[str, Any]) -> dict[str, int]:
+    """A token usage row as the ``type`` label of ``aibridge_tokens_total`` counts it: input
+    (uncached), cache_read and cache_write add up to all input; reasoning is part of output."""
+    total_input = usage.get("input_tokens") or 0
+    cache_read = usage.get("cache_read_input_tokens") or 0
+    cache_write = usage.get("cache_write_input_tokens") or 0
+    uncached = usage.get("uncached_input_tokens")
+    if uncached is None:
+        uncached = max(0, total_input - cache_read - cache_write)
+    return {
+        "input": uncached,
+        "cache_read": cache_read,
+        "cache_write": cache_write,
+        "output": usage.get("output_tokens") or 0,
+        "reasoning": usage.get("reasoning_tokens") or 0,
+    }
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -107,6 +168,12 @@ class Exchange:
     masked: bool = False
     admission: Admission | None = None  # what governance let through (a slot to release)
     started_at: str = ""  # as recorded: budgets count the exchange in the period it started
+    # What the upstream guard gave the request (a circuit's pass, a pooled key), and the
+    # guard that gave it: its answer is settled there, whatever was reconfigured since.
+    ticket: Ticket = NO_TICKET
+    guard: UpstreamGuard | None = None
+    labels: ExchangeLabels | None = None  # for the metrics, once recorded
+    clock_start: float = 0.0  # time.monotonic() when recorded: the duration's start
     # The upstream secrets shown as hints in the flow until the wire (mitm_compat.before_send).
     concealed: auth.Concealed | None = field(default=None, repr=False)
 
@@ -127,6 +194,11 @@ class AIBridge:
         self.recorder: Recorder | None = None
         self.prices: PriceBook | None = None
         self.governor: Governor | None = None
+        self.guard: UpstreamGuard | None = None
+        self.metrics: Metrics | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_listen = ""  # where _metrics_server listens, as configured
+        self._tally = ExchangeTally()
         self._default_config_dir = default_config_dir
         self._exchanges: dict[str, Exchange] = {}
         self._sockets: dict[str, SocketState] = {}
@@ -153,7 +225,16 @@ class AIBridge:
             "",
             "SQLite file for the AI Bridge audit log; overrides `database` in the config file.",
         )
-        self._settle_repeated_options(loader.master.options, ("aibridge_config", "aibridge_db"))
+        loader.add_option(
+            "aibridge_metrics",
+            str,
+            "",
+            "Address for AI Bridge's Prometheus metrics and health check, host:port (e.g. "
+            "127.0.0.1:9464); overrides `metrics.listen` in the config file. Empty: off.",
+        )
+        self._settle_repeated_options(
+            loader.master.options, ("aibridge_config", "aibridge_db", "aibridge_metrics")
+        )
 
     def _settle_repeated_options(self, options: Any, names: tuple[str, ...]) -> None:
         """``--set aibridge_db=x`` given twice. mitmproxy keeps a script's options aside until
@@ -179,7 +260,7 @@ class AIBridge:
             log.error(f"AI Bridge: {self._config_error}")
 
     def configure(self, updated: set[str]) -> None:
-        if "aibridge_config" not in updated and "aibridge_db" not in updated:
+        if not updated & {"aibridge_config", "aibridge_db", "aibridge_metrics"}:
             return
         if self.config is None and self._config_error is not None:
             return  # a start-up error (_settle_repeated_options): stay unconfigured, refuse
@@ -226,10 +307,91 @@ class AIBridge:
         if self.governor is not None:
             self.governor.stop()
         self.governor = governor
+        self._configure_metrics(config)
+        # A new guard: parked keys and open circuits start afresh, as after a restart.
+        self.guard = UpstreamGuard(config.providers, config.circuit_breaker, config.key_pool)
         self.config = config
         self._config_error = None
         names = ", ".join(f"{p.name} ({p.base_url})" for p in config.providers)
         log.info(f"AI Bridge: {len(config.users)} user(s), providers: {names}")
+
+    def _configure_metrics(self, config: Config) -> None:
+        """The metrics endpoint: (re)started when its address or labels change; the counts
+        survive any other reconfiguration."""
+        listen = (ctx.options.aibridge_metrics or config.metrics.listen).strip()
+        try:
+            address = parse_listen(listen) if listen else None
+        except ValueError as e:
+            where = "--set aibridge_metrics" if ctx.options.aibridge_metrics else "metrics.listen"
+            raise exceptions.OptionsError(f"AI Bridge: {where}: {e}") from None
+        user_label = config.metrics.user_label
+        if address is None:
+            self._stop_metrics()
+            self.metrics = None
+            return
+        if self.metrics is None or self.metrics.user_label != user_label:
+            self.metrics = Metrics(
+                user_label=user_label,
+                recorder=self._recorder_gauge,
+                circuits=self._circuit_gauges,
+                keys=self._key_gauges,
+                version=__version__,
+            )
+            self._stop_metrics()
+        if self._metrics_server is not None and self._metrics_listen == listen:
+            return
+        self._stop_metrics()
+        server = MetricsServer(self.metrics, self._health)
+        try:
+            server.start(*address)
+        except OSError as e:
+            raise exceptions.OptionsError(
+                f"AI Bridge cannot serve metrics on {listen}: {e.strerror or e}; choose a free "
+                "port (metrics.listen or --set aibridge_metrics=127.0.0.1:9464)"
+            ) from None
+        self._metrics_server, self._metrics_listen = server, listen
+        host, port = server.address
+        log.info(f"AI Bridge: metrics on http://{_url_host(host)}:{port}/metrics")
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server, self._metrics_listen = None, ""
+
+    # Read on the metrics server's thread, at scrape time.
+    def _recorder_gauge(self) -> RecorderGauge | None:
+        recorder = self.recorder
+        if recorder is None:
+            return None
+        stats = recorder.stats
+        return RecorderGauge(stats["queue_depth"], stats["written"], stats["dropped"])
+
+    def _circuit_gauges(self) -> list[CircuitGauge]:
+        guard = self.guard
+        if guard is None:
+            return []
+        return [
+            CircuitGauge(c.provider, c.model, c.state.value, c.trips)
+            for c in guard.circuit_snapshot()
+        ]
+
+    def _key_gauges(self) -> list[KeyGauge]:
+        guard = self.guard
+        if guard is None:
+            return []
+        return [
+            KeyGauge(k.provider, k.index + 1, k.hint, k.state.value, k.parks)
+            for k in guard.key_snapshot()
+        ]
+
+    def _health(self) -> tuple[int, dict[str, Any]]:
+        recorder, guard = self.recorder, self.guard
+        return health.health_report(
+            version=__version__,
+            configured=self.config is not None,
+            database=recorder.health if recorder is not None else None,
+            providers=guard.health() if guard is not None else {},
+        )
 
     def _config_path(self, option: str) -> Path:
         path = Path(option).expanduser()
@@ -259,9 +421,13 @@ class AIBridge:
         self._sockets.clear()
         if self.governor is not None:
             self.governor.stop()
+        stats = None
         if self.recorder is not None:
             self.recorder.close()
+            stats = self.recorder.stats
             self.recorder = None
+        self._stop_metrics()
+        log.info(self._tally.summary(stats))
 
     # ---- request side ----------------------------------------------------------------------
 
@@ -345,7 +511,7 @@ class AIBridge:
         self._concealment.forget(flow)
         if flow.live and flow.response is None:
             message = "AI Bridge failed on this request and did not forward it; see its log"
-            self._refuse(flow, 500, message, None, self._api_guess(flow))
+            self._refuse(flow, 500, message, None, self._api_guess(flow), "bridge_error")
 
     def _route(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> Route:
         assert self.config is not None
@@ -372,6 +538,12 @@ class AIBridge:
 
     def _request(self, flow: http.HTTPFlow) -> None:
         self._concealment.reveal(flow)
+        if flow.live and flow.response is None and self._is_health_check(flow):
+            status, body = self._health()
+            flow.response = http.Response.make(
+                status, orjson.dumps(body), {"content-type": "application/json"}
+            )
+            return
         if self.config is None:
             if flow.live and flow.response is None:
                 self._refuse_unconfigured(flow)
@@ -392,14 +564,15 @@ class AIBridge:
         api = route.api or apis.for_provider(route.provider.apis)
         if route.kind is RouteKind.FORBIDDEN:
             message = f"{route.api_path or req.path} is not available through AI Bridge"
-            self._refuse(flow, 403, message, None, api)
+            self._refuse(flow, 403, message, None, api, "forbidden_path", route.provider)
             return
         try:
             identity = auth.identify(self.config, route.provider, headers, flow.metadata)
         except auth.AuthError as e:
+            labels = None
             if route.kind is RouteKind.BRIDGED:
-                self._record_rejection(flow, route, None, 401, str(e))
-            self._refuse(flow, 401, str(e), None, api)
+                labels = self._record_rejection(flow, route, None, 401, str(e))
+            self._refuse(flow, 401, str(e), None, api, "unauthenticated", route.provider, labels)
             return
         # The credential headers are replaced below; a bridge token anywhere else would
         # reach the provider.
@@ -414,31 +587,41 @@ class AIBridge:
                 "this request carries an AI Bridge token outside the API key header; "
                 "send it only as the API key (Authorization: Bearer <token>)"
             )
+            labels = None
             if route.kind is RouteKind.BRIDGED:
-                self._record_rejection(flow, route, identity, 403, message)
-            self._refuse(flow, 403, message, identity.user_id, api)
+                labels = self._record_rejection(flow, route, identity, 403, message)
+            self._refuse(
+                flow, 403, message, identity.user_id, api, "token_leak", route.provider, labels
+            )
             return
-        if route.kind is RouteKind.WEBSOCKET:
-            if self.config.websocket == "refuse":
-                # Fast and final, so clients fall back to HTTP at once.
-                message = "AI Bridge takes the Responses API over HTTP: use POST /v1/responses"
-                self._refuse(flow, 426, message, identity.user_id, api)
-                return
-            self._sockets[flow.id] = SocketState(route.provider, identity, api)
+        if route.kind is RouteKind.WEBSOCKET and self.config.websocket == "refuse":
+            # Fast and final, so clients fall back to HTTP at once.
+            message = "AI Bridge takes the Responses API over HTTP: use POST /v1/responses"
+            self._refuse(
+                flow, 426, message, identity.user_id, api, "websocket_refused", route.provider
+            )
+            return
+        verdict: Admission | Refusal | None = None
         if route.kind is RouteKind.BRIDGED:
             info = self._validate(flow, route, identity)
             if info is None:
                 return
             verdict = self._governed(identity, info)
             if isinstance(verdict, Refusal):
-                self._reject(flow, route, identity, verdict.status, verdict.message, info)
-                assert flow.response is not None
-                flow.response.headers.update(verdict.headers)
+                self._reject_for(flow, route, identity, verdict, info)
                 return
         else:
-            info = verdict = None
+            info = None
+        admission = verdict if isinstance(verdict, Admission) else None
+        passed = self._pass_upstream(flow, route, identity, api, info, admission)
+        if passed is None:
+            return
+        ticket, identity = passed
+        if route.kind is RouteKind.WEBSOCKET:
+            self._sockets[flow.id] = SocketState(route.provider, identity, api)
         exchange = Exchange(uuid.uuid4().hex, flow, route.provider, identity, api, info)
-        exchange.admission = verdict
+        exchange.admission = admission
+        exchange.ticket, exchange.guard = ticket, self.guard
         if info is not None:
             exchange.accumulator = api.new_accumulator()
         # Known from here on: a failure below gives the admission's slot back (_fail_closed).
@@ -463,6 +646,50 @@ class AIBridge:
                 request=info,
             )
             self._record_start(flow, exchange, headers=headers)
+
+    def _is_health_check(self, flow: http.HTTPFlow) -> bool:
+        """``GET /_aibridge/health`` addressed to the bridge: in reverse mode (a load
+        balancer in front), to a provider's host, or to the proxy's own address."""
+        req = flow.request
+        if req.path.partition("?")[0] != health.HEALTH_PATH or req.method not in ("GET", "HEAD"):
+            return False
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return True
+        sockname = flow.client_conn.sockname
+        if sockname and req.port == sockname[1] and req.host in (sockname[0], "localhost"):
+            return True
+        return self.config is not None and (
+            self._route(flow, header_view(req.headers)).kind is not RouteKind.UNRELATED
+        )
+
+    def _pass_upstream(
+        self,
+        flow: http.HTTPFlow,
+        route: Route,
+        identity: auth.Identity,
+        api: Api,
+        info: RequestInfo | None,
+        admission: Admission | None,
+    ) -> tuple[Ticket, auth.Identity] | None:
+        """The upstream guard (DESIGN §10): the model's circuit, a key of the provider's pool.
+        None when it refused (answered and recorded here); else its ticket and the identity
+        the request goes upstream with (the pool's key, whose hint is recorded)."""
+        if self.guard is None:
+            return NO_TICKET, identity
+        assert route.provider is not None
+        model = None if info is None else info.model or ""  # None: no model call, no circuit
+        pooled = identity.credential_kind == "centralized"
+        passed = self.guard.admit(route.provider, model, pooled)
+        if isinstance(passed, Refusal):
+            if self.governor is not None:
+                self.governor.release(admission)
+            self._refuse_upstream(flow, route, identity, api, passed, info)
+            return None
+        if passed.key is not None:
+            identity = dataclasses.replace(
+                identity, upstream_key=passed.key.key, credential_hint=passed.key.hint
+            )
+        return passed, identity
 
     def _replay_request(self, flow: http.HTTPFlow) -> None:
         """A flow read from a file (offline mode): rebuild its records, never authenticate.
@@ -520,16 +747,18 @@ class AIBridge:
         try:
             body = self._request_body(flow)
         except DecodeLimitExceeded as e:
-            return self._reject(flow, route, identity, 413, f"request body too large: {e}")
+            message = f"request body too large: {e}"
+            return self._reject(flow, route, identity, 413, message, reason="too_large")
         except ValueError as e:
-            return self._reject(flow, route, identity, 400, f"request body cannot be decoded: {e}")
+            message = f"request body cannot be decoded: {e}"
+            return self._reject(flow, route, identity, 400, message, reason="invalid_request")
         try:
             _, info = route.api.parse_request(body)
         except RequestError as e:
-            return self._reject(flow, route, identity, 400, str(e))
+            return self._reject(flow, route, identity, 400, str(e), reason="invalid_request")
         refusal = route.api.refusal(info)
         if refusal is not None:
-            return self._reject(flow, route, identity, *refusal, info)
+            return self._reject(flow, route, identity, *refusal, info, reason="unsupported")
         return info
 
     def _governed(self, identity: auth.Identity, info: RequestInfo) -> Admission | Refusal:
@@ -578,11 +807,57 @@ class AIBridge:
         status: int,
         message: str,
         info: RequestInfo | None = None,
+        *,
+        reason: str,
     ) -> None:
-        self._record_rejection(flow, route, identity, status, message, info)
+        """Refuse a bridged request and record it as rejected."""
+        labels = self._record_rejection(flow, route, identity, status, message, info)
         assert route.api is not None
-        self._refuse(flow, status, message, identity.user_id if identity else None, route.api)
+        user_id = identity.user_id if identity else None
+        self._refuse(flow, status, message, user_id, route.api, reason, route.provider, labels)
         return None
+
+    def _reject_for(
+        self,
+        flow: http.HTTPFlow,
+        route: Route,
+        identity: auth.Identity,
+        refusal: Refusal,
+        info: RequestInfo,
+    ) -> None:
+        """A bridged request a limit or the upstream guard refused (DESIGN §9, §10)."""
+        self._reject(
+            flow,
+            route,
+            identity,
+            refusal.status,
+            refusal.message,
+            info,
+            reason=refusal_reason(refusal),
+        )
+        assert flow.response is not None
+        flow.response.headers.update(refusal.headers)
+
+    def _refuse_upstream(
+        self,
+        flow: http.HTTPFlow,
+        route: Route,
+        identity: auth.Identity,
+        api: Api,
+        refusal: Refusal,
+        info: RequestInfo | None,
+    ) -> None:
+        """An open circuit, or every key parked: the bridge answers the wait itself."""
+        if info is not None:
+            info.metadata = {**(info.metadata or {}), "upstream": refusal.detail}
+            self._reject_for(flow, route, identity, refusal, info)
+            return
+        reason = refusal_reason(refusal)
+        self._refuse(
+            flow, refusal.status, refusal.message, identity.user_id, api, reason, route.provider
+        )
+        assert flow.response is not None
+        flow.response.headers.update(refusal.headers)
 
     def _keep_tokens_in(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> None:
         """A request for a host that is not a provider must not carry a bridge token out
@@ -600,7 +875,7 @@ class AIBridge:
             f"this request carries your AI Bridge token and goes to {host}, which is not a "
             "provider of this bridge: refused so that the token does not leave the bridge"
         )
-        self._refuse(flow, 403, message, owner.id, apis.for_path(flow.request.path))
+        self._refuse(flow, 403, message, owner.id, apis.for_path(flow.request.path), "token_leak")
 
     def _refuse_unconfigured(self, flow: http.HTTPFlow) -> None:
         """Fail closed: without a working configuration nobody can be identified, and no
@@ -616,14 +891,27 @@ class AIBridge:
             "AI Bridge is not configured and refuses all traffic; "
             "its operator must fix the configuration (see the bridge's log)"
         )
-        self._refuse(flow, 503, message, None, apis.for_path(flow.request.path))
+        self._refuse(flow, 503, message, None, apis.for_path(flow.request.path), "unconfigured")
 
-    @staticmethod
     def _refuse(
-        flow: http.HTTPFlow, status: int, message: str, user_id: str | None, api: Api
+        self,
+        flow: http.HTTPFlow,
+        status: int,
+        message: str,
+        user_id: str | None,
+        api: Api,
+        reason: str,
+        provider: Provider | None = None,
+        labels: ExchangeLabels | None = None,
     ) -> None:
         """Answer the client ourselves, in its API's error shape: the provider never sees
-        the request."""
+        the request. ``labels``: the rejection was recorded (an interception of its own)."""
+        metrics = self.metrics
+        if metrics is not None:
+            if labels is not None:
+                metrics.rejected(labels, reason)
+            else:
+                metrics.refused(provider.name if provider else "", api.name, reason)
         auth.mask_client_credentials(flow.request.headers)
         flow.response = error_response(api, status, message)
         flow.comment = f"{user_id or 'unknown client'} · refused {status}: {message}"
@@ -733,7 +1021,8 @@ class AIBridge:
         exchange = self._exchanges.pop(flow.id, None)
         if exchange is None:
             return
-        self._release(exchange)
+        # ``answered``: mitmproxy could not reach upstream (the error hook), so no status.
+        self._release(exchange, None if answered else flow.response, unreachable=answered)
         # A buffered body (streams were masked chunk by chunk) is masked before the records,
         # mitmweb and -w read it; one that cannot be checked is replaced by our 502.
         if flow.response is not None and not answered:
@@ -748,6 +1037,9 @@ class AIBridge:
             error = masker.cut  # the bridge cut the stream: that is how it ended
         self._mask(flow, exchange)
         if exchange.request is None or exchange.accumulator is None:
+            if self.metrics is not None and flow.websocket is None:
+                status = flow.response.status_code if flow.response is not None else None
+                self.metrics.passthrough(exchange.provider.name, flow.request.method, status)
             return
         try:
             # A response the bridge answered with is not upstream's: judge by the error.
@@ -759,9 +1051,22 @@ class AIBridge:
         except Exception:  # an addon must never take a flow down with it
             log.exception("AI Bridge: failed to record flow %s", flow.id)
 
-    def _release(self, exchange: Exchange) -> None:
+    def _release(
+        self,
+        exchange: Exchange,
+        response: http.Response | None = None,
+        *,
+        unreachable: bool = False,
+    ) -> None:
+        """However an exchange ends: its governance slot back, its upstream answer (the
+        response upstream sent, if any) to the circuit and the key it used."""
         if self.governor is not None:
             self.governor.release(exchange.admission)
+        if exchange.guard is not None and exchange.ticket is not NO_TICKET:
+            ticket, exchange.ticket = exchange.ticket, NO_TICKET  # settled once
+            status = response.status_code if response is not None else None
+            headers = response.headers if response is not None else None
+            exchange.guard.settle(ticket, status, headers, unreachable=unreachable)
 
     def _finish_interrupted(self, exchange: Exchange) -> None:
         """At shutdown: a flow still in flight is recorded as cut, and its key masked now,
@@ -820,20 +1125,49 @@ class AIBridge:
             # Judged by decoding: a message the bridge cannot judge is refused, not forwarded.
             info = read_turn(content, message.is_text)
         except RequestError as e:
-            self._refuse_on_socket(flow, message, route, state, 400, str(e), None)
+            self._refuse_on_socket(
+                flow, message, route, state, 400, str(e), None, "invalid_request"
+            )
             return
         if info is None:
             return  # other client events (e.g. response.cancel) go through untouched
         refusal = api.refusal(info)
         if refusal is not None:
-            self._refuse_on_socket(flow, message, route, state, *refusal, info)
+            self._refuse_on_socket(flow, message, route, state, *refusal, info, "unsupported")
             return
         verdict = self._governed(state.identity, info)
         if isinstance(verdict, Refusal):
             self._refuse_on_socket(
-                flow, message, route, state, verdict.status, verdict.message, info
+                flow,
+                message,
+                route,
+                state,
+                verdict.status,
+                verdict.message,
+                info,
+                refusal_reason(verdict),
             )
             return
+        guard, ticket = self.guard, NO_TICKET
+        if guard is not None:
+            # The socket's key was chosen at its handshake; each turn passes its circuit.
+            passed = guard.admit(state.provider, info.model or "", pooled=False)
+            if isinstance(passed, Refusal):
+                if self.governor is not None:
+                    self.governor.release(verdict)
+                info.metadata = {**(info.metadata or {}), "upstream": passed.detail}
+                self._refuse_on_socket(
+                    flow,
+                    message,
+                    route,
+                    state,
+                    passed.status,
+                    passed.message,
+                    info,
+                    refusal_reason(passed),
+                )
+                return
+            ticket = passed
         info.stream = True  # WebSocket mode always streams
         turn = Exchange(
             uuid.uuid4().hex,
@@ -845,6 +1179,8 @@ class AIBridge:
             api.new_accumulator(),
             masked=True,
             admission=verdict,
+            ticket=ticket,
+            guard=guard,
         )
         try:
             self._record_start(flow, turn, len(content))
@@ -862,10 +1198,13 @@ class AIBridge:
         status: int,
         text: str,
         info: RequestInfo | None,
+        reason: str,
     ) -> None:
         """Drop the message (the provider never sees it) and answer with an error event."""
         message.drop()
-        self._record_rejection(flow, route, state.identity, status, text, info)
+        labels = self._record_rejection(flow, route, state.identity, status, text, info)
+        if self.metrics is not None and labels is not None:
+            self.metrics.rejected(labels, reason)
         ctx.master.commands.call("inject.websocket", flow, True, error_event(status, text), True)
 
     def _socket_event(
@@ -928,6 +1267,10 @@ class AIBridge:
             else request_bytes,
         )
         self.recorder.upsert("interceptions", row)
+        exchange.labels = _labels(row)
+        exchange.clock_start = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.started(exchange.labels)
 
     def _record_rejection(
         self,
@@ -939,11 +1282,12 @@ class AIBridge:
         info: RequestInfo | None = None,
         *,
         noted: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> ExchangeLabels | None:
         """Record a refused request. `noted`: what the live bridge noted on a flow read back
-        from a file (offline mode), which keeps the id and the credential's hint."""
+        from a file (offline mode), which keeps the id and the credential's hint. Returns the
+        labels its metrics count it under."""
         if self.recorder is None or route.provider is None:
-            return
+            return None
         now = utc_now()
         token = auth.presented_token(flow.request.headers)
         row = rows.interception_start(
@@ -963,6 +1307,21 @@ class AIBridge:
             row["credential_hint"] = auth.hint(token)
         row.update(ended_at=now, http_status=status, status="rejected", error=message)
         self.recorder.upsert("interceptions", row)
+        labels = _labels(row)
+        self._tally.add("rejected")
+        log.info(
+            exchange_line(
+                FinishedExchange(
+                    labels.user,
+                    labels.provider,
+                    labels.api,
+                    labels.model,
+                    "rejected",
+                    status,
+                    error=message,
+                )
+            )
+        )
         if noted is None and flow.websocket is None:
             rejected = {"status": status, "message": message, "request_read": info is not None}
             _note(
@@ -980,6 +1339,7 @@ class AIBridge:
                 "user_prompts",
                 rows.prompt_row(row["id"], None, info.prompt, self.config.privacy, now),
             )
+        return labels
 
     def _record_end(self, flow: http.HTTPFlow, exchange: Exchange, outcome: Outcome) -> None:
         self._write_end(exchange, outcome, flow.response.status_code if flow.response else None)
@@ -1001,6 +1361,8 @@ class AIBridge:
         # A sign-in (ChatGPT, Claude Pro/Max) is paid by its plan, not per token.
         signed_in = exchange.identity.credential_kind in auth.SIGN_IN_KINDS
         prices = None if signed_in else self.prices
+        usage: dict[str, Any] = {}
+        prompts = tool_calls = 0
         for table, row in rows.end_rows(
             exchange.interception_id,
             exchange.request,
@@ -1025,3 +1387,47 @@ class AIBridge:
                 self.recorder.upsert(table, row)
             else:
                 self.recorder.insert(table, row)
+            if table == "token_usages":
+                usage = row
+            elif table == "user_prompts":
+                prompts += 1
+            elif table == "tool_usages":
+                tool_calls += 1
+        self._report_end(exchange, outcome, http_status, usage, prompts, tool_calls)
+
+    def _report_end(
+        self,
+        exchange: Exchange,
+        outcome: Outcome,
+        http_status: int | None,
+        usage: Mapping[str, Any],
+        prompts: int,
+        tool_calls: int,
+    ) -> None:
+        """The console's line and the metrics of a finished exchange."""
+        labels = exchange.labels
+        if labels is None:
+            return
+        seconds = time.monotonic() - exchange.clock_start if exchange.clock_start else None
+        self._tally.add(outcome.status)
+        log.info(
+            exchange_line(
+                FinishedExchange(
+                    labels.user,
+                    labels.provider,
+                    labels.api,
+                    outcome.result.response_model or labels.model,
+                    outcome.status,
+                    http_status,
+                    usage.get("input_tokens"),
+                    usage.get("output_tokens"),
+                    usage.get("estimated_cost_usd"),
+                    seconds,
+                    outcome.error,
+                )
+            )
+        )
+        if self.metrics is not None:
+            self.metrics.finished(
+                labels, outcome.status, seconds or 0.0, token_counts(usage), prompts, tool_calls
+            )

@@ -29,6 +29,9 @@ from aibridge.governance.limits import (
     Limits,
 )
 from aibridge.governance.periods import ADJECTIVE, PERIODS
+from aibridge.hints import hint
+from aibridge.upstream.breaker import BreakerSettings
+from aibridge.upstream.key_pool import PoolSettings
 
 # "chatgpt": Codex signed in with a ChatGPT account (chatgpt.com/backend-api/codex). The
 # client's own credential goes upstream; the bridge identifies and records, holds no key.
@@ -70,6 +73,9 @@ class Provider:
     # The header the provider key goes upstream in, lower case ("authorization" sends
     # ``Bearer <key>``, any other the key alone, e.g. Azure's "api-key"); empty: by type.
     key_header: str = ""
+    # Several keys (``api_key`` given as a list): requests spread over them (aibridge.upstream).
+    # Empty: ``(api_key,)``; given: ``api_key`` is the first.
+    api_keys: tuple[str, ...] = ()
 
     # Parsed once: routing looks at these for every flow.
     scheme: str = field(init=False)
@@ -84,6 +90,10 @@ class Provider:
     def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
         set_ = object.__setattr__  # frozen dataclass
+        if self.api_keys:
+            set_(self, "api_key", self.api_keys[0])
+        elif self.api_key:
+            set_(self, "api_keys", (self.api_key,))
         set_(self, "scheme", parts.scheme)
         set_(self, "host", (parts.hostname or "").rstrip("."))  # as DNS compares names
         set_(self, "port", parts.port or (443 if parts.scheme == "https" else 80))
@@ -105,7 +115,7 @@ class Provider:
         headers = {name: hint(value) for name, value in self.extra_headers.items()}
         return (
             f"Provider(name={self.name!r}, type={self.type!r}, base_url={self.base_url!r}, "
-            f"api_key={hint(self.api_key)!r}, extra_headers={headers!r}, "
+            f"api_keys={[hint(key) for key in self.api_keys]!r}, extra_headers={headers!r}, "
             f"subscription={self.subscription!r}, apis={self.apis!r}, "
             f"key_header={self.key_header!r})"
         )
@@ -169,6 +179,16 @@ class ChatCompletions:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The Prometheus endpoint (aibridge/metrics.py): ``listen`` is off when empty (the
+    ``aibridge_metrics`` option overrides it); ``user_label`` adds a ``user`` label, one series
+    per person, which a large organisation's Prometheus may not want."""
+
+    listen: str = ""
+    user_label: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     database: str
@@ -184,6 +204,9 @@ class Config:
     retention: Retention = Retention()
     chat_completions: ChatCompletions = ChatCompletions()
     governance: Governance = field(default_factory=Governance)
+    circuit_breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    key_pool: PoolSettings = field(default_factory=PoolSettings)
+    metrics: MetricsSettings = MetricsSettings()
     warnings: tuple[str, ...] = ()
     # Looked up for every request: built once.
     _users_by_digest: dict[str, User] = field(init=False, repr=False, compare=False)
@@ -207,15 +230,6 @@ class Config:
 
     def user_for_token(self, token: str) -> User | None:
         return self._users_by_digest.get(sha256_hex(token))
-
-
-def hint(secret: str) -> str:
-    """A masked form of a secret: enough to tell keys apart, never enough to use one."""
-    n = len(secret)
-    keep = 4 if n >= 20 else 2 if n >= 10 else 1 if n >= 5 else 0
-    if keep == 0:
-        return "..."
-    return f"{secret[:keep]}...{secret[-keep:]}"
 
 
 def sha256_hex(text: str) -> str:
@@ -399,6 +413,9 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         "chat_completions",
         "governance",
         "groups",
+        "circuit_breaker",
+        "key_pool",
+        "metrics",
     }
     for name in top:
         if name not in known:
@@ -447,6 +464,9 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
         retention=retention,
         chat_completions=_chat_completions(r, top.get("chat_completions")),
         governance=governance,
+        circuit_breaker=_circuit_breaker(r, top.get("circuit_breaker")),
+        key_pool=_key_pool(r, top.get("key_pool")),
+        metrics=_metrics(r, top.get("metrics")),
         warnings=tuple(r.warnings),
     )
 
@@ -525,6 +545,76 @@ def _chat_completions(r: _Reader, raw: Any) -> ChatCompletions:
     )
 
 
+def _known(r: _Reader, section: dict[str, Any], key: str, known: tuple[str, ...]) -> None:
+    for name in section:
+        if name not in known:
+            raise r.fail(f"{key}.{name}", f"unknown key (known: {', '.join(known)})")
+
+
+def _circuit_breaker(r: _Reader, raw: Any) -> BreakerSettings:
+    section = r.mapping(raw or {}, "circuit_breaker")
+    known = ("enabled", "failures", "cool_down_seconds", "half_open_requests")
+    _known(r, section, "circuit_breaker", known)
+    default = BreakerSettings()
+    return BreakerSettings(
+        enabled=r.boolean(section, "enabled", "circuit_breaker.enabled", default.enabled),
+        failures=_count(r, section, "failures", "circuit_breaker", default.failures),
+        cool_down_seconds=_seconds(
+            r, section, "cool_down_seconds", "circuit_breaker", default.cool_down_seconds
+        ),
+        half_open_requests=_count(
+            r, section, "half_open_requests", "circuit_breaker", default.half_open_requests
+        ),
+    )
+
+
+def _key_pool(r: _Reader, raw: Any) -> PoolSettings:
+    section = r.mapping(raw or {}, "key_pool")
+    _known(r, section, "key_pool", ("park_seconds", "max_park_seconds"))
+    default = PoolSettings()
+    park = _seconds(r, section, "park_seconds", "key_pool", default.park_seconds)
+    most = _seconds(r, section, "max_park_seconds", "key_pool", max(park, default.max_park_seconds))
+    if park > most:
+        raise r.fail(
+            "key_pool.park_seconds", f"must not exceed key_pool.max_park_seconds ({most:g})"
+        )
+    return PoolSettings(park_seconds=park, max_park_seconds=most)
+
+
+def _metrics(r: _Reader, raw: Any) -> MetricsSettings:
+    section = r.mapping(raw or {}, "metrics")
+    _known(r, section, "metrics", ("listen", "user_label"))
+    listen = r.string(section, "listen", "metrics.listen", default="", allow_empty=True).strip()
+    if listen:
+        from aibridge.metrics import parse_listen  # prometheus_client: only when metrics are on
+
+        try:
+            parse_listen(listen)
+        except ValueError as e:
+            raise r.fail("metrics.listen", str(e)) from None
+    return MetricsSettings(listen, r.boolean(section, "user_label", "metrics.user_label", False))
+
+
+def _count(r: _Reader, section: dict[str, Any], name: str, parent: str, default: int) -> int:
+    if section.get(name) is None:
+        return default
+    value = r.number(section, name, f"{parent}.{name}")
+    if value < 1 or value != int(value) or value > 1_000_000:
+        raise r.fail(f"{parent}.{name}", f"must be a whole number from 1 to 1000000, got {value:g}")
+    return int(value)
+
+
+def _seconds(r: _Reader, section: dict[str, Any], name: str, parent: str, default: float) -> float:
+    if section.get(name) is None:
+        return default
+    value = r.number(section, name, f"{parent}.{name}")
+    if not 0 < value <= 86_400:
+        raise r.fail(
+            f"{parent}.{name}", f"must be a number of seconds above 0, at most 86400, got {value:g}"
+        )
+    return value
+
+
 def _retention(r: _Reader, raw: Any) -> Retention:
     section = r.mapping(raw or {}, "retention")
     for name in section:
@@ -596,10 +686,10 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
                     f"{key}.api_key",
                     "a chatgpt provider forwards the client's own ChatGPT sign-in: remove api_key",
                 )
-            api_key = ""
+            api_keys: tuple[str, ...] = ()
         else:
-            api_key = r.string(entry, "api_key", f"{key}.api_key", allow_empty=True)
-        if not api_key and ptype != "chatgpt":
+            api_keys = _api_keys(r, entry, key)
+        if not api_keys and ptype != "chatgpt":
             r.warnings.append(
                 f"{r.file}: {key}.api_key is empty: requests to provider {name!r} "
                 f"go upstream without a provider key until it is set"
@@ -618,9 +708,41 @@ def _providers(r: _Reader, raw: Any) -> tuple[Provider, ...]:
             )
         base = parts._replace(path=parts.path.rstrip("/")).geturl()
         providers.append(
-            Provider(name, ptype, base, api_key, extra_headers, subscription, served, key_header)
+            Provider(
+                name,
+                ptype,
+                base,
+                api_keys[0] if api_keys else "",
+                extra_headers,
+                subscription,
+                served,
+                key_header,
+                api_keys,
+            )
         )
     return tuple(providers)
+
+
+def _api_keys(r: _Reader, entry: dict[str, Any], key: str) -> tuple[str, ...]:
+    """``api_key``: one key, or a list of keys the requests are spread over. An entry that
+    is empty (``${KEY_B:-}`` unset) is left out, with a warning."""
+    raw = entry.get("api_key")
+    if not isinstance(raw, list):
+        single = r.string(entry, "api_key", f"{key}.api_key", allow_empty=True)
+        return (single,) if single else ()
+    keys: list[str] = []
+    for i, item in enumerate(raw):
+        value = r.string({"key": item}, "key", f"{key}.api_key[{i}]", allow_empty=True)
+        if not value:
+            r.warnings.append(f"{r.file}: {key}.api_key[{i}] is empty: left out of the key pool")
+        elif value in keys:
+            raise r.fail(
+                f"{key}.api_key[{i}]",
+                f"is the same key as {key}.api_key[{keys.index(value)}]: list each key once",
+            )
+        else:
+            keys.append(value)
+    return tuple(keys)
 
 
 def _served_apis(r: _Reader, entry: dict[str, Any], key: str, ptype: str) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, Protocol
 
 from mitmproxy import http
@@ -103,10 +103,11 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     return n
 
 
-def secret_values(api_key: str, extra_headers: Mapping[str, str]) -> list[str]:
-    """What of a provider's configuration is secret: its key, and extra header values whose
-    name says they are credentials (the token alone too, for ``Bearer <token>``)."""
-    values = [api_key]
+def secret_values(api_keys: str | Sequence[str], extra_headers: Mapping[str, str]) -> list[str]:
+    """What of a provider's configuration is secret: its keys (all of a pool: an echo of any
+    is masked), and extra header values whose name says they are credentials (the token
+    alone too, for ``Bearer <token>``)."""
+    values = [api_keys] if isinstance(api_keys, str) else list(api_keys)
     for name, value in extra_headers.items():
         if any(word in name.lower() for word in CREDENTIAL_WORDS):
             values.append(value)
@@ -120,13 +121,15 @@ def secrets_for(provider: Provider, upstream_key: str = "") -> Secrets:
     """The secrets of a provider, plus the credential that went upstream (a user's own key
     with BYOK, a ChatGPT sign-in), computed once. Providers hold a dict (extra_headers), so
     they are not hashable: the cache is keyed by the values."""
-    extra = "" if upstream_key == provider.api_key else upstream_key
-    return _secrets(provider.api_key, tuple(provider.extra_headers.items()), extra)
+    extra = "" if upstream_key in provider.api_keys else upstream_key
+    return _secrets(provider.api_keys, tuple(provider.extra_headers.items()), extra)
 
 
 @functools.lru_cache(maxsize=256)
-def _secrets(api_key: str, extra_headers: tuple[tuple[str, str], ...], extra: str) -> Secrets:
-    return Secrets([*secret_values(api_key, dict(extra_headers)), extra])
+def _secrets(
+    api_keys: tuple[str, ...], extra_headers: tuple[tuple[str, str], ...], extra: str
+) -> Secrets:
+    return Secrets([*secret_values(api_keys, dict(extra_headers)), extra])
 
 
 def mask_bytes(data: bytes, secrets: Secrets) -> bytes:

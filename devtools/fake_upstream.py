@@ -16,6 +16,7 @@ with a configured model) can choose one without knowing about the fake:
 - `fake-truncated`: ends cleanly after the function call's `output_item.done`, with no
   terminal event; a buffered body is cut in the middle of its JSON.
 - `fake-429`: HTTP 429 with `retry-after: 0`.
+- `fake-503`: HTTP 503 (overloaded), for the circuit breaker.
 - `fake-slow`: 20 deltas spaced by the `x-fake-delay-ms` header (default 50 ms).
 - `fake-long-N`: N text deltas (benchmarks); `fake-big-MB`: about MB MiB of deltas whose
   final text is a short placeholder, so the terminal event stays small (memory tests).
@@ -582,6 +583,8 @@ def plan_responses(req: dict, headers: dict[str, str]) -> Reply:
 
     if model == "fake-429":
         return Reply(429, orjson.dumps(RATE_LIMIT_ERROR), headers={"retry-after": "0"})
+    if model == "fake-503":
+        return Reply(503, error_body("The server is overloaded", "server_error", "overloaded"))
     if model == "fake-error-event":
         if not stream:
             return Reply(500, error_body(ERROR_EVENT["message"], "server_error", "server_error"))

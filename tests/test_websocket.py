@@ -182,6 +182,35 @@ def test_refuse_mode_answers_426(upstream: FakeUpstream, tmp_path: Path) -> None
         assert b"POST /v1/responses" in info.value.body
 
 
+def test_an_open_circuit_refuses_a_socket_turn_for_that_model(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Two HTTP 503s open the circuit of fake-503; a socket turn for it is refused by the
+    bridge (503 error event, recorded), while a turn for another model goes through."""
+    config = bridge_config(upstream.url, circuit_breaker={"failures": 2, "cool_down_seconds": 600})
+    with Mitmdump(tmp_path, config) as bridge:
+        client = openai.OpenAI(
+            base_url=f"{bridge.url}/openai/v1", api_key=TOKENS["alice"], max_retries=0
+        )
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError):
+                client.responses.create(model="fake-503", input="overloaded?")
+        ws = connect(bridge)
+        refused = f"ws circuit {uuid.uuid4().hex}"
+        ws.send({"type": "response.create", "model": "fake-503", "input": refused})
+        (event,) = ws.until_terminal()
+        assert event["type"] == "error" and event["status"] == 503
+        assert "circuit breaker" in event["error"]["message"]
+        fine = f"ws fine {uuid.uuid4().hex}"
+        ws.send({"type": "response.create", "model": "fake-text", "input": fine})
+        assert ws.until_terminal()[-1]["type"] == "response.completed"
+        ws.close()
+        row = finished_with_prompt(bridge.db_path, refused)
+        assert (row["status"], row["http_status"], row["model"]) == ("rejected", 503, "fake-503")
+        assert '"refused_by":"circuit_breaker"' in row["metadata"].replace(" ", "")
+        assert finished_with_prompt(bridge.db_path, fine)["status"] == "completed"
+
+
 def test_budgets_and_concurrency_hold_per_turn_on_a_socket(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:

@@ -234,6 +234,8 @@ class Recorder:
         self._batches = 0
         self._retries = 0
         self._lost_rows = 0
+        # Why the database refuses the batch being retried now (None: it is not refusing).
+        self._refusing: str | None = None
 
     # ---- producer side -------------------------------------------------------
 
@@ -399,6 +401,28 @@ class Recorder:
             "queue_depth": self._live,
             "ignored_after_close": self._ignored_after_close,
         }
+
+    @property
+    def health(self) -> dict[str, Any]:
+        """For the health endpoint: ``ok``, ``retrying`` (the database refuses writes now,
+        rows wait in the queue) or ``stopped`` (no writer: nothing is recorded)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or not self._accepting:
+            state = "stopped"
+        elif self._refusing is not None:
+            state = "retrying"
+        else:
+            state = "ok"
+        stats = self.stats
+        report: dict[str, Any] = {
+            "state": state,
+            "queue_rows": stats["queue_depth"],
+            "rows_written": stats["written"],
+            "rows_lost": stats["dropped"],
+        }
+        if state == "retrying":
+            report["error"] = self._refusing
+        return report
 
     # ---- writer thread -------------------------------------------------------
 
@@ -597,10 +621,12 @@ class Recorder:
                 written = self._write(ops, per_row)
             except Exception as exc:
                 if not is_transient(exc):
+                    self._refusing = None  # lost, not waiting: the losses table says so
                     self._lose_batch(ops, exc)
                     break
                 failures += 1
                 self._retries += 1
+                self._refusing = _describe(exc)
                 if failures == 1 or failures % 20 == 0:
                     log.warning(
                         "audit database refused a batch of %d rows (%s); retry %d in %.2f s",
@@ -617,6 +643,7 @@ class Recorder:
                     self._safe_reopen()
                 continue
             if failures:
+                self._refusing = None
                 log.warning("audit database accepted the batch after %d retries", failures)
             self._written += written
             self._batches += 1

@@ -1,0 +1,1 @@
+"""What the bridge knows about its providers' health: circuits and keys."""
