@@ -1308,18 +1308,15 @@ class AIBridge:
         row.update(ended_at=now, http_status=status, status="rejected", error=message)
         self.recorder.upsert("interceptions", row)
         labels = _labels(row)
-        self._tally.add("rejected")
-        log.info(
-            exchange_line(
-                FinishedExchange(
-                    labels.user,
-                    labels.provider,
-                    labels.api,
-                    labels.model,
-                    "rejected",
-                    status,
-                    error=message,
-                )
+        self._tell(
+            FinishedExchange(
+                labels.user,
+                labels.provider,
+                labels.api,
+                labels.model,
+                "rejected",
+                status,
+                error=message,
             )
         )
         if noted is None and flow.websocket is None:
@@ -1395,6 +1392,11 @@ class AIBridge:
                 tool_calls += 1
         self._report_end(exchange, outcome, http_status, usage, prompts, tool_calls)
 
+    def _tell(self, done: FinishedExchange) -> None:
+        """The console's line for a finished exchange, counted for the shutdown summary."""
+        self._tally.add(done.status)
+        log.info(exchange_line(done))
+
     def _report_end(
         self,
         exchange: Exchange,
@@ -1409,22 +1411,19 @@ class AIBridge:
         if labels is None:
             return
         seconds = time.monotonic() - exchange.clock_start if exchange.clock_start else None
-        self._tally.add(outcome.status)
-        log.info(
-            exchange_line(
-                FinishedExchange(
-                    labels.user,
-                    labels.provider,
-                    labels.api,
-                    outcome.result.response_model or labels.model,
-                    outcome.status,
-                    http_status,
-                    usage.get("input_tokens"),
-                    usage.get("output_tokens"),
-                    usage.get("estimated_cost_usd"),
-                    seconds,
-                    outcome.error,
-                )
+        self._tell(
+            FinishedExchange(
+                labels.user,
+                labels.provider,
+                labels.api,
+                outcome.result.response_model or labels.model,
+                outcome.status,
+                http_status,
+                usage.get("input_tokens"),
+                usage.get("output_tokens"),
+                usage.get("estimated_cost_usd"),
+                seconds,
+                outcome.error,
             )
         )
         if self.metrics is not None:

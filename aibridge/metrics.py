@@ -71,7 +71,7 @@ _EXCHANGE: Final = ("provider", "api", "model", "client")
 
 class ExchangeLabels(NamedTuple):
     provider: str  # the provider's configured name
-    api: str  # "responses" | "messages" | "chat" (aibridge.apis names)
+    api: str  # "responses" | "messages" | "chat_completions" (aibridge.apis names)
     model: str  # as the client asked ("" when unknown)
     client: str  # guessed client ("" when unknown)
     user: str  # initiator id ("" when unknown); only exported when user_label=True

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,3 +22,14 @@ def bridge(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     workdir: Path = tmp_path_factory.mktemp("bridge")
     with Mitmdump(workdir, bridge_config(upstream.url)) as proc:
         yield proc
+
+
+@pytest.fixture
+def switch_often() -> Iterator[None]:
+    # Threads take turns every few microseconds, so a snapshot meets mutations mid-way.
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)

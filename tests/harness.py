@@ -9,10 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
+
+import pytest
 
 from devtools.mitmdump_process import (
     ADDON,
@@ -37,6 +40,59 @@ __all__ = [
 
 PROVIDER_KEY = "sk-test-provider-key-0123456789abcdef"
 TOKENS = {"alice": "alice-personal-token-1", "bob": "bob-personal-token-2"}
+
+
+def required_program(found: str | None, name: str, package: str) -> str:
+    """A program a test needs from Debian: its path; else the test is skipped, but fails in
+    CI (``CI`` set), where .ci/run installs it."""
+    if found is None:
+        install = f"apt-get install -y {package}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI: {install}")
+        pytest.skip(f"{name} is not installed ({install}); CI runs this test")
+    return found
+
+
+class FakeClock:
+    """A clock a test moves by hand (``clock.now += 30``), for code that takes a clock."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def read_while_mutating(
+    read: Callable[[], None], mutate: Callable[[int], None], rounds: int = 5_000
+) -> int:
+    """Call ``read`` over and over on a thread of its own while ``mutate(i)`` runs here for
+    each round (a metrics scrape beside the event loop); re-raise what ``read`` raised.
+    Returns how many reads ran."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads = 0
+
+    def reader() -> None:
+        nonlocal reads
+        try:
+            while not stop.is_set():
+                read()
+                reads += 1
+        except BaseException as e:  # reported in the calling thread
+            errors.append(e)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(rounds):
+            mutate(i)
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+    return reads
 
 
 def noon_zone() -> str:

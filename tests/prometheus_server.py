@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import orjson
-import pytest
+
+from tests.harness import required_program
 
 __all__ = [
     "Prometheus",
@@ -63,12 +64,7 @@ def find_prometheus() -> str | None:
 
 
 def prometheus_binary() -> str:
-    found = find_prometheus()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("Prometheus is required in CI: apt-get install -y prometheus")
-        pytest.skip("Prometheus is not installed (apt-get install -y prometheus); CI runs it")
-    return found
+    return required_program(find_prometheus(), "Prometheus", "prometheus")
 
 
 def _epoch(rfc3339: str) -> float:

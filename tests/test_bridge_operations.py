@@ -19,18 +19,11 @@ from aibridge.bridge import AIBridge
 from aibridge.config import hint
 from aibridge.transport import mitm_compat
 from aibridge.upstream.guard import UpstreamGuard
+from tests.harness import FakeClock as Clock
 from tests.test_bridge import TOKENS, Bridge, fixture, make_flow, query, write_config
 
 KEYS = ["sk-pool-first-key-0123456789aaaa", "sk-pool-second-key-0123456789bbbb"]
 MESSAGES_URL = "https://api.anthropic.com/v1/messages"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -242,6 +235,12 @@ def test_passthrough_requests_take_pool_keys_too(make: Callable[..., Bridge]) ->
 BREAKER = {"failures": 2, "cool_down_seconds": 30}
 
 
+def trip(bridge: Bridge, status: int = 503) -> None:
+    """As many failed answers as BREAKER needs to open the circuit of the fixture's model."""
+    for _ in range(BREAKER["failures"]):
+        answer(bridge, send(bridge), status)
+
+
 @pytest.mark.parametrize("failing", [503, 504, 529])
 def test_consecutive_failures_open_the_circuit_of_that_model(
     make: Callable[..., Bridge], caplog: pytest.LogCaptureFixture, failing: int
@@ -279,8 +278,7 @@ def test_a_success_between_failures_keeps_it_closed(make: Callable[..., Bridge])
 def test_after_the_cool_down_one_trial_decides(make: Callable[..., Bridge]) -> None:
     clock = Clock()
     bridge = make(clock, circuit_breaker=BREAKER)
-    for _ in range(2):
-        answer(bridge, send(bridge), 503)
+    trip(bridge)
     clock.now += 30
     trial = send(bridge)
     assert trial.response is None
@@ -310,8 +308,7 @@ def test_an_unreachable_upstream_counts_as_a_failure(make: Callable[..., Bridge]
 def test_a_client_that_went_away_gives_no_verdict(make: Callable[..., Bridge]) -> None:
     clock = Clock()
     bridge = make(clock, circuit_breaker=BREAKER)
-    for _ in range(2):
-        answer(bridge, send(bridge), 503)
+    trip(bridge)
     clock.now += 30
     trial = send(bridge)
     trial.error = Error("Client disconnected.")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from devtools.mitmdump_process import REPO
-from tests.harness import Datasette
+from tests.harness import Datasette, required_program
 from tests.test_datasette_queries import DB_NAME, METADATA, UsageLog, build_usage_log
 
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -52,12 +52,7 @@ def find_chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    found = find_chromium()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is required in CI: apt-get install -y chromium")
-        pytest.skip("Chromium is not installed (apt-get install -y chromium); CI runs this test")
-    return found
+    return required_program(find_chromium(), "Chromium", "chromium")
 
 
 @pytest.fixture(scope="module")

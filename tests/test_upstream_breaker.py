@@ -4,10 +4,7 @@ hostile stream of model names, snapshots from another thread, and properties ove
 
 from __future__ import annotations
 
-import sys
-import threading
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +20,7 @@ from aibridge.upstream.breaker import (
     Pass,
     Transition,
 )
+from tests.harness import FakeClock, read_while_mutating
 
 P = "openai"
 M = "gpt-5"
@@ -33,14 +31,6 @@ props = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def breakers(
@@ -497,48 +487,21 @@ def test_half_open_circuits_are_not_dropped() -> None:
 
 def test_snapshot_from_a_thread_while_the_loop_mutates(switch_often: None) -> None:
     b, clock = breakers(failures=2, max_circuits=64)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    snapshots = 0
 
-    def metrics() -> None:
-        nonlocal snapshots
-        try:
-            while not stop.is_set():
-                snap = b.snapshot()
-                assert len(snap) <= 64
-                for s in snap:
-                    assert s.state is not CircuitState.CLOSED or s.retry_after == 0
-                snapshots += 1
-        except BaseException as e:  # reported in the main thread
-            errors.append(e)
+    def read() -> None:
+        snap = b.snapshot()
+        assert len(snap) <= 64
+        for s in snap:
+            assert s.state is not CircuitState.CLOSED or s.retry_after == 0
 
-    thread = threading.Thread(target=metrics)
-    thread.start()
-    try:
-        for i in range(5_000):
-            model = f"m{i % 200}"
-            verdict = b.admit(P, model)
-            if isinstance(verdict, Pass):
-                b.settle(verdict, (503, 200, 504, None)[i % 4])
-            if i % 100 == 0:
-                clock.now += 31
-    finally:
-        stop.set()
-        thread.join()
-    assert not errors, errors
-    assert snapshots > 0
+    def mutate(i: int) -> None:
+        verdict = b.admit(P, f"m{i % 200}")
+        if isinstance(verdict, Pass):
+            b.settle(verdict, (503, 200, 504, None)[i % 4])
+        if i % 100 == 0:
+            clock.now += 31
 
-
-@pytest.fixture
-def switch_often() -> Iterator[None]:
-    # Threads take turns every few microseconds, so a snapshot meets mutations mid-way.
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
+    assert read_while_mutating(read, mutate) > 0
 
 
 # -- properties ---------------------------------------------------------------------------------

@@ -6,10 +6,7 @@ snapshot from another thread, and properties over random runs."""
 from __future__ import annotations
 
 import math
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -28,6 +25,7 @@ from aibridge.upstream.key_pool import (
     PoolSettings,
     retry_after_seconds,
 )
+from tests.harness import FakeClock, read_while_mutating
 
 P = "openai"
 KEYS = [
@@ -44,14 +42,6 @@ props = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Clocks:
@@ -448,49 +438,23 @@ def test_no_key_in_any_repr() -> None:
 def test_snapshot_from_a_thread_while_the_loop_mutates(switch_often: None) -> None:
     keys = [f"sk-key-number-{i:04d}-abcdefghijkl" for i in range(12)]
     p, clocks = pool(keys)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    snapshots = 0
 
-    def metrics() -> None:
-        nonlocal snapshots
-        try:
-            while not stop.is_set():
-                snap = p.snapshot()
-                assert len(snap) == len(keys)
-                assert any(s.state is not KeyState.DISABLED for s in snap)
-                for s in snap:
-                    # Never half an update: a disabled key with no status, a park uncounted.
-                    assert (s.state is KeyState.DISABLED) == (s.disabled_status is not None)
-                    assert s.state is not KeyState.PARKED or s.parks > 0
-                snapshots += 1
-        except BaseException as e:  # reported in the main thread
-            errors.append(e)
+    def read() -> None:
+        snap = p.snapshot()
+        assert len(snap) == len(keys)
+        assert any(s.state is not KeyState.DISABLED for s in snap)
+        for s in snap:
+            # Never half an update: a disabled key with no status, a park uncounted.
+            assert (s.state is KeyState.DISABLED) == (s.disabled_status is not None)
+            assert s.state is not KeyState.PARKED or s.parks > 0
 
-    thread = threading.Thread(target=metrics)
-    thread.start()
-    try:
-        for i in range(5_000):
-            c = p.choose()
-            if isinstance(c, KeyChoice):
-                p.answered(c, (429, 200, 200, 401, 500)[i % 5], {"retry-after": str(i % 7)})
-            clocks.advance(0.5)
-    finally:
-        stop.set()
-        thread.join()
-    assert not errors, errors
-    assert snapshots > 0
+    def mutate(i: int) -> None:
+        c = p.choose()
+        if isinstance(c, KeyChoice):
+            p.answered(c, (429, 200, 200, 401, 500)[i % 5], {"retry-after": str(i % 7)})
+        clocks.advance(0.5)
 
-
-@pytest.fixture
-def switch_often() -> Iterator[None]:
-    # Threads take turns every few microseconds, so a snapshot meets mutations mid-way.
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
+    assert read_while_mutating(read, mutate) > 0
 
 
 # -- properties ---------------------------------------------------------------------------------
