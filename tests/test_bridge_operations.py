@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
-from mitmproxy import http
+from mitmproxy import exceptions, http
 from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow
+from prometheus_client.parser import text_string_to_metric_families
 
 from aibridge.bridge import AIBridge
 from aibridge.config import hint
@@ -302,7 +305,8 @@ def test_an_unreachable_upstream_counts_as_a_failure(make: Callable[..., Bridge]
         mitm_compat.mark_answerable(flow, 502)
         bridge.addon.error(flow)
         mitm_compat.mark_answerable(flow, None)
-    refused(send(bridge), 503)
+    message = refused(send(bridge), 503)["error"]["message"]
+    assert "the bridge could not reach it for the last 2 requests" in message
 
 
 def test_a_client_that_went_away_gives_no_verdict(make: Callable[..., Bridge]) -> None:
@@ -397,3 +401,80 @@ def test_health_of_an_unconfigured_bridge_is_503(tmp_path: Path) -> None:
         assert flow.response is not None and flow.response.status_code == 503
         body = orjson.loads(flow.response.content or b"")
         assert body["status"] == "failing" and body["configured"] is False
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def scrape(bridge: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    server = bridge.addon._metrics_server
+    assert server is not None
+    host, port = server.address
+    text = httpx.get(f"http://{host}:{port}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_the_metrics_port_counts_what_the_hooks_saw(make: Callable[..., Bridge]) -> None:
+    bridge = make(metrics={"listen": "127.0.0.1:0", "user_label": True})
+    answer(bridge, send(bridge))
+    send(bridge, token="not-a-known-token-123")
+    values = scrape(bridge)
+    exchange = (("api", "responses"), ("client", "Codex"), ("model", "gpt-4.1"))
+    completed = (*exchange, ("provider", "openai"), ("status", "completed"), ("user", "alice"))
+    assert values[("aibridge_interceptions_total", completed)] == 1
+    rejection = (("api", "responses"), ("provider", "openai"), ("reason", "unauthenticated"))
+    assert values[("aibridge_rejections_total", rejection)] == 1
+    key = (("hint", hint(KEYS[0])), ("key", "1"), ("provider", "openai"), ("state", "active"))
+    assert values[("aibridge_key_pool_key_state", key)] == 1
+    assert values[("aibridge_interceptions_inflight", (*exchange, ("provider", "openai")))] == 0
+
+
+def test_metrics_survive_a_reconfiguration(make: Callable[..., Bridge], tmp_path: Path) -> None:
+    bridge = make(metrics={"listen": "127.0.0.1:0"})
+    answer(bridge, send(bridge))
+    server = bridge.addon._metrics_server
+    assert server is not None
+    old_port = server.address[1]
+    completed = "aibridge_interceptions_total"
+
+    def count() -> float:
+        return sum(v for (name, _), v in scrape(bridge).items() if name == completed)
+
+    assert count() == 1
+    bridge.tctx.configure(bridge.addon, aibridge_db=str(tmp_path / "other.db"))
+    assert bridge.addon._metrics_server is server and count() == 1  # same endpoint, same counts
+    bridge.tctx.configure(bridge.addon, aibridge_metrics="0")  # another address: a new server
+    moved = bridge.addon._metrics_server
+    assert moved is not None and moved is not server and count() == 1
+    with pytest.raises(httpx.TransportError):  # the old one is closed
+        httpx.get(f"http://127.0.0.1:{old_port}/metrics", timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("127.0.0.1:99999", "--set aibridge_metrics"),
+        (":9464", "0.0.0.0:9464"),
+        ("not a place", "--set aibridge_metrics"),
+    ],
+)
+def test_a_bad_metrics_address_names_the_option(
+    make: Callable[..., Bridge], value: str, problem: str
+) -> None:
+    bridge = make()
+    with pytest.raises(exceptions.OptionsError) as info:
+        bridge.tctx.configure(bridge.addon, aibridge_metrics=value)
+    assert problem in str(info.value)
+
+
+def test_a_busy_metrics_port_says_what_to_do(make: Callable[..., Bridge]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(exceptions.OptionsError) as info:
+            make(metrics={"listen": f"127.0.0.1:{port}"})
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in str(info.value)
+    assert "choose a free port" in str(info.value)

@@ -148,13 +148,12 @@ class UpstreamGuard:
 
 def _circuit_refusal(open_: CircuitOpen) -> Refusal:
     model = open_.model or "(no model)"
-    answered = (
-        f"{open_.last_status}" if open_.last_status is not None else "no answer (unreachable)"
-    )
     if open_.state is CircuitState.HALF_OPEN:
         why = "a trial request is checking whether it recovered"
+    elif open_.last_status is None:
+        why = f"the bridge could not reach it for the last {open_.failures} requests"
     else:
-        why = f"it answered {answered} to the last {open_.failures} requests"
+        why = f"it answered {open_.last_status} to the last {open_.failures} requests"
     message = (
         f"AI Bridge: provider {open_.provider!r} is failing for model {model}: {why}, so the "
         f"bridge pauses requests for it (circuit breaker); retry in {open_.retry_after} s"
