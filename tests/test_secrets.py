@@ -33,7 +33,10 @@ from tests.ws_client import ResponsesSocket
 
 SAFETY = 30.0  # upper bound for waits; never asserted as a duration
 UNKNOWN_TOKEN = "sk-someone-elses-key-9876543210abcdef"
-SECRETS = (PROVIDER_KEY, *TOKENS.values(), UNKNOWN_TOKEN)
+# The keys of a provider with a key pool (issue 15).
+POOL_KEYS = ("sk-pool-key-number-one-0123456789", "sk-pool-key-number-two-0123456789")
+SECRETS = (PROVIDER_KEY, *POOL_KEYS, *TOKENS.values(), UNKNOWN_TOKEN)
+PROVIDER_KEYS = (PROVIDER_KEY, *POOL_KEYS)
 WEB_PASSWORD = "web-ui-password-for-tests"
 
 
@@ -57,6 +60,9 @@ def config(upstream: FakeUpstream) -> dict[str, Any]:
             "base_url": f"http://127.0.0.1:{free_port()}/v1",
             "api_key": "${TEST_PROVIDER_KEY}",
         }
+    )
+    cfg["providers"].append(
+        {"name": "pool", "type": "openai", "base_url": f"{upstream.url}/v1", "api_key": POOL_KEYS}
     )
     return cfg
 
@@ -90,6 +96,14 @@ def traffic(bridge: Mitmdump) -> None:
         timeout=SAFETY,
     )
     assert dead.status_code == 502
+    for _ in POOL_KEYS:  # each key of the pool once
+        pooled = httpx.post(
+            f"{bridge.url}/pool/v1/responses",
+            content=b'{"model": "fake-text", "input": "pooled"}',
+            headers=alice,
+            timeout=SAFETY,
+        )
+        assert pooled.status_code == 200
 
     socket_ = ResponsesSocket(f"{url}/responses", {**alice, "session-id": uuid.uuid4().hex})
     try:
@@ -114,11 +128,16 @@ def test_nothing_secret_in_the_database_the_log_or_a_flow_file(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     flows = tmp_path / "flows.mitm"
-    bridge = Mitmdump(tmp_path, config(upstream), extra_args=["-w", str(flows)])
+    metrics = f"127.0.0.1:{free_port()}"
+    cfg = {**config(upstream), "metrics": {"listen": metrics}}
+    bridge = Mitmdump(tmp_path, cfg, extra_args=["-w", str(flows)])
     with bridge:
         traffic(bridge)
         open_rows = "select count(*) as n from interceptions where ended_at is null"
         assert wait_for(lambda: query(bridge.db_path, open_rows)[0]["n"] == 0, SAFETY)
+        for path in ("/metrics", "/_aibridge/health"):  # hints of the pool's keys at most
+            served = httpx.get(f"http://{metrics}{path}", timeout=SAFETY)
+            assert served.status_code == 200 and leaked(served.content) == [], path
         # While it runs (the WAL holds the newest pages) and after it stopped.
         assert leaked(files_of(bridge.db_path)) == []
     assert leaked(files_of(bridge.db_path)) == []
@@ -127,6 +146,8 @@ def test_nothing_secret_in_the_database_the_log_or_a_flow_file(
     assert saved.count(b"/v1/responses") >= 6  # the flows are there, keys masked
     assert leaked(saved) == []
     assert_no_client_token_upstream(upstream)
+    sent = {r.headers.get("authorization") for r in upstream.requests}
+    assert {f"Bearer {key}" for key in POOL_KEYS} <= sent  # the pool's keys went upstream
 
 
 def assert_no_client_token_upstream(upstream: FakeUpstream) -> None:
@@ -134,9 +155,10 @@ def assert_no_client_token_upstream(upstream: FakeUpstream) -> None:
     assert upstream.requests
     for request in upstream.requests:
         flat = orjson.dumps(request.headers) + request.body
-        assert [s for s in leaked(flat) if s != PROVIDER_KEY] == []
+        assert [s for s in leaked(flat) if s not in PROVIDER_KEYS] == []
         if request.path == "/v1/responses":
-            assert request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+            sent = request.headers["authorization"].removeprefix("Bearer ")
+            assert sent in PROVIDER_KEYS
 
 
 class Mitmweb(Mitmdump):
