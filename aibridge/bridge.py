@@ -31,7 +31,7 @@ from aibridge.apis.common import Accumulator, RequestError, RequestInfo
 from aibridge.apis.openai_errors import error_event
 from aibridge.concealment import ViewConcealment
 from aibridge.config import Config, ConfigError, Provider, load_config
-from aibridge.console import ExchangeTally, FinishedExchange, exchange_line
+from aibridge.console import ExchangeTally, FinishedExchange, LineBatch, exchange_line
 from aibridge.cost import PriceBook
 from aibridge.errors import error_response
 from aibridge.governance import report
@@ -199,6 +199,7 @@ class AIBridge:
         self._metrics_server: MetricsServer | None = None
         self._metrics_listen = ""  # where _metrics_server listens, as configured
         self._tally = ExchangeTally()
+        self._console = LineBatch(log.info)
         self._default_config_dir = default_config_dir
         self._exchanges: dict[str, Exchange] = {}
         self._sockets: dict[str, SocketState] = {}
@@ -427,6 +428,7 @@ class AIBridge:
             stats = self.recorder.stats
             self.recorder = None
         self._stop_metrics()
+        self._console.flush()
         log.info(self._tally.summary(stats))
 
     # ---- request side ----------------------------------------------------------------------
@@ -1395,7 +1397,12 @@ class AIBridge:
     def _tell(self, done: FinishedExchange) -> None:
         """The console's line for a finished exchange, counted for the shutdown summary."""
         self._tally.add(done.status)
-        log.info(exchange_line(done))
+        if not log.isEnabledFor(logging.INFO) or not self._console.add(exchange_line(done)):
+            return
+        try:
+            asyncio.get_running_loop().call_later(self._console.every, self._console.flush)
+        except RuntimeError:  # no event loop (offline tools, tests): now
+            self._console.flush()
 
     def _report_end(
         self,

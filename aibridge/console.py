@@ -2,13 +2,16 @@
 
 An operator tailing ``mitmdump`` (or ``journalctl -u aibridge``) sees who asked what and what
 it cost without opening the log; the lines are built here, from plain values, so they are
-tested without a proxy.
+tested without a proxy. Under load they are written in batches (``LineBatch``): mitmproxy
+turns every log record into an event dispatched to all its addons on the event loop, which
+cost about 0.3 ms of CPU per exchange when each line was a record of its own.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -80,3 +83,60 @@ class ExchangeTally:
             written, lost = recorder_stats.get("written", 0), recorder_stats.get("dropped", 0)
             line += f"; {written:,} row{'' if written == 1 else 's'} written, {lost:,} lost"
         return line
+
+
+class LineBatch:
+    """Lines for the log, written at once when none was written for ``every`` seconds, else
+    gathered and written together, one record, when ``flush`` is called (the caller
+    schedules it ``every`` seconds after ``add`` asked for it). A line written later than it
+    was made carries the time it was made, as mitmproxy prints it."""
+
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        every: float = 0.5,
+        most: int = 500,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._write = write
+        self.every = every
+        self._most = most  # gathered lines never grow beyond this: written at once then
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._last = -float("inf")
+        self._pending: list[str] = []
+        self._second = -1  # the wall-clock second _second_text spells
+        self._second_text = ""
+
+    def add(self, line: str) -> bool:
+        """Write or gather `line`; True when the caller must call ``flush`` in ``every`` s."""
+        now = self._clock()
+        if not self._pending and now - self._last >= self.every:
+            self._last = now
+            self._write(line)
+            return False
+        self._pending.append(f"[{self._stamp(self._wall_clock())}] {line}")
+        if len(self._pending) >= self._most:
+            self.flush()
+            return False
+        return len(self._pending) == 1
+
+    def _stamp(self, epoch: float) -> str:
+        """``HH:MM:SS.mmm`` local time, as mitmproxy prints it (strftime once a second)."""
+        second = int(epoch)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%H:%M:%S", time.localtime(second))
+        # A float epoch holds a quarter of a microsecond: .007 s reads as 6.99997 ms.
+        millis = min(999, int(round((epoch - second) * 1000, 2)))
+        return f"{self._second_text}.{millis:03d}"
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        self._last = self._clock()
+        # The record's own time stamp heads the first line: its copy goes.
+        lines[0] = lines[0].partition("] ")[2]
+        self._write("\n".join(lines))

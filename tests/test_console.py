@@ -1,8 +1,17 @@
 """The console's line per finished exchange and its summary at shutdown (issue 15)."""
 
+import time
+
 import pytest
 
-from aibridge.console import MAX_ERROR_CHARS, ExchangeTally, FinishedExchange, exchange_line
+from aibridge.console import (
+    MAX_ERROR_CHARS,
+    ExchangeTally,
+    FinishedExchange,
+    LineBatch,
+    exchange_line,
+)
+from tests.harness import FakeClock as Clock
 
 
 def test_a_completed_exchange() -> None:
@@ -71,3 +80,67 @@ def test_the_summary() -> None:
     assert one.summary({"written": 1, "dropped": 0}) == (
         "AI Bridge: 1 exchange (1 completed); 1 row written, 0 lost"
     )
+
+
+def batch(clock: Clock, **kw: int) -> tuple[LineBatch, list[str]]:
+    written: list[str] = []
+    wall = 1_700_000_000.25  # a known wall clock: lines made later show their own time
+    return LineBatch(
+        written.append, clock=clock, wall_clock=lambda: wall + clock.now, **kw
+    ), written
+
+
+def test_a_line_after_a_quiet_spell_is_written_at_once() -> None:
+    clock = Clock()
+    lines, written = batch(clock)
+    assert lines.add("one") is False and written == ["one"]
+    clock.now += 0.5
+    assert lines.add("two") is False and written == ["one", "two"]
+
+
+def test_lines_under_load_are_gathered_into_one_record() -> None:
+    clock = Clock()
+    lines, written = batch(clock)
+    lines.add("first")
+    clock.now += 0.1
+    assert lines.add("second") is True  # schedule a flush
+    clock.now += 0.1
+    assert lines.add("third") is False  # one is scheduled already
+    assert written == ["first"]
+    lines.flush()
+    assert len(written) == 2
+    second, third = written[1].split("\n")
+    assert second == "second"  # the record's own time stamp heads it
+    assert third.endswith("] third") and third.startswith("[")
+    lines.flush()  # nothing pending: nothing written
+    assert len(written) == 2
+    clock.now += 0.1
+    assert lines.add("fourth") is True  # right after a flush: gathered again
+
+
+def test_gathered_lines_are_bounded() -> None:
+    clock = Clock()
+    lines, written = batch(clock, most=3)
+    lines.add("a")
+    for line in ("b", "c", "d"):
+        lines.add(line)
+    assert len(written) == 2 and written[1].count("\n") == 2  # b, c, d written at the bound
+    assert lines.add("e") is True
+
+
+def test_a_gathered_line_shows_the_time_it_was_made() -> None:
+    clock = Clock()
+    written: list[str] = []
+    made = [1_700_000_000.25, 1_700_000_000.5, 1_700_000_001.007]
+    times = iter(made)
+    lines = LineBatch(written.append, clock=clock, wall_clock=lambda: next(times))
+    lines.add("quiet spell")  # written at once: no stamp of its own taken
+    for line in ("a", "b", "c"):
+        lines.add(line)
+    lines.flush()
+    stamps = [
+        time.strftime("%H:%M:%S", time.localtime(int(t))) + f".{round(t % 1 * 1000):03d}"
+        for t in made
+    ]
+    assert written[1] == f"a\n[{stamps[1]}] b\n[{stamps[2]}] c"
+    assert stamps[2].endswith(".007")
