@@ -29,6 +29,8 @@ BURST = BENCH / "burst.py"
 TOKEN = "bench-personal-token-alice"
 PROVIDER_KEY = "sk-bench-provider-key-0123456789"
 _LISTENING = re.compile(rb"listening at [\d.]+:(\d+)")
+# The bridge's start-up line for its metrics server (aibridge/bridge.py), the real port of :0.
+_METRICS_AT = re.compile(rb"AI Bridge: metrics on http://[^\s/]+:(\d+)/metrics")
 _STARTUP_FAILED = b"Error logged during startup"
 
 
@@ -152,10 +154,12 @@ class Proxy:
     scripts: list[Path] = field(default_factory=list)
     bridge: bool = False  # load addon.py with its own config and database
     limits: bool = False  # the bridge's config gives the bench user budgets and limits
+    metrics: bool = False  # the bridge serves Prometheus metrics, on a free loopback port
     options: dict[str, str] = field(default_factory=dict)  # --set for the scripts' options
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    metrics_port: int = 0  # where GET /metrics is, once listening (with metrics)
 
     @property
     def log_path(self) -> Path:
@@ -198,6 +202,8 @@ class Proxy:
                 "--set",
                 f"aibridge_db={self.db_path}",
             ]
+        if self.metrics:
+            args += ["--set", "aibridge_metrics=127.0.0.1:0"]
         for name, value in self.options.items():
             args += ["--set", f"{name}={value}"]
         return args
@@ -223,12 +229,15 @@ class Proxy:
             if _STARTUP_FAILED in text or self.proc.poll() is not None:
                 break
             found = _LISTENING.search(text)
-            if found:
+            metrics_at = _METRICS_AT.search(text) if self.metrics else None
+            if found and (metrics_at or not self.metrics):
                 # mitmdump listens before it notices an error its addons logged at start-up.
                 time.sleep(0.3)
                 if _STARTUP_FAILED in self.log_path.read_bytes() or self.proc.poll() is not None:
                     break
                 self.port = int(found.group(1))
+                if metrics_at is not None:
+                    self.metrics_port = int(metrics_at.group(1))
                 return
             time.sleep(0.02)
         self.stop()
@@ -266,12 +275,22 @@ def _status_field(pid: int, name: str) -> int:
     raise RuntimeError(f"/proc/{pid}/status has no {name}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and all its live threads so far.
+def _process_cpu_clock(pid: int) -> int:
+    """The clock id of another process's CPU time (glibc's clock_getcpuclockid: the pid,
+    inverted, and CPUCLOCK_SCHED)."""
+    return ((~pid) << 3) | 2
 
-    From each thread's schedstat (nanoseconds): /proc/PID/stat counts whole clock ticks
-    (10 ms), too coarse for a short run. Falls back to it where schedstat is missing.
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process so far, every thread it ever had included.
+
+    From the process's CPU clock (nanoseconds, Linux), which keeps the time of threads that
+    have ended: the metrics server answers each scrape on a thread of its own that is gone
+    by the time a load is over. Else the live threads' schedstat (also nanoseconds), and
+    last /proc/PID/stat, which counts whole clock ticks (10 ms), too coarse for a short run.
     """
+    with contextlib.suppress(OSError, OverflowError):
+        return time.clock_gettime(_process_cpu_clock(pid))
     total_ns = 0
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():

@@ -29,10 +29,31 @@ SSE_WORKLOADS: tuple[tuple[str, str], ...] = (
     ("chat_sse_usage_added", "Chat SSE (usage added)"),
 )
 
-# How far enforcing budgets and limits (the bench user has every kind, none ever refuses)
-# may move the buffered req/s ratio against plain mitmdump.
-LIMITS_SHIFT_MAX = 0.02
-LIMITS_SHIFT_KEYS: tuple[str, ...] = (
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """A variant of the bridge measured against the bridge itself on the buffered path, in
+    the same rounds as plain mitmdump and the bridge: its figures are under ``key`` of
+    "metrics", and each concurrency's has what the variant moves under ``shift_key``."""
+
+    key: str
+    side: str  # its name in the rounds and in the rows ("limits": "Buffered, limits on: …")
+    shift_key: str
+    moved_by: str  # what moves the ratio, as the target names it
+
+    def target_name(self, label: str) -> str:
+        return f"Buffered req/s ratio moved by {self.moved_by}, {label}"
+
+
+# The bench user under budgets and limits of every kind, none ever refusing (bench/procs.py).
+LIMITS = Variant("buffered_limits", "limits", "limits_shift", "enforcing limits")
+# The bridge's Prometheus metrics on, scraped once a second (bench/scraper.py).
+METRICS = Variant("buffered_metrics", "metrics", "metrics_shift", "metrics")
+BUFFERED_VARIANTS: tuple[Variant, ...] = (LIMITS, METRICS)
+
+# How far each variant may move the buffered req/s ratio against plain mitmdump.
+SHIFT_MAX = 0.02
+SHIFT_KEYS: tuple[str, ...] = (
     "ratio_moved",
     "ratio_moved_lowest",
     "ratio_moved_highest",
@@ -58,12 +79,19 @@ METRIC_PATHS: tuple[str, ...] = tuple(
         for m in ("req_per_s", "p50_ms", "p99_ms", "cpu_ms_per_req")
     ]
     + [
-        f"buffered_limits.{c}.{side}.{m}"
+        f"{v.key}.{c}.{side}.{m}"
+        for v in BUFFERED_VARIANTS
         for c in ("c1", "c16")
         for side in ("baseline", "addon", "ratio")
         for m in ("req_per_s", "p50_ms", "p99_ms", "cpu_ms_per_req")
     ]
-    + [f"buffered_limits.{c}.limits_shift.{k}" for c in ("c1", "c16") for k in LIMITS_SHIFT_KEYS]
+    + [
+        f"{v.key}.{c}.{v.shift_key}.{k}"
+        for v in BUFFERED_VARIANTS
+        for c in ("c1", "c16")
+        for k in SHIFT_KEYS
+    ]
+    + [f"{METRICS.key}.{c}.{k}" for c in ("c1", "c16") for k in ("scrapes", "scraped_completed")]
     + [
         f"paced.{side}.{m}"
         for side in ("baseline", "addon", "ratio")
@@ -157,13 +185,14 @@ def paired(baseline: list[dict[str, float]], addon: list[dict[str, float]]) -> d
     }
 
 
-def limits_shift(
+def variant_shift(
     baseline: list[dict[str, float]], off: list[dict[str, float]], on: list[dict[str, float]]
 ) -> dict[str, float]:
-    """What enforcing limits moves, as medians over the rounds of per-round figures (each
-    round's three loads ran back to back): the req/s ratio against the baseline (on minus
-    off; with its lowest and highest round, the spread a noisy machine gives it), req/s
-    on / off, and the CPU per request and p50 latency added, ms."""
+    """What a variant of the bridge (on) moves against the bridge (off), as medians over the
+    rounds of per-round figures (each round's loads ran back to back): the req/s ratio
+    against the baseline (on minus off; with its lowest and highest round, the spread a
+    noisy machine gives it), req/s on / off, and the CPU per request and p50 latency
+    added, ms."""
     rounds = list(zip(baseline, off, on, strict=True))
     moved = [(n["req_per_s"] - f["req_per_s"]) / b["req_per_s"] for b, f, n in rounds]
     return {
@@ -179,6 +208,12 @@ def limits_shift(
 
 
 # ---- targets ---------------------------------------------------------------------------------
+
+
+def _variants(m: Mapping[str, Any]) -> list[Variant]:
+    """The buffered variants a result holds (one from before limits or metrics were
+    measured has fewer)."""
+    return [v for v in BUFFERED_VARIANTS if v.key in m]
 
 
 def _sse_workloads(m: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -236,22 +271,22 @@ def verdicts(m: Mapping[str, Any]) -> list[Verdict]:
             f"without: {cpu_a - cpu_b:.2f} ms added per request",
         )
     )
-    for c, label in (("c1", "c=1"), ("c16", "c=16")):
-        if "buffered_limits" not in m:  # a result from before limits were measured
-            break
-        on, off = m["buffered_limits"][c], m["buffered"][c]
-        shift = on["limits_shift"]
+    for v, (c, label) in itertools.product(_variants(m), (("c1", "c=1"), ("c16", "c=16"))):
+        on, off = m[v.key][c], m["buffered"][c]
+        shift = on[v.shift_key]
         moved = shift["ratio_moved"]
+        n = on.get("scrapes")
+        scrapes = "" if n is None else f"; /metrics scraped {n:.0f} time{'' if n == 1 else 's'}"
         out.append(
             Verdict(
-                f"Buffered req/s ratio moved by enforcing limits, {label}",
-                f"within {LIMITS_SHIFT_MAX:.2f}",
+                v.target_name(label),
+                f"within {SHIFT_MAX:.2f}",
                 f"{moved:+.3f}",
-                abs(moved) <= LIMITS_SHIFT_MAX,
+                abs(moved) <= SHIFT_MAX,
                 f"per round from {shift['ratio_moved_lowest']:+.3f} to "
-                f"{shift['ratio_moved_highest']:+.3f}; {on['ratio']['req_per_s']:.2f}x with limits "
-                f"on, {off['ratio']['req_per_s']:.2f}x off; mitmdump spends "
-                f"{shift['cpu_ms_per_req_added']:+.3f} ms CPU per request with them",
+                f"{shift['ratio_moved_highest']:+.3f}; {on['ratio']['req_per_s']:.2f}x with "
+                f"{v.side} on, {off['ratio']['req_per_s']:.2f}x off; mitmdump spends "
+                f"{shift['cpu_ms_per_req_added']:+.3f} ms CPU per request with them{scrapes}",
             )
         )
     rec = m["recorder"]
@@ -327,32 +362,35 @@ def _p50_p99(m: Mapping[str, Any], p50: str, p99: str) -> tuple[str, str, str]:
     )
 
 
-def _limits_rows(
-    on: Mapping[str, Any], off: Mapping[str, Any], label: str, status: Callable[[str], str]
+def _variant_rows(
+    v: Variant,
+    on: Mapping[str, Any],
+    off: Mapping[str, Any],
+    label: str,
+    status: Callable[[str], str],
 ) -> list[tuple[str, ...]]:
-    """The buffered workload with limits on: against plain mitmdump, then against itself
-    with limits off (same rounds; each figure a median of per-round ones, so the shift is
+    """The buffered workload with a variant on: against plain mitmdump, then against the
+    bridge with it off (same rounds; each figure a median of per-round ones, so the shift is
     not the difference of the two ratios' medians)."""
-    shift = on["limits_shift"]
-    name = f"Buffered req/s ratio moved by enforcing limits, {label}"
+    shift = on[v.shift_key]
     return [
         (
-            f"Buffered, limits on: req/s, 40 KB bodies, {label}",
+            f"Buffered, {v.side} on: req/s, 40 KB bodies, {label}",
             *_pair(on, "req_per_s", "", 0),
             "",
             "",
         ),
         (
-            f"Buffered, limits on vs off: req/s ratio moved (rounds from, to), {label}",
+            f"Buffered, {v.side} on vs off: req/s ratio moved (rounds from, to), {label}",
             f"{shift['ratio_moved']:+.3f} ({shift['ratio_moved_lowest']:+.3f}, "
             f"{shift['ratio_moved_highest']:+.3f})",
             f"{shift['req_per_s_on_vs_off']:.3f}x the req/s of off",
             "",
-            f"within {LIMITS_SHIFT_MAX:.2f}",
-            status(name),
+            f"within {SHIFT_MAX:.2f}",
+            status(v.target_name(label)),
         ),
         (
-            f"Buffered, limits on vs off: mitmdump CPU per request, {label}",
+            f"Buffered, {v.side} on vs off: mitmdump CPU per request, {label}",
             f"{shift['cpu_ms_per_req_added']:+.3f} ms",
             f"{on['addon']['cpu_ms_per_req']:.3f} ms on",
             f"{off['addon']['cpu_ms_per_req']:.3f} ms off",
@@ -411,8 +449,8 @@ def table(m: Mapping[str, Any], verdict_list: list[Verdict]) -> str:
                 "",
             ),
         ]
-        if "buffered_limits" in m:
-            rows += _limits_rows(m["buffered_limits"][c], b, label, status)
+        for v in _variants(m):
+            rows += _variant_rows(v, m[v.key][c], b, label, status)
     p = m["paced"]
     rows += [
         (

@@ -1,9 +1,10 @@
 """The benchmark: ``python -m bench`` (``--quick`` for a seconds-long smoke run).
 
-Starts the bench upstream and five mitmdumps on loopback, all in reverse mode with the same
+Starts the bench upstream and six mitmdumps on loopback, all in reverse mode with the same
 flags: stream-only (the SSE baseline, for Responses, Messages and Chat Completions streams
 alike), plain (the buffered baseline), the bridge, the bridge whose user has budgets and
-limits, and the bridge with the lag probe and the burst script.
+limits, the bridge with its Prometheus metrics on (scraped once a second while it is
+measured), and the bridge with the lag probe and the burst script.
 Variants run alternately, baseline then bridge, for several rounds after a warm-up round;
 medians are reported, and ratios are medians of the per-round ratios. See BENCHMARKS.md
 for what each figure means.
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from bench.procs import (
     rss_kib,
     wait_idle,
 )
+from bench.report import LIMITS, METRICS, Variant
+from bench.scraper import Scraper, interceptions
 from bench.workloads import (
     CLAUDE_CODE_HEADERS,
     CODEX_HEADERS,
@@ -193,17 +196,19 @@ def alternate(
     rounds: int,
     warmup: int,
     sides: dict[str, Callable[[], dict[str, float]]],
-    swap: tuple[str, str] | None = None,
+    rotate: tuple[str, ...] = (),
 ) -> dict[str, list[dict[str, float]]]:
     """Each round runs every side once, in order (baseline first); warm-up rounds are
-    measured the same way and thrown away. `swap`: two sides that trade places every other
-    round, so that neither of the two is always measured after the other."""
+    measured the same way and thrown away. `rotate`: sides that move one place on among
+    their places every round, so that none of them is always measured after the same one
+    (two of them trade places every other round)."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    names = list(sides)
+    places = [i for i, name in enumerate(names) if name in rotate]
     for n in range(warmup + rounds):
-        order = list(sides)
-        if swap is not None and n % 2:
-            i, j = order.index(swap[0]), order.index(swap[1])
-            order[i], order[j] = order[j], order[i]
+        order = list(names)
+        for k, i in enumerate(places):
+            order[i] = names[places[(k + n) % len(places)]]
         for name in order:
             result = sides[name]()
             if n >= warmup:
@@ -279,14 +284,26 @@ def buffered_once(proxy: Proxy, total: int, concurrency: int) -> dict[str, float
     }
 
 
+def variant_figures(
+    v: Variant, runs: Mapping[str, list[dict[str, float]]], total: int
+) -> dict[str, Any]:
+    """A variant of the bridge against plain mitmdump, with what it moves against the
+    bridge itself measured in the same rounds (under ``v.shift_key``)."""
+    out = report.paired(runs["baseline"], runs[v.side])
+    out["requests"] = total
+    out[v.shift_key] = report.variant_shift(runs["baseline"], runs["addon"], runs[v.side])
+    return out
+
+
 def bench_buffered(
-    baseline: Proxy, addon: Proxy, limited: Proxy, sizes: Sizes
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The bridge against plain mitmdump, and in the same rounds the bridge whose user has
-    budgets and limits (`limited`): the figures of each, the second with what enforcing
-    them moves (``limits_shift``)."""
+    baseline: Proxy, addon: Proxy, variants: Mapping[Variant, Proxy], sizes: Sizes
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The bridge against plain mitmdump, and in the same rounds each variant of the bridge
+    (the bench user under limits; metrics on): the bridge's figures, and each variant's by
+    its key. A bridge with metrics on is scraped once a second while its rounds run, as
+    Prometheus would; after them, one more scrape reads what it counted."""
     out: dict[str, Any] = {}
-    with_limits: dict[str, Any] = {}
+    with_variant: dict[str, dict[str, Any]] = {v.key: {} for v in variants}
     for label, concurrency, total in (
         ("c1", 1, sizes.buffered_c1),
         ("c16", 16, sizes.buffered_c16),
@@ -296,26 +313,36 @@ def bench_buffered(
             total = scaled(total, concurrency, rate, sizes)
         log(
             f"buffered requests with 40 KB bodies, concurrency {concurrency}, {total} requests, "
-            "limits off and on"
+            f"the bridge and with {', '.join(f'{v.side} on' for v in variants)}"
         )
-        runs = alternate(
-            sizes.rounds,
-            sizes.warmup_rounds,
-            {
-                "baseline": lambda c=concurrency, t=total: buffered_once(baseline, t, c),
-                "addon": lambda c=concurrency, t=total: buffered_once(addon, t, c),
-                "limits": lambda c=concurrency, t=total: buffered_once(limited, t, c),
-            },
-            swap=("addon", "limits"),
-        )
+        sides: dict[str, Callable[[], dict[str, float]]] = {
+            "baseline": lambda c=concurrency, t=total: buffered_once(baseline, t, c),
+            "addon": lambda c=concurrency, t=total: buffered_once(addon, t, c),
+        }
+        for v, proxy in variants.items():
+            sides[v.side] = lambda p=proxy, c=concurrency, t=total: buffered_once(p, t, c)
+        with contextlib.ExitStack() as scraping:
+            scrapers = {
+                v: scraping.enter_context(Scraper(HOST, proxy.metrics_port))
+                for v, proxy in variants.items()
+                if proxy.metrics
+            }
+            runs = alternate(
+                sizes.rounds,
+                sizes.warmup_rounds,
+                sides,
+                rotate=("addon", *(v.side for v in variants)),
+            )
         out[label] = report.paired(runs["baseline"], runs["addon"])
         out[label]["requests"] = total
-        with_limits[label] = report.paired(runs["baseline"], runs["limits"])
-        with_limits[label]["requests"] = total
-        with_limits[label]["limits_shift"] = report.limits_shift(
-            runs["baseline"], runs["addon"], runs["limits"]
-        )
-    return out, with_limits
+        for v in variants:
+            with_variant[v.key][label] = variant_figures(v, runs, total)
+        for v, scraper in scrapers.items():
+            with_variant[v.key][label]["scrapes"] = scraper.scrapes
+            with_variant[v.key][label]["scraped_completed"] = interceptions(
+                scraper.scrape(), "completed"
+            )
+    return out, with_variant
 
 
 # ---- 3. paced stream ----------------------------------------------------------------------------
@@ -531,6 +558,9 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
             "limited": Proxy(
                 "aibridge+limits", workdir / "limits", upstream.url, bridge=True, limits=True
             ),
+            "metrics": Proxy(
+                "aibridge+metrics", workdir / "metrics", upstream.url, bridge=True, metrics=True
+            ),
             "probed": Proxy(
                 "aibridge+probe",
                 workdir / "probed",
@@ -552,9 +582,13 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
         metrics["sse"] = bench_sse(proxies["stream_only"], addon, sizes)
         for api in (MESSAGES_SSE, CHAT_SSE, CHAT_SSE_USAGE_ADDED):
             metrics[api] = bench_sse(proxies["stream_only"], addon, sizes, api)
-        metrics["buffered"], metrics["buffered_limits"] = bench_buffered(
-            proxies["plain"], addon, proxies["limited"], sizes
+        metrics["buffered"], variants = bench_buffered(
+            proxies["plain"],
+            addon,
+            {LIMITS: proxies["limited"], METRICS: proxies["metrics"]},
+            sizes,
         )
+        metrics.update(variants)
         metrics["paced"] = bench_paced(proxies["stream_only"], addon, sizes)
         burst = bench_burst(probed, sizes.burst_flows)
         metrics["memory"] = bench_memory(proxies["stream_only"], addon, sizes)

@@ -4,13 +4,19 @@ served as the fakes serve them, and recorded."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
+import itertools
 import math
 import re
+import socket
+import socketserver
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -19,9 +25,19 @@ import pytest
 from aibridge.apis import anthropic_messages, openai_chat
 from aibridge.clients import guess_client, session_id_from_headers
 from aibridge.config import load_config
-from bench.procs import CHAT_PATH, MESSAGES_PATH, PROVIDER_KEY, TOKEN, UpstreamProcess
+from aibridge.metrics import ExchangeLabels, Metrics, MetricsServer
+from bench import report
+from bench.procs import (
+    CHAT_PATH,
+    MESSAGES_PATH,
+    PROVIDER_KEY,
+    TOKEN,
+    UpstreamProcess,
+    cpu_seconds,
+)
 from bench.report import METRIC_PATHS, lookup
-from bench.run import QUICK
+from bench.run import QUICK, alternate
+from bench.scraper import ScrapeError, Scraper, interceptions
 from bench.workloads import (
     CLAUDE_CODE_HEADERS,
     CLAUDE_CODE_PROMPT,
@@ -60,7 +76,13 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         value = lookup(result["metrics"], path)
         assert isinstance(value, int | float) and not isinstance(value, bool), path
         assert math.isfinite(value), path
-    for key in ("messages_sse", "chat_sse", "chat_sse_usage_added", "buffered_limits"):
+    for key in (
+        "messages_sse",
+        "chat_sse",
+        "chat_sse_usage_added",
+        "buffered_limits",
+        "buffered_metrics",
+    ):
         assert any(path.startswith(f"{key}.") for path in METRIC_PATHS), key
 
     machine = result["machine"]
@@ -68,11 +90,12 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert machine["python"] and machine["mitmproxy"]
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 15 and len(set(names)) == 15
+    assert len(names) == 17 and len(set(names)) == 17
     for label in ("c=1", "c=16"):
         for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
             assert f"{title} events/s vs stream-only mitmdump, {label}" in names
         assert f"Buffered req/s ratio moved by enforcing limits, {label}" in names
+        assert f"Buffered req/s ratio moved by metrics, {label}" in names
     for target in result["targets"]:
         assert isinstance(target["met"], bool) and target["target"] and target["value"]
         assert target["met"] or target["reason"], target
@@ -81,12 +104,13 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert run.stdout.count("| ") > 10 and "Ratio" in run.stdout
     for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
         assert f"| {title} events/s, {QUICK.sse_events}-event stream, c=1 |" in run.stdout
-    for label in ("c=1", "c=16"):
-        assert f"| Buffered, limits on: req/s, 40 KB bodies, {label} |" in run.stdout
+    for label, side in itertools.product(("c=1", "c=16"), ("limits", "metrics")):
+        assert f"| Buffered, {side} on: req/s, 40 KB bodies, {label} |" in run.stdout
         assert (
-            f"| Buffered, limits on vs off: req/s ratio moved (rounds from, to), {label} |"
+            f"| Buffered, {side} on vs off: req/s ratio moved (rounds from, to), {label} |"
             in run.stdout
         )
+        assert f"| Buffered, {side} on vs off: mitmdump CPU per request, {label} |" in run.stdout
     assert (doc.read_bytes() if doc.exists() else None) == doc_before
 
     # The measured bridge recorded every Messages stream it was sent, with its usage.
@@ -109,6 +133,27 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         workdir / "limits", limited["c1"]["requests"] + limited["c16"]["requests"]
     )
     assert not load_config(workdir / "aibridge" / "config.yaml", BENCH_ENV).governance.enabled
+    assert_metrics_scraped(workdir, metrics["buffered_metrics"])
+
+
+def assert_metrics_scraped(workdir: Path, scraped: dict) -> None:
+    """The bridge with metrics on was scraped while it was measured and counted every
+    exchange it recorded; it differs from the bridge it is compared with by its metrics
+    only, and no other bridge serves them."""
+    proxy_dir = workdir / "metrics"
+    assert "AI Bridge: metrics on http://127.0.0.1:" in (proxy_dir / "mitmdump.log").read_text()
+    for other in ("aibridge", "limits", "probed"):
+        assert "AI Bridge: metrics on" not in (workdir / other / "mitmdump.log").read_text()
+    assert not load_config(proxy_dir / "config.yaml", BENCH_ENV).governance.enabled
+    c1, c16 = scraped["c1"], scraped["c16"]
+    assert c1["scrapes"] >= 1 and c16["scrapes"] >= 1
+    # Counted after each concurrency's rounds: its timed requests and the warm-up ones.
+    assert c1["scraped_completed"] >= c1["requests"]
+    assert c16["scraped_completed"] - c1["scraped_completed"] >= c16["requests"]
+    rows = query(
+        proxy_dir / "aibridge.db", "select status, count(*) as n from interceptions group by 1"
+    )
+    assert [(r["status"], r["n"]) for r in rows] == [("completed", c16["scraped_completed"])]
 
 
 def assert_limits_enforced(proxy_dir: Path, timed_requests: int) -> None:
@@ -569,3 +614,300 @@ def test_bench_upstream_refuses_chat_as_the_fake(
     assert got_status == status
     error = orjson.loads(got)["error"]
     assert error["type"] == kind and error["message"]
+
+
+# ---- how the benchmark measures ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_cpu_seconds_counts_threads_that_ended(threads: int) -> None:
+    # The metrics server answers each scrape on a thread that is gone when a load is over;
+    # its CPU time belongs to the load all the same.
+    code = (
+        "import sys, threading, time\n"
+        "spent = []\n"
+        "def burn():\n"
+        "    while time.thread_time() < 0.1: pass\n"
+        "    spent.append(time.thread_time())\n"
+        f"for _ in range({threads}):\n"
+        "    t = threading.Thread(target=burn); t.start(); t.join()\n"
+        "print(sum(spent), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        ended = float(child.stdout.readline())  # the threads' CPU, every one of them ended
+        assert ended >= 0.1 * threads
+        assert cpu_seconds(child.pid) >= ended
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        child.wait(30)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def recording_sides(names: list[str]) -> tuple[dict[str, Any], list[str]]:
+    calls: list[str] = []
+
+    def side(name: str) -> Any:
+        return lambda: (calls.append(name), {"call": float(len(calls))})[1]
+
+    return {name: side(name) for name in names}, calls
+
+
+@pytest.mark.parametrize(
+    ("names", "rotate", "orders"),
+    [
+        # The bridge and two variants: each in each place once every three rounds.
+        (
+            ["baseline", "addon", "limits", "metrics"],
+            ("addon", "limits", "metrics"),
+            [
+                ["baseline", "addon", "limits", "metrics"],
+                ["baseline", "limits", "metrics", "addon"],
+                ["baseline", "metrics", "addon", "limits"],
+                ["baseline", "addon", "limits", "metrics"],
+            ],
+        ),
+        # Two: they trade places every other round.
+        (
+            ["baseline", "addon", "limits"],
+            ("addon", "limits"),
+            [["baseline", "addon", "limits"], ["baseline", "limits", "addon"]] * 2,
+        ),
+        # Sides that rotate need not be next to each other; the others keep their places.
+        (
+            ["a", "b", "c", "d"],
+            ("a", "c"),
+            [["a", "b", "c", "d"], ["c", "b", "a", "d"]] * 2,
+        ),
+        # None rotating: the same order every round.
+        (["baseline", "addon"], (), [["baseline", "addon"]] * 4),
+    ],
+)
+def test_alternate_rotates_the_sides_named(
+    names: list[str], rotate: tuple[str, ...], orders: list[list[str]]
+) -> None:
+    sides, calls = recording_sides(names)
+    runs = alternate(3, 1, sides, rotate=rotate)
+    assert [calls[i : i + len(names)] for i in range(0, len(calls), len(names))] == orders
+    # The warm-up round is measured and thrown away: three results per side, in round order.
+    assert set(runs) == set(names)
+    for name, results in runs.items():
+        assert len(results) == 3
+        assert [calls[int(r["call"]) - 1] for r in results] == [name] * 3
+
+
+def synthetic_metrics(skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A result's "metrics" with every number a run produces (1.0, the shifts as below),
+    leaving out the workloads in `skip`, as a result from before they were measured."""
+    metrics: dict[str, Any] = {}
+    for path in METRIC_PATHS:
+        if path.split(".", 1)[0] in skip:
+            continue
+        node = metrics
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = 1.0
+    for key, shift, moved in (
+        ("buffered_limits", "limits_shift", 0.011),
+        ("buffered_metrics", "metrics_shift", -0.031),
+    ):
+        if key not in skip:
+            for c in ("c1", "c16"):
+                metrics[key][c][shift]["ratio_moved"] = moved
+    return metrics
+
+
+def render(metrics: dict[str, Any]) -> tuple[list[report.Verdict], str]:
+    verdicts = report.verdicts(metrics)
+    result = {
+        "finished_at": "2026-12-02T00:00:00+00:00",
+        "mode": "full",
+        "rounds": 5,
+        "duration_s": 100.0,
+        "machine": report.machine(),
+        "metrics": metrics,
+        "targets": [v.as_dict() for v in verdicts],
+    }
+    return verdicts, report.results_section(result)
+
+
+def test_report_renders_the_metrics_variant_beside_the_limits_one() -> None:
+    verdicts, section = render(synthetic_metrics())
+    met = {v.name: v.met for v in verdicts}
+    for label in ("c=1", "c=16"):
+        assert met[f"Buffered req/s ratio moved by enforcing limits, {label}"] is True
+        assert met[f"Buffered req/s ratio moved by metrics, {label}"] is False
+        for side, moved, status in (
+            ("limits", "+0.011", "met"),
+            ("metrics", "-0.031", "**missed**"),
+        ):
+            row = next(
+                line
+                for line in section.splitlines()
+                if line.startswith(
+                    f"| Buffered, {side} on vs off: req/s ratio moved (rounds from, to), {label} |"
+                )
+            )
+            assert f"| {moved} (+1.000, +1.000) |" in row and row.endswith(
+                f"| within 0.02 | {status} |"
+            )
+    assert (
+        "- Missed: Buffered req/s ratio moved by metrics, c=16: -0.031, target within 0.02."
+        in section
+    )
+    assert "/metrics scraped 1 time." in section
+
+
+@pytest.mark.parametrize(
+    ("skip", "variants"),
+    [
+        (("buffered_metrics",), ("limits",)),  # before metrics were measured
+        (("buffered_limits",), ("metrics",)),
+        # Before limits, Messages and Chat (bench/results of 2026-12-01 looked so).
+        (
+            (
+                "buffered_limits",
+                "buffered_metrics",
+                "messages_sse",
+                "chat_sse",
+                "chat_sse_usage_added",
+            ),
+            (),
+        ),
+    ],
+)
+def test_report_renders_results_from_before_a_variant(
+    skip: tuple[str, ...], variants: tuple[str, ...]
+) -> None:
+    verdicts, section = render(synthetic_metrics(skip))
+    for side, moved_by in (("limits", "enforcing limits"), ("metrics", "metrics")):
+        wanted = side in variants
+        assert (f"| Buffered, {side} on: req/s, 40 KB bodies, c=16 |" in section) is wanted
+        assert (
+            any(v.name == f"Buffered req/s ratio moved by {moved_by}, c=1" for v in verdicts)
+            is wanted
+        )
+    assert "| Buffered req/s, 40 KB bodies, c=16 |" in section
+
+
+# ---- the scraper -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[tuple[Metrics, int]]:
+    metrics = Metrics(version="bench-test")
+    server = MetricsServer(metrics, lambda: (200, {"status": "ok"}))
+    server.start("127.0.0.1", 0)
+    try:
+        yield metrics, server.address[1]
+    finally:
+        server.stop()
+
+
+def test_scraper_reads_the_bridges_exposition(metrics_server: tuple[Metrics, int]) -> None:
+    metrics, port = metrics_server
+    scraper = Scraper("127.0.0.1", port)
+    assert interceptions(scraper.scrape(), "completed") == 0
+    for n, (model, status) in enumerate(
+        [("m1", "completed"), ("m2", "completed"), ("m1", "error"), ("m3", "completed")]
+    ):
+        labels = ExchangeLabels("openai", "responses", model, "Codex", f"user{n}")
+        metrics.started(labels)
+        metrics.finished(labels, status, 0.5, {"input": 10}, 1, 0)
+    text = scraper.scrape()
+    assert interceptions(text, "completed") == 3 and interceptions(text, "error") == 1
+    assert interceptions(text, "rejected") == 0
+    # The block scrapes once at least, however short it is.
+    with Scraper("127.0.0.1", port, every=60) as scraping:
+        pass
+    assert scraping.scrapes == 1 and scraping.errors == []
+
+
+_OPENMETRICS = b"# TYPE x counter\nx_total 1.0\n# EOF\n"
+
+
+def answer(status: str, body: bytes, *headers: str, length: int | None = None) -> bytes:
+    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body) if length is None else length}"]
+    return ("\r\n".join([*head, *headers]) + "\r\n\r\n").encode() + body
+
+
+class CannedServer(socketserver.ThreadingTCPServer):
+    """Answers every connection with the same bytes (None: reads the request, says nothing
+    until the client gives up) and closes it."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply
+        self.done = threading.Event()
+        super().__init__(("127.0.0.1", 0), CannedHandler)
+
+
+class CannedHandler(socketserver.BaseRequestHandler):
+    server: CannedServer
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        if self.server.reply is None:
+            self.server.done.wait(30)
+        else:
+            self.request.sendall(self.server.reply)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        answer("404 Not Found", b"not found\n"),
+        answer("500 Internal Server Error", b"error: boom\n"),
+        answer("503 Service Unavailable", b""),
+        answer("301 Moved Permanently", b"", "Location: /other"),
+        # The Prometheus text format (what a scraper that asks for nothing gets).
+        answer("200 OK", b"# TYPE x counter\nx_total 1.0\n", "Content-Type: text/plain"),
+        answer("200 OK", _OPENMETRICS[:-6]),  # cut before "# EOF"
+        answer("200 OK", _OPENMETRICS, length=len(_OPENMETRICS) + 100),  # closed mid-body
+        answer("200 OK", _OPENMETRICS, "Content-Encoding: gzip"),  # not gzip
+        answer("200 OK", gzip.compress(_OPENMETRICS)[:-12], "Content-Encoding: gzip"),
+        answer("200 OK", b"\xff\xfe" + _OPENMETRICS),  # not UTF-8
+        answer("200 OK", b""),
+        b"",  # closed without an answer
+        b"SSH-2.0-OpenSSH_9.2\r\n",  # something else listening
+        b"HTTP/1.1 two hundred OK\r\n\r\n",
+        None,  # no answer at all
+    ],
+)
+def test_scraper_fails_on_what_is_no_exposition(reply: bytes | None) -> None:
+    server = CannedServer(reply)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        with pytest.raises(ScrapeError, match="GET /metrics"):
+            Scraper("127.0.0.1", port, timeout=0.5).scrape()
+        # Inside a block, failures are counted out and the first is raised at its end.
+        with (
+            pytest.raises(ScrapeError, match="scrapes failed"),
+            Scraper("127.0.0.1", port, every=60, timeout=0.5) as scraping,
+        ):
+            pass
+        assert scraping.scrapes == 0 and len(scraping.errors) == 1
+    finally:
+        server.done.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_scraper_fails_when_nothing_listens() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        with pytest.raises(ScrapeError, match="ConnectionRefusedError"):
+            Scraper("127.0.0.1", port).scrape()
