@@ -542,8 +542,9 @@ class AIBridge:
         self._concealment.reveal(flow)
         if flow.live and flow.response is None and self._is_health_check(flow):
             status, body = self._health()
+            content = b"" if flow.request.method == "HEAD" else orjson.dumps(body)
             flow.response = http.Response.make(
-                status, orjson.dumps(body), {"content-type": "application/json"}
+                status, content, {"content-type": "application/json"}
             )
             return
         if self.config is None:

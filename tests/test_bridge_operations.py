@@ -384,6 +384,14 @@ def test_health_on_the_proxy_port(make: Callable[..., Bridge], url: str) -> None
     assert query(bridge.db_path, "select count(*) n from interceptions")[0]["n"] == 0
 
 
+def test_health_answers_head_without_a_body(make: Callable[..., Bridge]) -> None:
+    bridge = make()
+    flow = make_flow(b"", url="https://api.openai.com/_aibridge/health", method="HEAD", token=None)
+    bridge.addon.request(flow)
+    assert flow.response is not None and flow.response.status_code == 200
+    assert flow.response.content == b""
+
+
 def test_health_is_not_answered_for_other_hosts(make: Callable[..., Bridge]) -> None:
     bridge = make()
     flow = make_flow(b"", url="https://example.com/_aibridge/health", method="GET", token=None)
