@@ -9,7 +9,7 @@ reported), never the stream.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aibridge.transport.inflate import BoundedInflater, DecodeLimitExceeded, normalize
 from aibridge.transport.sse import SSEParser
@@ -26,6 +26,9 @@ PARSE_BATCH_BYTES = 64 * 1024
 # event loop, at most this much decoded and parsed. The tee holds one inflate step (1 MiB)
 # and the parser one event (8 MiB) whatever this is.
 MAX_DECODED_BYTES = 128 << 20
+# 8 MiB is far above any real event (a large response.completed is a few MB) and keeps one
+# hostile event from holding much memory. The views parse with the same bound.
+MAX_EVENT_BYTES: Final = 8 << 20
 # The clock of mitmproxy's timestamps, looked up once: it is read for every chunk.
 _clock = time.time
 
@@ -43,10 +46,8 @@ class StreamTee:
         self.accumulator = accumulator
         # Replaces secrets upstream echoes (aibridge.echo); the copy parsed is the masked one.
         self.masker = masker
-        # 8 MiB is far above any real event (a large response.completed is a few MB) and keeps
-        # one hostile event from holding much memory.
         self.parser = SSEParser(
-            max_event_bytes=8 << 20,
+            max_event_bytes=MAX_EVENT_BYTES,
             wanted=None if api.wanted_events is None else api.wanted_events.__contains__,
             frequent=api.delta_events,
         )

@@ -34,14 +34,22 @@ import orjson
 from aibridge.apis import openai_chat as oc
 from aibridge.apis.common import MAX_COUNT, RequestError, ResponseResult
 from aibridge.transport.sse import SSEParser
+from aibridge.transport.tee import MAX_EVENT_BYTES
 from aibridge.view.common import (
     CALL_ARGS_LIMIT,
+    CONTENT_LIMIT,
+    DROPPED_HEAD,
     INDENT,
+    INPUT_LIMIT,
     INSTRUCTIONS_LIMIT,
+    LABEL_LIMIT,
+    LIST_SHOWN,
     MALFORMED_NOTES,
     MESSAGE_LIMIT,
     PRETTY_LIMIT,
+    STREAM_INPUT_LIMIT,
     TOOL_OUTPUT_LIMIT,
+    TRANSCRIPT_LIMIT,
     VALUE_LIMIT,
     Renderer,
     block,
@@ -51,32 +59,27 @@ from aibridge.view.common import (
     labelled,
     load_object,
     logged_prompt_line,
+    names_line,
     nonempty,
     plural,
     pretty,
+    render_request_with,
     render_response_with,
+    short_label,
     shorten,
     shown_positions,
     sse_events,
     unreadable,
+    value_text,
 )
 
 API: Final = oc.API.name  # the interceptions.api value: "chat_completions"
 TITLE: Final = "Chat Completions"
 
-TRANSCRIPT_LIMIT: Final = 200_000  # characters of messages shown; earlier ones left out
-CONTENT_LIMIT: Final = 200_000  # characters of a response's choices shown
-LIST_SHOWN: Final = 100  # tools, functions, tool calls of one message named
 PARTS_HEAD: Final = 20  # of a message with many parts, the first ones shown…
 PARTS_TAIL: Final = 60  # …and the last ones (where the typed text is)
 CHOICES_TRACKED: Final = 64  # choices of one response shown
 CALLS_TRACKED: Final = 1000  # tool calls of one response shown, over all its choices
-INPUT_LIMIT: Final = 256 << 10  # characters of one call's arguments kept to parse
-DROPPED_HEAD: Final = PRETTY_LIMIT - 200  # what is shown of longer ones (room for the note)
-STREAM_INPUT_LIMIT: Final = 8 << 20  # characters of all calls' arguments kept
-# As the stream tee parses (aibridge.transport.tee): an event the log drops, the view drops too.
-TEE_EVENT_BYTES: Final = 8 << 20
-LABEL_LIMIT: Final = 120  # a name, an id, a finish reason
 LOGGED_ERROR_LIMIT: Final = 1000  # the log's error text (a provider's message, a refusal)
 # Of a request's messages, how many (from the end) and how many parts of each are looked at
 # to tell an Anthropic body from a Chat one: enough for any real body, bounded for a hostile one.
@@ -177,18 +180,6 @@ REASONING_FIELDS: Final = ("reasoning_content", "reasoning")
 # ---------------------------------------------------------------------------- body parts
 
 
-def _label(value: Any) -> str | None:
-    """A short string field (a name, an id) fit to show, or None."""
-    text = nonempty(value)
-    return shorten(text, LABEL_LIMIT) if text is not None else None
-
-
-def _value(value: Any, limit: int = LABEL_LIMIT) -> str:
-    if value is None:
-        return "unset"
-    return shorten(value, limit) if isinstance(value, str) else compact(value, limit)
-
-
 def _is_index(value: Any) -> bool:
     # As the log reads a choice's or a call's index.
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
@@ -219,24 +210,24 @@ def _part(part: Any, limit: int) -> str:
             shown = f"[image {_data_url(url)}"
         else:
             shown = f"[image {shorten(url, LABEL_LIMIT)}" if url else "[image"
-        detail = _label(image.get("detail")) if isinstance(image, dict) else None
+        detail = short_label(image.get("detail")) if isinstance(image, dict) else None
         return f"{shown}, detail {detail}]" if detail and detail != "auto" else f"{shown}]"
     if kind == "input_audio":
         audio = part.get("input_audio")
         audio = audio if isinstance(audio, dict) else {}
         data = audio.get("data")
         size = f", base64 {len(data)} chars" if isinstance(data, str) else ""
-        return f"[input_audio {_label(audio.get('format')) or '?'}{size}]"
+        return f"[input_audio {short_label(audio.get('format')) or '?'}{size}]"
     if kind == "file":
         file = part.get("file")
         file = file if isinstance(file, dict) else {}
-        name = _label(file.get("filename"))
+        name = short_label(file.get("filename"))
         label = f"file {name!r}" if name else "file"
         data = file.get("file_data")
         if isinstance(data, str):
             size = _data_url(data) if data.startswith("data:") else f"{len(data)} chars"
             return f"[{label} {size}]"
-        return labelled(label, _label(file.get("file_id")))
+        return labelled(label, short_label(file.get("file_id")))
     name = shorten(kind, 60) if isinstance(kind, str) else "?"
     rest = {k: v for k, v in part.items() if k not in ("type", "cache_control")}
     return f"[{name}] {compact(rest, VALUE_LIMIT)}" if rest else f"[{name}]"
@@ -264,7 +255,7 @@ def _call_parts(call: Any) -> tuple[str, str | None, str | None, Any]:
     """A tool call's type, name, id and arguments (``function``, ``custom`` or legacy)."""
     if not isinstance(call, dict):
         return "?", None, None, call
-    kind = _label(call.get("type")) or "function"
+    kind = short_label(call.get("type")) or "function"
     body = call.get("function")
     if not isinstance(body, dict):
         body = call.get("custom")
@@ -272,7 +263,7 @@ def _call_parts(call: Any) -> tuple[str, str | None, str | None, Any]:
     args = body.get("arguments")
     if args is None:
         args = body.get("input")  # custom tools
-    return kind, _label(body.get("name")), _label(call.get("id")), args
+    return kind, short_label(body.get("name")), short_label(call.get("id")), args
 
 
 def _request_call(call: Any, kind: str | None = None) -> str:
@@ -292,17 +283,14 @@ def _request_call(call: Any, kind: str | None = None) -> str:
 
 def render_request(data: bytes) -> str:
     """A Chat Completions request body as readable text. Never raises."""
-    try:
-        return _render_request(data)
-    except Exception as exc:  # the view must show something for any body
-        return unreadable("AI Bridge could not render this request", repr(exc), data)
+    return render_request_with(data, _render_request)
 
 
 def _render_request(data: bytes) -> str:
     obj, why = load_object(data)
     if obj is None:
         return unreadable(f"Not a {TITLE} request", why, data)
-    lines = [f"{TITLE} request", f"model: {_value(obj.get('model'))}"]
+    lines = [f"{TITLE} request", f"model: {value_text(obj.get('model'))}"]
     stream = f"stream: {flag(obj, 'stream')}"
     if obj.get("stream") is True:
         options = obj.get("stream_options")
@@ -311,9 +299,9 @@ def _render_request(data: bytes) -> str:
         else:
             stream += " · usage: not requested (the provider reports none)"
     elif obj.get("stream_options") is not None:
-        stream += f" · stream_options: {_value(obj['stream_options'])}"
+        stream += f" · stream_options: {value_text(obj['stream_options'])}"
     lines.append(stream)
-    if settings := [f"{k}={_value(obj[k])}" for k in SETTINGS if obj.get(k) is not None]:
+    if settings := [f"{k}={value_text(obj[k])}" for k in SETTINGS if obj.get(k) is not None]:
         lines.append(f"settings: {', '.join(settings)}")
     if (response_format := obj.get("response_format")) is not None:
         lines.append(f"response_format: {_response_format(response_format)}")
@@ -324,9 +312,9 @@ def _render_request(data: bytes) -> str:
         lines.append(f"note: the bridge refuses this request (400): {shorten(str(exc), 200)}")
     if info is not None and info.session_id:
         lines.append(f"session: {shorten(info.session_id, LABEL_LIMIT)}")
-    lines.append(_names_line("tools", obj.get("tools"), _tool_name))
+    lines.append(names_line("tools", obj.get("tools"), _tool_name))
     if (functions := obj.get("functions")) is not None:  # the legacy form of tools
-        lines.append(_names_line("functions", functions, _tool_name))
+        lines.append(names_line("functions", functions, _tool_name))
     for key in ("tool_choice", "function_call"):
         choice = obj.get(key)
         if choice is not None and choice != "auto":
@@ -352,34 +340,23 @@ def _render_request(data: bytes) -> str:
 def _response_format(value: Any) -> str:
     """Its kind, and a JSON schema's name: ``json_schema (weather)``."""
     if not isinstance(value, dict):
-        return _value(value)
-    kind = _label(value.get("type")) or "?"
+        return value_text(value)
+    kind = short_label(value.get("type")) or "?"
     schema = value.get("json_schema")
-    name = _label(schema.get("name")) if isinstance(schema, dict) else None
+    name = short_label(schema.get("name")) if isinstance(schema, dict) else None
     return f"{kind} ({name})" if name else kind
-
-
-def _names_line(what: str, items: Any, name: Any) -> str:
-    if not items:
-        return f"{what}: none"
-    if not isinstance(items, list):
-        return f"{what}: {compact(items, VALUE_LIMIT)}"
-    names = [name(item) for item in items[:LIST_SHOWN]]
-    if len(items) > LIST_SHOWN:
-        names.append(f"… [{len(items) - LIST_SHOWN} more]")
-    return f"{what} ({len(items)}): {', '.join(names)}"
 
 
 def _tool_name(tool: Any) -> str:
     """``tools[].function.name`` (``custom.name``; a legacy function's ``name``), else its type."""
     if not isinstance(tool, dict):
         return compact(tool, 60)
-    kind = _label(tool.get("type"))
+    kind = short_label(tool.get("type"))
     for key in ("function", "custom"):
         body = tool.get(key)
-        if isinstance(body, dict) and (name := _label(body.get("name"))):
+        if isinstance(body, dict) and (name := short_label(body.get("name"))):
             return name if key == "function" else f"{name} (custom)"
-    return _label(tool.get("name")) or kind or "?"
+    return short_label(tool.get("name")) or kind or "?"
 
 
 def _prompt_at(messages: list[Any]) -> int | None:
@@ -416,18 +393,18 @@ def _message(message: Any, *, prompt: bool) -> str:
     """One message as a transcript entry; ``prompt`` marks the one the log's prompt is from."""
     if not isinstance(message, dict):
         return f"[?] {compact(message, VALUE_LIMIT)}"
-    role = _label(message.get("role")) or "?"
+    role = short_label(message.get("role")) or "?"
     content = message.get("content")
     if role == "tool":
-        head = f"← {_label(message.get('tool_call_id')) or '?'}"
+        head = f"← {short_label(message.get('tool_call_id')) or '?'}"
         text = _content_text(content, TOOL_OUTPUT_LIMIT)
         return block(f"{head}: ", shorten(text, TOOL_OUTPUT_LIMIT) or "(empty)")
     if role == "function":  # the legacy form of a tool result: named by its function
-        head = f"← {_label(message.get('name')) or '?'} [function]"
+        head = f"← {short_label(message.get('name')) or '?'} [function]"
         text = _content_text(content, TOOL_OUTPUT_LIMIT)
         return block(f"{head}: ", shorten(text, TOOL_OUTPUT_LIMIT) or "(empty)")
     head = role
-    if name := _label(message.get("name")):
+    if name := short_label(message.get("name")):
         head += f" ({name})"
     if prompt:
         head += " [prompt]"
@@ -474,7 +451,7 @@ def _message_pieces(message: dict[str, Any], limit: int) -> tuple[str | None, li
         pieces.append(_refusal(refusal))
     audio = message.get("audio")
     if isinstance(audio, dict):
-        pieces.append(labelled("audio", _label(audio.get("id"))))
+        pieces.append(labelled("audio", short_label(audio.get("id"))))
     calls = message.get("tool_calls")
     if isinstance(calls, list):
         pieces.extend(_request_call(call) for call in calls[:LIST_SHOWN])
@@ -633,7 +610,7 @@ def _render_error(obj: dict[str, Any], result: ResponseResult) -> str:
         facts = [
             f"{key}: {label}"
             for key in ("type", "param")
-            if (label := _label(nested.get(key))) and label != result.error_code
+            if (label := short_label(nested.get(key))) and label != result.error_code
         ]
         if facts:
             lines.append(" · ".join(facts))
@@ -652,7 +629,7 @@ def _logged_error(result: ResponseResult, obj: dict[str, Any] | None = None) -> 
 
 
 def _render_stream(data: bytes) -> str:
-    parser = SSEParser(max_event_bytes=TEE_EVENT_BYTES)
+    parser = SSEParser(max_event_bytes=MAX_EVENT_BYTES)  # as the tee: what the log drops
     state = _State()
     accumulator = oc.ChatAccumulator()
     for event in sse_events(parser, data):
@@ -739,7 +716,7 @@ def _take_message(
     state: _State, choice: _Choice, message: dict[str, Any], *, streamed: bool
 ) -> None:
     """A stream's ``delta`` or a buffered ``message``: each piece kept where it belongs."""
-    if (role := _label(message.get("role"))) and choice.role is None:
+    if (role := short_label(message.get("role"))) and choice.role is None:
         choice.role = role
     content = message.get("content")
     if isinstance(content, str):
@@ -787,16 +764,16 @@ def _take_call(state: _State, choice: _Choice, key: Any, entry: dict[str, Any]) 
             return
         state.calls += 1
         call = choice.calls[key] = _Call()
-    if (call_id := _label(entry.get("id"))) and call.call_id is None:
+    if (call_id := short_label(entry.get("id"))) and call.call_id is None:
         call.call_id = call_id
-    if kind := _label(entry.get("type")):
+    if kind := short_label(entry.get("type")):
         call.kind = kind
     body = entry.get("function")
     if not isinstance(body, dict):
         body = entry.get("custom")
     if not isinstance(body, dict):
         return
-    if (name := _label(body.get("name"))) and call.name is None:
+    if (name := short_label(body.get("name"))) and call.name is None:
         call.name = name
     piece = body.get("arguments")
     if piece is None:
@@ -853,7 +830,7 @@ def _render_outcome(
     positions = sorted(state.choices)
     reasons = [state.choices[i].finish_reason for i in positions]
     if len(reasons) == 1 and reasons[0] is not None:
-        lines.append(f"finish_reason: {_value(reasons[0])}")
+        lines.append(f"finish_reason: {value_text(reasons[0])}")
     elif len(reasons) > 1:
         lines.append(f"finish_reasons: {', '.join(_finish(r) for r in reasons)}")
     lines.extend(_usage_lines(result.token_usage))
@@ -880,7 +857,7 @@ def _render_outcome(
 
 
 def _finish(reason: Any) -> str:
-    return "none" if reason is None else _value(reason, 60)
+    return "none" if reason is None else value_text(reason, 60)
 
 
 def _choice_entry(index: int, choice: _Choice, *, streamed: bool, several: bool) -> str:

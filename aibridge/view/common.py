@@ -26,6 +26,13 @@ LIST_LIMIT: Final = 50  # items of one list inside a pretty-printed value
 DEPTH_LIMIT: Final = 24  # nesting inside a pretty-printed value (orjson writes at most ~255)
 PREVIEW_LIMIT: Final = 2000  # raw text shown when a body cannot be read
 MALFORMED_NOTES: Final = 3  # malformed events described one by one; the rest only counted
+TRANSCRIPT_LIMIT: Final = 200_000  # characters of messages shown; earlier ones left out
+CONTENT_LIMIT: Final = 200_000  # characters of a response's content shown
+LIST_SHOWN: Final = 100  # items of a request's list (tools, system blocks, ...) named
+LABEL_LIMIT: Final = 120  # a name, an id, a finish or stop reason
+INPUT_LIMIT: Final = 256 << 10  # characters of one streamed tool input kept to parse
+DROPPED_HEAD: Final = PRETTY_LIMIT - 200  # what is shown of a longer one (room for the note)
+STREAM_INPUT_LIMIT: Final = 8 << 20  # characters of all streamed tool inputs kept
 # A stored stream is handed to the SSE parser this much at a time, so that a 100 MB body
 # becomes events a chunk's worth at a time, never one list of a million events.
 STREAM_CHUNK: Final = 1 << 20
@@ -226,3 +233,36 @@ def logged_prompt_line(prompt: str | None, call_id: str | None, id_name: str, id
     if call_id is not None:
         return f"logged prompt: none (answers {id_name} {shorten(call_id, id_limit)})"
     return "logged prompt: none"
+
+
+def short_label(value: Any) -> str | None:
+    """A short string field (a name, an id) fit to show, or None."""
+    text = nonempty(value)
+    return shorten(text, LABEL_LIMIT) if text is not None else None
+
+
+def value_text(value: Any, limit: int = LABEL_LIMIT) -> str:
+    if value is None:
+        return "unset"
+    return shorten(value, limit) if isinstance(value, str) else compact(value, limit)
+
+
+def names_line(what: str, items: Any, name: Callable[[Any], str]) -> str:
+    """``what (n): a, b, …``: the items of a request's list, named by `name`."""
+    if not items:
+        return f"{what}: none"
+    if not isinstance(items, list):
+        return f"{what}: {compact(items, VALUE_LIMIT)}"
+    names = [name(item) for item in items[:LIST_SHOWN]]
+    if len(items) > LIST_SHOWN:
+        names.append(f"… [{len(items) - LIST_SHOWN} more]")
+    return f"{what} ({len(items)}): {', '.join(names)}"
+
+
+def render_request_with(data: bytes, render: Callable[[bytes], str]) -> str:
+    """A request body rendered by `render`. Never raises: the view must show something for
+    any body."""
+    try:
+        return render(data)
+    except Exception as exc:
+        return unreadable("AI Bridge could not render this request", repr(exc), data)

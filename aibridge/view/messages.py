@@ -30,14 +30,22 @@ import orjson
 from aibridge.apis import anthropic_messages as am
 from aibridge.apis.common import ResponseResult, count
 from aibridge.transport.sse import SSEParser
+from aibridge.transport.tee import MAX_EVENT_BYTES
 from aibridge.view.common import (
     CALL_ARGS_LIMIT,
+    CONTENT_LIMIT,
+    DROPPED_HEAD,
     INDENT,
+    INPUT_LIMIT,
     INSTRUCTIONS_LIMIT,
+    LABEL_LIMIT,
+    LIST_SHOWN,
     MALFORMED_NOTES,
     MESSAGE_LIMIT,
     PRETTY_LIMIT,
+    STREAM_INPUT_LIMIT,
     TOOL_OUTPUT_LIMIT,
+    TRANSCRIPT_LIMIT,
     VALUE_LIMIT,
     Renderer,
     block,
@@ -49,32 +57,27 @@ from aibridge.view.common import (
     load_object,
     logged_prompt_line,
     malformed_note,
+    names_line,
     nonempty,
     plural,
     pretty,
+    render_request_with,
     render_response_with,
+    short_label,
     shorten,
     shown_positions,
     sse_events,
     unreadable,
+    value_text,
 )
 
 API: Final = "messages"  # the interceptions.api value (aibridge.apis.anthropic_messages)
 TITLE: Final = "Messages API"
 
-TRANSCRIPT_LIMIT: Final = 200_000  # characters of messages shown; earlier ones left out
-CONTENT_LIMIT: Final = 200_000  # characters of a response's content blocks shown
-LIST_SHOWN: Final = 100  # tools, system blocks, MCP servers, result items named
 BLOCKS_HEAD: Final = 20  # of a message with many blocks, the first ones shown…
 BLOCKS_TAIL: Final = 60  # …and the last ones (where the typed text and tool results are)
 NESTING_LIMIT: Final = 4  # tool results inside tool results, before they are only counted
 STREAM_BLOCKS: Final = 1000  # content blocks of one stream tracked
-INPUT_LIMIT: Final = 256 << 10  # characters of one streamed tool input kept to parse
-DROPPED_HEAD: Final = PRETTY_LIMIT - 200  # what is shown of a longer one (room for the note)
-STREAM_INPUT_LIMIT: Final = 8 << 20  # characters of all streamed tool inputs kept
-# As the stream tee parses (aibridge.transport.tee): an event the log drops, the view drops too.
-TEE_EVENT_BYTES: Final = 8 << 20
-LABEL_LIMIT: Final = 120  # a name, an id, a stop reason
 # Where a message's prompt is, besides a block position: nowhere, or its string content.
 NO_PROMPT: Final = -2
 STRING_PROMPT: Final = -1
@@ -106,18 +109,6 @@ STREAM_EVENTS: Final = frozenset(
 
 
 # ---------------------------------------------------------------------------- body parts
-
-
-def _label(value: Any) -> str | None:
-    """A short string field (a name, an id) fit to show, or None."""
-    text = nonempty(value)
-    return shorten(text, LABEL_LIMIT) if text is not None else None
-
-
-def _value(value: Any, limit: int = LABEL_LIMIT) -> str:
-    if value is None:
-        return "unset"
-    return shorten(value, limit) if isinstance(value, str) else compact(value, limit)
 
 
 def _is_text(item: Any) -> bool:
@@ -183,12 +174,12 @@ def _thinking(text: str, suffix: str = "") -> str:
 
 def _tool_use(item: dict[str, Any], tool_input: Any, *, response: bool, suffix: str = "") -> str:
     """A tool call; ``tool_input`` is its parsed input (or, from a stream, the text shown)."""
-    kind = _label(item.get("type")) or "tool_use"
-    name = _label(item.get("name")) or kind
-    if server := _label(item.get("server_name")):  # MCP: the server the tool lives on
+    kind = short_label(item.get("type")) or "tool_use"
+    name = short_label(item.get("name")) or kind
+    if server := short_label(item.get("server_name")):  # MCP: the server the tool lives on
         name = f"{server}: {name}"
     tags = f" [{kind}]" if kind != "tool_use" else ""
-    call_id = _label(item.get("id"))
+    call_id = short_label(item.get("id"))
     ident = f"  id={call_id}" if call_id else ""
     if not response:
         args = compact(tool_input, CALL_ARGS_LIMIT) if tool_input is not None else ""
@@ -202,8 +193,8 @@ def _tool_use(item: dict[str, Any], tool_input: Any, *, response: bool, suffix: 
 
 
 def _tool_result(item: dict[str, Any], depth: int) -> str:
-    kind = _label(item.get("type")) or "tool_result"
-    head = f"← {_label(item.get('tool_use_id')) or '?'}"
+    kind = short_label(item.get("type")) or "tool_result"
+    head = f"← {short_label(item.get('tool_use_id')) or '?'}"
     if kind != "tool_result":
         head += f" [{kind}]"
     if item.get("is_error") is True:
@@ -223,7 +214,7 @@ def _result_text(content: Any, depth: int) -> str:
     if isinstance(content, dict):
         kind = content.get("type")
         if isinstance(kind, str) and kind.endswith("_error"):
-            return f"error: {_label(content.get('error_code')) or shorten(kind, 60)}"
+            return f"error: {short_label(content.get('error_code')) or shorten(kind, 60)}"
         return _result_item(content, depth)
     if not isinstance(content, list):
         return compact(content, VALUE_LIMIT)
@@ -237,8 +228,8 @@ def _result_item(part: Any, depth: int) -> str:
     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
         return shorten(part["text"], TOOL_OUTPUT_LIMIT)
     if isinstance(part, dict) and part.get("type") == "web_search_result":
-        title = _label(part.get("title")) or "(untitled)"
-        url = _label(part.get("url"))
+        title = short_label(part.get("title")) or "(untitled)"
+        url = short_label(part.get("url"))
         return f"{title} <{url}>" if url else title
     return shorten(_content_block(part, text_limit=TOOL_OUTPUT_LIMIT, depth=depth), VALUE_LIMIT)
 
@@ -246,23 +237,23 @@ def _result_item(part: Any, depth: int) -> str:
 def _source(kind: str, item: dict[str, Any]) -> str:
     """An image or document as a placeholder: its type and size, never the base64."""
     source = item.get("source")
-    title = _label(item.get("title"))
+    title = short_label(item.get("title"))
     label = f"{kind} {title!r}" if title else kind
     if not isinstance(source, dict):
         return f"[{label}]"
     source_type = source.get("type")
     data = source.get("data")
     if source_type == "base64":
-        media = _label(source.get("media_type")) or "?"
+        media = short_label(source.get("media_type")) or "?"
         size = len(data) if isinstance(data, str) else 0
         return f"[{label} {media}, base64 {size} chars]"
     if source_type == "url":
         return labelled(label, nonempty(source.get("url")))
     if source_type == "file":
-        return labelled(label, f"file {_label(source.get('file_id')) or '?'}")
+        return labelled(label, f"file {short_label(source.get('file_id')) or '?'}")
     if source_type == "text" and isinstance(data, str):
         return f"[{label} text, {len(data)} chars]"
-    return f"[{label} {_label(source_type) or '?'} source]"
+    return f"[{label} {short_label(source_type) or '?'} source]"
 
 
 # -------------------------------------------------------------------------------- request
@@ -270,32 +261,29 @@ def _source(kind: str, item: dict[str, Any]) -> str:
 
 def render_request(data: bytes) -> str:
     """A Messages API request body (``POST /v1/messages``) as readable text. Never raises."""
-    try:
-        return _render_request(data)
-    except Exception as exc:  # the view must show something for any body
-        return unreadable("AI Bridge could not render this request", repr(exc), data)
+    return render_request_with(data, _render_request)
 
 
 def _render_request(data: bytes) -> str:
     obj, why = load_object(data)
     if obj is None:
         return unreadable(f"Not a {TITLE} request", why, data)
-    lines = [f"{TITLE} request", f"model: {_value(obj.get('model'))}"]
+    lines = [f"{TITLE} request", f"model: {value_text(obj.get('model'))}"]
     lines.append(f"stream: {flag(obj, 'stream')} · max_tokens: {flag(obj, 'max_tokens')}")
     thinking = obj.get("thinking")
     if isinstance(thinking, dict) and thinking:
-        settings = [f"{_value(k, 60)}={_value(v)}" for k, v in list(thinking.items())[:20]]
+        settings = [f"{value_text(k, 60)}={value_text(v)}" for k, v in list(thinking.items())[:20]]
         lines.append(f"thinking: {', '.join(settings)}")
     elif thinking is not None:
-        lines.append(f"thinking: {_value(thinking)}")
-    if settings := [f"{k}={_value(obj[k])}" for k in SETTINGS if obj.get(k) is not None]:
+        lines.append(f"thinking: {value_text(thinking)}")
+    if settings := [f"{k}={value_text(obj[k])}" for k in SETTINGS if obj.get(k) is not None]:
         lines.append(f"settings: {', '.join(settings)}")
     if session := am.session_id_from_metadata(obj.get("metadata")):
         lines.append(f"session: {shorten(session, LABEL_LIMIT)}")
     lines.extend(_system_lines(obj.get("system")))
-    lines.append(_names_line("tools", obj.get("tools"), _tool_name))
+    lines.append(names_line("tools", obj.get("tools"), _tool_name))
     if (servers := obj.get("mcp_servers")) is not None:
-        lines.append(_names_line("mcp_servers", servers, _server_name))
+        lines.append(names_line("mcp_servers", servers, _server_name))
     choice = obj.get("tool_choice")
     if choice is not None and choice != {"type": "auto"}:
         lines.append(f"tool_choice: {compact(choice, VALUE_LIMIT)}")
@@ -332,21 +320,10 @@ def _system_lines(system: Any) -> list[str]:
     return lines
 
 
-def _names_line(what: str, items: Any, name: Any) -> str:
-    if not items:
-        return f"{what}: none"
-    if not isinstance(items, list):
-        return f"{what}: {compact(items, VALUE_LIMIT)}"
-    names = [name(item) for item in items[:LIST_SHOWN]]
-    if len(items) > LIST_SHOWN:
-        names.append(f"… [{len(items) - LIST_SHOWN} more]")
-    return f"{what} ({len(items)}): {', '.join(names)}"
-
-
 def _tool_name(tool: Any) -> str:
     if not isinstance(tool, dict):
         return compact(tool, 60)
-    name, kind = _label(tool.get("name")), _label(tool.get("type"))
+    name, kind = short_label(tool.get("name")), short_label(tool.get("type"))
     if name and kind and kind != "custom":  # a server tool: its versioned type says which
         return f"{name} ({kind})"
     return name or kind or "?"
@@ -355,7 +332,7 @@ def _tool_name(tool: Any) -> str:
 def _server_name(server: Any) -> str:
     if not isinstance(server, dict):
         return compact(server, 60)
-    return _label(server.get("name")) or _label(server.get("url")) or "?"
+    return short_label(server.get("name")) or short_label(server.get("url")) or "?"
 
 
 def _prompt_at(messages: list[Any], prompt: str | None) -> tuple[int, int | None] | None:
@@ -400,7 +377,7 @@ def _message(message: Any, mark: int) -> str:
     string content is the prompt) or NO_PROMPT."""
     if not isinstance(message, dict):
         return f"[?] {compact(message, VALUE_LIMIT)}"
-    role = _label(message.get("role")) or "?"
+    role = short_label(message.get("role")) or "?"
     content = message.get("content")
     # A system-role message (Claude Code's environment) is boilerplate, like the system prompt.
     limit = INSTRUCTIONS_LIMIT if role == "system" else MESSAGE_LIMIT
@@ -451,7 +428,7 @@ def _render_buffered(data: bytes) -> str:
         return unreadable(f"Not a {TITLE} response", why, data)
     if _is_error_body(obj):
         lines = [f"{TITLE} error", f"error: {_error_text(obj)}"]
-        if request_id := _label(obj.get("request_id")):
+        if request_id := short_label(obj.get("request_id")):
             lines.append(f"request_id: {request_id}")
         return "\n".join(lines)
     accumulator = am.MessagesAccumulator()
@@ -480,13 +457,13 @@ def _render_outcome(
     lines = [title]
     for key in ("id", "model"):
         if facts.get(key) is not None:
-            lines.append(f"{key}: {_value(facts[key])}")
+            lines.append(f"{key}: {value_text(facts[key])}")
     if result.status is not None:
         lines.append(f"status: {result.status}")
     if facts.get("stop_reason") is not None:
-        stop = f"stop_reason: {_value(facts['stop_reason'])}"
+        stop = f"stop_reason: {value_text(facts['stop_reason'])}"
         if facts.get("stop_sequence") is not None:
-            stop += f" (stop_sequence {_value(facts['stop_sequence'])})"
+            stop += f" (stop_sequence {value_text(facts['stop_sequence'])})"
         lines.append(stop)
     lines.extend(_usage_lines(result.token_usage))
     if stream_error:
@@ -539,7 +516,7 @@ def _usage_lines(row: dict[str, Any] | None) -> list[str]:
     lines = [line]
     server = raw.get("server_tool_use")
     if isinstance(server, dict) and server:
-        uses = [f"{_value(k, 60)} {_value(v, 40)}" for k, v in list(server.items())[:10]]
+        uses = [f"{value_text(k, 60)} {value_text(v, 40)}" for k, v in list(server.items())[:10]]
         lines.append(f"server tools: {', '.join(uses)}")
     return lines
 
@@ -602,7 +579,7 @@ class _StreamState:
 
 
 def _render_stream(data: bytes) -> str:
-    parser = SSEParser(max_event_bytes=TEE_EVENT_BYTES)
+    parser = SSEParser(max_event_bytes=MAX_EVENT_BYTES)  # as the tee: what the log drops
     state = _StreamState()
     accumulator = am.MessagesAccumulator()
     for event in sse_events(parser, data):
@@ -723,7 +700,7 @@ def _start_block(state: _StreamState, index: int, content: dict[str, Any]) -> No
             started.keep_text(text)
     elif isinstance(kind, str) and kind.endswith("tool_use"):
         keys = ("type", "id", "name", "server_name")
-        started = _StreamBlock("tool", {k: _label(content.get(k)) for k in keys})
+        started = _StreamBlock("tool", {k: short_label(content.get(k)) for k in keys})
         if (start_input := content.get("input")) not in (None, {}):
             started.start_input = pretty(start_input)  # shown if no delta follows
     else:  # results, redacted thinking, blocks of the future: whole at their start
