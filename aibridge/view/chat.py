@@ -49,7 +49,6 @@ from aibridge.view.common import (
     PRETTY_LIMIT,
     STREAM_INPUT_LIMIT,
     TOOL_OUTPUT_LIMIT,
-    TRANSCRIPT_LIMIT,
     VALUE_LIMIT,
     Renderer,
     block,
@@ -57,6 +56,7 @@ from aibridge.view.common import (
     flag,
     indented,
     labelled,
+    latest_first,
     load_object,
     logged_prompt_line,
     names_line,
@@ -374,19 +374,10 @@ def _prompt_at(messages: list[Any]) -> int | None:
 
 
 def _transcript(messages: list[Any], prompt_at: int | None) -> list[str]:
-    """The messages as entries, the latest kept first: past TRANSCRIPT_LIMIT characters the
-    earlier ones are only counted (a long agent history ends with what matters)."""
-    entries: list[str] = []
-    used = 0
-    for position in range(len(messages) - 1, -1, -1):
-        if used > TRANSCRIPT_LIMIT:
-            entries.append(f"… [{plural(position + 1, 'earlier message')} not shown]")
-            break
-        entry = _message(messages[position], prompt=position == prompt_at)
-        entries.append(entry)
-        used += len(entry)
-    entries.reverse()
-    return entries
+    """The messages as entries (``latest_first``)."""
+    return latest_first(
+        len(messages), lambda position: _message(messages[position], prompt=position == prompt_at)
+    )
 
 
 def _message(message: Any, *, prompt: bool) -> str:

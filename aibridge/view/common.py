@@ -266,3 +266,20 @@ def render_request_with(data: bytes, render: Callable[[bytes], str]) -> str:
         return render(data)
     except Exception as exc:
         return unreadable("AI Bridge could not render this request", repr(exc), data)
+
+
+def latest_first(count: int, entry: Callable[[int], str]) -> list[str]:
+    """The entries of positions 0 to count - 1, built from the last: past TRANSCRIPT_LIMIT
+    characters the earlier ones are only counted (a long agent history ends with what
+    matters)."""
+    entries: list[str] = []
+    used = 0
+    for position in range(count - 1, -1, -1):
+        if used > TRANSCRIPT_LIMIT:
+            entries.append(f"… [{plural(position + 1, 'earlier message')} not shown]")
+            break
+        text = entry(position)
+        entries.append(text)
+        used += len(text)
+    entries.reverse()
+    return entries

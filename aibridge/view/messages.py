@@ -45,7 +45,6 @@ from aibridge.view.common import (
     PRETTY_LIMIT,
     STREAM_INPUT_LIMIT,
     TOOL_OUTPUT_LIMIT,
-    TRANSCRIPT_LIMIT,
     VALUE_LIMIT,
     Renderer,
     block,
@@ -54,6 +53,7 @@ from aibridge.view.common import (
     flag,
     indented,
     labelled,
+    latest_first,
     load_object,
     logged_prompt_line,
     malformed_note,
@@ -354,22 +354,15 @@ def _prompt_at(messages: list[Any], prompt: str | None) -> tuple[int, int | None
 
 
 def _transcript(messages: list[Any], prompt_at: tuple[int, int | None] | None) -> list[str]:
-    """The messages as entries, the latest kept first: past TRANSCRIPT_LIMIT characters the
-    earlier ones are only counted (a long agent history ends with what matters)."""
-    entries: list[str] = []
-    used = 0
-    for position in range(len(messages) - 1, -1, -1):
-        if used > TRANSCRIPT_LIMIT:
-            entries.append(f"… [{plural(position + 1, 'earlier message')} not shown]")
-            break
+    """The messages as entries (``latest_first``)."""
+
+    def entry(position: int) -> str:
         mark = NO_PROMPT
         if prompt_at is not None and prompt_at[0] == position:
             mark = STRING_PROMPT if prompt_at[1] is None else prompt_at[1]
-        entry = _message(messages[position], mark)
-        entries.append(entry)
-        used += len(entry)
-    entries.reverse()
-    return entries
+        return _message(messages[position], mark)
+
+    return latest_first(len(messages), entry)
 
 
 def _message(message: Any, mark: int) -> str:
