@@ -382,9 +382,14 @@ def test_any_event_stream() -> None:
 # ----------------------------------------------------------------------- mitmproxy registry
 
 
-def responses_flow(
-    request: bytes, response: bytes, content_type: str, path: str = "/v1/responses"
+def flow_of(
+    request: bytes,
+    response: bytes,
+    content_type: str,
+    path: str = "/v1/responses",
+    api: str | None = None,
 ) -> http.HTTPFlow:
+    """A finished POST with these bodies; `api`: what the bridge noted on it, if anything."""
     flow = tflow.tflow(resp=True)
     flow.request.method = "POST"
     flow.request.path = path
@@ -392,6 +397,8 @@ def responses_flow(
     flow.request.content = request
     flow.response.headers["content-type"] = content_type
     flow.response.content = response
+    if api is not None:
+        flow.metadata[FLOW_METADATA_KEY] = {"interception_id": "x", "api": api}
     return flow
 
 
@@ -408,7 +415,7 @@ def registered() -> Iterator[None]:
 @pytest.mark.usefixtures("registered")
 def test_registry_picks_the_view_for_a_streamed_flow() -> None:
     request, response, content_type, _ = fixture("codex_turn_streamed")
-    flow = responses_flow(request, response, content_type + "; charset=utf-8")
+    flow = flow_of(request, response, content_type + "; charset=utf-8")
     shown = contentviews.prettify_message(flow.request, flow)
     assert shown.view_name == NAME
     assert "← call_shell_1: Exit code: 1" in shown.text
@@ -421,7 +428,7 @@ def test_registry_picks_the_view_for_a_streamed_flow() -> None:
 @pytest.mark.usefixtures("registered")
 def test_registry_picks_the_view_for_a_buffered_flow_under_a_route_prefix() -> None:
     request, response, content_type, _ = fixture("tool_result_buffered")
-    flow = responses_flow(request, response, content_type, path="/openai/v1/responses?x=1")
+    flow = flow_of(request, response, content_type, path="/openai/v1/responses?x=1")
     shown = contentviews.prettify_message(flow.response, flow)
     assert shown.view_name == NAME
     assert "assistant: It's 18 °C and cloudy in Paris right now." in shown.text
@@ -432,9 +439,9 @@ def test_registry_picks_the_view_for_a_buffered_flow_under_a_route_prefix() -> N
 @pytest.mark.usefixtures("registered")
 def test_other_flows_keep_their_usual_view() -> None:
     request, response, _, _ = fixture("text_buffered")
-    flow = responses_flow(request, response, JSON, path="/v1/completions")
+    flow = flow_of(request, response, JSON, path="/v1/completions")
     assert contentviews.prettify_message(flow.response, flow).view_name == "JSON"
-    flow = responses_flow(request, b"<html>bad gateway</html>", "text/html")
+    flow = flow_of(request, b"<html>bad gateway</html>", "text/html")
     assert contentviews.prettify_message(flow.response, flow).view_name != NAME
     assert VIEW.render_priority(response, Metadata(content_type=JSON)) == 0
     ws = tflow.twebsocketflow()
@@ -443,7 +450,7 @@ def test_other_flows_keep_their_usual_view() -> None:
 
 def test_bridged_flow_on_a_custom_path() -> None:
     request, _, _, _ = fixture("text_buffered")
-    flow = responses_flow(request, b"", JSON, path="/deployments/gpt/generate")
+    flow = flow_of(request, b"", JSON, path="/deployments/gpt/generate")
     meta = Metadata(flow=flow, http_message=flow.request, content_type=None)
     assert VIEW.render_priority(request, meta) == 0
     flow.metadata[FLOW_METADATA_KEY] = {"interception_id": "x"}

@@ -14,9 +14,8 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mitmproxy import contentviews, http
+from mitmproxy import contentviews
 from mitmproxy.contentviews import Metadata
-from mitmproxy.test import taddons, tflow
 
 from aibridge.apis import openai_chat as oc
 from aibridge.apis import openai_errors
@@ -25,15 +24,13 @@ from aibridge.contentview import (
     NAME,
     PRIORITY,
     VIEW,
-    register,
     render_body,
     render_request,
     render_response,
-    unregister,
 )
 from aibridge.transport.sse import SSEParser
 from aibridge.view import chat
-from tests.test_contentview import assert_shown, leaves
+from tests.test_contentview import assert_shown, flow_of, leaves, registered  # noqa: F401
 from tests.test_contentview import fixture as responses_fixture
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openai_chat"
@@ -1032,31 +1029,6 @@ def test_response_shape_tells_chat() -> None:
     request_body, _, _, _ = fixture("text_streamed")
     assert render_request(request_body, "messages").startswith("Messages API request")
     assert render_request(request_body, "responses").startswith("Responses API request")
-
-
-def flow_of(
-    request_body: bytes, response: bytes, content_type: str, path: str, api: str | None = None
-) -> http.HTTPFlow:
-    flow = tflow.tflow(resp=True)
-    flow.request.method = "POST"
-    flow.request.path = path
-    flow.request.headers["content-type"] = "application/json"
-    flow.request.content = request_body
-    flow.response.headers["content-type"] = content_type
-    flow.response.content = response
-    if api is not None:
-        flow.metadata[FLOW_METADATA_KEY] = {"interception_id": "x", "api": api}
-    return flow
-
-
-@pytest.fixture
-def registered() -> Iterator[None]:
-    with taddons.context():  # mitmproxy's prettify reads ctx.options
-        register()
-        try:
-            yield
-        finally:
-            unregister()
 
 
 @pytest.mark.usefixtures("registered")

@@ -13,9 +13,8 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mitmproxy import contentviews, http
+from mitmproxy import contentviews
 from mitmproxy.contentviews import Metadata
-from mitmproxy.test import taddons, tflow
 
 from aibridge.apis import anthropic_messages as am
 from aibridge.contentview import (
@@ -23,14 +22,12 @@ from aibridge.contentview import (
     NAME,
     PRIORITY,
     VIEW,
-    register,
     render_body,
     render_request,
     render_response,
-    unregister,
 )
 from aibridge.transport.sse import SSEParser
-from tests.test_contentview import assert_shown, leaves
+from tests.test_contentview import assert_shown, flow_of, leaves, registered  # noqa: F401
 from tests.test_contentview import fixture as responses_fixture
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic_messages"
@@ -794,31 +791,6 @@ def test_body_shape_decides_without_an_api() -> None:
     assert render_response(stream, SSE).startswith(STREAM_TITLE)
     # The API given wins over the shape.
     assert render_request(request, "responses").startswith("Responses API request")
-
-
-def flow_of(
-    request: bytes, response: bytes, content_type: str, path: str, api: str | None = None
-) -> http.HTTPFlow:
-    flow = tflow.tflow(resp=True)
-    flow.request.method = "POST"
-    flow.request.path = path
-    flow.request.headers["content-type"] = "application/json"
-    flow.request.content = request
-    flow.response.headers["content-type"] = content_type
-    flow.response.content = response
-    if api is not None:
-        flow.metadata[FLOW_METADATA_KEY] = {"interception_id": "x", "api": api}
-    return flow
-
-
-@pytest.fixture
-def registered() -> Iterator[None]:
-    with taddons.context():  # mitmproxy's prettify reads ctx.options
-        register()
-        try:
-            yield
-        finally:
-            unregister()
 
 
 @pytest.mark.usefixtures("registered")
