@@ -85,6 +85,15 @@ def chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def _asks_for_slow(body: bytes) -> bool:
+    """A request for the fake's ``fake-slow`` scenario, which this upstream does not serve."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(req, dict) and req.get("model") == "fake-slow"
+
+
 class Upstream:
     """One asyncio server on loopback; ``serve`` runs until ``stop`` is set."""
 
@@ -154,11 +163,7 @@ class Upstream:
         self, writer: asyncio.StreamWriter, headers: dict[str, str], body: bytes
     ) -> bool:
         self.messages_calls += 1
-        try:
-            req = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            req = None
-        if isinstance(req, dict) and req.get("model") == "fake-slow":
+        if _asks_for_slow(body):
             reply = fake_anthropic.error_reply(
                 400, "invalid_request_error", "fake-slow is not served by the bench upstream"
             )
@@ -170,11 +175,7 @@ class Upstream:
         self, writer: asyncio.StreamWriter, headers: dict[str, str], body: bytes
     ) -> bool:
         self.chat_calls += 1  # every call counted, refused ones too, as the fake counts
-        try:
-            req = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            req = None
-        if isinstance(req, dict) and req.get("model") == "fake-slow":
+        if _asks_for_slow(body):
             reply = fake_openai_chat.error_reply(
                 400, "fake-slow is not served by the bench upstream", "invalid_request_error"
             )
