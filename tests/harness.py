@@ -285,3 +285,20 @@ def finished_with_prompt(db_path: Path, prompt: str) -> dict[str, Any]:
     row = wait_for(find)
     assert row, f"no finished interception with prompt {prompt!r}"
     return row
+
+
+def children(bridge: MitmdumpProcess, table: str, interception_id: str) -> list[dict[str, Any]]:
+    """The rows of `table` that belong to one interception, in the order they were written."""
+    sql = f"select * from {table} where interception_id = ? order by rowid"
+    return query(bridge.db_path, sql, (interception_id,))
+
+
+def finished_turns(bridge: MitmdumpProcess, session: str, count: int) -> list[dict[str, Any]]:
+    """The finished interceptions of a client session, once there are `count` of them."""
+    sql = (
+        "select * from interceptions where client_session_id = ? and ended_at is not null "
+        "order by started_at"
+    )
+    return wait_for(
+        lambda: (rows := query(bridge.db_path, sql, (session,))) and len(rows) >= count and rows
+    )

@@ -14,7 +14,14 @@ import orjson
 import pytest
 
 from devtools.fake_upstream import FakeUpstream
-from tests.harness import REPO, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import (
+    REPO,
+    TOKENS,
+    Mitmdump,
+    bridge_config,
+    children,
+    finished_turns,
+)
 
 CLAUDE = REPO / "node_modules" / ".bin" / "claude"
 
@@ -68,21 +75,6 @@ def claude_p(bridge: Mitmdump, tmp_path: Path, prompt: str, *args: str) -> dict[
     return output
 
 
-def turns(bridge: Mitmdump, session: str, count: int) -> list[dict[str, Any]]:
-    sql = (
-        "select * from interceptions where client_session_id = ? and ended_at is not null "
-        "order by started_at"
-    )
-    return wait_for(
-        lambda: (rows := query(bridge.db_path, sql, (session,))) and len(rows) >= count and rows
-    )
-
-
-def children(bridge: Mitmdump, table: str, interception_id: str) -> list[dict[str, Any]]:
-    sql = f"select * from {table} where interception_id = ? order by rowid"
-    return query(bridge.db_path, sql, (interception_id,))
-
-
 def logged_usage(bridge: Mitmdump, rows: list[dict[str, Any]]) -> dict[str, int]:
     """The run's usage as Claude Code sums it, from the log's columns."""
     usages = [u for row in rows for u in children(bridge, "token_usages", row["id"])]
@@ -117,7 +109,7 @@ def check_turn(row: dict[str, Any]) -> None:
 
 def test_plain_turn(bridge: Mitmdump, tmp_path: Path) -> None:
     output = claude_p(bridge, tmp_path, "say hi")
-    (row,) = turns(bridge, output["session_id"], 1)
+    (row,) = finished_turns(bridge, output["session_id"], 1)
     check_turn(row)
     assert row["response_model"] == row["model"]
     (prompt,) = children(bridge, "user_prompts", row["id"])
@@ -129,7 +121,7 @@ def test_plain_turn(bridge: Mitmdump, tmp_path: Path) -> None:
 def test_tool_turn_and_its_follow_up(bridge: Mitmdump, tmp_path: Path) -> None:
     output = claude_p(bridge, tmp_path, "run echo hi", "--allowedTools", "Bash(echo hi)")
     assert output["num_turns"] == 2 and "hi" in output["result"]
-    first, second = turns(bridge, output["session_id"], 2)
+    first, second = finished_turns(bridge, output["session_id"], 2)
     for row in (first, second):
         check_turn(row)
     (call,) = children(bridge, "tool_usages", first["id"])

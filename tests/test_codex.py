@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from devtools.fake_upstream import FakeUpstream
-from tests.harness import REPO, TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import REPO, TOKENS, Mitmdump, bridge_config, children, query, wait_for
 
 CODEX = REPO / "node_modules" / ".bin" / "codex"
 PROMPT = "Run echo hello-from-tool in the shell and tell me what it printed."
@@ -69,12 +69,6 @@ def turns(bridge: Mitmdump, session: str) -> list[dict[str, Any]]:
         "select * from interceptions where client_session_id = ? "
         "and ended_at is not null order by started_at",
         (session,),
-    )
-
-
-def children(bridge: Mitmdump, table: str, interception_id: str) -> list[dict[str, Any]]:
-    return query(
-        bridge.db_path, f"select * from {table} where interception_id = ?", (interception_id,)
     )
 
 

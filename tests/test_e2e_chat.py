@@ -20,6 +20,7 @@ from tests.harness import (
     TOKENS,
     Mitmdump,
     bridge_config,
+    children,
     query,
     replay_flows,
     wait_for,
@@ -57,11 +58,6 @@ def ended(bridge: Mitmdump, where: str, params: tuple[Any, ...] = ()) -> dict[st
     sql = f"select * from interceptions where ended_at is not null and {where}"
     (row,) = wait_for(lambda: query(bridge.db_path, sql, params))
     return row
-
-
-def children(bridge: Mitmdump, table: str, interception_id: str) -> list[dict[str, Any]]:
-    sql = f"select * from {table} where interception_id = ? order by rowid"
-    return query(bridge.db_path, sql, (interception_id,))
 
 
 def last_chat_request(upstream: FakeUpstream) -> Any:

@@ -261,6 +261,7 @@ def test_a_key_answered_429_is_skipped_on_the_next_request(
     statuses = [responses_call(bridge, "pooled").status_code for _ in range(3)]
     assert statuses == [429, 200, 200]  # upstream's 429 reaches the client as it was sent
     assert scripted.keys_seen == [PARKED_KEY, SPARE_KEY, SPARE_KEY]
+
     def pooled_rows() -> list[dict[str, Any]]:
         return query(
             bridge.db_path,

@@ -18,6 +18,7 @@ from tests.harness import (
     TOKENS,
     Mitmdump,
     bridge_config,
+    children,
     finished_with_prompt,
     query,
     wait_for,
@@ -34,14 +35,6 @@ def golden(
     workdir = tmp_path_factory.mktemp("golden")
     with FixtureUpstream() as up, Mitmdump(workdir, bridge_config(up.url)) as proc:
         yield up, proc
-
-
-def children(proc: Mitmdump, table: str, interception_id: str) -> list[dict[str, Any]]:
-    return query(
-        proc.db_path,
-        f"select * from {table} where interception_id = ? order by id",
-        (interception_id,),
-    )
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

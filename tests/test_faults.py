@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from devtools.fake_upstream import FakeUpstream
-from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import TOKENS, Mitmdump, bridge_config, children, query, wait_for
 
 TCP_TIMEOUT = 2  # seconds of silence after which mitmproxy closes a connection
 SAFETY = 30.0  # upper bound for any wait; never asserted as a duration
@@ -212,12 +212,6 @@ def finalized(bridge: Mitmdump, session: str) -> dict[str, Any]:
     assert len(rows) == 1, rows
     assert rows[0]["status"] != "in_progress"
     return rows[0]
-
-
-def children(bridge: Mitmdump, table: str, interception_id: str) -> list[dict[str, Any]]:
-    return query(
-        bridge.db_path, f"select * from {table} where interception_id = ?", (interception_id,)
-    )
 
 
 def test_client_disconnects_mid_stream(faults: Faults) -> None:

@@ -19,7 +19,15 @@ import orjson
 import pytest
 
 from devtools.fake_upstream import FakeUpstream, ReceivedRequest
-from tests.harness import PROVIDER_KEY, REPO, TOKENS, LoopbackHTTP, Mitmdump, query, wait_for
+from tests.harness import (
+    PROVIDER_KEY,
+    REPO,
+    TOKENS,
+    LoopbackHTTP,
+    Mitmdump,
+    children,
+    finished_turns,
+)
 
 OPENCODE = REPO / "node_modules" / ".bin" / "opencode"
 VERSION = "1.18.33"
@@ -166,21 +174,6 @@ def succeeded(run: Run) -> Run:
     return run
 
 
-def turns(bridge: Mitmdump, session: str, count: int) -> list[dict[str, Any]]:
-    sql = (
-        "select * from interceptions where client_session_id = ? and ended_at is not null "
-        "order by started_at"
-    )
-    return wait_for(
-        lambda: (rows := query(bridge.db_path, sql, (session,))) and len(rows) >= count and rows
-    )
-
-
-def children(bridge: Mitmdump, table: str, interception_id: str) -> list[dict[str, Any]]:
-    sql = f"select * from {table} where interception_id = ? order by rowid"
-    return query(bridge.db_path, sql, (interception_id,))
-
-
 def upstream_calls(upstream: FakeUpstream, session: str) -> list[ReceivedRequest]:
     return [
         r
@@ -235,7 +228,7 @@ def test_plain_turn(
 ) -> None:
     run = succeeded(opencode_run(bridge, tripwire, tmp_path, ["say", "hi"], TOKENS["alice"]))
     assert [e["part"]["text"] for e in run.of_type("text")]  # the fake's answer, shown
-    (row,) = turns(bridge, run.session, 1)
+    (row,) = finished_turns(bridge, run.session, 1)
     check_turn(row)
     assert row["response_model"] == MODEL
     (prompt,) = children(bridge, "user_prompts", row["id"])
@@ -259,7 +252,7 @@ def test_tool_turn_and_its_follow_up(
     (text,) = run.of_type("text")
     assert "The tool returned: hi" in text["part"]["text"]
 
-    first, second = turns(bridge, run.session, 2)
+    first, second = finished_turns(bridge, run.session, 2)
     for row in (first, second):
         check_turn(row)
     (call,) = children(bridge, "tool_usages", first["id"])
@@ -290,7 +283,7 @@ def test_unknown_token_is_refused(
     assert error["error"]["data"]["statusCode"] == 401, error
     message = error["error"]["data"]["message"]  # the bridge's own words, the token hinted
     assert message.startswith("unknown bridge token not-...0123") and token not in message
-    (row,) = turns(bridge, run.session, 1)
+    (row,) = finished_turns(bridge, run.session, 1)
     assert (row["status"], row["http_status"], row["client"]) == ("rejected", 401, "OpenCode")
     assert row["api"] == "chat_completions" and row["initiator_id"] is None
     assert row["credential_hint"] == "not-...0123"
