@@ -109,6 +109,18 @@ class Bridge:
         (row,) = self.interceptions(flow)
         return row
 
+    def replay_saved(self, flow: http.HTTPFlow, interception_id: str) -> None:
+        """What `-w` saved of `flow`, read back by `mitmdump -n --rfile` into a log that has
+        lost this interception's rows."""
+        saved = http.HTTPFlow.from_state(flow.get_state())
+        saved.live = False
+        conn = sqlite3.connect(self.db_path)
+        with conn:
+            conn.execute("delete from user_prompts where interception_id = ?", (interception_id,))
+            conn.execute("delete from interceptions where id = ?", (interception_id,))
+        conn.close()
+        self.addon.request(saved)
+
     def children(self, table: str, interception_id: str) -> list[dict[str, Any]]:
         self.flush()
         return query(
@@ -808,15 +820,7 @@ def test_a_saved_rejection_is_rebuilt_offline(
     bridge.addon.request(flow)
     (live,) = bridge.interceptions(flow)
     prompts = bridge.children("user_prompts", live["id"])
-    # What `-w` saved, read back by `mitmdump -n --rfile` into an empty log.
-    saved = http.HTTPFlow.from_state(flow.get_state())
-    saved.live = False
-    conn = sqlite3.connect(bridge.db_path)
-    with conn:
-        conn.execute("delete from user_prompts where interception_id = ?", (live["id"],))
-        conn.execute("delete from interceptions where id = ?", (live["id"],))
-    conn.close()
-    bridge.addon.request(saved)
+    bridge.replay_saved(flow, live["id"])
     (rebuilt,) = bridge.interceptions(flow)
     times = ("started_at", "ended_at")
     assert {k: v for k, v in rebuilt.items() if k not in times} == {

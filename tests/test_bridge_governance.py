@@ -251,14 +251,7 @@ def test_a_saved_refusal_is_rebuilt_offline_with_its_limit(
     bridge = governed({"tokens": {"day": 0}})
     flow = send(bridge)
     live = rejected_row(bridge, flow)
-    saved = http.HTTPFlow.from_state(flow.get_state())
-    saved.live = False
-    conn = sqlite3.connect(bridge.db_path)
-    with conn:
-        conn.execute("delete from user_prompts where interception_id = ?", (live["id"],))
-        conn.execute("delete from interceptions where id = ?", (live["id"],))
-    conn.close()
-    bridge.addon.request(saved)
+    bridge.replay_saved(flow, live["id"])
     rebuilt = rejected_row(bridge, flow)
     assert rebuilt["metadata"]["limit"] == live["metadata"]["limit"]
     assert (rebuilt["http_status"], rebuilt["error"]) == (403, live["error"])
