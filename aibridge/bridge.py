@@ -53,6 +53,7 @@ from aibridge.metrics import (
     RecorderGauge,
     parse_listen,
 )
+from aibridge.record import address as addresses
 from aibridge.record import rows
 from aibridge.record.outcome import Outcome, finish_exchange
 from aibridge.record.recorder import Recorder, RecorderError
@@ -291,7 +292,7 @@ class AIBridge:
             if self.recorder is not None:
                 self.recorder.close()
             self.recorder = recorder
-            log.info(f"AI Bridge: recording to {db_path}")
+            log.info(f"AI Bridge: recording to {recorder.where}")
         # Prices are loaded once here: the hooks only look them up.
         self.prices = PriceBook(config.pricing)
         governor = Governor(
@@ -303,7 +304,8 @@ class AIBridge:
             governor.start()
         except Exception as e:
             raise exceptions.OptionsError(
-                f"AI Bridge cannot read budgets from its database {db_path}: {e}"
+                f"AI Bridge cannot read budgets from its database {self.recorder.where}: "
+                f"{addresses.scrub(str(e), str(db_path))}"
             ) from None
         if self.governor is not None:
             self.governor.stop()

@@ -30,6 +30,7 @@ from aibridge.governance.limits import (
 )
 from aibridge.governance.periods import ADJECTIVE, PERIODS
 from aibridge.hints import hint
+from aibridge.record import address as addresses
 from aibridge.upstream.breaker import BreakerSettings
 from aibridge.upstream.key_pool import PoolSettings
 
@@ -46,6 +47,17 @@ WEBSOCKET_POLICIES = ("bridge", "refuse")
 # ${VAR} must be set; ${VAR:-default} falls back when VAR is unset or empty (as in POSIX shells).
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def database_url_problem(address: str) -> str | None:
+    """What is wrong with a PostgreSQL URL (the password masked), or None."""
+    try:
+        from aibridge.record import postgres
+
+        postgres.check_address(address)
+    except (RuntimeError, ValueError) as e:
+        return f"not a usable PostgreSQL URL ({addresses.display(address)}): {e}"
+    return None
 
 
 class ConfigError(ValueError):
@@ -422,7 +434,11 @@ def parse_config(raw: Any, file: str, env: dict[str, str] | os._Environ[str]) ->
             raise r.fail(str(name), f"unknown key (known keys: {', '.join(sorted(known))})")
 
     database = r.string(top, "database", "database", default="aibridge.db")
-    if not Path(database).is_absolute():
+    if addresses.is_postgres(database):
+        problem = database_url_problem(database)
+        if problem is not None:
+            raise r.fail("database", problem)
+    elif not Path(database).is_absolute():
         # Relative to the config file, so the bridge writes the same file from any directory.
         database = str(Path(file).resolve().parent / database)
 

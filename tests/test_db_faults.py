@@ -401,9 +401,10 @@ def test_a_full_database_waits_and_catches_up(
     real_write = Recorder._write
 
     def write_on_a_small_disk(self: Recorder, *args: Any) -> int:
-        assert self._db is not None
-        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
-        self._db.execute(f"PRAGMA max_page_count = {pages if full.is_set() else 1 << 30}")
+        db = self._store._db  # type: ignore[attr-defined]
+        assert db is not None
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages if full.is_set() else 1 << 30}")
         return real_write(self, *args)
 
     with mock.patch.object(Recorder, "_write", write_on_a_small_disk):

@@ -23,7 +23,7 @@ import orjson
 import pytest
 import sqlite_utils
 
-from aibridge.record import recorder as recorder_module
+from aibridge.record import sqlite as sqlite_store_module
 from aibridge.record import schema
 from aibridge.record.recorder import Recorder
 from devtools.fake_upstream import FakeUpstream
@@ -89,7 +89,7 @@ def notices(caplog: pytest.LogCaptureFixture, path: Path, what: str) -> int:
     return sum(
         1
         for r in caplog.records
-        if r.name == "aibridge.record.recorder"
+        if r.name == "aibridge.record.sqlite"
         and r.levelno == logging.WARNING
         and what in r.getMessage()
         and str(path) in r.getMessage()
@@ -307,7 +307,7 @@ def test_a_stat_that_catches_a_rename_midway_counts_as_deleted(
     another_apps_database(db, new)
     os.replace(new, db)
     fake_os = _StatFails(db)
-    monkeypatch.setattr(recorder_module, "os", fake_os)
+    monkeypatch.setattr(sqlite_store_module, "os", fake_os)
     fake_os.armed = True
     after = write(rec, "after")
     assert not fake_os.armed

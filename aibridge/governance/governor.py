@@ -27,7 +27,12 @@ from typing import Any, Final
 from aibridge.governance.ledger import Ledger, Use
 from aibridge.governance.limits import Budget, EffectiveLimits, Governance
 from aibridge.governance.periods import describe_local, describe_wait
-from aibridge.governance.spend_log import PAID_BY_THE_BRIDGE, SpendLog
+from aibridge.governance.spend_log import (
+    PAID_BY_THE_BRIDGE,
+    PostgresSpendLog,
+    SpendLog,
+    open_spend_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,7 @@ class Governor:
         if not self.enabled or self._db_path is None:
             return
         started = time.perf_counter()
-        spend_log = SpendLog(self._db_path)
+        spend_log = open_spend_log(self._db_path)
         now = time.time()
         self._reseed(spend_log, now)
         self._published(now)
@@ -126,13 +131,13 @@ class Governor:
         except Exception:  # the log of limits is for readers: enforcement goes on without it
             log.exception("AI Bridge: could not write the budgets into the log")
 
-    def _reseed(self, spend_log: SpendLog, now: float) -> None:
+    def _reseed(self, spend_log: SpendLog | PostgresSpendLog, now: float) -> None:
         windows = {p: (w.start, w.end) for p, w in self.ledger.windows(now).items()}
         seed = spend_log.seed(windows, self.ledger.pending_ids)
         self.ledger.reseed(seed.per_user, seed.confirmed, now)
         self.reads += 1
 
-    def refresh(self, spend_log: SpendLog, *, whole: bool = False) -> None:
+    def refresh(self, spend_log: SpendLog | PostgresSpendLog, *, whole: bool = False) -> None:
         """One read of the log: the rows it gained, or all of it again."""
         now = time.time()
         uses = None if whole else spend_log.new_uses()
@@ -142,7 +147,7 @@ class Governor:
             self.ledger.add_logged(uses, now)
             self.reads += 1
 
-    def _read_log(self, spend_log: SpendLog) -> None:
+    def _read_log(self, spend_log: SpendLog | PostgresSpendLog) -> None:
         last_seed = time.monotonic()
         period_starts = {p: w.start for p, w in self.ledger.windows(time.time()).items()}
         try:

@@ -1,64 +1,65 @@
-"""The single writer of the audit database (DESIGN.md §4).
+"""The single writer of the audit database (DESIGN.md §4), for either engine.
 
-Hooks run on mitmproxy's event loop and must never wait for SQLite, so they only
-append to an in-memory queue. One thread owns the connection (sqlite-utils
-objects cannot cross threads), takes whatever is queued, and writes it in one
-transaction per batch. Rows go in through plain sqlite3 `executemany` on statements
-built once per table and column set; sqlite-utils only creates and migrates the
-schema (it re-reads the schema on every write, which costs more than the write).
+Hooks run on mitmproxy's event loop and must never wait for the database, so they only
+append to an in-memory queue. One thread owns the connection (sqlite-utils and psycopg
+connections do not cross threads), takes whatever is queued, and writes it in one
+transaction per batch, through statements built once per table and column set. What
+differs between SQLite and PostgreSQL is a store (`aibridge.record.sqlite`,
+`aibridge.record.postgres`): connecting, migrating, transactions, what counts as "not now",
+and how a row refused for its values is repaired. Queueing, shedding, batching, retries and
+the bookkeeping of losses are here, the same for both.
 
 A writer woken for a few rows lingers (`linger` seconds) so that light but steady
 traffic shares a transaction rather than paying one per flow; it never lingers
 while flush() or close() waits, nor once `batch_size` rows are queued.
 
 Cases it handles:
-- SQLite refuses writes for a while (locked, disk full, read-only): the batch is
-  kept and retried with backoff; hooks keep enqueueing meanwhile.
+- The database refuses writes for a while (SQLite locked, disk full, read-only;
+  PostgreSQL restarting, unreachable, failing over): the batch is kept and retried with
+  backoff, on a new connection where that helps; hooks keep enqueueing meanwhile.
 - The queue outgrows `max_queue` while writes are refused: past half of it, the
   oldest rows lose their large content field (prompt, thought, tool arguments);
   past all of it, the oldest prompt and thought rows are dropped whole.
   Interceptions, token usages and tool usages (who used what) are never dropped,
   only a tool usage's arguments. Every loss is counted into `recorder_losses` and
   logged with its count.
-- A row SQLite rejects (constraint, bad value): the batch is written row by row so
-  that only that row is lost, and the loss is recorded with its reason. A string
-  that is not valid Unicode (header bytes that are not UTF-8) is written with
-  U+FFFD in place of the bad bytes, and that repair is recorded too.
+- A row the database rejects (constraint, bad value): the batch is written row by row so
+  that only that row is lost, and the loss is recorded with its reason. A row refused for
+  its values (a string that is not valid Unicode, as header bytes that are not UTF-8 are
+  kept; in PostgreSQL also NUL characters and values not of the column's type) is written
+  repaired, and each repair is recorded too.
 - Closing waits for the queue to drain, up to a time limit: a database that stays
   locked must not keep the proxy from shutting down. What is left is logged.
-- The file is deleted, moved away or replaced (`mv new.db aibridge.db`) while open: the
-  connection would go on writing into a file no one will read. Before each write the
-  path is compared with the file opened there (device and inode); on a change the
-  recorder says so once and reopens the path, creating and migrating it if need be,
-  so the batch goes to the new file. The old file's -wal and -shm are removed first:
-  SQLite would otherwise replay that WAL into whatever file now holds the name.
-  Deleting only the -wal or -shm is not a change of database and is left alone: the
-  connection keeps its WAL open and checkpoints it into the main file (see _reopen).
+- (SQLite) the file is deleted, moved away or replaced while open: the store follows the
+  path (see aibridge.record.sqlite).
 """
 
 from __future__ import annotations
 
-import contextlib
 import decimal
 import logging
 import operator
 import os
-import re
-import sqlite3
 import sys
 import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
-import sqlite_utils
 
+from aibridge.record import address as addresses
 from aibridge.record import schema
+from aibridge.record.sqlite import REASON_INVALID_UNICODE as REASON_INVALID_UNICODE
+from aibridge.record.sqlite import FileId as FileId
+from aibridge.record.sqlite import SqliteStore
+from aibridge.record.sqlite import is_transient as is_transient
+from aibridge.record.sqlite import known_file_id as known_file_id
 
 log = logging.getLogger(__name__)
 
@@ -70,31 +71,11 @@ UPSERT: Final = "upsert"
 
 REASON_CONTENT_SHED: Final = "queue overflow: content dropped"
 REASON_ROW_SHED: Final = "queue overflow: row dropped"
-REASON_INVALID_UNICODE: Final = "invalid Unicode replaced with U+FFFD"
 # Rows that may be dropped whole once their content is gone: they say nothing else.
 _ROW_SHEDDABLE: Final = frozenset({schema.USER_PROMPTS, schema.MODEL_THOUGHTS})
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # How long close() waits for a database that refuses writes, by default.
 CLOSE_TIMEOUT: Final = 60.0
 
-# SQLite primary result codes that say "not now" rather than "not this row".
-_TRANSIENT_CODES: Final = frozenset(
-    {
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-        sqlite3.SQLITE_NOMEM,
-        sqlite3.SQLITE_READONLY,
-        sqlite3.SQLITE_IOERR,
-        sqlite3.SQLITE_FULL,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PROTOCOL,
-    }
-)
-# A connection that opened the file read-only (or lost it) stays that way;
-# only a new connection sees the file writable again.
-_REOPEN_CODES: Final = frozenset(
-    {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
-)
 _BACKOFF_FIRST: Final = 0.05
 _BACKOFF_MAX: Final = 2.0
 # Stored as JSON text (orjson), as sqlite-utils stored them when it wrote our rows.
@@ -105,71 +86,72 @@ _BINDABLE: Final = frozenset({str, int, float, bool, bytes, type(None)})
 # so the limit only guards against a caller that varies its key order endlessly.
 _STATEMENTS_MAX: Final = 256
 
-# Names SQLite gives the open file's companions: path + suffix.
-_SIDE_SUFFIXES: Final = ("-wal", "-shm")
-# Paths that name no file: sqlite3 keeps these databases in memory or in a hidden temp file.
-_NOT_A_FILE: Final = frozenset({"", ":memory:"})
-
 # A queue entry: [seq, kind, table, row]; row None means it was shed whole.
 _SEQ, _KIND, _TABLE, _ROW = 0, 1, 2, 3
 
 LossKey = tuple[str, str | None, str]  # (table_name, field or None for the row, reason)
 # A prepared write: the SQL, and how to take its parameters from a row dict.
 Statement = tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]
-FileId = tuple[int, int]  # (st_dev, st_ino): which file a path names right now
+# What the writer does in a batch: (INSERT or UPSERT, table, row).
+Op = tuple[str, str, dict[str, Any]]
+
+
+class Store(Protocol):
+    """One database engine, as the writer thread uses it (see the module docstring)."""
+
+    address: str  # as configured: may hold a password, never shown
+    where: str  # the address as it may be shown
+    placeholder: str  # of a statement's parameters
+    columns: dict[str, frozenset[str]]  # the writable columns of each table, once open
+
+    @property
+    def is_open(self) -> bool: ...
+    @property
+    def in_transaction(self) -> bool: ...
+    def open(self) -> None: ...
+    def before_write(self) -> None: ...
+    def reopen(self) -> None: ...
+    def should_reopen(self, exc: BaseException) -> bool: ...
+    def close(self) -> None: ...
+    def describe(self, exc: BaseException) -> str: ...
+    def is_transient(self, exc: BaseException) -> bool: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def savepoint(self) -> AbstractContextManager[None]: ...
+    def before_rows(self, ops: list[Op]) -> Any: ...
+    def after_rows(self, token: Any) -> None: ...
+    def write_rows(
+        self,
+        sql: str,
+        params: Callable[[dict[str, Any]], tuple[Any, ...]],
+        rows: list[dict[str, Any]],
+    ) -> None: ...
+    def repair(
+        self, table: str, row: dict[str, Any], exc: BaseException
+    ) -> tuple[dict[str, Any], list[tuple[str, str]]] | None: ...
+
+
+def open_store(address: str, *, busy_timeout_ms: int = 5000) -> Store:
+    """The store for `address`: a PostgreSQL URL, else the path of a SQLite file."""
+    if addresses.is_postgres(address):
+        from aibridge.record.postgres import PostgresStore  # psycopg only when asked for
+
+        return PostgresStore(address)
+    return SqliteStore(address, busy_timeout_ms=busy_timeout_ms)
 
 
 class RecorderError(Exception):
     """The audit database cannot be used at all (start-up)."""
 
 
-def _primary_code(exc: BaseException) -> int | None:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return None if code is None else code & 0xFF
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True when `exc` means SQLite cannot write now, so the same rows may succeed later."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    code = _primary_code(exc)
-    if code is not None:
-        return code in _TRANSIENT_CODES
-    message = str(exc).lower()
-    return any(s in message for s in ("locked", "readonly", "read-only", "disk", "unable to open"))
-
-
 def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _file_id(path: str) -> FileId | None:
-    """The file `path` names now; None if it names none (deleted, or mid-rename).
-
-    Any other OSError (no permission to look) is raised: that is not an answer.
-    """
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def known_file_id(path: str) -> FileId | None:
-    """_file_id, None when it cannot be told: a -wal or -shm whose identity is unknown is
-    never ours to remove; a log the budgets reader cannot look at is read again."""
-    try:
-        return _file_id(path)
-    except OSError:
-        return None
-
-
 class Recorder:
     """Queue rows from any thread; one background thread writes them to SQLite."""
+
+    def __repr__(self) -> str:
+        return f"<Recorder {self.where}>"
 
     def __init__(
         self,
@@ -184,7 +166,11 @@ class Recorder:
             raise ValueError(
                 "need max_queue >= 2, batch_size >= 1, busy_timeout_ms >= 0, linger >= 0"
             )
+        # The database's address: a SQLite path or a PostgreSQL URL (which may hold a
+        # password: shown only as `where`).
         self.path = os.fspath(path)
+        self._store: Store = open_store(self.path, busy_timeout_ms=busy_timeout_ms)
+        self.where = self._store.where
         self.max_queue = max_queue
         self.batch_size = batch_size
         self.busy_timeout_ms = busy_timeout_ms
@@ -218,12 +204,7 @@ class Recorder:
         self._start_error: BaseException | None = None
         self._abandon = False
 
-        # Owned by the writer thread.
-        self._db: sqlite_utils.Database | None = None
-        # The files the connection has open, as their paths named them at open time.
-        self._db_file: FileId | None = None
-        self._side_files: dict[str, FileId | None] = {}
-        self._columns: dict[str, frozenset[str]] = {}
+        # Owned by the writer thread (and so is the store's connection).
         self._statements: dict[tuple[str, str, tuple[str, ...]], Statement] = {}
         self._carried: Counter[LossKey] = Counter()  # losses not yet in the database
 
@@ -322,10 +303,6 @@ class Recorder:
             raise RecorderError("recorder is closed")
         if self._thread is not None:
             return
-        if sqlite3.sqlite_version_info < (3, 24, 0):  # INSERT ... ON CONFLICT DO UPDATE
-            raise RecorderError(
-                f"SQLite {sqlite3.sqlite_version} is too old: the audit log needs 3.24 or newer"
-            )
         self._ready.clear()
         self._start_error = None
         thread = threading.Thread(target=self._run, name="aibridge-recorder", daemon=True)
@@ -335,7 +312,9 @@ class Recorder:
             thread.join()
             error = self._start_error
             self._start_error = None
-            raise RecorderError(f"cannot open audit database {self.path}: {error}") from error
+            raise RecorderError(
+                f"cannot open audit database {self.where}: {self._store.describe(error)}"
+            ) from None
         self._thread = thread
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -429,7 +408,7 @@ class Recorder:
     def _run(self) -> None:
         _yield_cpu_to_the_proxy()
         try:
-            self._open()
+            self._store.open()
         except BaseException as exc:
             self._start_error = exc
             self._ready.set()
@@ -456,7 +435,7 @@ class Recorder:
                 else:
                     self._wakeup.wait()
         finally:
-            self._close_connection()
+            self._store.close()
 
     def _linger(self) -> None:
         """Give a few queued rows `linger` seconds to gather company before a batch."""
@@ -505,104 +484,6 @@ class Recorder:
             self._overflow_logged = False
         return batch
 
-    def _open(self) -> None:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000)
-        try:
-            # SQLite opened (or created) the file in connect(); Python cannot fstat its
-            # descriptor, so the path is looked at at once instead.
-            db_file = _file_id(self.path)
-            db = sqlite_utils.Database(conn, execute_plugins=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            db.enable_wal()
-            if db.journal_mode != "wal":
-                log.warning("audit database %s is not in WAL mode", self.path)
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            schema.migrate(db)
-            self._columns = {t: frozenset(db.table(t).columns_dict) for t in schema.WRITABLE_TABLES}
-        except BaseException:
-            conn.close()
-            raise
-        self._db = db
-        self._db_file = db_file
-        # In WAL mode both exist now: the migration check read through them.
-        self._side_files = {self.path + s: known_file_id(self.path + s) for s in _SIDE_SUFFIXES}
-
-    def _file_change(self) -> str | None:
-        """How the path stopped naming the open file ("deleted", "replaced"), or None."""
-        if self.path in _NOT_A_FILE:
-            return None
-        try:
-            now = _file_id(self.path)
-        except OSError as exc:
-            # Cannot tell (e.g. a directory lost its permissions): keep what works.
-            log.debug("cannot stat the audit database %s: %s", self.path, exc)
-            return None
-        if now is None:
-            return "deleted"
-        return None if now == self._db_file else "replaced"
-
-    def _reopen_moved(self) -> None:
-        """Reopen the path if it no longer names the file the connection writes to.
-
-        One stat per batch (about a microsecond).
-        """
-        change = self._file_change()
-        if change is not None:
-            self._reopen(change)
-
-    def _reopen(self, change: str | None = None) -> None:
-        """Close the connection and open the path again.
-
-        `change` is how the path stopped naming the open file, if the caller knows. The
-        old connection is closed before the new one opens: within a process SQLite shares
-        locks and the WAL index by file. Closing checkpoints what it can into the old file
-        (so a file moved away keeps its rows), but SQLite leaves the -wal and -shm of a
-        moved file at the path; they are removed if still ours, or the next open would
-        replay that WAL into the file that now holds the name.
-        """
-        if change is None and self._db is not None:
-            change = self._file_change()
-        stale: list[str] = []
-        if change is not None:
-            if change == "deleted":
-                log.warning(
-                    "audit database %s was deleted while open: recreating it, later rows go there",
-                    self.path,
-                )
-            else:
-                log.warning(
-                    "audit database %s was replaced by another file: "
-                    "writing to that one from now on",
-                    self.path,
-                )
-            # Judged while our connection holds them, so an equal id is our own file.
-            stale = [p for p, ours in self._side_files.items() if ours and known_file_id(p) == ours]
-        self._close_connection()
-        for path in stale:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("cannot remove %s of the old audit database: %s", path, exc)
-        self._open()
-
-    def _close_connection(self) -> None:
-        db, self._db = self._db, None
-        if db is None:
-            return
-        try:
-            # Readers (datasette) may hold the WAL open; a passive checkpoint
-            # moves what it can without waiting for them.
-            db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:
-            log.debug("checkpoint on close failed: %s", exc)
-        try:
-            db.conn.close()
-        except sqlite3.Error as exc:
-            log.warning("closing the audit database failed: %s", exc)
-
     def _process(self, batch: list[list[Any]]) -> None:
         ops = self._prepare(batch)
         delay = _BACKOFF_FIRST
@@ -613,25 +494,25 @@ class Recorder:
                 self._losses.clear()
             per_row: Counter[LossKey] = Counter()
             try:
-                if self._db is None:
-                    self._reopen()
+                if not self._store.is_open:
+                    self._store.reopen()
                 else:
                     # Before every attempt, so the rows go to whatever file holds the name.
-                    self._reopen_moved()
+                    self._store.before_write()
                 written = self._write(ops, per_row)
             except Exception as exc:
-                if not is_transient(exc):
+                if not self._store.is_transient(exc):
                     self._refusing = None  # lost, not waiting: the losses table says so
                     self._lose_batch(ops, exc)
                     break
                 failures += 1
                 self._retries += 1
-                self._refusing = _describe(exc)
+                self._refusing = self._store.describe(exc)
                 if failures == 1 or failures % 20 == 0:
                     log.warning(
                         "audit database refused a batch of %d rows (%s); retry %d in %.2f s",
                         len(ops),
-                        exc,
+                        self._refusing,
                         failures,
                         delay,
                     )
@@ -639,7 +520,7 @@ class Recorder:
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
-                if _primary_code(exc) in _REOPEN_CODES or self._db is None:
+                if self._store.should_reopen(exc):
                     self._safe_reopen()
                 continue
             if failures:
@@ -654,22 +535,22 @@ class Recorder:
 
     def _safe_reopen(self) -> None:
         try:
-            self._reopen()
+            self._store.reopen()
         except Exception as exc:
-            # Still unusable: the next attempt notices _db is None and tries again.
-            log.debug("reopening the audit database failed: %s", exc)
+            # Still unusable: the next attempt notices it is not open and tries again.
+            log.debug("reopening the audit database failed: %s", self._store.describe(exc))
 
     def _prepare(self, batch: list[list[Any]]) -> list[tuple[str, str, dict[str, Any]]]:
         """Validate rows and make every value bindable; what cannot be kept is counted.
 
         The caller's dict is never changed: a row that needs changes is copied.
         """
-        ops: list[tuple[str, str, dict[str, Any]]] = []
+        ops: list[Op] = []
         losses = self._carried
         for _, kind, table, row in batch:
             if row is None:
                 continue
-            columns = self._columns.get(table)
+            columns = self._store.columns.get(table)
             if columns is None:
                 losses[(str(table), None, "unknown table")] += 1
                 self._lost_rows += 1
@@ -700,75 +581,58 @@ class Recorder:
             ops.append((kind, table, clean))
         return ops
 
-    def _write(self, ops: list[tuple[str, str, dict[str, Any]]], per_row: Counter[LossKey]) -> int:
+    def _write(self, ops: list[Op], per_row: Counter[LossKey]) -> int:
         """Write `ops` and the pending losses in one transaction; return rows written."""
-        db = self._db
-        assert db is not None
-        conn = db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            with conn:
-                has_prompts = any(op[1] == schema.USER_PROMPTS for op in ops)
-                if has_prompts:
-                    last_prompt_id = conn.execute(schema.LAST_PROMPT_ID).fetchone()[0]
-                try:
-                    # A savepoint, so that a rejected row undoes only the batch's rows
-                    # and the same transaction can take them one by one.
-                    with _savepoint(conn):
-                        for kind, table, rows in _plan(ops):
-                            self._write_rows(conn, kind, table, rows)
-                    written = len(ops)
-                except Exception as exc:
-                    if is_transient(exc) or not conn.in_transaction:
-                        raise
-                    written = self._write_one_by_one(conn, ops, per_row)
-                if has_prompts:
-                    conn.execute(schema.INDEX_NEW_PROMPTS, (last_prompt_id,))
-                if losses := self._carried + per_row:
-                    self._write_rows(conn, INSERT, schema.RECORDER_LOSSES, _loss_rows(losses))
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            raise
+        store = self._store
+        with store.transaction():
+            token = store.before_rows(ops)
+            try:
+                # A savepoint, so that a rejected row undoes only the batch's rows
+                # and the same transaction can take them one by one.
+                with store.savepoint():
+                    for kind, table, rows in _plan(ops):
+                        self._write_rows(kind, table, rows)
+                written = len(ops)
+            except Exception as exc:
+                if store.is_transient(exc) or not store.in_transaction:
+                    raise
+                written = self._write_one_by_one(ops, per_row)
+            store.after_rows(token)
+            if losses := self._carried + per_row:
+                self._write_rows(INSERT, schema.RECORDER_LOSSES, _loss_rows(losses))
         return written
 
-    def _write_one_by_one(
-        self,
-        conn: sqlite3.Connection,
-        ops: list[tuple[str, str, dict[str, Any]]],
-        per_row: Counter[LossKey],
-    ) -> int:
+    def _write_one_by_one(self, ops: list[Op], per_row: Counter[LossKey]) -> int:
+        store = self._store
         written = 0
         for kind, table, row in ops:
             try:
                 try:
-                    with _savepoint(conn):
-                        self._write_rows(conn, kind, table, [row])
-                except UnicodeEncodeError:
-                    # sqlite3 cannot bind a str holding lone surrogates (undecodable
-                    # bytes, as mitmproxy keeps them in header values): keep the row.
-                    repaired, fields = _repair_unicode(row)
-                    with _savepoint(conn):
-                        self._write_rows(conn, kind, table, [repaired])
-                    for field in fields:
-                        per_row[(table, field, REASON_INVALID_UNICODE)] += 1
+                    with store.savepoint():
+                        self._write_rows(kind, table, [row])
+                except Exception as exc:
+                    repaired = store.repair(table, row, exc)
+                    if repaired is None:
+                        raise
+                    # Refused for its values (invalid Unicode, NUL, a wrong type): kept,
+                    # mended, and each mend counted.
+                    fixed, notes = repaired
+                    with store.savepoint():
+                        self._write_rows(kind, table, [fixed])
+                    for field, reason in notes:
+                        per_row[(table, field, reason)] += 1
                 written += 1
             except Exception as exc:
-                if is_transient(exc) or not conn.in_transaction:
+                if store.is_transient(exc) or not store.in_transaction:
                     raise
-                per_row[(table, None, _describe(exc))] += 1
+                per_row[(table, None, store.describe(exc))] += 1
                 self._lost_rows += 1
         return written
 
-    def _write_rows(
-        self, conn: sqlite3.Connection, kind: str, table: str, rows: list[dict[str, Any]]
-    ) -> None:
+    def _write_rows(self, kind: str, table: str, rows: list[dict[str, Any]]) -> None:
         """Write `rows`, which all carry the same keys in the same order (see _plan)."""
         sql, params = self._statement(kind, table, tuple(rows[0]))
-        if len(rows) == 1:
-            conn.execute(sql, params(rows[0]))
-        else:
-            conn.executemany(sql, map(params, rows))
+        self._store.write_rows(sql, params, rows)
 
     def _statement(self, kind: str, table: str, columns: tuple[str, ...]) -> Statement:
         key = (kind, table, columns)
@@ -777,33 +641,21 @@ class Recorder:
             if len(self._statements) >= _STATEMENTS_MAX:
                 self._statements.clear()
             build = _upsert_sql if kind == UPSERT else _insert_sql
-            statement = (build(table, columns), _params_of(columns))
+            statement = (build(table, columns, self._store.placeholder), _params_of(columns))
             self._statements[key] = statement
         return statement
 
-    def _lose_batch(self, ops: list[tuple[str, str, dict[str, Any]]], exc: BaseException) -> None:
-        log.error("audit database failed a batch of %d rows", len(ops), exc_info=exc)
+    def _lose_batch(self, ops: list[Op], exc: BaseException) -> None:
+        reason = self._store.describe(exc)
+        log.error("audit database failed a batch of %d rows: %s", len(ops), reason)
         for _, table, _ in ops:
-            self._carried[(table, None, _describe(exc))] += 1
+            self._carried[(table, None, reason)] += 1
         self._lost_rows += len(ops)
 
     def _log_losses(self, losses: Counter[LossKey]) -> None:
         for (table, field, reason), count in losses.items():
             what = f"{table}.{field}" if field else f"{table} rows"
             log.warning("audit log lost %d %s: %s", count, what, reason)
-
-
-def _repair_unicode(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """`row` with every str made encodable as UTF-8, and the names of the fields changed."""
-    repaired = dict(row)
-    fields = []
-    for key, value in row.items():
-        if isinstance(value, str):
-            fixed = _SURROGATE.sub("\ufffd", value)
-            if fixed != value:
-                repaired[key] = fixed
-                fields.append(str(key))
-    return repaired, fields
 
 
 def _yield_cpu_to_the_proxy() -> None:
@@ -827,21 +679,21 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+def _insert_sql(table: str, columns: tuple[str, ...], mark: str = "?") -> str:
     if not columns:
         return f"INSERT INTO {_quote(table)} DEFAULT VALUES"
     names = ", ".join(_quote(c) for c in columns)
-    marks = ", ".join("?" * len(columns))
+    marks = ", ".join([mark] * len(columns))
     return f"INSERT INTO {_quote(table)} ({names}) VALUES ({marks})"
 
 
-def _upsert_sql(table: str, columns: tuple[str, ...]) -> str:
+def _upsert_sql(table: str, columns: tuple[str, ...], mark: str = "?") -> str:
     """An insert that, for an existing id, sets only `columns` (as sqlite-utils' upsert did)."""
     if "id" not in columns:
         raise ValueError(f"an upsert into {table} needs an id column")
     updates = ", ".join(f"{_quote(c)} = excluded.{_quote(c)}" for c in columns if c != "id")
     action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
-    return f"{_insert_sql(table, columns)} ON CONFLICT({_quote('id')}) {action}"
+    return f"{_insert_sql(table, columns, mark)} ON CONFLICT({_quote('id')}) {action}"
 
 
 def _params_of(columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
@@ -876,24 +728,8 @@ def _loss_rows(losses: Counter[LossKey]) -> list[dict[str, Any]]:
     ]
 
 
-@contextlib.contextmanager
-def _savepoint(conn: sqlite3.Connection) -> Iterator[None]:
-    """Undo what the block wrote if it raises, keeping the enclosing transaction."""
-    conn.execute("SAVEPOINT rows")
-    try:
-        yield
-    except BaseException:
-        # Some errors end the whole transaction, savepoint included; cleaning up
-        # then would hide the error with "no such savepoint".
-        if conn.in_transaction:
-            conn.execute("ROLLBACK TO rows")
-            conn.execute("RELEASE rows")
-        raise
-    conn.execute("RELEASE rows")
-
-
 def _plan(
-    ops: list[tuple[str, str, dict[str, Any]]],
+    ops: list[Op],
 ) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """Arrange one batch into as few statements as its meaning allows.
 
@@ -924,7 +760,7 @@ def _plan(
 
 
 def _table_order(
-    table_ops: list[tuple[str, str, dict[str, Any]]],
+    table_ops: list[Op],
 ) -> list[tuple[str, dict[str, Any]]]:
     """One table's operations in the order to run them, upserts of one id merged."""
     if all(kind == INSERT for kind, _, _ in table_ops):
