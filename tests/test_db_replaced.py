@@ -23,8 +23,8 @@ import orjson
 import pytest
 import sqlite_utils
 
-from aibridge.record import sqlite as sqlite_store_module
 from aibridge.record import schema
+from aibridge.record import sqlite as sqlite_store_module
 from aibridge.record.recorder import Recorder
 from devtools.fake_upstream import FakeUpstream
 from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
