@@ -315,6 +315,11 @@ class PostgresStore:
             with conn.cursor() as cursor:
                 cursor.executemany(sql, map(params, rows))
 
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement outside the recorder's batches (tools such as aibridge.copy_log)."""
+        cursor = self._connection().execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
+
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._conn
         if conn is None or conn.closed:

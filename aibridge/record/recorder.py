@@ -128,6 +128,7 @@ class Store(Protocol):
     def repair(
         self, table: str, row: dict[str, Any], exc: BaseException
     ) -> tuple[dict[str, Any], list[tuple[str, str]]] | None: ...
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
 
 
 def open_store(address: str, *, busy_timeout_ms: int = 5000) -> Store:

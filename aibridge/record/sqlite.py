@@ -297,6 +297,10 @@ class SqliteStore:
         else:
             conn.executemany(sql, map(params, rows))
 
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement outside the recorder's batches (tools such as aibridge.copy_log)."""
+        return self._conn.execute(sql, params).fetchall()
+
     def repair(
         self, table: str, row: dict[str, Any], exc: BaseException
     ) -> tuple[dict[str, Any], list[tuple[str, str]]] | None:
