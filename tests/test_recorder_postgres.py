@@ -3,7 +3,9 @@ behaviour on both engines where the two must agree (``engine`` fixture)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -513,3 +515,77 @@ def test_the_password_never_shows_in_repr_logs_or_health(
         assert all(secret not in str(v) for v in losses(url))
     finally:
         postgres_server.drop_database(name)
+
+
+# ---- a middlebox that stops answering --------------------------------------------------------
+
+
+class Relay:
+    """A TCP relay on loopback in front of the server, like a pooler or a load balancer. When
+    `hang` is set it keeps every connection open and passes nothing on, either way: the
+    kernel still acknowledges what is sent to it, so TCP itself never notices."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.hang = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.hang.is_set():
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._server.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_middlebox_that_never_answers_is_cut_and_the_rows_follow(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(postgres, "WRITE_TIMEOUT", 1.0)
+    port = int(postgres_url.split("@127.0.0.1:")[1].split("/")[0])
+    relay = Relay(port)
+    url = postgres_url.replace(f":{port}/", f":{relay.port}/") + "?connect_timeout=2"
+    try:
+        rec = Recorder(url, linger=0)
+        rec.start()
+        exchange(rec, 1)
+        assert rec.flush(WAIT)
+        relay.hang.set()
+        with caplog.at_level(logging.WARNING):
+            for n in range(2, 12):
+                exchange(rec, n)
+            assert wait_for(lambda: "did not answer within 1 s" in caplog.text, WAIT)
+            assert wait_for(lambda: rec.health["state"] == "retrying", WAIT)
+            relay.hang.clear()  # new connections pass again; the hung one is gone
+            assert rec.flush(WAIT)
+        rec.close()
+    finally:
+        relay.close()
+    ids = [r["id"] for r in pg_rows(postgres_url, "select id from interceptions")]
+    assert sorted(ids) == sorted(f"i{n}" for n in range(1, 12))
+    assert len(pg_rows(postgres_url, "select id from token_usages")) == 11
+    assert losses(postgres_url) == {}

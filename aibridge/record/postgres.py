@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -80,6 +84,70 @@ _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # A JSON escape of NUL that is not itself escaped (an even run of backslashes before it).
 _JSON_NUL: Final = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 _BIGINT: Final = range(-(2**63), 2**63)
+# How long one batch's transaction may take before its connection is cut. TCP keepalives and
+# tcp_user_timeout notice a network that drops packets, statement_timeout a slow server; this
+# is for what neither sees: a middlebox (a pooler, a load balancer) that takes the bytes and
+# never answers. The batch is then retried on a new connection, like any transient error.
+WRITE_TIMEOUT: float = 90.0
+
+
+class _Watchdog:
+    """Cuts the connection of a transaction that outlives its deadline, from a thread of its
+    own: the writer is blocked in the driver then, and only a socket shut under it wakes it."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._conn: Any = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.cuts = 0
+
+    @contextlib.contextmanager
+    def watching(self, conn: Any) -> Iterator[None]:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="aibridge-recorder-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._stopped = False
+            self._conn = conn
+            self._deadline = time.monotonic() + self.timeout
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._deadline = None
+                self._conn = None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                conn, self._deadline = self._conn, None
+                self.cuts += 1
+                log.warning(
+                    "audit database did not answer within %.0f s: cutting the connection "
+                    "(the batch is retried on a new one)",
+                    self.timeout,
+                )
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _BoolAsBigint(Dumper if psycopg is not None else object):  # type: ignore[misc]
@@ -209,6 +277,7 @@ class PostgresStore:
         self.address = address
         self.where = addresses.display(address)
         self._conn: psycopg.Connection[Any] | None = None
+        self._watchdog = _Watchdog(WRITE_TIMEOUT)
         self._types: dict[str, dict[str, str]] = {}
         self.columns: dict[str, frozenset[str]] = {}
 
@@ -251,6 +320,7 @@ class PostgresStore:
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
+        self._watchdog.stop()
 
     def describe(self, exc: BaseException) -> str:
         return addresses.scrub(f"{type(exc).__name__}: {exc}", self.address)
@@ -272,16 +342,17 @@ class PostgresStore:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         conn = self._connection()
-        conn.execute("begin")
-        try:
-            conn.execute("select pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            yield
-            conn.execute("commit")
-        except BaseException:
-            if self.in_transaction:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("rollback")
-            raise
+        with self._watchdog.watching(conn):
+            conn.execute("begin")
+            try:
+                conn.execute("select pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                yield
+                conn.execute("commit")
+            except BaseException:
+                if self.in_transaction and not conn.broken:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("rollback")
+                raise
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
