@@ -589,3 +589,30 @@ def test_a_middlebox_that_never_answers_is_cut_and_the_rows_follow(
     assert sorted(ids) == sorted(f"i{n}" for n in range(1, 12))
     assert len(pg_rows(postgres_url, "select id from token_usages")) == 11
     assert losses(postgres_url) == {}
+
+
+def test_a_server_answering_read_only_as_a_standby_does_is_waited_out(
+    postgres_url: str, postgres_server: PostgresServer
+) -> None:
+    """After a failover a connection can land on a standby (read-only): the batch waits, and
+    a new connection (to the new primary, here the same server made writable) takes it."""
+    name = postgres_url.rsplit("/", 1)[1]
+    rec = Recorder(postgres_url, linger=0)
+    rec.start()
+    exchange(rec, 1)
+    assert rec.flush(WAIT)
+    with postgres_server.connect(autocommit=True) as admin:
+        admin.execute(f'alter database "{name}" set default_transaction_read_only = on')
+        admin.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity "
+            "where datname = %s and pid <> pg_backend_pid()",
+            (name,),
+        )
+        for n in range(2, 6):
+            exchange(rec, n)
+        assert wait_for(lambda: "ReadOnlySqlTransaction" in str(rec.health.get("error")), WAIT)
+        admin.execute(f'alter database "{name}" set default_transaction_read_only = off')
+    assert rec.flush(WAIT)
+    rec.close()
+    assert len(pg_rows(postgres_url, "select id from interceptions")) == 5
+    assert losses(postgres_url) == {}
