@@ -140,6 +140,7 @@ def _stamps(data: bytes) -> list[float]:
 class LoadResult:
     wall: float  # seconds from the first request written to the last reply read
     replies: list[Reply]
+    warmups: int = 0  # untimed requests sent before, one per connection
 
     @property
     def ok(self) -> int:
@@ -191,7 +192,7 @@ async def run_load(
             on_start()
         started = time.monotonic()
         await asyncio.gather(*(worker(c) for c in conns))
-        return LoadResult(time.monotonic() - started, replies)
+        return LoadResult(time.monotonic() - started, replies, len(conns) if warmup else 0)
     finally:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 

@@ -66,12 +66,15 @@ BENCH_GROUPS: list[dict[str, Any]] = [
 ]
 
 
-def bridge_config(upstream_url: str, *, limits: bool = False) -> dict[str, Any]:
+def bridge_config(upstream_url: str, *, limits: bool = False, database: str = "") -> dict[str, Any]:
     """The bridge in reverse-proxy mode (DESIGN §1.1) in front of the bench upstream, with
     an OpenAI (Responses and Chat Completions) and an Anthropic provider both there, so each
     API is measured against the same mitmdump baselines. `limits`: the bench user has
-    budgets and limits (``BENCH_USER_LIMITS``, ``BENCH_GROUPS``), otherwise none."""
+    budgets and limits (``BENCH_USER_LIMITS``, ``BENCH_GROUPS``), otherwise none.
+    `database`: the log's address (a PostgreSQL URL), else the default SQLite file."""
     config = local_bridge_config(upstream_url, "${BENCH_PROVIDER_KEY}", {"alice": TOKEN})
+    if database:
+        config["database"] = database
     config["providers"].append(
         {
             "name": "anthropic",
@@ -155,11 +158,15 @@ class Proxy:
     bridge: bool = False  # load addon.py with its own config and database
     limits: bool = False  # the bridge's config gives the bench user budgets and limits
     metrics: bool = False  # the bridge serves Prometheus metrics, on a free loopback port
+    # The bridge's `database` in its config (a PostgreSQL URL without password; PGPASSWORD
+    # goes in `env`), instead of its own SQLite file given with --set aibridge_db.
+    database: str = ""
     options: dict[str, str] = field(default_factory=dict)  # --set for the scripts' options
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     metrics_port: int = 0  # where GET /metrics is, once listening (with metrics)
+    sent: int = 0  # requests the bench has sent it, warm-up ones included (bench/run.py)
 
     @property
     def log_path(self) -> Path:
@@ -193,15 +200,14 @@ class Proxy:
             args += ["-s", str(script)]
         if self.bridge:
             config = self.workdir / "config.yaml"
-            config.write_text(yaml.safe_dump(bridge_config(self.upstream_url, limits=self.limits)))
-            args += [
-                "-s",
-                str(ADDON),
-                "--set",
-                f"aibridge_config={config}",
-                "--set",
-                f"aibridge_db={self.db_path}",
-            ]
+            config.write_text(
+                yaml.safe_dump(
+                    bridge_config(self.upstream_url, limits=self.limits, database=self.database)
+                )
+            )
+            args += ["-s", str(ADDON), "--set", f"aibridge_config={config}"]
+            if not self.database:
+                args += ["--set", f"aibridge_db={self.db_path}"]
         if self.metrics:
             args += ["--set", "aibridge_metrics=127.0.0.1:0"]
         for name, value in self.options.items():

@@ -31,38 +31,111 @@ SSE_WORKLOADS: tuple[tuple[str, str], ...] = (
 
 
 @dataclass(frozen=True, slots=True)
+class Workload:
+    """A workload variants of the bridge are measured on: ``key`` holds the bridge's own
+    figures in "metrics" (what a variant is "off"), and the figures one load gives."""
+
+    key: str
+    title: str  # how rows and targets name it
+    rate: str  # the throughput figure the ratio is of
+    rate_name: str
+    cpu: str
+    cpu_per: str  # what the CPU figure is per, for rows
+    cpu_digits: int
+    latency: str
+    figures: tuple[str, ...]  # every figure of one load
+
+    @property
+    def shift_keys(self) -> tuple[str, ...]:
+        """The figures of `variant_shift` on this workload."""
+        return (
+            "ratio_moved",
+            "ratio_moved_lowest",
+            "ratio_moved_highest",
+            f"{self.rate}_on_vs_off",
+            f"{self.cpu}_added",
+            f"{self.latency}_added",
+        )
+
+
+BUFFERED = Workload(
+    "buffered",
+    "Buffered",
+    "req_per_s",
+    "req/s",
+    "cpu_ms_per_req",
+    "request",
+    3,
+    "p50_ms",
+    ("req_per_s", "p50_ms", "p99_ms", "cpu_ms_per_req"),
+)
+RESPONSES_STREAM = Workload(
+    "sse",
+    "SSE",
+    "events_per_s",
+    "events/s",
+    "cpu_ms_per_1k_events",
+    "1,000 events",
+    2,
+    "ttfb_ms",
+    ("events_per_s", "ttfb_ms", "cpu_ms_per_1k_events"),
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Variant:
-    """A variant of the bridge measured against the bridge itself on the buffered path, in
-    the same rounds as plain mitmdump and the bridge: its figures are under ``key`` of
-    "metrics", and each concurrency's has what the variant moves under ``shift_key``."""
+    """A variant of the bridge measured against the bridge itself, in the same rounds as
+    the baseline and the bridge: its figures are under ``key`` of "metrics", and each
+    concurrency's has what the variant moves under ``shift_key``."""
 
     key: str
     side: str  # its name in the rounds and in the rows ("limits": "Buffered, limits on: …")
     shift_key: str
     moved_by: str  # what moves the ratio, as the target names it
+    workload: Workload = BUFFERED
 
     def target_name(self, label: str) -> str:
-        return f"Buffered req/s ratio moved by {self.moved_by}, {label}"
+        w = self.workload
+        return f"{w.title} {w.rate_name} ratio moved by {self.moved_by}, {label}"
 
 
 # The bench user under budgets and limits of every kind, none ever refusing (bench/procs.py).
 LIMITS = Variant("buffered_limits", "limits", "limits_shift", "enforcing limits")
 # The bridge's Prometheus metrics on, scraped once a second (bench/scraper.py).
 METRICS = Variant("buffered_metrics", "metrics", "metrics_shift", "metrics")
-BUFFERED_VARIANTS: tuple[Variant, ...] = (LIMITS, METRICS)
-
-# How far each variant may move the buffered req/s ratio against plain mitmdump.
-SHIFT_MAX = 0.02
-SHIFT_KEYS: tuple[str, ...] = (
-    "ratio_moved",
-    "ratio_moved_lowest",
-    "ratio_moved_highest",
-    "req_per_s_on_vs_off",
-    "cpu_ms_per_req_added",
-    "p50_ms_added",
+# The bridge writing its log to a PostgreSQL server of the run's own (bench/postgres.py)
+# instead of a SQLite file, on the buffered path and on Responses streams.
+POSTGRES_MOVED_BY = "PostgreSQL as the store"
+POSTGRES = Variant("buffered_postgres", "postgres", "postgres_shift", POSTGRES_MOVED_BY)
+SSE_POSTGRES = Variant(
+    "sse_postgres", "postgres", "postgres_shift", POSTGRES_MOVED_BY, RESPONSES_STREAM
 )
+BUFFERED_VARIANTS: tuple[Variant, ...] = (LIMITS, METRICS, POSTGRES)
+SSE_VARIANTS: tuple[Variant, ...] = (SSE_POSTGRES,)
+VARIANTS: tuple[Variant, ...] = BUFFERED_VARIANTS + SSE_VARIANTS
+# The variants a run without a PostgreSQL server leaves out.
+POSTGRES_VARIANTS: tuple[Variant, ...] = (POSTGRES, SSE_POSTGRES)
 
-# Every number a run must produce (dotted paths into "metrics"); the smoke test checks them.
+# How far each variant may move the bridge's ratio against the baseline.
+SHIFT_MAX = 0.02
+SHIFT_KEYS: tuple[str, ...] = BUFFERED.shift_keys
+
+# What the bridge on PostgreSQL sent, counted and wrote over the run (bench/run.py's
+# postgres_rows): the target is that every exchange counted is a row in PostgreSQL.
+POSTGRES_ROWS = "postgres_rows"
+POSTGRES_ROW_FIGURES: tuple[str, ...] = (
+    "requests_sent",  # by the bench to that bridge, warm-up requests included
+    "exchanges_counted",  # by the bridge, in its summary at shutdown
+    "completed_counted",
+    "interceptions",  # rows in PostgreSQL's interceptions after the bridge stopped
+    "completed",
+    "rows_written",  # by the bridge's recorder, from the same summary
+    "rows_lost",
+)
+POSTGRES_ROWS_TARGET = "PostgreSQL holds every exchange the bridge counted"
+
+# Every number a run must produce (dotted paths into "metrics"; those of POSTGRES_VARIANTS
+# and POSTGRES_ROWS only with a PostgreSQL server); the smoke test checks them.
 METRIC_PATHS: tuple[str, ...] = tuple(
     [
         f"{key}.{c}.{side}.{m}"
@@ -80,18 +153,20 @@ METRIC_PATHS: tuple[str, ...] = tuple(
     ]
     + [
         f"{v.key}.{c}.{side}.{m}"
-        for v in BUFFERED_VARIANTS
+        for v in VARIANTS
         for c in ("c1", "c16")
         for side in ("baseline", "addon", "ratio")
-        for m in ("req_per_s", "p50_ms", "p99_ms", "cpu_ms_per_req")
+        for m in v.workload.figures
     ]
     + [
         f"{v.key}.{c}.{v.shift_key}.{k}"
-        for v in BUFFERED_VARIANTS
+        for v in VARIANTS
         for c in ("c1", "c16")
-        for k in SHIFT_KEYS
+        for k in v.workload.shift_keys
     ]
     + [f"{METRICS.key}.{c}.{k}" for c in ("c1", "c16") for k in ("scrapes", "scraped_completed")]
+    + [f"{v.key}.events" for v in SSE_VARIANTS]
+    + [f"{POSTGRES_ROWS}.{k}" for k in POSTGRES_ROW_FIGURES]
     + [
         f"paced.{side}.{m}"
         for side in ("baseline", "addon", "ratio")
@@ -186,34 +261,36 @@ def paired(baseline: list[dict[str, float]], addon: list[dict[str, float]]) -> d
 
 
 def variant_shift(
-    baseline: list[dict[str, float]], off: list[dict[str, float]], on: list[dict[str, float]]
+    baseline: list[dict[str, float]],
+    off: list[dict[str, float]],
+    on: list[dict[str, float]],
+    workload: Workload = BUFFERED,
 ) -> dict[str, float]:
     """What a variant of the bridge (on) moves against the bridge (off), as medians over the
-    rounds of per-round figures (each round's loads ran back to back): the req/s ratio
-    against the baseline (on minus off; with its lowest and highest round, the spread a
-    noisy machine gives it), req/s on / off, and the CPU per request and p50 latency
-    added, ms."""
+    rounds of per-round figures (each round's loads ran back to back): the ratio of the
+    workload's rate (req/s, events/s) against the baseline (on minus off; with its lowest
+    and highest round, the spread a noisy machine gives it), the rate on / off, and the
+    CPU and latency (p50, time to first byte) added, ms."""
+    rate, cpu, latency = workload.rate, workload.cpu, workload.latency
     rounds = list(zip(baseline, off, on, strict=True))
-    moved = [(n["req_per_s"] - f["req_per_s"]) / b["req_per_s"] for b, f, n in rounds]
+    moved = [(n[rate] - f[rate]) / b[rate] for b, f, n in rounds]
     return {
         "ratio_moved": median(moved),
         "ratio_moved_lowest": min(moved),
         "ratio_moved_highest": max(moved),
-        "req_per_s_on_vs_off": median(n["req_per_s"] / f["req_per_s"] for _, f, n in rounds),
-        "cpu_ms_per_req_added": median(
-            n["cpu_ms_per_req"] - f["cpu_ms_per_req"] for _, f, n in rounds
-        ),
-        "p50_ms_added": median(n["p50_ms"] - f["p50_ms"] for _, f, n in rounds),
+        f"{rate}_on_vs_off": median(n[rate] / f[rate] for _, f, n in rounds),
+        f"{cpu}_added": median(n[cpu] - f[cpu] for _, f, n in rounds),
+        f"{latency}_added": median(n[latency] - f[latency] for _, f, n in rounds),
     }
 
 
 # ---- targets ---------------------------------------------------------------------------------
 
 
-def _variants(m: Mapping[str, Any]) -> list[Variant]:
-    """The buffered variants a result holds (one from before limits or metrics were
-    measured has fewer)."""
-    return [v for v in BUFFERED_VARIANTS if v.key in m]
+def _variants(m: Mapping[str, Any], workload: Workload | None = None) -> list[Variant]:
+    """The variants a result holds (of one workload if given; one from before limits,
+    metrics or PostgreSQL were measured, or from a run without PostgreSQL, has fewer)."""
+    return [v for v in VARIANTS if v.key in m and workload in (None, v.workload)]
 
 
 def _sse_workloads(m: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -272,7 +349,8 @@ def verdicts(m: Mapping[str, Any]) -> list[Verdict]:
         )
     )
     for v, (c, label) in itertools.product(_variants(m), (("c1", "c=1"), ("c16", "c=16"))):
-        on, off = m[v.key][c], m["buffered"][c]
+        w = v.workload
+        on, off = m[v.key][c], m[w.key][c]
         shift = on[v.shift_key]
         moved = shift["ratio_moved"]
         n = on.get("scrapes")
@@ -284,11 +362,14 @@ def verdicts(m: Mapping[str, Any]) -> list[Verdict]:
                 f"{moved:+.3f}",
                 abs(moved) <= SHIFT_MAX,
                 f"per round from {shift['ratio_moved_lowest']:+.3f} to "
-                f"{shift['ratio_moved_highest']:+.3f}; {on['ratio']['req_per_s']:.2f}x with "
-                f"{v.side} on, {off['ratio']['req_per_s']:.2f}x off; mitmdump spends "
-                f"{shift['cpu_ms_per_req_added']:+.3f} ms CPU per request with them{scrapes}",
+                f"{shift['ratio_moved_highest']:+.3f}; {on['ratio'][w.rate]:.2f}x with "
+                f"{v.side} on, {off['ratio'][w.rate]:.2f}x off; mitmdump spends "
+                f"{shift[f'{w.cpu}_added']:+.{w.cpu_digits}f} ms CPU per {w.cpu_per} with "
+                f"{v.side} on{scrapes}",
             )
         )
+    if POSTGRES_ROWS in m:
+        out.append(_postgres_rows_verdict(m[POSTGRES_ROWS]))
     rec = m["recorder"]
     rate = rec["alone_rows_per_s"]
     out.append(
@@ -338,6 +419,30 @@ def verdicts(m: Mapping[str, Any]) -> list[Verdict]:
     return out
 
 
+def postgres_rows_met(rows: Mapping[str, Any]) -> bool:
+    """Every request sent to the bridge on PostgreSQL was an exchange it counted, completed,
+    and each is its row in PostgreSQL; the recorder lost nothing."""
+    counted = rows["exchanges_counted"]
+    return (
+        rows["requests_sent"] == counted == rows["completed_counted"]
+        and rows["interceptions"] == counted == rows["completed"]
+        and rows["rows_lost"] == 0
+    )
+
+
+def _postgres_rows_verdict(rows: Mapping[str, Any]) -> Verdict:
+    return Verdict(
+        POSTGRES_ROWS_TARGET,
+        "all",
+        f"{rows['interceptions']:,} of {rows['exchanges_counted']:,}",
+        postgres_rows_met(rows),
+        f"{rows['requests_sent']:,} requests sent to it (warm-ups included); counted at its "
+        f"shutdown: {rows['exchanges_counted']:,} exchanges, {rows['completed_counted']:,} "
+        f"completed, {rows['rows_written']:,} rows written, {rows['rows_lost']:,} lost; in "
+        f"PostgreSQL: {rows['interceptions']:,} interceptions, {rows['completed']:,} completed",
+    )
+
+
 # ---- table -----------------------------------------------------------------------------------
 
 
@@ -367,33 +472,36 @@ def _variant_rows(
     on: Mapping[str, Any],
     off: Mapping[str, Any],
     label: str,
+    detail: str,
     status: Callable[[str], str],
 ) -> list[tuple[str, ...]]:
-    """The buffered workload with a variant on: against plain mitmdump, then against the
-    bridge with it off (same rounds; each figure a median of per-round ones, so the shift is
-    not the difference of the two ratios' medians)."""
+    """The workload with a variant on: against the baseline, then against the bridge with
+    it off (same rounds; each figure a median of per-round ones, so the shift is not the
+    difference of the two ratios' medians). `detail`: the load's size, for the first row."""
+    w = v.workload
     shift = on[v.shift_key]
+    digits = w.cpu_digits
     return [
         (
-            f"Buffered, {v.side} on: req/s, 40 KB bodies, {label}",
-            *_pair(on, "req_per_s", "", 0),
+            f"{w.title}, {v.side} on: {w.rate_name}, {detail}, {label}",
+            *_pair(on, w.rate, "", 0),
             "",
             "",
         ),
         (
-            f"Buffered, {v.side} on vs off: req/s ratio moved (rounds from, to), {label}",
+            f"{w.title}, {v.side} on vs off: {w.rate_name} ratio moved (rounds from, to), {label}",
             f"{shift['ratio_moved']:+.3f} ({shift['ratio_moved_lowest']:+.3f}, "
             f"{shift['ratio_moved_highest']:+.3f})",
-            f"{shift['req_per_s_on_vs_off']:.3f}x the req/s of off",
+            f"{shift[f'{w.rate}_on_vs_off']:.3f}x the {w.rate_name} of off",
             "",
             f"within {SHIFT_MAX:.2f}",
             status(v.target_name(label)),
         ),
         (
-            f"Buffered, {v.side} on vs off: mitmdump CPU per request, {label}",
-            f"{shift['cpu_ms_per_req_added']:+.3f} ms",
-            f"{on['addon']['cpu_ms_per_req']:.3f} ms on",
-            f"{off['addon']['cpu_ms_per_req']:.3f} ms off",
+            f"{w.title}, {v.side} on vs off: mitmdump CPU per {w.cpu_per}, {label}",
+            f"{shift[f'{w.cpu}_added']:+.{digits}f} ms",
+            f"{on['addon'][w.cpu]:.{digits}f} ms on",
+            f"{off['addon'][w.cpu]:.{digits}f} ms off",
             "",
             "",
         ),
@@ -429,6 +537,10 @@ def table(m: Mapping[str, Any], verdict_list: list[Verdict]) -> str:
                 "",
             ),
         ]
+        if key == RESPONSES_STREAM.key:
+            for v in _variants(m, RESPONSES_STREAM):
+                detail = f"{m[v.key]['events']:,}-event stream"
+                rows += _variant_rows(v, m[v.key][c], s, label, detail, status)
     for c, label in (("c1", "c=1"), ("c16", "c=16")):
         b = m["buffered"][c]
         target, name = "", ""
@@ -449,8 +561,21 @@ def table(m: Mapping[str, Any], verdict_list: list[Verdict]) -> str:
                 "",
             ),
         ]
-        for v in _variants(m):
-            rows += _variant_rows(v, m[v.key][c], b, label, status)
+        for v in _variants(m, BUFFERED):
+            rows += _variant_rows(v, m[v.key][c], b, label, "40 KB bodies", status)
+    if POSTGRES_ROWS in m:
+        pg = m[POSTGRES_ROWS]
+        rows.append(
+            (
+                "PostgreSQL store: interceptions in the database, of the exchanges the bridge "
+                "counted",
+                "",
+                f"{pg['interceptions']:,} of {pg['exchanges_counted']:,}",
+                f"{pg['requests_sent']:,} requests sent",
+                "all",
+                status(POSTGRES_ROWS_TARGET),
+            )
+        )
     p = m["paced"]
     rows += [
         (
@@ -531,15 +656,20 @@ def misses(verdict_list: list[Verdict]) -> str:
 
 def machine_line(info: Mapping[str, Any]) -> str:
     load = ", ".join(f"{x:.2f}" for x in info["load_average"])
+    postgres = ""
+    if pg := info.get("postgres"):  # a run with a PostgreSQL server
+        settings = ", ".join(f"{k}={v}" for k, v in pg["settings"].items())
+        postgres = f", PostgreSQL {pg['version']} ({settings})"
     return (
         f"{info['cores']} cores, {info['cpu_model']}; Python {info['python']}, "
-        f"mitmproxy {info['mitmproxy']}, SQLite {info['sqlite']}; {info['platform']}; "
+        f"mitmproxy {info['mitmproxy']}, SQLite {info['sqlite']}{postgres}; {info['platform']}; "
         f"load average at start {load}"
     )
 
 
 def results_section(result: Mapping[str, Any]) -> str:
     verdict_list = [Verdict(**v) for v in result["targets"]]
+    skipped = result.get("postgres_skipped")
     return "\n".join(
         [
             f"Run {result['finished_at']} ({result['mode']} mode, {result['rounds']} rounds, "
@@ -547,6 +677,7 @@ def results_section(result: Mapping[str, Any]) -> str:
             "",
             f"Machine: {machine_line(result['machine'])}.",
             "",
+            *([f"PostgreSQL not measured: {skipped}.", ""] if skipped else []),
             table(result["metrics"], verdict_list),
             "",
             misses(verdict_list),

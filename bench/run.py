@@ -1,10 +1,12 @@
 """The benchmark: ``python -m bench`` (``--quick`` for a seconds-long smoke run).
 
-Starts the bench upstream and six mitmdumps on loopback, all in reverse mode with the same
+Starts the bench upstream and seven mitmdumps on loopback, all in reverse mode with the same
 flags: stream-only (the SSE baseline, for Responses, Messages and Chat Completions streams
 alike), plain (the buffered baseline), the bridge, the bridge whose user has budgets and
 limits, the bridge with its Prometheus metrics on (scraped once a second while it is
-measured), and the bridge with the lag probe and the burst script.
+measured), the bridge writing to a PostgreSQL server the run starts (left out, with a line
+saying so, where PostgreSQL is not installed; ``--require-postgres`` makes that an error),
+and the bridge with the lag probe and the burst script.
 Variants run alternately, baseline then bridge, for several rounds after a warm-up round;
 medians are reported, and ratios are medians of the per-round ratios. See BENCHMARKS.md
 for what each figure means.
@@ -29,7 +31,7 @@ from typing import Any
 import orjson
 
 from aibridge.record.recorder import Recorder
-from bench import report
+from bench import postgres, report
 from bench.client import LoadResult, build_request, one_request, run_load
 from bench.procs import (
     BENCH,
@@ -47,7 +49,7 @@ from bench.procs import (
     rss_kib,
     wait_idle,
 )
-from bench.report import LIMITS, METRICS, Variant
+from bench.report import LIMITS, METRICS, POSTGRES, POSTGRES_ROWS, SSE_POSTGRES, Variant
 from bench.scraper import Scraper, interceptions
 from bench.workloads import (
     CLAUDE_CODE_HEADERS,
@@ -182,6 +184,7 @@ def load(
             **kw,
         )
     )
+    proxy.sent += len(result.replies) + result.warmups
     wait_idle(proxy.pid)
     cpu = cpu_seconds(proxy.pid) - marks[0]
     bad = [r.status for r in result.replies if not 200 <= r.status < 300]
@@ -216,6 +219,16 @@ def alternate(
     return runs
 
 
+def variant_figures(v: Variant, runs: Mapping[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """A variant of the bridge against the baseline, with what it moves against the
+    bridge itself measured in the same rounds (under ``v.shift_key``)."""
+    out = report.paired(runs["baseline"], runs[v.side])
+    out[v.shift_key] = report.variant_shift(
+        runs["baseline"], runs["addon"], runs[v.side], v.workload
+    )
+    return out
+
+
 # ---- 1. SSE throughput --------------------------------------------------------------------------
 
 
@@ -242,9 +255,19 @@ def scaled(count: int, concurrency: int, per_second: float, sizes: Sizes) -> int
 
 
 def bench_sse(
-    baseline: Proxy, addon: Proxy, sizes: Sizes, api: str = RESPONSES_SSE
-) -> dict[str, Any]:
+    baseline: Proxy,
+    addon: Proxy,
+    sizes: Sizes,
+    api: str = RESPONSES_SSE,
+    variants: Mapping[Variant, Proxy] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The bridge against stream-only mitmdump, and in the same rounds each variant of the
+    bridge (PostgreSQL as the store): the bridge's figures, and each variant's by its key."""
+    variants = variants or {}
     out: dict[str, Any] = {"events": sizes.sse_events}
+    with_variant: dict[str, dict[str, Any]] = {
+        v.key: {"events": sizes.sse_events} for v in variants
+    }
     name = dict(report.SSE_WORKLOADS)[api]
     for label, concurrency, streams in (
         ("c1", 1, sizes.sse_streams_c1),
@@ -253,20 +276,29 @@ def bench_sse(
         if sizes.seconds_per_load:
             rate = sse_once(baseline, sizes, concurrency, streams, api)["events_per_s"]
             streams = scaled(streams, concurrency, rate / sizes.sse_events, sizes)
+        also = "".join(f", the bridge with {v.side} on" for v in variants)
         log(
-            f"{name} {sizes.sse_events}-event streams, concurrency {concurrency}, {streams} streams"
+            f"{name} {sizes.sse_events}-event streams, concurrency {concurrency}, {streams} "
+            f"streams{also}"
         )
+        sides: dict[str, Callable[[], dict[str, float]]] = {
+            "baseline": lambda c=concurrency, s=streams: sse_once(baseline, sizes, c, s, api),
+            "addon": lambda c=concurrency, s=streams: sse_once(addon, sizes, c, s, api),
+        }
+        for v, proxy in variants.items():
+            sides[v.side] = lambda p=proxy, c=concurrency, s=streams: sse_once(p, sizes, c, s, api)
         runs = alternate(
             sizes.rounds,
             sizes.warmup_rounds,
-            {
-                "baseline": lambda c=concurrency, s=streams: sse_once(baseline, sizes, c, s, api),
-                "addon": lambda c=concurrency, s=streams: sse_once(addon, sizes, c, s, api),
-            },
+            sides,
+            rotate=("addon", *(v.side for v in variants)) if variants else (),
         )
         out[label] = report.paired(runs["baseline"], runs["addon"])
         out[label]["streams"] = streams
-    return out
+        for v in variants:
+            with_variant[v.key][label] = variant_figures(v, runs)
+            with_variant[v.key][label]["streams"] = streams
+    return out, with_variant
 
 
 # ---- 2. buffered requests -----------------------------------------------------------------------
@@ -284,24 +316,14 @@ def buffered_once(proxy: Proxy, total: int, concurrency: int) -> dict[str, float
     }
 
 
-def variant_figures(
-    v: Variant, runs: Mapping[str, list[dict[str, float]]], total: int
-) -> dict[str, Any]:
-    """A variant of the bridge against plain mitmdump, with what it moves against the
-    bridge itself measured in the same rounds (under ``v.shift_key``)."""
-    out = report.paired(runs["baseline"], runs[v.side])
-    out["requests"] = total
-    out[v.shift_key] = report.variant_shift(runs["baseline"], runs["addon"], runs[v.side])
-    return out
-
-
 def bench_buffered(
     baseline: Proxy, addon: Proxy, variants: Mapping[Variant, Proxy], sizes: Sizes
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The bridge against plain mitmdump, and in the same rounds each variant of the bridge
-    (the bench user under limits; metrics on): the bridge's figures, and each variant's by
-    its key. A bridge with metrics on is scraped once a second while its rounds run, as
-    Prometheus would; after them, one more scrape reads what it counted."""
+    (the bench user under limits; metrics on; PostgreSQL as the store): the bridge's
+    figures, and each variant's by its key. A bridge with metrics on is scraped once a
+    second while its rounds run, as Prometheus would; after them, one more scrape reads what
+    it counted."""
     out: dict[str, Any] = {}
     with_variant: dict[str, dict[str, Any]] = {v.key: {} for v in variants}
     for label, concurrency, total in (
@@ -336,7 +358,8 @@ def bench_buffered(
         out[label] = report.paired(runs["baseline"], runs["addon"])
         out[label]["requests"] = total
         for v in variants:
-            with_variant[v.key][label] = variant_figures(v, runs, total)
+            with_variant[v.key][label] = variant_figures(v, runs)
+            with_variant[v.key][label]["requests"] = total
         for v, scraper in scrapers.items():
             with_variant[v.key][label]["scrapes"] = scraper.scrapes
             with_variant[v.key][label]["scraped_completed"] = interceptions(
@@ -538,15 +561,62 @@ def bench_memory(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
     return {"flows": flows, "big_stream": big}
 
 
+# ---- 6. what landed in PostgreSQL ---------------------------------------------------------------
+
+
+def start_postgres(
+    stack: contextlib.ExitStack, required: bool
+) -> tuple[postgres.PostgresStore | None, str | None]:
+    """The run's PostgreSQL server (stopped when `stack` closes), or None and why there is
+    none; with `required`, no server is a BenchError."""
+    reason = postgres.unavailable()
+    if reason is None:
+        log("starting a PostgreSQL server for the bridge on PostgreSQL")
+        try:
+            return stack.enter_context(postgres.started()), None
+        except postgres.NotStarted as e:
+            reason = f"the PostgreSQL server did not start: {e}"
+    if required:
+        raise BenchError(f"PostgreSQL is required (--require-postgres): {reason}")
+    log(f"PostgreSQL not measured: {reason}")
+    return None, reason
+
+
+def postgres_rows(proxy: Proxy, store: postgres.PostgresStore) -> dict[str, int]:
+    """Stop the bridge on PostgreSQL (its recorder drains its queue first, then it logs what
+    it counted) and read what landed in its database, beside what the bench sent it."""
+    log(f"stopping {proxy.name}, counting its rows in PostgreSQL")
+    proxy.stop()
+    summary = postgres.shutdown_summary(proxy.log())
+    if summary is None:
+        raise BenchError(f"{proxy.name} logged no summary at shutdown\n{proxy.log()[-3000:]}")
+    landed = store.landed()
+    return {
+        "requests_sent": proxy.sent,
+        "exchanges_counted": summary["exchanges"],
+        "completed_counted": summary["by_status"].get("completed", 0),
+        "interceptions": sum(landed.values()),
+        "completed": landed.get("completed", 0),
+        "rows_written": summary["rows_written"],
+        "rows_lost": summary["rows_lost"],
+    }
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
+def run(
+    sizes: Sizes, workdir: Path, mode: str, *, require_postgres: bool = False
+) -> dict[str, Any]:
     started = time.monotonic()
     machine = report.machine()
     metrics: dict[str, Any] = {"recorder": bench_recorder_alone(workdir, sizes.recorder_flows)}
     probe_file = workdir / "probed" / "lagprobe.json"
     with contextlib.ExitStack() as stack:
+        # Entered first, so it stops after every mitmdump.
+        store, postgres_skipped = start_postgres(stack, require_postgres)
+        if store is not None:
+            machine["postgres"] = store.info()
         upstream = UpstreamProcess(workdir).start()
         stack.callback(upstream.stop)
         proxies = {
@@ -570,6 +640,15 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
                 options={"lagprobe_file": str(probe_file)},
             ),
         }
+        if store is not None:
+            proxies["postgres"] = Proxy(
+                "aibridge+postgres",
+                workdir / "postgres",
+                upstream.url,
+                bridge=True,
+                database=store.url,
+                env=store.env,
+            )
         log(f"starting the upstream and {len(proxies)} mitmdumps")
         for proxy in proxies.values():
             proxy.launch()
@@ -579,16 +658,25 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
             proxy.wait_listening()
 
         addon = proxies["addon"]
-        metrics["sse"] = bench_sse(proxies["stream_only"], addon, sizes)
-        for api in (MESSAGES_SSE, CHAT_SSE, CHAT_SSE_USAGE_ADDED):
-            metrics[api] = bench_sse(proxies["stream_only"], addon, sizes, api)
-        metrics["buffered"], variants = bench_buffered(
-            proxies["plain"],
+        on_postgres = proxies.get("postgres")
+        metrics["sse"], variants = bench_sse(
+            proxies["stream_only"],
             addon,
-            {LIMITS: proxies["limited"], METRICS: proxies["metrics"]},
             sizes,
+            variants={SSE_POSTGRES: on_postgres} if on_postgres is not None else {},
         )
         metrics.update(variants)
+        for api in (MESSAGES_SSE, CHAT_SSE, CHAT_SSE_USAGE_ADDED):
+            metrics[api], _ = bench_sse(proxies["stream_only"], addon, sizes, api)
+        buffered_variants = {LIMITS: proxies["limited"], METRICS: proxies["metrics"]}
+        if on_postgres is not None:
+            buffered_variants[POSTGRES] = on_postgres
+        metrics["buffered"], variants = bench_buffered(
+            proxies["plain"], addon, buffered_variants, sizes
+        )
+        metrics.update(variants)
+        if store is not None and on_postgres is not None:
+            metrics[POSTGRES_ROWS] = postgres_rows(on_postgres, store)
         metrics["paced"] = bench_paced(proxies["stream_only"], addon, sizes)
         burst = bench_burst(probed, sizes.burst_flows)
         metrics["memory"] = bench_memory(proxies["stream_only"], addon, sizes)
@@ -607,6 +695,7 @@ def run(sizes: Sizes, workdir: Path, mode: str) -> dict[str, Any]:
         "rounds": sizes.rounds,
         "sizes": asdict(sizes),
         "machine": machine,
+        "postgres_skipped": postgres_skipped,  # why PostgreSQL was not measured, if it was not
         "metrics": metrics,
         "targets": [v.as_dict() for v in verdicts],
     }
@@ -644,6 +733,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="the working directory to use (created if need be, kept afterwards)",
     )
+    parser.add_argument(
+        "--require-postgres",
+        action="store_true",
+        help="fail if no PostgreSQL server can be started (else the bridge on PostgreSQL is "
+        "left out, and the output says why)",
+    )
     args = parser.parse_args(argv)
 
     sizes = QUICK if args.quick else FULL
@@ -656,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="aibridge-bench-"))
     try:
-        result = run(sizes, workdir, mode)
+        result = run(sizes, workdir, mode, require_postgres=args.require_postgres)
     finally:
         if args.keep:
             log(f"working directory kept: {workdir}")

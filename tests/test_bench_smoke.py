@@ -4,6 +4,8 @@ served as the fakes serve them, and recorded."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import http.client
 import itertools
@@ -25,18 +27,22 @@ import pytest
 from aibridge.apis import anthropic_messages, openai_chat
 from aibridge.clients import guess_client, session_id_from_headers
 from aibridge.config import load_config
+from aibridge.console import ExchangeTally
 from aibridge.metrics import ExchangeLabels, Metrics, MetricsServer
-from bench import report
+from aibridge.record.address import is_postgres
+from bench import postgres, report
+from bench.client import build_request, run_load
 from bench.procs import (
     CHAT_PATH,
     MESSAGES_PATH,
     PROVIDER_KEY,
     TOKEN,
+    Proxy,
     UpstreamProcess,
     cpu_seconds,
 )
 from bench.report import METRIC_PATHS, lookup
-from bench.run import QUICK, alternate
+from bench.run import QUICK, BenchError, alternate, start_postgres
 from bench.scraper import ScrapeError, Scraper, interceptions
 from bench.workloads import (
     CLAUDE_CODE_HEADERS,
@@ -50,6 +56,7 @@ from bench.workloads import (
 )
 from devtools import fake_anthropic, fake_openai_chat
 from tests.harness import REPO, query
+from tests.postgres_server import postgres_bin
 
 OPENCODE_CAPTURED = REPO / "tests" / "fixtures" / "opencode_captured"
 # What the bridges' config files read from the environment.
@@ -57,12 +64,23 @@ BENCH_ENV = {"BENCH_PROVIDER_KEY": PROVIDER_KEY}
 
 
 def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
+    postgres_bin()  # the bridge on PostgreSQL is measured too: skipped without it, not in CI
     out = tmp_path / "bench.json"
     workdir = tmp_path / "work"
     doc = REPO / "BENCHMARKS.md"
     doc_before = doc.read_bytes() if doc.exists() else None
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--workdir", str(workdir)],
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--require-postgres",
+            "--out",
+            str(out),
+            "--workdir",
+            str(workdir),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -82,6 +100,9 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         "chat_sse_usage_added",
         "buffered_limits",
         "buffered_metrics",
+        "buffered_postgres",
+        "sse_postgres",
+        "postgres_rows",
     ):
         assert any(path.startswith(f"{key}.") for path in METRIC_PATHS), key
 
@@ -90,12 +111,15 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert machine["python"] and machine["mitmproxy"]
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 17 and len(set(names)) == 17
+    assert len(names) == 22 and len(set(names)) == 22
     for label in ("c=1", "c=16"):
         for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
             assert f"{title} events/s vs stream-only mitmdump, {label}" in names
         assert f"Buffered req/s ratio moved by enforcing limits, {label}" in names
         assert f"Buffered req/s ratio moved by metrics, {label}" in names
+        assert f"Buffered req/s ratio moved by PostgreSQL as the store, {label}" in names
+        assert f"SSE events/s ratio moved by PostgreSQL as the store, {label}" in names
+    assert "PostgreSQL holds every exchange the bridge counted" in names
     for target in result["targets"]:
         assert isinstance(target["met"], bool) and target["target"] and target["value"]
         assert target["met"] or target["reason"], target
@@ -104,13 +128,25 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert run.stdout.count("| ") > 10 and "Ratio" in run.stdout
     for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
         assert f"| {title} events/s, {QUICK.sse_events}-event stream, c=1 |" in run.stdout
-    for label, side in itertools.product(("c=1", "c=16"), ("limits", "metrics")):
+    for label, side in itertools.product(("c=1", "c=16"), ("limits", "metrics", "postgres")):
         assert f"| Buffered, {side} on: req/s, 40 KB bodies, {label} |" in run.stdout
         assert (
             f"| Buffered, {side} on vs off: req/s ratio moved (rounds from, to), {label} |"
             in run.stdout
         )
         assert f"| Buffered, {side} on vs off: mitmdump CPU per request, {label} |" in run.stdout
+    for label in ("c=1", "c=16"):
+        assert f"| SSE, postgres on: events/s, {QUICK.sse_events}-event stream, {label} |" in (
+            run.stdout
+        )
+        assert (
+            f"| SSE, postgres on vs off: events/s ratio moved (rounds from, to), {label} |"
+            in run.stdout
+        )
+        assert f"| SSE, postgres on vs off: mitmdump CPU per 1,000 events, {label} |" in (
+            run.stdout
+        )
+    assert "PostgreSQL not measured" not in run.stdout + run.stderr
     assert (doc.read_bytes() if doc.exists() else None) == doc_before
 
     # The measured bridge recorded every Messages stream it was sent, with its usage.
@@ -134,6 +170,50 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     )
     assert not load_config(workdir / "aibridge" / "config.yaml", BENCH_ENV).governance.enabled
     assert_metrics_scraped(workdir, metrics["buffered_metrics"])
+    assert_postgres_recorded(workdir, result)
+
+
+def assert_postgres_recorded(workdir: Path, result: dict[str, Any]) -> None:
+    """The bridge on PostgreSQL wrote there and nowhere else: after its rounds, PostgreSQL
+    held one interception per request the bench sent it, as many as the bridge counted, all
+    completed; the server ran as the test harness runs it; the password was in no file."""
+    metrics = result["metrics"]
+    rows = metrics["postgres_rows"]
+    timed = sum(
+        metrics[key][c][count]
+        for key, count in (("buffered_postgres", "requests"), ("sse_postgres", "streams"))
+        for c in ("c1", "c16")
+    )
+    # One untimed warm-up request per connection of each load comes on top.
+    assert rows["requests_sent"] > timed
+    assert (
+        rows["requests_sent"]
+        == rows["exchanges_counted"]
+        == rows["completed_counted"]
+        == rows["interceptions"]
+        == rows["completed"]
+    )
+    # Each exchange's interception is upserted twice (start, end), its prompt inserted.
+    assert rows["rows_written"] >= 3 * rows["interceptions"] and rows["rows_lost"] == 0
+    (verdict,) = (t for t in result["targets"] if t["name"] == report.POSTGRES_ROWS_TARGET)
+    assert verdict["met"] is True and verdict["value"] == f"{rows['interceptions']:,} of " + (
+        f"{rows['exchanges_counted']:,}"
+    )
+    assert result["postgres_skipped"] is None
+    assert result["machine"]["postgres"]["settings"] == {
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+    }
+
+    proxy_dir = workdir / "postgres"
+    database = load_config(proxy_dir / "config.yaml", BENCH_ENV).database
+    assert is_postgres(str(database)) and urlsplit(str(database)).password is None
+    assert f"AI Bridge: recording to {database}" in (proxy_dir / "mitmdump.log").read_text()
+    assert not list(proxy_dir.glob("*.db*"))  # no SQLite file beside it
+    # The bridges it is compared with write their own SQLite files.
+    sqlite_bridge = load_config(workdir / "aibridge" / "config.yaml", BENCH_ENV).database
+    assert not is_postgres(str(sqlite_bridge)) and (workdir / "aibridge" / "aibridge.db").exists()
 
 
 def assert_metrics_scraped(workdir: Path, scraped: dict) -> None:
@@ -713,18 +793,34 @@ def synthetic_metrics(skip: tuple[str, ...] = ()) -> dict[str, Any]:
         *parents, leaf = path.split(".")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = 1.0
+        node[leaf] = 1 if leaf == "events" else 1.0  # a count, as in a run
     for key, shift, moved in (
         ("buffered_limits", "limits_shift", 0.011),
         ("buffered_metrics", "metrics_shift", -0.031),
+        ("buffered_postgres", "postgres_shift", -0.004),
+        ("sse_postgres", "postgres_shift", 0.027),
     ):
         if key not in skip:
             for c in ("c1", "c16"):
                 metrics[key][c][shift]["ratio_moved"] = moved
+    if "postgres_rows" not in skip:
+        metrics["postgres_rows"] = dict(LANDED_ALL)
     return metrics
 
 
-def render(metrics: dict[str, Any]) -> tuple[list[report.Verdict], str]:
+# A bridge on PostgreSQL whose every request landed there.
+LANDED_ALL = {
+    "requests_sent": 1200,
+    "exchanges_counted": 1200,
+    "completed_counted": 1200,
+    "interceptions": 1200,
+    "completed": 1200,
+    "rows_written": 4800,
+    "rows_lost": 0,
+}
+
+
+def render(metrics: dict[str, Any], **result: Any) -> tuple[list[report.Verdict], str]:
     verdicts = report.verdicts(metrics)
     result = {
         "finished_at": "2026-12-02T00:00:00+00:00",
@@ -734,8 +830,13 @@ def render(metrics: dict[str, Any]) -> tuple[list[report.Verdict], str]:
         "machine": report.machine(),
         "metrics": metrics,
         "targets": [v.as_dict() for v in verdicts],
+        **result,
     }
     return verdicts, report.results_section(result)
+
+
+def row_of(section: str, measurement: str) -> str:
+    return next(line for line in section.splitlines() if line.startswith(f"| {measurement} |"))
 
 
 def test_report_renders_the_metrics_variant_beside_the_limits_one() -> None:
@@ -765,11 +866,16 @@ def test_report_renders_the_metrics_variant_beside_the_limits_one() -> None:
     assert "/metrics scraped 1 time." in section
 
 
+WITHOUT_POSTGRES = ("buffered_postgres", "sse_postgres", "postgres_rows")
+
+
 @pytest.mark.parametrize(
     ("skip", "variants"),
     [
-        (("buffered_metrics",), ("limits",)),  # before metrics were measured
-        (("buffered_limits",), ("metrics",)),
+        (("buffered_metrics",), ("limits", "postgres")),  # before metrics were measured
+        (("buffered_limits",), ("metrics", "postgres")),
+        # Before PostgreSQL, or a run where it is not installed.
+        (WITHOUT_POSTGRES, ("limits", "metrics")),
         # Before limits, Messages and Chat (bench/results of 2026-12-01 looked so).
         (
             (
@@ -778,6 +884,7 @@ def test_report_renders_the_metrics_variant_beside_the_limits_one() -> None:
                 "messages_sse",
                 "chat_sse",
                 "chat_sse_usage_added",
+                *WITHOUT_POSTGRES,
             ),
             (),
         ),
@@ -787,14 +894,251 @@ def test_report_renders_results_from_before_a_variant(
     skip: tuple[str, ...], variants: tuple[str, ...]
 ) -> None:
     verdicts, section = render(synthetic_metrics(skip))
-    for side, moved_by in (("limits", "enforcing limits"), ("metrics", "metrics")):
+    for side, moved_by in (
+        ("limits", "enforcing limits"),
+        ("metrics", "metrics"),
+        ("postgres", "PostgreSQL as the store"),
+    ):
         wanted = side in variants
         assert (f"| Buffered, {side} on: req/s, 40 KB bodies, c=16 |" in section) is wanted
         assert (
             any(v.name == f"Buffered req/s ratio moved by {moved_by}, c=1" for v in verdicts)
             is wanted
         )
+    wanted = "postgres" in variants
+    assert ("| SSE, postgres on: events/s, 1-event stream, c=1 |" in section) is wanted
+    assert ("PostgreSQL store:" in section) is wanted
+    assert (report.POSTGRES_ROWS_TARGET in {v.name for v in verdicts}) is wanted
     assert "| Buffered req/s, 40 KB bodies, c=16 |" in section
+    assert "| SSE events/s, 1-event stream, c=16 |" in section
+
+
+def test_report_renders_postgres_beside_the_sqlite_bridge() -> None:
+    metrics = synthetic_metrics()
+    metrics["sse"]["c1"]["ratio"]["events_per_s"] = 0.86
+    metrics["sse_postgres"]["c1"]["ratio"]["events_per_s"] = 0.83
+    metrics["sse_postgres"]["c1"]["postgres_shift"]["cpu_ms_per_1k_events_added"] = 1.234
+    metrics["buffered"]["c16"]["ratio"]["req_per_s"] = 0.80
+    metrics["buffered_postgres"]["c16"]["ratio"]["req_per_s"] = 0.79
+    verdicts, section = render(metrics)
+    by_name = {v.name: v for v in verdicts}
+    for label in ("c=1", "c=16"):
+        assert by_name[f"Buffered req/s ratio moved by PostgreSQL as the store, {label}"].met
+        assert not by_name[f"SSE events/s ratio moved by PostgreSQL as the store, {label}"].met
+    # Both ratios stated, the SQLite bridge's as "off".
+    sse = by_name["SSE events/s ratio moved by PostgreSQL as the store, c=1"]
+    assert (sse.target, sse.value) == ("within 0.02", "+0.027")
+    assert "0.83x with postgres on, 0.86x off" in sse.reason
+    assert "+1.23 ms CPU per 1,000 events with postgres on" in sse.reason
+    buffered = by_name["Buffered req/s ratio moved by PostgreSQL as the store, c=16"]
+    assert "0.79x with postgres on, 0.80x off" in buffered.reason
+    row = row_of(section, "SSE, postgres on vs off: events/s ratio moved (rounds from, to), c=1")
+    assert "| +0.027 (+1.000, +1.000) |" in row and row.endswith("| within 0.02 | **missed** |")
+    row = row_of(section, "SSE, postgres on: events/s, 1-event stream, c=1")
+    assert row.startswith("| SSE, postgres on: events/s, 1-event stream, c=1 | 0.83x | 1 | 1 |")
+    row = row_of(section, "Buffered, postgres on vs off: req/s ratio moved (rounds from, to), c=16")
+    assert "| -0.004 (+1.000, +1.000) |" in row and row.endswith("| within 0.02 | met |")
+    # The PostgreSQL rows of each workload follow the SQLite bridge's own.
+    lines = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
+    at = lines.index("| SSE mitmdump CPU per 1,000 events, c=1")
+    assert lines[at + 1 : at + 4] == [
+        "| SSE, postgres on: events/s, 1-event stream, c=1",
+        "| SSE, postgres on vs off: events/s ratio moved (rounds from, to), c=1",
+        "| SSE, postgres on vs off: mitmdump CPU per 1,000 events, c=1",
+    ]
+    assert "- Missed: SSE events/s ratio moved by PostgreSQL as the store, c=16: +0.027" in section
+
+
+@pytest.mark.parametrize(
+    ("changed", "met"),
+    [
+        ({}, True),
+        ({"requests_sent": 1201}, False),  # a request the bridge did not count
+        ({"interceptions": 1199, "completed": 1199}, False),  # an exchange not in PostgreSQL
+        ({"interceptions": 1201}, False),  # a row more than the bridge counted
+        ({"completed": 1199}, False),  # in PostgreSQL, but not completed
+        ({"completed_counted": 1198}, False),  # the bridge saw two fail
+        ({"exchanges_counted": 1201, "completed_counted": 1201}, False),
+        ({"rows_lost": 1}, False),  # every interception there, another row lost
+        ({"rows_lost": 37, "rows_written": 4763}, False),
+    ],
+)
+def test_report_judges_what_landed_in_postgres(changed: dict[str, int], met: bool) -> None:
+    metrics = synthetic_metrics()
+    metrics["postgres_rows"].update(changed)
+    rows = metrics["postgres_rows"]
+    verdicts, section = render(metrics)
+    (verdict,) = (v for v in verdicts if v.name == report.POSTGRES_ROWS_TARGET)
+    assert verdict.met is met and report.postgres_rows_met(rows) is met
+    landed = f"{rows['interceptions']:,} of {rows['exchanges_counted']:,}"
+    assert verdict.value == landed
+    assert f"{rows['rows_lost']:,} lost" in verdict.reason
+    assert f"{rows['requests_sent']:,} requests sent to it" in verdict.reason
+    row = row_of(
+        section,
+        "PostgreSQL store: interceptions in the database, of the exchanges the bridge counted",
+    )
+    assert row.endswith(
+        f"|  | {landed} | {rows['requests_sent']:,} requests sent | all | "
+        f"{'met' if met else '**missed**'} |"
+    )
+    missed = f"- Missed: {report.POSTGRES_ROWS_TARGET}: {landed}, target all."
+    assert (missed in section) is not met
+
+
+def test_report_says_why_postgres_was_not_measured() -> None:
+    reason = "PostgreSQL binaries not found (apt-get install -y postgresql)"
+    _, section = render(synthetic_metrics(WITHOUT_POSTGRES), postgres_skipped=reason)
+    assert f"\n\nPostgreSQL not measured: {reason}.\n\n| Measurement |" in section
+    assert "postgres" not in section.replace(f"PostgreSQL not measured: {reason}", "").lower()
+    # A run that measured it names the server and the settings a commit's cost depends on.
+    machine = {
+        **report.machine(),
+        "postgres": {
+            "version": "15.18",
+            "settings": {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+        },
+    }
+    _, section = render(synthetic_metrics(), machine=machine, postgres_skipped=None)
+    assert (
+        ", PostgreSQL 15.18 (fsync=off, synchronous_commit=off, full_page_writes=off); " in section
+    )
+    assert "not measured" not in section
+
+
+# ---- the PostgreSQL variant ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "totals",
+    [
+        {},
+        {"completed": 1},
+        {"completed": 12_000, "error": 300, "client_disconnected": 45},
+        {"rejected": 123_456, "completed": 1},
+    ],
+)
+@pytest.mark.parametrize(("written", "lost"), [(0, 0), (1, 0), (4_800, 1), (1_000_000, 12_345)])
+def test_shutdown_summary_reads_what_the_bridge_counted(
+    totals: dict[str, int], written: int, lost: int
+) -> None:
+    tally = ExchangeTally()
+    for status, n in totals.items():
+        for _ in range(n):
+            tally.add(status)
+    line = tally.summary({"written": written, "dropped": lost})
+    other = "[03:20:14.820] AI Bridge: 1 user(s), providers: openai (http://127.0.0.1:1/v1)"
+    earlier = ExchangeTally().summary({"written": 7, "dropped": 0})  # a start before
+    log = f"{earlier}\n{other}\n[03:20:23.906] {line}\n[03:20:23.910] HTTP(S) proxy stopped\n"
+    assert postgres.shutdown_summary(log) == {
+        "exchanges": sum(totals.values()),
+        "by_status": totals,
+        "rows_written": written,
+        "rows_lost": lost,
+    }
+
+
+@pytest.mark.parametrize(
+    "log",
+    [
+        "",
+        "[03:20:14.820] AI Bridge: recording to postgresql://aibridge@127.0.0.1:5/aibridge_bench\n",
+        # A bridge without a recorder says nothing of rows: nothing was written.
+        ExchangeTally().summary(None),
+        "AI Bridge: 3 exchanges (3 completed)\n",
+        "AI Bridge: 3 exchanges (3 completed); 12 rows wr",  # cut off by a kill
+    ],
+)
+def test_shutdown_summary_is_none_without_one(log: str) -> None:
+    assert postgres.shutdown_summary(log) is None
+
+
+def test_bridge_on_postgres_gets_its_password_only_in_its_environment(tmp_path: Path) -> None:
+    secret = "pw-in-env-only-%40:@/"
+    url = "postgresql://aibridge@127.0.0.1:5432/aibridge_bench"
+    proxy = Proxy(
+        "aibridge+postgres",
+        tmp_path / "postgres",
+        "http://127.0.0.1:9",
+        bridge=True,
+        database=url,
+        env={"PGPASSWORD": secret},
+    )
+    proxy.workdir.mkdir()
+    args = proxy.args()
+    config = (proxy.workdir / "config.yaml").read_text()
+    assert secret not in " ".join(args) and secret not in config
+    assert load_config(proxy.workdir / "config.yaml", BENCH_ENV).database == url
+    # The URL is the bridge's `database`: no --set aibridge_db overrides it.
+    assert not any(arg.startswith("aibridge_db=") for arg in args)
+    assert proxy.env == {"PGPASSWORD": secret}
+    # The other bridges keep their own SQLite files.
+    sqlite = Proxy("aibridge", tmp_path / "aibridge", "http://127.0.0.1:9", bridge=True)
+    sqlite.workdir.mkdir()
+    assert f"aibridge_db={sqlite.db_path}" in sqlite.args()
+    assert "PGPASSWORD" not in sqlite.env
+
+
+def refuse_to_start() -> Any:
+    raise postgres.NotStarted("initdb exited with 1: could not create directory")
+
+
+@pytest.mark.parametrize(
+    ("unavailable", "started", "reason"),
+    [
+        (
+            lambda: "PostgreSQL binaries not found (apt-get install -y postgresql)",
+            None,
+            "PostgreSQL binaries not found (apt-get install -y postgresql)",
+        ),
+        (
+            lambda: "cannot import the PostgreSQL harness (No module named 'psycopg')",
+            None,
+            "cannot import the PostgreSQL harness (No module named 'psycopg')",
+        ),
+        (
+            lambda: None,
+            refuse_to_start,
+            "the PostgreSQL server did not start: initdb exited with 1: could not create directory",
+        ),
+    ],
+)
+@pytest.mark.parametrize("required", [False, True])
+def test_no_postgres_leaves_the_variant_out_unless_required(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    unavailable: Any,
+    started: Any,
+    reason: str,
+    required: bool,
+) -> None:
+    monkeypatch.setattr(postgres, "unavailable", unavailable)
+    if started is not None:
+        monkeypatch.setattr(postgres, "started", started)
+    with contextlib.ExitStack() as stack:
+        if required:
+            with pytest.raises(BenchError, match="--require-postgres") as raised:
+                start_postgres(stack, required=True)
+            assert reason in str(raised.value)
+        else:
+            assert start_postgres(stack, required=False) == (None, reason)
+            assert f"PostgreSQL not measured: {reason}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("total", "concurrency", "warmup", "warmups"),
+    [(5, 1, True, 1), (16, 16, True, 16), (3, 16, True, 3), (16, 16, False, 0)],
+)
+def test_a_load_counts_its_warmup_requests(
+    bench_upstream: UpstreamProcess, total: int, concurrency: int, warmup: bool, warmups: int
+) -> None:
+    url = urlsplit(bench_upstream.url)
+    host, port = url.hostname or "", url.port or 0
+    body = orjson.dumps({"model": "fake-text", "input": "hi"})
+    raw = build_request(host, port, "/v1/responses", body, {"authorization": "Bearer x"})
+    result = asyncio.run(run_load(host, port, [raw], total, concurrency, warmup=warmup))
+    assert len(result.replies) == total and result.ok == total
+    assert result.warmups == warmups
 
 
 # ---- the scraper -----------------------------------------------------------------------------
