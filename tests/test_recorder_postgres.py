@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -615,4 +616,50 @@ def test_a_server_answering_read_only_as_a_standby_does_is_waited_out(
     assert rec.flush(WAIT)
     rec.close()
     assert len(pg_rows(postgres_url, "select id from interceptions")) == 5
+    assert losses(postgres_url) == {}
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["commit-landed", "commit-lost"])
+def test_a_commit_whose_answer_is_lost_is_not_written_twice(
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    landed: bool,
+) -> None:
+    """The connection breaks after COMMIT was sent: the server may have committed (the answer
+    lost on the way back) or not. The recorder asks the server which (txid_status) rather
+    than writing the batch again: child rows have no natural key, so a second write would
+    count tokens twice."""
+    broken = threading.Event()
+    real_commit = postgres.PostgresStore._commit
+
+    def commit_then_break(self: postgres.PostgresStore, conn: Any) -> None:
+        if broken.is_set():
+            return real_commit(self, conn)
+        broken.set()
+        if landed:
+            real_commit(self, conn)
+        # The socket shut under the driver, as a lost network would.
+        socket.socket(fileno=os.dup(conn.pgconn.socket)).shutdown(socket.SHUT_RDWR)
+        conn.execute("select 1")  # raises: the connection is gone
+
+    rec = Recorder(postgres_url, linger=0)
+    rec.start()
+    exchange(rec, 1)
+    assert rec.flush(WAIT)
+    monkeypatch.setattr(postgres.PostgresStore, "_commit", commit_then_break)
+    with caplog.at_level(logging.WARNING):
+        for n in range(2, 7):
+            exchange(rec, n)
+        assert rec.flush(WAIT)
+    rec.close()
+    assert broken.is_set()
+    assert ("not written again" in caplog.text) is landed
+    for table in ("interceptions", "token_usages", "user_prompts", "tool_usages"):
+        ids = [
+            r["interception_id" if table != "interceptions" else "id"]
+            for r in pg_rows(postgres_url, f"select * from {table}")
+        ]
+        assert sorted(ids) == sorted(f"i{n}" for n in range(1, 7)), table
+    assert rec.stats["written"] == 30
     assert losses(postgres_url) == {}

@@ -145,9 +145,11 @@ class _Watchdog:
                     "(the batch is retried on a new one)",
                     self.timeout,
                 )
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
-                        sock.shutdown(socket.SHUT_RDWR)
+                with (
+                    contextlib.suppress(OSError, ValueError, AttributeError),
+                    socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock,
+                ):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 class _BoolAsBigint(Dumper if psycopg is not None else object):  # type: ignore[misc]
@@ -278,6 +280,7 @@ class PostgresStore:
         self.where = addresses.display(address)
         self._conn: psycopg.Connection[Any] | None = None
         self._watchdog = _Watchdog(WRITE_TIMEOUT)
+        self._unanswered_xid: int | None = None
         self._types: dict[str, dict[str, str]] = {}
         self.columns: dict[str, frozenset[str]] = {}
 
@@ -345,14 +348,43 @@ class PostgresStore:
         with self._watchdog.watching(conn):
             conn.execute("begin")
             try:
-                conn.execute("select pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                row = conn.execute(
+                    "select pg_advisory_xact_lock(%s), txid_current()", (WRITE_LOCK,)
+                ).fetchone()
                 yield
-                conn.execute("commit")
+                self._unanswered_xid = row[1]
+                self._commit(conn)
+                self._unanswered_xid = None
             except BaseException:
-                if self.in_transaction and not conn.broken:
-                    with contextlib.suppress(psycopg.Error):
-                        conn.execute("rollback")
+                if not conn.closed and not conn.broken:
+                    # The server answered: whatever it said, the outcome is known.
+                    self._unanswered_xid = None
+                    if self.in_transaction:
+                        with contextlib.suppress(psycopg.Error):
+                            conn.execute("rollback")
                 raise
+
+    def _commit(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("commit")
+
+    @property
+    def commit_unanswered(self) -> bool:
+        """The last transaction's COMMIT was sent and the connection broke before the answer:
+        it may have landed (see unanswered_commit_landed)."""
+        return self._unanswered_xid is not None
+
+    def unanswered_commit_landed(self) -> bool:
+        """Whether the unanswered commit landed, asked of the server (txid_status) on the
+        connection now open. Raises a transient error while that cannot be told yet."""
+        xid = self._unanswered_xid
+        if xid is None:
+            return False
+        status = self._connection().execute("select txid_status(%s)", (xid,)).fetchone()[0]
+        if status == "in progress":
+            # The old session has not ended yet: ask again on the next attempt.
+            raise psycopg.OperationalError("the outcome of the last commit is not known yet")
+        self._unanswered_xid = None
+        return bool(status == "committed")
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:

@@ -129,6 +129,9 @@ class Store(Protocol):
         self, table: str, row: dict[str, Any], exc: BaseException
     ) -> tuple[dict[str, Any], list[tuple[str, str]]] | None: ...
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
+    @property
+    def commit_unanswered(self) -> bool: ...
+    def unanswered_commit_landed(self) -> bool: ...
 
 
 def open_store(address: str, *, busy_timeout_ms: int = 5000) -> Store:
@@ -206,6 +209,7 @@ class Recorder:
         self._abandon = False
 
         # Owned by the writer thread (and so is the store's connection).
+        self._attempted = 0  # rows the batch being committed wrote
         self._statements: dict[tuple[str, str, tuple[str, ...]], Statement] = {}
         self._carried: Counter[LossKey] = Counter()  # losses not yet in the database
 
@@ -489,6 +493,9 @@ class Recorder:
         ops = self._prepare(batch)
         delay = _BACKOFF_FIRST
         failures = 0
+        # (rows, per-row losses) of an attempt whose commit was sent but never answered: it
+        # may have landed, and writing the batch again would write it twice.
+        unanswered: tuple[int, Counter[LossKey]] | None = None
         while True:
             with self._lock:
                 self._carried.update(self._losses)
@@ -500,8 +507,20 @@ class Recorder:
                 else:
                     # Before every attempt, so the rows go to whatever file holds the name.
                     self._store.before_write()
-                written = self._write(ops, per_row)
+                if unanswered is not None and self._store.unanswered_commit_landed():
+                    written, per_row = unanswered
+                    log.warning(
+                        "audit database had committed a batch of %d rows before the connection "
+                        "was lost; it is not written again",
+                        len(ops),
+                    )
+                else:
+                    unanswered = None
+                    self._attempted = 0
+                    written = self._write(ops, per_row)
             except Exception as exc:
+                if self._store.commit_unanswered:
+                    unanswered = (self._attempted, per_row)
                 if not self._store.is_transient(exc):
                     self._refusing = None  # lost, not waiting: the losses table says so
                     self._lose_batch(ops, exc)
@@ -601,6 +620,8 @@ class Recorder:
             store.after_rows(token)
             if losses := self._carried + per_row:
                 self._write_rows(INSERT, schema.RECORDER_LOSSES, _loss_rows(losses))
+            # What the batch wrote, should its commit go unanswered (see _process).
+            self._attempted = written
         return written
 
     def _write_one_by_one(self, ops: list[Op], per_row: Counter[LossKey]) -> int:

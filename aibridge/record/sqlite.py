@@ -297,6 +297,12 @@ class SqliteStore:
         else:
             conn.executemany(sql, map(params, rows))
 
+    # A local file answers every commit: its outcome is never in doubt.
+    commit_unanswered: Final = False
+
+    def unanswered_commit_landed(self) -> bool:
+        return False
+
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """One statement outside the recorder's batches (tools such as aibridge.copy_log)."""
         return self._conn.execute(sql, params).fetchall()
