@@ -372,6 +372,1277 @@ INDEX_NEW_PROMPTS = (
 )
 
 
+# The canned queries of datasette/metadata.yaml as views, for the readers that have none
+# (psql, Grafana, Metabase, sqlite3): v_<query>, a parameter becoming a column to filter on.
+# SQLite's view gives what the canned query gives (same columns, same values). PostgreSQL's
+# gives the same rows in the same order, in its own types: times timestamptz, days date,
+# costs numeric rounded as in the query; the JSON columns are read with jsonb operators, a
+# value of the wrong JSON type as missing rather than failing the view. Sums of integers stay
+# numeric: a cast back to bigint could fail where the sum does not. Rows are ordered as SQLite
+# orders them whatever the database's collation: text by its bytes (collate "C"), NULL first
+# (PostgreSQL puts it last unless told). string_agg(distinct ...) lists are sorted, where
+# group_concat keeps the order rows come in.
+# The texts are this migration's own: changing a canned query later, or a column a view reads
+# (PostgreSQL refuses to drop or retype it under a view), takes a new migration that
+# recreates the view.
+#
+# (name, what it shows and what to filter on, SQLite select, PostgreSQL select), in the order
+# of metadata.yaml's queries.
+REPORT_VIEWS: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "v_usage_per_user_per_day",
+        "Requests, tokens and estimated cost per person and UTC day, every API together, "
+        "newest first (datasette's canned query usage_per_user_per_day). Filter on day and "
+        '"user".',
+        """select
+  substr(i.started_at, 1, 10) as day,
+  coalesce(i.initiator_id, '(unauthenticated)') as user,
+  count(distinct i.id) as requests,
+  coalesce(sum(t.input_tokens), 0) as input_tokens,
+  coalesce(sum(t.cache_read_input_tokens), 0) as cached_input_tokens,
+  coalesce(sum(t.cache_write_input_tokens), 0) as cache_write_input_tokens,
+  coalesce(sum(t.output_tokens), 0) as output_tokens,
+  coalesce(sum(t.reasoning_tokens), 0) as reasoning_tokens,
+  coalesce(sum(t.total_tokens), 0) as total_tokens,
+  round(sum(t.estimated_cost_usd), 6) as estimated_cost_usd,
+  count(case when t.estimated_cost_usd is null
+    and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+    then t.id end) as unpriced_responses,
+  count(case when i.credential_kind in ('subscription', 'client')
+    then t.id end) as subscription_responses
+from interceptions i
+left join token_usages t on t.interception_id = i.id
+group by day, user
+order by day desc, user
+""",
+        """select
+  left(i.started_at, 10)::date as day,
+  coalesce(i.initiator_id, '(unauthenticated)') as "user",
+  count(distinct i.id) as requests,
+  coalesce(sum(t.input_tokens), 0) as input_tokens,
+  coalesce(sum(t.cache_read_input_tokens), 0) as cached_input_tokens,
+  coalesce(sum(t.cache_write_input_tokens), 0) as cache_write_input_tokens,
+  coalesce(sum(t.output_tokens), 0) as output_tokens,
+  coalesce(sum(t.reasoning_tokens), 0) as reasoning_tokens,
+  coalesce(sum(t.total_tokens), 0) as total_tokens,
+  round(sum(t.estimated_cost_usd)::numeric, 6) as estimated_cost_usd,
+  count(case when t.estimated_cost_usd is null
+    and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+    then t.id end) as unpriced_responses,
+  count(case when i.credential_kind in ('subscription', 'client')
+    then t.id end) as subscription_responses
+from interceptions i
+left join token_usages t on t.interception_id = i.id
+group by day, "user"
+order by day desc nulls last, coalesce(i.initiator_id, '(unauthenticated)') collate "C"
+""",
+    ),
+    (
+        "v_usage_per_api_per_day",
+        "Requests, people, tokens and estimated cost per UTC day, API, provider type and "
+        "client, newest first (canned query usage_per_api_per_day). Filter on day, api, "
+        "provider, client.",
+        """select
+  substr(i.started_at, 1, 10) as day,
+  i.api,
+  i.provider,
+  coalesce(i.client, '(unknown)') as client,
+  count(distinct i.id) as requests,
+  count(distinct i.initiator_id) as users,
+  count(distinct case when i.status != 'completed' then i.id end) as not_completed,
+  count(distinct case when t.id is null and i.streaming = 1
+    and i.status not in ('rejected', 'in_progress') then i.id end)
+    as streams_without_usage,
+  coalesce(sum(t.input_tokens), 0) as input_tokens,
+  coalesce(sum(t.uncached_input_tokens), 0) as uncached_input_tokens,
+  coalesce(sum(t.cache_read_input_tokens), 0) as cache_read_input_tokens,
+  coalesce(sum(t.cache_write_input_tokens), 0) as cache_write_input_tokens,
+  coalesce(sum(t.output_tokens), 0) as output_tokens,
+  sum(t.reasoning_tokens) as reasoning_tokens,
+  coalesce(sum(t.total_tokens), 0) as total_tokens,
+  round(sum(t.estimated_cost_usd), 6) as estimated_cost_usd,
+  count(case when t.estimated_cost_usd is null
+    and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+    then t.id end) as unpriced_responses,
+  count(case when i.credential_kind in ('subscription', 'client')
+    then t.id end) as subscription_responses
+from interceptions i
+left join token_usages t on t.interception_id = i.id
+group by day, i.api, i.provider, client
+order by day desc, i.api, i.provider, client
+""",
+        """select
+  left(i.started_at, 10)::date as day,
+  i.api,
+  i.provider,
+  coalesce(i.client, '(unknown)') as client,
+  count(distinct i.id) as requests,
+  count(distinct i.initiator_id) as users,
+  count(distinct case when i.status != 'completed' then i.id end) as not_completed,
+  count(distinct case when t.id is null and i.streaming = 1
+    and i.status not in ('rejected', 'in_progress') then i.id end)
+    as streams_without_usage,
+  coalesce(sum(t.input_tokens), 0) as input_tokens,
+  coalesce(sum(t.uncached_input_tokens), 0) as uncached_input_tokens,
+  coalesce(sum(t.cache_read_input_tokens), 0) as cache_read_input_tokens,
+  coalesce(sum(t.cache_write_input_tokens), 0) as cache_write_input_tokens,
+  coalesce(sum(t.output_tokens), 0) as output_tokens,
+  sum(t.reasoning_tokens) as reasoning_tokens,
+  coalesce(sum(t.total_tokens), 0) as total_tokens,
+  round(sum(t.estimated_cost_usd)::numeric, 6) as estimated_cost_usd,
+  count(case when t.estimated_cost_usd is null
+    and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+    then t.id end) as unpriced_responses,
+  count(case when i.credential_kind in ('subscription', 'client')
+    then t.id end) as subscription_responses
+from interceptions i
+left join token_usages t on t.interception_id = i.id
+group by day, i.api, i.provider, coalesce(i.client, '(unknown)')
+order by day desc nulls last, i.api collate "C" nulls first,
+  i.provider collate "C" nulls first, coalesce(i.client, '(unknown)') collate "C"
+""",
+    ),
+    (
+        "v_usage_per_model",
+        "Requests, people, tokens and estimated cost per API and requested model, most "
+        "expensive first (canned query usage_per_model). Filter on api, model.",
+        """select
+  i.api,
+  coalesce(i.model, '(none)') as model,
+  group_concat(distinct i.response_model) as reported_as,
+  count(distinct i.id) as requests,
+  count(distinct i.initiator_id) as users,
+  count(distinct case when i.status != 'completed' then i.id end) as not_completed,
+  coalesce(sum(t.input_tokens), 0) as input_tokens,
+  coalesce(sum(t.cache_read_input_tokens), 0) as cached_input_tokens,
+  coalesce(sum(t.cache_write_input_tokens), 0) as cache_write_input_tokens,
+  coalesce(sum(t.output_tokens), 0) as output_tokens,
+  sum(t.reasoning_tokens) as reasoning_tokens,
+  coalesce(sum(t.total_tokens), 0) as total_tokens,
+  round(sum(t.estimated_cost_usd), 6) as estimated_cost_usd,
+  count(case when t.estimated_cost_usd is null
+    and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+    then t.id end) as unpriced_responses,
+  count(case when i.credential_kind in ('subscription', 'client')
+    then t.id end) as subscription_responses
+from interceptions i
+left join token_usages t on t.interception_id = i.id
+group by i.api, coalesce(i.model, '(none)')
+order by estimated_cost_usd desc nulls last, total_tokens desc, model, i.api
+""",
+        """select
+  i.api,
+  coalesce(i.model, '(none)') as model,
+  string_agg(distinct i.response_model, ',' order by i.response_model) as reported_as,
+  count(distinct i.id) as requests,
+  count(distinct i.initiator_id) as users,
+  count(distinct case when i.status != 'completed' then i.id end) as not_completed,
+  coalesce(sum(t.input_tokens), 0) as input_tokens,
+  coalesce(sum(t.cache_read_input_tokens), 0) as cached_input_tokens,
+  coalesce(sum(t.cache_write_input_tokens), 0) as cache_write_input_tokens,
+  coalesce(sum(t.output_tokens), 0) as output_tokens,
+  sum(t.reasoning_tokens) as reasoning_tokens,
+  coalesce(sum(t.total_tokens), 0) as total_tokens,
+  round(sum(t.estimated_cost_usd)::numeric, 6) as estimated_cost_usd,
+  count(case when t.estimated_cost_usd is null
+    and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+    then t.id end) as unpriced_responses,
+  count(case when i.credential_kind in ('subscription', 'client')
+    then t.id end) as subscription_responses
+from interceptions i
+left join token_usages t on t.interception_id = i.id
+group by i.api, coalesce(i.model, '(none)')
+order by estimated_cost_usd desc nulls last, total_tokens desc,
+  coalesce(i.model, '(none)') collate "C", i.api collate "C" nulls first
+""",
+    ),
+    (
+        "v_top_tools",
+        "Tool calls per tool and call type, with the people, sessions and failures, most "
+        "called first (canned query top_tools). Filter on tool, type.",
+        """select
+  u.tool,
+  u.type,
+  count(*) as calls,
+  count(distinct i.initiator_id) as users,
+  count(distinct i.client_session_id) as sessions,
+  count(u.invocation_error) as errors,
+  min(u.created_at) as first_called,
+  max(u.created_at) as last_called
+from tool_usages u
+join interceptions i on i.id = u.interception_id
+group by u.tool, u.type
+order by calls desc, u.tool, u.type
+""",
+        """select
+  u.tool,
+  u.type,
+  count(*) as calls,
+  count(distinct i.initiator_id) as users,
+  count(distinct i.client_session_id) as sessions,
+  count(u.invocation_error) as errors,
+  min(u.created_at)::timestamptz as first_called,
+  max(u.created_at)::timestamptz as last_called
+from tool_usages u
+join interceptions i on i.id = u.interception_id
+group by u.tool, u.type
+order by calls desc, u.tool collate "C" nulls first, u.type collate "C" nulls first
+""",
+    ),
+    (
+        "v_prompts_of_user",
+        "What people typed, newest first (canned query prompts_of_user). Filter on "
+        "initiator_id (a user id) for one person's prompts.",
+        """select
+  i.initiator_id,
+  p.created_at as at,
+  i.api,
+  coalesce(i.response_model, i.model) as model,
+  i.client,
+  i.client_session_id as session,
+  i.status,
+  p.prompt,
+  p.interception_id
+from user_prompts p
+join interceptions i on i.id = p.interception_id
+order by p.created_at desc, p.id desc
+""",
+        """select
+  i.initiator_id,
+  p.created_at::timestamptz as at,
+  i.api,
+  coalesce(i.response_model, i.model) as model,
+  i.client,
+  i.client_session_id as session,
+  i.status,
+  p.prompt,
+  p.interception_id
+from user_prompts p
+join interceptions i on i.id = p.interception_id
+order by p.created_at collate "C" desc nulls last, p.id desc
+""",
+    ),
+    (
+        "v_interception_story",
+        "The story of each request from start to end, a row per step: the request, prompt, "
+        "thoughts, tool calls, tokens and cost, and how it ended (canned query "
+        "interception_story). Filter on interception_id (interceptions.id) for one request.",
+        """select interception_id, at, what, detail
+from (
+  select i.id as interception_id, 1 as step, 0 as n, i.started_at as at, 'request' as what,
+    coalesce(i.initiator_id, '(unauthenticated)')
+    || ' via ' || coalesce(i.client, 'an unknown client')
+    || ' asked ' || coalesce(i.model, 'no model')
+    || coalesce(' on ' || i.provider_name || ' (' || i.api || ')', '')
+    || case when i.streaming then ', streamed' else '' end
+    || coalesce(', session ' || i.client_session_id, '')
+    || coalesce(', continuing ' || i.previous_response_id, '')
+    || coalesce(', returning the result of tool call ' || i.correlating_tool_call_id, '')
+    || coalesce(', stream usage ' || case when json_valid(i.metadata) then
+         json_extract(i.metadata, '$.stream_usage') end, '')
+    || case i.credential_kind
+         when 'subscription' then ', on their Claude subscription sign-in'
+         when 'client' then ', on their ChatGPT sign-in'
+         when 'byok' then ', with their own key'
+         else '' end
+    as detail
+  from interceptions i
+  union all
+  select p.interception_id, 2, p.id, p.created_at, 'prompt', coalesce(p.prompt, '(not kept)')
+  from user_prompts p
+  union all
+  select m.interception_id, 3, m.id, m.created_at, 'thought: ' || m.source,
+    case when m.source = 'redacted_thinking' then '(encrypted by the provider)'
+      else coalesce(m.content, '(not kept)') end
+  from model_thoughts m
+  union all
+  select u.interception_id, 4, u.id, u.created_at, 'tool call: ' || u.type,
+    u.tool || '(' || coalesce(u.args, '') || ')'
+    || coalesce(' on ' || u.server_url, '')
+    || coalesce(' failed: ' || u.invocation_error, '')
+  from tool_usages u
+  union all
+  select t.interception_id, 5, t.id, t.created_at, 'tokens',
+    printf('input %d (uncached %d', t.input_tokens, t.uncached_input_tokens)
+    -- What the provider did not report (a host without a cache) is left out.
+    || coalesce(', cache read ' || t.cache_read_input_tokens, '')
+    || coalesce(', cache write ' || t.cache_write_input_tokens, '')
+    -- Anthropic's split of the writes, from its raw usage (OpenAI reports none).
+    || case when t.cache_write_input_tokens > 0 and json_valid(t.usage) then
+         case when json_type(t.usage, '$.cache_creation') = 'object' then
+           printf(': %d for 5 minutes, %d for 1 hour',
+             json_extract(t.usage, '$.cache_creation.ephemeral_5m_input_tokens'),
+             json_extract(t.usage, '$.cache_creation.ephemeral_1h_input_tokens'))
+         else '' end
+       else '' end
+    || printf('), output %d', t.output_tokens)
+    || coalesce(' (reasoning ' || t.reasoning_tokens || ')', '')
+    || printf(', total %d', t.total_tokens)
+    || case
+         when t.estimated_cost_usd is not null then
+           printf(', estimated $%.6f (%s %s, priced as %s)', t.estimated_cost_usd,
+             t.price_source, t.price_version, t.priced_model)
+         when i.credential_kind in ('subscription', 'client') then
+           ', not priced: paid by the subscription'
+         else ', no price known' end
+  from token_usages t join interceptions i on i.id = t.interception_id
+  union all
+  -- A stream that did not ask for usage: say why it has no tokens.
+  select i.id, 5, 0, coalesce(i.ended_at, i.started_at), 'tokens',
+    'none recorded: stream usage ' || json_extract(i.metadata, '$.stream_usage')
+  from interceptions i
+  where case when json_valid(i.metadata) then
+      json_extract(i.metadata, '$.stream_usage') end like 'not requested%'
+    and not exists (select 1 from token_usages t where t.interception_id = i.id)
+  union all
+  select i.id, 6, 0, coalesce(i.ended_at, i.started_at), 'end',
+    i.status
+    || coalesce(', HTTP ' || i.http_status, '')
+    || coalesce(', answered by ' || i.response_model, '')
+    || coalesce(': ' || i.error, '')
+  from interceptions i
+)
+order by interception_id, step, n
+""",
+        """select interception_id, at::timestamptz as at, what, detail
+from (
+  select i.id as interception_id, 1 as step, 0 as n, i.started_at as at,
+    'request' as what,
+    coalesce(i.initiator_id, '(unauthenticated)')
+    || ' via ' || coalesce(i.client, 'an unknown client')
+    || ' asked ' || coalesce(i.model, 'no model')
+    || coalesce(' on ' || i.provider_name || ' (' || i.api || ')', '')
+    || case when i.streaming <> 0 then ', streamed' else '' end
+    || coalesce(', session ' || i.client_session_id, '')
+    || coalesce(', continuing ' || i.previous_response_id, '')
+    || coalesce(', returning the result of tool call ' || i.correlating_tool_call_id, '')
+    || coalesce(', stream usage ' || (i.metadata ->> 'stream_usage'), '')
+    || case i.credential_kind
+         when 'subscription' then ', on their Claude subscription sign-in'
+         when 'client' then ', on their ChatGPT sign-in'
+         when 'byok' then ', with their own key'
+         else '' end
+    as detail
+  from interceptions i
+  union all
+  select p.interception_id, 2, p.id, p.created_at, 'prompt', coalesce(p.prompt, '(not kept)')
+  from user_prompts p
+  union all
+  select m.interception_id, 3, m.id, m.created_at, 'thought: ' || m.source,
+    case when m.source = 'redacted_thinking' then '(encrypted by the provider)'
+      else coalesce(m.content, '(not kept)') end
+  from model_thoughts m
+  union all
+  select u.interception_id, 4, u.id, u.created_at, 'tool call: ' || u.type,
+    u.tool || '(' || coalesce(u.args::text, '') || ')'
+    || coalesce(' on ' || u.server_url, '')
+    || coalesce(' failed: ' || u.invocation_error, '')
+  from tool_usages u
+  union all
+  select t.interception_id, 5, t.id, t.created_at, 'tokens',
+    -- A count missing here is 0, as SQLite's printf('%d') has it.
+    'input ' || coalesce(t.input_tokens, 0)
+    || ' (uncached ' || coalesce(t.uncached_input_tokens, 0)
+    -- What the provider did not report (a host without a cache) is left out.
+    || coalesce(', cache read ' || t.cache_read_input_tokens, '')
+    || coalesce(', cache write ' || t.cache_write_input_tokens, '')
+    -- Anthropic's split of the writes, from its raw usage (OpenAI reports none); a value
+    -- that is not a number counts 0 rather than failing the view.
+    || case when t.cache_write_input_tokens > 0
+         and jsonb_typeof(t.usage -> 'cache_creation') = 'object' then
+           ': ' || coalesce(case when jsonb_typeof(
+               t.usage -> 'cache_creation' -> 'ephemeral_5m_input_tokens') = 'number'
+             then trunc((t.usage -> 'cache_creation' -> 'ephemeral_5m_input_tokens')::numeric)
+             end, 0)
+           || ' for 5 minutes, '
+           || coalesce(case when jsonb_typeof(
+               t.usage -> 'cache_creation' -> 'ephemeral_1h_input_tokens') = 'number'
+             then trunc((t.usage -> 'cache_creation' -> 'ephemeral_1h_input_tokens')::numeric)
+             end, 0)
+           || ' for 1 hour'
+       else '' end
+    || '), output ' || coalesce(t.output_tokens, 0)
+    || coalesce(' (reasoning ' || t.reasoning_tokens || ')', '')
+    || ', total ' || coalesce(t.total_tokens, 0)
+    || case
+         when t.estimated_cost_usd is not null then
+           ', estimated $' || round(t.estimated_cost_usd::numeric, 6)
+           || ' (' || coalesce(t.price_source, '') || ' ' || coalesce(t.price_version, '')
+           || ', priced as ' || coalesce(t.priced_model, '') || ')'
+         when i.credential_kind in ('subscription', 'client') then
+           ', not priced: paid by the subscription'
+         else ', no price known' end
+  from token_usages t join interceptions i on i.id = t.interception_id
+  union all
+  -- A stream that did not ask for usage: say why it has no tokens.
+  select i.id, 5, 0, coalesce(i.ended_at, i.started_at), 'tokens',
+    'none recorded: stream usage ' || (i.metadata ->> 'stream_usage')
+  from interceptions i
+  where i.metadata ->> 'stream_usage' like 'not requested%'
+    and not exists (select 1 from token_usages t where t.interception_id = i.id)
+  union all
+  select i.id, 6, 0, coalesce(i.ended_at, i.started_at), 'end',
+    i.status
+    || coalesce(', HTTP ' || i.http_status, '')
+    || coalesce(', answered by ' || i.response_model, '')
+    || coalesce(': ' || i.error, '')
+  from interceptions i
+) story
+order by interception_id collate "C", step, n
+""",
+    ),
+    (
+        "v_failed_requests",
+        "Every request that did not complete, and the completed ones that carry an error, "
+        'newest first (canned query failed_requests). Filter on at, "user", api, status.',
+        """select
+  i.started_at as at,
+  coalesce(i.initiator_id, '(unauthenticated)') as user,
+  i.api,
+  i.status,
+  i.http_status,
+  coalesce(i.response_model, i.model) as model,
+  i.client,
+  i.error,
+  i.credential_kind,
+  i.credential_hint,
+  i.id as interception_id
+from interceptions i
+where i.status not in ('completed', 'in_progress')
+  or (i.status = 'completed' and i.error is not null)
+order by i.started_at desc
+""",
+        """select
+  i.started_at::timestamptz as at,
+  coalesce(i.initiator_id, '(unauthenticated)') as "user",
+  i.api,
+  i.status,
+  i.http_status,
+  coalesce(i.response_model, i.model) as model,
+  i.client,
+  i.error,
+  i.credential_kind,
+  i.credential_hint,
+  i.id as interception_id
+from interceptions i
+where i.status not in ('completed', 'in_progress')
+  or (i.status = 'completed' and i.error is not null)
+order by i.started_at collate "C" desc nulls last
+""",
+    ),
+    (
+        "v_sessions",
+        "Conversations per client session id: who, on which APIs, turns, prompts, tool calls,"
+        " tokens and estimated cost, latest activity first (canned query sessions). Filter on"
+        " session (interceptions.client_session_id).",
+        """with turns as (
+  select
+    i.id, i.client_session_id, i.initiator_id, i.client, i.api, i.status,
+    i.started_at, coalesce(i.ended_at, i.started_at) as ended_at,
+    (select count(*) from user_prompts p where p.interception_id = i.id) as prompts,
+    (select count(*) from tool_usages u where u.interception_id = i.id) as tool_calls,
+    (select sum(t.total_tokens) from token_usages t
+      where t.interception_id = i.id) as total_tokens,
+    (select sum(t.estimated_cost_usd) from token_usages t
+      where t.interception_id = i.id) as cost
+  from interceptions i
+  where i.client_session_id is not null
+)
+select
+  client_session_id as session,
+  group_concat(distinct initiator_id) as users,
+  group_concat(distinct client) as clients,
+  group_concat(distinct api) as apis,
+  count(*) as turns,
+  sum(prompts) as prompts,
+  sum(tool_calls) as tool_calls,
+  sum(status != 'completed') as not_completed,
+  coalesce(sum(total_tokens), 0) as total_tokens,
+  round(sum(cost), 6) as estimated_cost_usd,
+  min(started_at) as started,
+  max(ended_at) as last_activity
+from turns
+group by client_session_id
+order by last_activity desc
+""",
+        """with turns as (
+  select
+    i.id, i.client_session_id, i.initiator_id, i.client, i.api, i.status,
+    i.started_at, coalesce(i.ended_at, i.started_at) as ended_at,
+    (select count(*) from user_prompts p where p.interception_id = i.id) as prompts,
+    (select count(*) from tool_usages u where u.interception_id = i.id) as tool_calls,
+    (select sum(t.total_tokens) from token_usages t
+      where t.interception_id = i.id) as total_tokens,
+    (select sum(t.estimated_cost_usd) from token_usages t
+      where t.interception_id = i.id) as cost
+  from interceptions i
+  where i.client_session_id is not null
+)
+select
+  client_session_id as session,
+  string_agg(distinct initiator_id, ',' order by initiator_id) as users,
+  string_agg(distinct client, ',' order by client) as clients,
+  string_agg(distinct api, ',' order by api) as apis,
+  count(*) as turns,
+  sum(prompts) as prompts,
+  sum(tool_calls) as tool_calls,
+  sum((status != 'completed')::int) as not_completed,
+  coalesce(sum(total_tokens), 0) as total_tokens,
+  round(sum(cost)::numeric, 6) as estimated_cost_usd,
+  min(started_at)::timestamptz as started,
+  max(ended_at)::timestamptz as last_activity
+from turns
+group by client_session_id
+order by last_activity desc nulls last
+""",
+    ),
+    (
+        "v_session_turns",
+        "The requests of every session in order, numbered by turn within their session "
+        "(canned query session_turns). Filter on client_session_id for one session.",
+        """select
+  i.client_session_id,
+  row_number() over (partition by i.client_session_id order by i.started_at, i.id) as turn,
+  i.started_at as at,
+  i.initiator_id as user,
+  coalesce(i.response_model, i.model) as model,
+  case
+    when exists (select 1 from user_prompts p where p.interception_id = i.id)
+      then 'prompt'
+    when i.correlating_tool_call_id is not null then 'tool result'
+    else 'continuation'
+  end as kind,
+  (select group_concat(coalesce(p.prompt, '(not kept)'), char(10))
+    from user_prompts p where p.interception_id = i.id) as prompt,
+  (select group_concat(u.tool, ', ')
+    from tool_usages u where u.interception_id = i.id) as tools_called,
+  (select sum(t.total_tokens)
+    from token_usages t where t.interception_id = i.id) as total_tokens,
+  (select round(sum(t.estimated_cost_usd), 6)
+    from token_usages t where t.interception_id = i.id) as estimated_cost_usd,
+  i.status,
+  i.id as interception_id
+from interceptions i
+where i.client_session_id is not null
+order by i.client_session_id, turn
+""",
+        """select
+  i.client_session_id,
+  row_number() over (
+    partition by i.client_session_id
+    order by i.started_at collate "C" nulls first, i.id collate "C"
+  ) as turn,
+  i.started_at::timestamptz as at,
+  i.initiator_id as "user",
+  coalesce(i.response_model, i.model) as model,
+  case
+    when exists (select 1 from user_prompts p where p.interception_id = i.id)
+      then 'prompt'
+    when i.correlating_tool_call_id is not null then 'tool result'
+    else 'continuation'
+  end as kind,
+  (select string_agg(coalesce(p.prompt, '(not kept)'), chr(10) order by p.id)
+    from user_prompts p where p.interception_id = i.id) as prompt,
+  (select string_agg(u.tool, ', ' order by u.id)
+    from tool_usages u where u.interception_id = i.id) as tools_called,
+  (select sum(t.total_tokens)
+    from token_usages t where t.interception_id = i.id) as total_tokens,
+  (select round(sum(t.estimated_cost_usd)::numeric, 6)
+    from token_usages t where t.interception_id = i.id) as estimated_cost_usd,
+  i.status,
+  i.id as interception_id
+from interceptions i
+where i.client_session_id is not null
+order by i.client_session_id collate "C", turn
+""",
+    ),
+    (
+        "v_claude_code_sessions",
+        "Each Claude Code session with its first prompt, turns, tools, thoughts, tokens and "
+        "cache, and estimated cost, latest activity first (canned query "
+        "claude_code_sessions). Filter on session.",
+        """with turns as (
+  select
+    i.id, i.client_session_id as session, i.initiator_id, i.credential_kind,
+    coalesce(i.response_model, i.model) as model, i.status, i.started_at,
+    coalesce(i.ended_at, i.started_at) as ended_at, i.correlating_tool_call_id,
+    (select count(*) from user_prompts p where p.interception_id = i.id) as prompts,
+    (select count(*) from model_thoughts m where m.interception_id = i.id) as thoughts
+  from interceptions i
+  where i.client = 'Claude Code' and i.client_session_id is not null
+),
+tools as (
+  select session, group_concat(tool || ' x' || calls, ', ') as tools, sum(calls) as calls
+  from (
+    select turns.session, u.tool, count(*) as calls
+    from tool_usages u join turns on turns.id = u.interception_id
+    group by turns.session, u.tool
+    order by calls desc, u.tool
+  )
+  group by session
+),
+tokens as (
+  select
+    turns.session,
+    sum(t.input_tokens) as input_tokens,
+    sum(t.uncached_input_tokens) as uncached_input_tokens,
+    sum(t.cache_read_input_tokens) as cache_read_input_tokens,
+    sum(t.cache_write_input_tokens) as cache_write_input_tokens,
+    sum(t.output_tokens) as output_tokens,
+    sum(t.total_tokens) as total_tokens,
+    sum(t.estimated_cost_usd) as cost,
+    count(case when t.estimated_cost_usd is null
+      and coalesce(turns.credential_kind, '') not in ('subscription', 'client')
+      then t.id end) as unpriced_responses,
+    count(case when turns.credential_kind in ('subscription', 'client')
+      then t.id end) as subscription_responses
+  from token_usages t join turns on turns.id = t.interception_id
+  group by turns.session
+)
+select
+  s.session,
+  group_concat(distinct s.initiator_id) as users,
+  group_concat(distinct s.credential_kind) as credential_kinds,
+  group_concat(distinct s.model) as models,
+  (select p.prompt from user_prompts p join turns f on f.id = p.interception_id
+    where f.session = s.session order by f.started_at, p.id limit 1) as first_prompt,
+  count(*) as turns,
+  sum(s.prompts) as prompts,
+  count(s.correlating_tool_call_id) as tool_results,
+  coalesce(tools.calls, 0) as tool_calls,
+  tools.tools,
+  sum(s.thoughts) as thoughts,
+  sum(s.status != 'completed') as not_completed,
+  coalesce(tokens.input_tokens, 0) as input_tokens,
+  coalesce(tokens.uncached_input_tokens, 0) as uncached_input_tokens,
+  coalesce(tokens.cache_read_input_tokens, 0) as cache_read_input_tokens,
+  coalesce(tokens.cache_write_input_tokens, 0) as cache_write_input_tokens,
+  coalesce(tokens.output_tokens, 0) as output_tokens,
+  coalesce(tokens.total_tokens, 0) as total_tokens,
+  round(tokens.cost, 6) as estimated_cost_usd,
+  coalesce(tokens.unpriced_responses, 0) as unpriced_responses,
+  coalesce(tokens.subscription_responses, 0) as subscription_responses,
+  min(s.started_at) as started,
+  max(s.ended_at) as last_activity
+from turns s
+left join tools on tools.session = s.session
+left join tokens on tokens.session = s.session
+group by s.session
+order by last_activity desc, s.session
+""",
+        """with turns as (
+  select
+    i.id, i.client_session_id as session, i.initiator_id, i.credential_kind,
+    coalesce(i.response_model, i.model) as model, i.status, i.started_at,
+    coalesce(i.ended_at, i.started_at) as ended_at, i.correlating_tool_call_id,
+    (select count(*) from user_prompts p where p.interception_id = i.id) as prompts,
+    (select count(*) from model_thoughts m where m.interception_id = i.id) as thoughts
+  from interceptions i
+  where i.client = 'Claude Code' and i.client_session_id is not null
+),
+tools as (
+  select session, string_agg(tool || ' x' || calls, ', '
+    order by calls desc, tool collate "C") as tools,
+    sum(calls) as calls
+  from (
+    select turns.session, u.tool, count(*) as calls
+    from tool_usages u join turns on turns.id = u.interception_id
+    group by turns.session, u.tool
+  ) per_tool
+  group by session
+),
+tokens as (
+  select
+    turns.session,
+    sum(t.input_tokens) as input_tokens,
+    sum(t.uncached_input_tokens) as uncached_input_tokens,
+    sum(t.cache_read_input_tokens) as cache_read_input_tokens,
+    sum(t.cache_write_input_tokens) as cache_write_input_tokens,
+    sum(t.output_tokens) as output_tokens,
+    sum(t.total_tokens) as total_tokens,
+    sum(t.estimated_cost_usd) as cost,
+    count(case when t.estimated_cost_usd is null
+      and coalesce(turns.credential_kind, '') not in ('subscription', 'client')
+      then t.id end) as unpriced_responses,
+    count(case when turns.credential_kind in ('subscription', 'client')
+      then t.id end) as subscription_responses
+  from token_usages t join turns on turns.id = t.interception_id
+  group by turns.session
+),
+per_session as (
+  select
+    session,
+    string_agg(distinct initiator_id, ',' order by initiator_id) as users,
+    string_agg(distinct credential_kind, ',' order by credential_kind) as credential_kinds,
+    string_agg(distinct model, ',' order by model) as models,
+    count(*) as turns,
+    sum(prompts) as prompts,
+    count(correlating_tool_call_id) as tool_results,
+    sum(thoughts) as thoughts,
+    sum((status != 'completed')::int) as not_completed,
+    min(started_at) as started,
+    max(ended_at) as last_activity
+  from turns
+  group by session
+)
+select
+  s.session,
+  s.users,
+  s.credential_kinds,
+  s.models,
+  (select p.prompt from user_prompts p join turns f on f.id = p.interception_id
+    where f.session = s.session order by f.started_at collate "C" nulls first, p.id
+    limit 1)
+    as first_prompt,
+  s.turns,
+  s.prompts,
+  s.tool_results,
+  coalesce(tools.calls, 0) as tool_calls,
+  tools.tools,
+  s.thoughts,
+  s.not_completed,
+  coalesce(tokens.input_tokens, 0) as input_tokens,
+  coalesce(tokens.uncached_input_tokens, 0) as uncached_input_tokens,
+  coalesce(tokens.cache_read_input_tokens, 0) as cache_read_input_tokens,
+  coalesce(tokens.cache_write_input_tokens, 0) as cache_write_input_tokens,
+  coalesce(tokens.output_tokens, 0) as output_tokens,
+  coalesce(tokens.total_tokens, 0) as total_tokens,
+  round(tokens.cost::numeric, 6) as estimated_cost_usd,
+  coalesce(tokens.unpriced_responses, 0) as unpriced_responses,
+  coalesce(tokens.subscription_responses, 0) as subscription_responses,
+  s.started::timestamptz as started,
+  s.last_activity::timestamptz as last_activity
+from per_session s
+left join tools on tools.session = s.session
+left join tokens on tokens.session = s.session
+order by s.last_activity collate "C" desc nulls last, s.session collate "C"
+""",
+    ),
+    (
+        "v_opencode_sessions",
+        "Each OpenCode session (requests without a session id grouped per person and UTC day)"
+        " with its first prompt, turns, tools, thoughts, tokens and estimated cost, latest "
+        "activity first (canned query opencode_sessions). Filter on session.",
+        """with turns as (
+  select
+    i.id,
+    coalesce(i.client_session_id,
+      '(none: ' || coalesce(i.initiator_id, '(unauthenticated)') || ' '
+      || substr(i.started_at, 1, 10) || ')') as session,
+    i.initiator_id, i.api, i.credential_kind,
+    coalesce(i.response_model, i.model) as model, i.status, i.started_at,
+    coalesce(i.ended_at, i.started_at) as ended_at, i.correlating_tool_call_id,
+    (select count(*) from user_prompts p where p.interception_id = i.id) as prompts,
+    (select count(*) from model_thoughts m where m.interception_id = i.id) as thoughts,
+    case when i.streaming = 1 and i.status not in ('rejected', 'in_progress')
+      and not exists (select 1 from token_usages t where t.interception_id = i.id)
+      then 1 else 0 end as stream_without_usage
+  from interceptions i
+  where i.client = 'OpenCode'
+),
+tools as (
+  select session, group_concat(tool || ' x' || calls, ', ') as tools, sum(calls) as calls
+  from (
+    select turns.session, u.tool, count(*) as calls
+    from tool_usages u join turns on turns.id = u.interception_id
+    group by turns.session, u.tool
+    order by calls desc, u.tool
+  )
+  group by session
+),
+tokens as (
+  select
+    turns.session,
+    sum(t.input_tokens) as input_tokens,
+    sum(t.uncached_input_tokens) as uncached_input_tokens,
+    sum(t.cache_read_input_tokens) as cache_read_input_tokens,
+    sum(t.cache_write_input_tokens) as cache_write_input_tokens,
+    sum(t.output_tokens) as output_tokens,
+    sum(t.reasoning_tokens) as reasoning_tokens,
+    sum(t.total_tokens) as total_tokens,
+    sum(t.estimated_cost_usd) as cost,
+    count(case when t.estimated_cost_usd is null
+      and coalesce(turns.credential_kind, '') not in ('subscription', 'client')
+      then t.id end) as unpriced_responses,
+    count(case when turns.credential_kind in ('subscription', 'client')
+      then t.id end) as subscription_responses
+  from token_usages t join turns on turns.id = t.interception_id
+  group by turns.session
+)
+select
+  s.session,
+  group_concat(distinct s.initiator_id) as users,
+  group_concat(distinct s.api) as apis,
+  group_concat(distinct s.model) as models,
+  (select p.prompt from user_prompts p join turns f on f.id = p.interception_id
+    where f.session = s.session order by f.started_at, p.id limit 1) as first_prompt,
+  count(*) as turns,
+  sum(s.prompts) as prompts,
+  count(s.correlating_tool_call_id) as tool_results,
+  coalesce(tools.calls, 0) as tool_calls,
+  tools.tools,
+  sum(s.thoughts) as thoughts,
+  sum(s.status != 'completed') as not_completed,
+  sum(s.stream_without_usage) as streams_without_usage,
+  coalesce(tokens.input_tokens, 0) as input_tokens,
+  coalesce(tokens.uncached_input_tokens, 0) as uncached_input_tokens,
+  coalesce(tokens.cache_read_input_tokens, 0) as cache_read_input_tokens,
+  -- Empty where no response reported writes or reasoning (OpenAI reports no writes).
+  tokens.cache_write_input_tokens,
+  coalesce(tokens.output_tokens, 0) as output_tokens,
+  tokens.reasoning_tokens,
+  coalesce(tokens.total_tokens, 0) as total_tokens,
+  round(tokens.cost, 6) as estimated_cost_usd,
+  coalesce(tokens.unpriced_responses, 0) as unpriced_responses,
+  coalesce(tokens.subscription_responses, 0) as subscription_responses,
+  min(s.started_at) as started,
+  max(s.ended_at) as last_activity
+from turns s
+left join tools on tools.session = s.session
+left join tokens on tokens.session = s.session
+group by s.session
+order by last_activity desc, s.session
+""",
+        """with turns as (
+  select
+    i.id,
+    coalesce(i.client_session_id,
+      '(none: ' || coalesce(i.initiator_id, '(unauthenticated)') || ' '
+      || left(i.started_at, 10) || ')') as session,
+    i.initiator_id, i.api, i.credential_kind,
+    coalesce(i.response_model, i.model) as model, i.status, i.started_at,
+    coalesce(i.ended_at, i.started_at) as ended_at, i.correlating_tool_call_id,
+    (select count(*) from user_prompts p where p.interception_id = i.id) as prompts,
+    (select count(*) from model_thoughts m where m.interception_id = i.id) as thoughts,
+    case when i.streaming = 1 and i.status not in ('rejected', 'in_progress')
+      and not exists (select 1 from token_usages t where t.interception_id = i.id)
+      then 1 else 0 end as stream_without_usage
+  from interceptions i
+  where i.client = 'OpenCode'
+),
+tools as (
+  select session, string_agg(tool || ' x' || calls, ', '
+    order by calls desc, tool collate "C") as tools,
+    sum(calls) as calls
+  from (
+    select turns.session, u.tool, count(*) as calls
+    from tool_usages u join turns on turns.id = u.interception_id
+    group by turns.session, u.tool
+  ) per_tool
+  group by session
+),
+tokens as (
+  select
+    turns.session,
+    sum(t.input_tokens) as input_tokens,
+    sum(t.uncached_input_tokens) as uncached_input_tokens,
+    sum(t.cache_read_input_tokens) as cache_read_input_tokens,
+    sum(t.cache_write_input_tokens) as cache_write_input_tokens,
+    sum(t.output_tokens) as output_tokens,
+    sum(t.reasoning_tokens) as reasoning_tokens,
+    sum(t.total_tokens) as total_tokens,
+    sum(t.estimated_cost_usd) as cost,
+    count(case when t.estimated_cost_usd is null
+      and coalesce(turns.credential_kind, '') not in ('subscription', 'client')
+      then t.id end) as unpriced_responses,
+    count(case when turns.credential_kind in ('subscription', 'client')
+      then t.id end) as subscription_responses
+  from token_usages t join turns on turns.id = t.interception_id
+  group by turns.session
+),
+per_session as (
+  select
+    session,
+    string_agg(distinct initiator_id, ',' order by initiator_id) as users,
+    string_agg(distinct api, ',' order by api) as apis,
+    string_agg(distinct model, ',' order by model) as models,
+    count(*) as turns,
+    sum(prompts) as prompts,
+    count(correlating_tool_call_id) as tool_results,
+    sum(thoughts) as thoughts,
+    sum((status != 'completed')::int) as not_completed,
+    sum(stream_without_usage) as streams_without_usage,
+    min(started_at) as started,
+    max(ended_at) as last_activity
+  from turns
+  group by session
+)
+select
+  s.session,
+  s.users,
+  s.apis,
+  s.models,
+  (select p.prompt from user_prompts p join turns f on f.id = p.interception_id
+    where f.session = s.session order by f.started_at collate "C" nulls first, p.id
+    limit 1)
+    as first_prompt,
+  s.turns,
+  s.prompts,
+  s.tool_results,
+  coalesce(tools.calls, 0) as tool_calls,
+  tools.tools,
+  s.thoughts,
+  s.not_completed,
+  s.streams_without_usage,
+  coalesce(tokens.input_tokens, 0) as input_tokens,
+  coalesce(tokens.uncached_input_tokens, 0) as uncached_input_tokens,
+  coalesce(tokens.cache_read_input_tokens, 0) as cache_read_input_tokens,
+  -- Empty where no response reported writes or reasoning (OpenAI reports no writes).
+  tokens.cache_write_input_tokens,
+  coalesce(tokens.output_tokens, 0) as output_tokens,
+  tokens.reasoning_tokens,
+  coalesce(tokens.total_tokens, 0) as total_tokens,
+  round(tokens.cost::numeric, 6) as estimated_cost_usd,
+  coalesce(tokens.unpriced_responses, 0) as unpriced_responses,
+  coalesce(tokens.subscription_responses, 0) as subscription_responses,
+  s.started::timestamptz as started,
+  s.last_activity::timestamptz as last_activity
+from per_session s
+left join tools on tools.session = s.session
+left join tokens on tokens.session = s.session
+order by s.last_activity collate "C" desc nulls last, s.session collate "C" nulls first
+""",
+    ),
+    (
+        "v_streams_without_usage",
+        "Streamed requests that reached the provider but recorded no tokens, and why, newest "
+        'first (canned query streams_without_usage). Filter on at, "user", api.',
+        """select
+  i.started_at as at,
+  coalesce(i.initiator_id, '(unauthenticated)') as user,
+  i.api,
+  i.provider,
+  i.client,
+  coalesce(i.response_model, i.model) as model,
+  i.status,
+  i.http_status,
+  i.stream_usage,
+  case
+    when i.stream_usage like 'not requested%' then 'usage was not requested'
+    when i.status in ('completed', 'incomplete') then 'the provider sent no usage'
+    else 'ended (' || i.status || ') before any usage'
+  end as why,
+  i.id as interception_id
+from (
+  select *, case when json_valid(metadata) then
+    json_extract(metadata, '$.stream_usage') end as stream_usage
+  from interceptions
+) i
+where i.streaming = 1 and i.status not in ('rejected', 'in_progress')
+  and not exists (select 1 from token_usages t where t.interception_id = i.id)
+order by i.started_at desc, i.id
+""",
+        """select
+  i.started_at::timestamptz as at,
+  coalesce(i.initiator_id, '(unauthenticated)') as "user",
+  i.api,
+  i.provider,
+  i.client,
+  coalesce(i.response_model, i.model) as model,
+  i.status,
+  i.http_status,
+  i.metadata ->> 'stream_usage' as stream_usage,
+  case
+    when i.metadata ->> 'stream_usage' like 'not requested%' then 'usage was not requested'
+    when i.status in ('completed', 'incomplete') then 'the provider sent no usage'
+    else 'ended (' || i.status || ') before any usage'
+  end as why,
+  i.id as interception_id
+from interceptions i
+where i.streaming = 1 and i.status not in ('rejected', 'in_progress')
+  and not exists (select 1 from token_usages t where t.interception_id = i.id)
+order by i.started_at collate "C" desc nulls last, i.id collate "C"
+""",
+    ),
+    (
+        "v_cache_efficiency",
+        "Uncached input, cache reads and cache writes per API and provider type, as counts "
+        "and shares of all input (canned query cache_efficiency). Filter on api, provider.",
+        """with rows as (
+  select
+    i.api, i.provider, t.input_tokens, t.uncached_input_tokens,
+    t.cache_read_input_tokens, t.cache_write_input_tokens,
+    case when json_valid(t.usage) then
+      json_extract(t.usage, '$.cache_creation.ephemeral_5m_input_tokens') end as w5m,
+    case when json_valid(t.usage) then
+      json_extract(t.usage, '$.cache_creation.ephemeral_1h_input_tokens') end as w1h
+  from token_usages t join interceptions i on i.id = t.interception_id
+)
+select
+  api,
+  provider,
+  count(*) as responses,
+  coalesce(sum(input_tokens), 0) as input_tokens,
+  coalesce(sum(uncached_input_tokens), 0) as uncached_input_tokens,
+  coalesce(sum(cache_read_input_tokens), 0) as cache_read_input_tokens,
+  coalesce(sum(cache_write_input_tokens), 0) as cache_write_input_tokens,
+  sum(w5m) as cache_write_5m_input_tokens,
+  sum(w1h) as cache_write_1h_input_tokens,
+  round(100.0 * sum(uncached_input_tokens) / nullif(sum(input_tokens), 0), 1)
+    as uncached_pct,
+  round(100.0 * sum(cache_read_input_tokens) / nullif(sum(input_tokens), 0), 1)
+    as cache_read_pct,
+  round(100.0 * sum(cache_write_input_tokens) / nullif(sum(input_tokens), 0), 1)
+    as cache_write_pct,
+  round(1.0 * sum(cache_read_input_tokens) / nullif(sum(cache_write_input_tokens), 0), 2)
+    as reads_per_written_token
+from rows
+group by api, provider
+order by api, provider
+""",
+        """with usage_rows as (
+  select
+    i.api, i.provider, t.input_tokens, t.uncached_input_tokens,
+    t.cache_read_input_tokens, t.cache_write_input_tokens,
+    -- A value that is not a number is left out rather than failing the view.
+    case when jsonb_typeof(t.usage -> 'cache_creation' -> 'ephemeral_5m_input_tokens')
+      = 'number' then (t.usage -> 'cache_creation' -> 'ephemeral_5m_input_tokens')::numeric
+      end as w5m,
+    case when jsonb_typeof(t.usage -> 'cache_creation' -> 'ephemeral_1h_input_tokens')
+      = 'number' then (t.usage -> 'cache_creation' -> 'ephemeral_1h_input_tokens')::numeric
+      end as w1h
+  from token_usages t join interceptions i on i.id = t.interception_id
+)
+select
+  api,
+  provider,
+  count(*) as responses,
+  coalesce(sum(input_tokens), 0) as input_tokens,
+  coalesce(sum(uncached_input_tokens), 0) as uncached_input_tokens,
+  coalesce(sum(cache_read_input_tokens), 0) as cache_read_input_tokens,
+  coalesce(sum(cache_write_input_tokens), 0) as cache_write_input_tokens,
+  sum(w5m) as cache_write_5m_input_tokens,
+  sum(w1h) as cache_write_1h_input_tokens,
+  round(100.0 * sum(uncached_input_tokens) / nullif(sum(input_tokens), 0), 1)
+    as uncached_pct,
+  round(100.0 * sum(cache_read_input_tokens) / nullif(sum(input_tokens), 0), 1)
+    as cache_read_pct,
+  round(100.0 * sum(cache_write_input_tokens) / nullif(sum(input_tokens), 0), 1)
+    as cache_write_pct,
+  round(1.0 * sum(cache_read_input_tokens) / nullif(sum(cache_write_input_tokens), 0), 2)
+    as reads_per_written_token
+from usage_rows
+group by api, provider
+order by api collate "C" nulls first, provider collate "C" nulls first
+""",
+    ),
+    (
+        "v_cost_per_user_per_month",
+        "Estimated US dollars per person and UTC month, most expensive first (canned query "
+        'cost_per_user_per_month). Filter on month and "user".',
+        """select
+  substr(i.started_at, 1, 7) as month,
+  coalesce(i.initiator_id, '(unauthenticated)') as user,
+  count(distinct i.id) as requests,
+  coalesce(sum(t.input_tokens), 0) as input_tokens,
+  coalesce(sum(t.output_tokens), 0) as output_tokens,
+  round(sum(t.estimated_cost_usd), 6) as estimated_cost_usd,
+  count(t.estimated_cost_usd) as priced_responses,
+  count(case when t.estimated_cost_usd is null
+    and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+    then t.id end) as unpriced_responses,
+  count(case when i.credential_kind in ('subscription', 'client')
+    then t.id end) as subscription_responses,
+  group_concat(distinct t.price_source) as price_sources
+from interceptions i
+left join token_usages t on t.interception_id = i.id
+group by month, user
+order by month desc, estimated_cost_usd desc, user
+""",
+        """select
+  (left(i.started_at, 7) || '-01')::date as month,
+  coalesce(i.initiator_id, '(unauthenticated)') as "user",
+  count(distinct i.id) as requests,
+  coalesce(sum(t.input_tokens), 0) as input_tokens,
+  coalesce(sum(t.output_tokens), 0) as output_tokens,
+  round(sum(t.estimated_cost_usd)::numeric, 6) as estimated_cost_usd,
+  count(t.estimated_cost_usd) as priced_responses,
+  count(case when t.estimated_cost_usd is null
+    and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+    then t.id end) as unpriced_responses,
+  count(case when i.credential_kind in ('subscription', 'client')
+    then t.id end) as subscription_responses,
+  string_agg(distinct t.price_source, ',' order by t.price_source) as price_sources
+from interceptions i
+left join token_usages t on t.interception_id = i.id
+group by month, "user"
+order by month desc nulls last, estimated_cost_usd desc nulls last,
+  coalesce(i.initiator_id, '(unauthenticated)') collate "C"
+""",
+    ),
+    (
+        "v_budget_use",
+        "Every budget of the configuration the bridge published last (budgets table) with "
+        "what it has spent in its current period, highest share first (canned query "
+        "budget_use). Filter on scope, owner.",
+        """with newest as (
+  select config_digest from budgets order by updated_at desc, rowid desc limit 1
+),
+held as (
+  select * from budgets where config_digest = (select config_digest from newest)
+),
+windows as (
+  select distinct period_start, resets_at from held
+),
+per_person as (
+  select w.period_start, w.resets_at, i.initiator_id as person,
+    sum(t.estimated_cost_usd) as usd, sum(t.total_tokens) as tokens
+  from windows w
+  join interceptions i
+    on i.started_at >= w.period_start and i.started_at < w.resets_at
+  join token_usages t on t.interception_id = i.id
+  -- "+": a period read through the started_at index, not every row by credential_kind
+  where +i.credential_kind = 'centralized' and i.initiator_id is not null
+  group by w.period_start, w.resets_at, i.initiator_id
+),
+members as (
+  select distinct b.id, b.period_start, b.resets_at, m.value as member
+  from held b,
+    json_each(case when json_valid(b.members) then b.members else '[]' end) m
+  where typeof(m.key) = 'integer'
+),
+everyone as (
+  select id from members where member = '*'
+),
+counted as (
+  select m.id, p.usd, p.tokens
+  from members m
+  join per_person p on p.person = m.member
+    and p.period_start = m.period_start and p.resets_at = m.resets_at
+  where m.id not in (select id from everyone)
+  union all
+  select e.id, p.usd, p.tokens
+  from everyone e
+  join held b on b.id = e.id
+  join per_person p on p.period_start = b.period_start and p.resets_at = b.resets_at
+),
+amounts as (
+  select b.id, sum(case b.metric when 'tokens' then c.tokens else c.usd end) as amount
+  from counted c join held b on b.id = c.id
+  group by b.id
+),
+measured as (
+  select b.*, coalesce(a.amount, 0) as amount
+  from held b left join amounts a on a.id = b.id
+)
+select
+  scope,
+  owner,
+  case metric when 'tokens' then 'tokens' else 'spend' end || ' per ' || period
+    as budget,
+  case metric when 'tokens' then cast(amount as integer) else round(amount, 6) end
+    as spent,
+  case metric when 'tokens' then cast(limit_value as integer) else limit_value end
+    as "limit",
+  -- A limit of 0 is used up from the start, as the governor judges it.
+  round(case when limit_value > 0 then amount / limit_value else 1.0 end, 4) as share,
+  resets_at,
+  source
+from measured
+order by share desc, scope, owner, metric,
+  case period when 'day' then 0 when 'week' then 1 else 2 end
+""",
+        """with newest as (
+  -- SQLite breaks a tie of updated_at by rowid; PostgreSQL has none: by the digest.
+  select config_digest from budgets
+  order by updated_at collate "C" desc nulls last, config_digest collate "C" desc nulls last
+  limit 1
+),
+held as (
+  select * from budgets where config_digest = (select config_digest from newest)
+),
+windows as (
+  select distinct period_start, resets_at from held
+),
+per_person as (
+  select w.period_start, w.resets_at, i.initiator_id as person,
+    sum(t.estimated_cost_usd)::numeric as usd, sum(t.total_tokens) as tokens
+  from windows w
+  join interceptions i
+    on i.started_at >= w.period_start and i.started_at < w.resets_at
+  join token_usages t on t.interception_id = i.id
+  where i.credential_kind = 'centralized' and i.initiator_id is not null
+  group by w.period_start, w.resets_at, i.initiator_id
+),
+members as (
+  -- The elements of a JSON array; anything else counts no one.
+  select distinct b.id, b.period_start, b.resets_at, m.member
+  from held b
+  cross join lateral jsonb_array_elements_text(
+    case when jsonb_typeof(b.members) = 'array' then b.members else '[]' end) as m(member)
+),
+everyone as (
+  select id from members where member = '*'
+),
+counted as (
+  select m.id, p.usd, p.tokens
+  from members m
+  join per_person p on p.person = m.member
+    and p.period_start = m.period_start and p.resets_at = m.resets_at
+  where m.id not in (select id from everyone)
+  union all
+  select e.id, p.usd, p.tokens
+  from everyone e
+  join held b on b.id = e.id
+  join per_person p on p.period_start = b.period_start and p.resets_at = b.resets_at
+),
+amounts as (
+  select b.id, sum(case b.metric when 'tokens' then c.tokens else c.usd end) as amount
+  from counted c join held b on b.id = c.id
+  group by b.id
+),
+measured as (
+  select b.*, coalesce(a.amount, 0) as amount
+  from held b left join amounts a on a.id = b.id
+)
+select
+  scope,
+  owner,
+  case metric when 'tokens' then 'tokens' else 'spend' end || ' per ' || period
+    as budget,
+  case metric when 'tokens' then trunc(amount) else round(amount, 6) end as spent,
+  case metric when 'tokens' then trunc(limit_value::numeric) else limit_value::numeric end
+    as "limit",
+  -- A limit of 0 is used up from the start, as the governor judges it.
+  round(case when limit_value > 0 then amount / limit_value::numeric else 1.0 end, 4)
+    as share,
+  resets_at::timestamptz as resets_at,
+  source
+from measured
+order by share desc, scope collate "C" nulls first, owner collate "C" nulls first,
+  metric collate "C" nulls first,
+  case period when 'day' then 0 when 'week' then 1 else 2 end
+""",
+    ),
+)
+# Said in every PostgreSQL view's comment.
+PG_VIEW_TYPES = (
+    " In PostgreSQL times are timestamptz, days dates (a month: its first day), costs numeric"
+    " US dollars rounded as in the canned query."
+)
+
+
+def _pg_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@migration
+@postgres(
+    *(
+        statement
+        for name, about, _, select in REPORT_VIEWS
+        for statement in (
+            f"create view {name} as\n{select}",
+            f"comment on view {name} is {_pg_literal(about + PG_VIEW_TYPES)}",
+        )
+    )
+)
+def m006_report_views(db: sqlite_utils.Database) -> None:
+    # SQLite keeps a view's text as written: the comment is what sqlite3's .schema shows.
+    for name, about, select, _ in REPORT_VIEWS:
+        db.create_view(name, f"-- {about}\n{select}")
+
+
 # Every migration is registered above this line.
 SCHEMA_VERSION = len(MIGRATIONS)
 
