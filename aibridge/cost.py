@@ -23,19 +23,22 @@ usage) select genai-prices' batch and fast-mode variants.
 A `PriceBook` reads the table once when it is made (about half a second, so make it at
 start-up); after that a row costs a dictionary lookup and a few Decimal operations.
 
-Fill in rows written before costs existed, or after new rates were agreed::
+Fill in rows written before costs existed, or after new rates were agreed, in a SQLite file
+or a PostgreSQL database::
 
     python -m aibridge.cost --config config.yaml [--all]
+    python -m aibridge.cost --db postgresql://bridge@db.internal/aibridge
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import sqlite3
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -47,6 +50,7 @@ import orjson
 import sqlite_utils
 
 from aibridge.config import ConfigError, PriceOverride, Pricing, load_config
+from aibridge.record import address as addresses
 from aibridge.record.schema import migrate
 
 log = logging.getLogger(__name__)
@@ -127,7 +131,7 @@ class _Counts:
 
 
 def _raw_usage(value: Any) -> Mapping[str, Any] | None:
-    """The provider's own usage object: a dict live, JSON text when read back from SQLite."""
+    """The provider's own usage object: a dict live, JSON text when read back from the log."""
     if isinstance(value, Mapping):
         return value
     if isinstance(value, str | bytes):
@@ -400,21 +404,30 @@ class BackfillReport:
     unpriced: int
 
 
+class BackfillError(RuntimeError):
+    """The audit log cannot be read or written (PostgreSQL: unreachable, refused, …)."""
+
+
 _SELECT: Final = """
 select t.id, t.input_tokens, t.cache_read_input_tokens, t.cache_write_input_tokens,
-       t.output_tokens, t.reasoning_tokens, t.usage, t.created_at, i.model, i.response_model,
+       t.output_tokens, t.reasoning_tokens, {usage}, t.created_at, i.model, i.response_model,
        t.service_tier, i.provider
 from token_usages t join interceptions i on i.id = t.interception_id
-where t.id > ? and coalesce(i.credential_kind, '') not in ('subscription', 'client')
+where t.id > {p} and coalesce(i.credential_kind, '') not in ('subscription', 'client')
   {only_missing}
-order by t.id limit ?
+order by t.id limit {p}
 """
 # Rows from before a provider type was recorded went to OpenAI: the only API bridged then.
 _PROVIDER_OF_OLD_ROWS: Final = "openai"
 _UPDATE: Final = (
-    "update token_usages set estimated_cost_usd = ?, price_source = ?, price_version = ?, "
-    "priced_model = ? where id = ?"
+    "update token_usages set estimated_cost_usd = {p}, price_source = {p}, "
+    "price_version = {p}, priced_model = {p} where id = {p}"
 )
+
+
+def _select(p: str, usage: str, recompute: bool) -> str:
+    only_missing = "" if recompute else "and t.estimated_cost_usd is null"
+    return _SELECT.format(p=p, usage=usage, only_missing=only_missing)
 
 
 def backfill(
@@ -425,33 +438,106 @@ def backfill(
     batch_size: int = 500,
     busy_timeout_ms: int = 10_000,
 ) -> BackfillReport:
-    """Estimate the cost of rows that have none (or of every row, with `recompute`).
+    """Estimate the cost of rows that have none (or of every row, with `recompute`), in the
+    audit log at `db_path`: a SQLite path or a PostgreSQL URL (BackfillError when it cannot
+    be reached).
 
     Each row is priced from its interception's provider type. Rows sent with a user's own
     sign-in to a plan (ChatGPT, Claude Pro/Max: credential kinds ``client`` and
     ``subscription``) are not billed per token and are left alone, as the live bridge does.
-    Safe while the bridge writes: short transactions, each waiting its turn for the lock.
+    Safe while the bridge writes: short transactions, each waiting its turn for the lock
+    (in PostgreSQL the recorder's advisory lock, as the recorder's own batches do).
     """
+    if addresses.is_postgres(str(db_path)):
+        return _backfill_postgres(str(db_path), book, recompute, batch_size, busy_timeout_ms)
     conn = sqlite3.connect(str(db_path), timeout=busy_timeout_ms / 1000)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         # An older file may not have the cost columns yet.
         migrate(sqlite_utils.Database(conn, execute_plugins=False))
-        sql = _SELECT.format(only_missing="" if recompute else "and t.estimated_cost_usd is null")
-        last_id, examined, priced = 0, 0, 0
-        while True:
-            rows = conn.execute(sql, (last_id, batch_size)).fetchall()
-            if not rows:
-                break
-            updates = list(_priced_updates(book, rows))
+        sql = _select("?", "t.usage", recompute)
+
+        def write(updates: list[tuple[Any, ...]]) -> None:
             with conn:
-                conn.executemany(_UPDATE, updates)
-            examined += len(rows)
-            priced += sum(1 for u in updates if u[0] is not None)
-            last_id = rows[-1][0]
-        return BackfillReport(examined, priced, examined - priced)
+                conn.executemany(_UPDATE.format(p="?"), updates)
+
+        return _in_batches(
+            book, lambda last_id: conn.execute(sql, (last_id, batch_size)).fetchall(), write
+        )
     finally:
         conn.close()
+
+
+def _backfill_postgres(
+    address: str, book: PriceBook, recompute: bool, batch_size: int, busy_timeout_ms: int
+) -> BackfillReport:
+    from aibridge.record import postgres
+
+    with _postgres_errors(address):
+        conn = postgres.connect(address)
+        try:
+            conn.execute(f"set lock_timeout = {int(busy_timeout_ms)}")
+            # A database with no tables yet, or one migrated by an older bridge.
+            postgres.migrate(conn)
+            # jsonb as its JSON text: the pricing code gets what SQLite gives it, parsed by
+            # the same library.
+            sql = _select("%s", "t.usage::text", recompute)
+            update = _UPDATE.format(p="%s")
+
+            def write(updates: list[tuple[Any, ...]]) -> None:
+                conn.execute("begin")
+                try:
+                    # The recorder's lock: one writer at a time, as in SQLite.
+                    conn.execute("select pg_advisory_xact_lock(%s)", (postgres.WRITE_LOCK,))
+                    with conn.cursor() as cursor:
+                        cursor.executemany(update, updates)
+                    conn.execute("commit")
+                except BaseException:
+                    if not conn.closed and not conn.broken:
+                        with contextlib.suppress(postgres.psycopg.Error):
+                            conn.execute("rollback")
+                    raise
+
+            return _in_batches(
+                book, lambda last_id: conn.execute(sql, (last_id, batch_size)).fetchall(), write
+            )
+        finally:
+            conn.close()
+
+
+@contextlib.contextmanager
+def _postgres_errors(address: str) -> Iterator[None]:
+    """PostgreSQL's errors as one BackfillError line naming the database, password masked."""
+    from aibridge.record import postgres
+
+    try:
+        postgres.require_driver()
+    except RuntimeError as exc:
+        raise BackfillError(f"{addresses.display(address)}: {exc}") from None
+    try:
+        yield
+    except postgres.psycopg.Error as exc:
+        text = " ".join(addresses.scrub(str(exc), address).split())
+        raise BackfillError(f"{addresses.display(address)}: {type(exc).__name__}: {text}") from None
+
+
+def _in_batches(
+    book: PriceBook,
+    fetch: Callable[[int], list[tuple[Any, ...]]],
+    write: Callable[[list[tuple[Any, ...]]], None],
+) -> BackfillReport:
+    """Price the rows `fetch` gives after each id, batch by batch, and `write` their costs."""
+    last_id, examined, priced = 0, 0, 0
+    while True:
+        rows = fetch(last_id)
+        if not rows:
+            break
+        updates = list(_priced_updates(book, rows))
+        write(updates)
+        examined += len(rows)
+        priced += sum(1 for u in updates if u[0] is not None)
+        last_id = rows[-1][0]
+    return BackfillReport(examined, priced, examined - priced)
 
 
 def _priced_updates(book: PriceBook, rows: Iterable[tuple[Any, ...]]) -> Iterable[tuple[Any, ...]]:
@@ -498,7 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument(
         "--config", help="bridge config: its database and pricing.overrides (default config.yaml)"
     )
-    where.add_argument("--db", help="the SQLite file, priced with the genai-prices table only")
+    where.add_argument(
+        "--db",
+        help="the audit log (a SQLite file or a PostgreSQL URL), priced with the genai-prices "
+        "table only",
+    )
     parser.add_argument(
         "--all", action="store_true", help="recompute every row, e.g. after new rates were agreed"
     )
@@ -512,13 +602,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         db_path, pricing = config.database, config.pricing
-    if not Path(db_path).exists():
+    # A PostgreSQL database is made ready by the backfill (migrated); a path must exist.
+    if not addresses.is_postgres(db_path) and not Path(db_path).exists():
         print(f"error: {db_path}: no such database", file=sys.stderr)
         return 2
     book = PriceBook(pricing)
-    report = backfill(db_path, book, recompute=args.all)
+    try:
+        report = backfill(db_path, book, recompute=args.all)
+    except BackfillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
-        f"{db_path}: {report.examined} token usage rows examined, {report.priced} priced, "
+        f"{addresses.display(db_path)}: {report.examined} token usage rows examined, "
+        f"{report.priced} priced, "
         f"{report.unpriced} without a known price (genai-prices {book.catalog_version})"
     )
     return 0

@@ -7,6 +7,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -15,6 +16,7 @@ from typing import Any
 
 import genai_prices
 import orjson
+import psycopg
 import pytest
 import sqlite_utils
 from genai_prices import data_snapshot
@@ -29,11 +31,17 @@ from aibridge.config import (
     Privacy,
     load_config,
 )
-from aibridge.cost import COST_COLUMNS, PriceBook
-from aibridge.record import schema
+from aibridge.cost import COST_COLUMNS, BackfillError, BackfillReport, PriceBook
+from aibridge.record import address as addresses
+from aibridge.record import postgres, schema
 from aibridge.record.outcome import Outcome
+from aibridge.record.recorder import Recorder
 from aibridge.record.rows import end_rows
 from devtools.mitmdump_process import REPO
+from tests.log_engines import engine, pg_rows, read
+from tests.postgres_server import PostgresServer, free_port
+
+__all__ = ["engine"]  # a fixture, imported for this module's tests
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AT = datetime(2025, 9, 1, 12, 0, tzinfo=UTC)
@@ -890,10 +898,9 @@ def test_pricing_config_1_hour_rate_errors(tmp_path: Path, value: str, problem: 
     assert problem in err.value.problem
 
 
-def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> None:
-    path = tmp_path / "aibridge.db"
-    db = sqlite_utils.Database(path)
-    schema.migrate(db)
+def provider_rows() -> list[tuple[Any, ...]]:
+    """Rows to every provider type: (id, provider, credential kind, model, response model,
+    usage row with the raw usage as a dict, created at)."""
     nosplit = anthropic_usage(1000, read=20_000, write_5m=5000, out=500, split=False)
     fast = anthropic_usage(1000, read=20_000, write_5m=3000, write_1h=2000, out=500, speed="fast")
     batch = anthropic_usage(
@@ -901,8 +908,7 @@ def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> No
     )
     openai_row = {**usage(1000, 100, cached=200), "usage": {"input_tokens": 1000}}
     later = LATER.isoformat()
-    rows = [
-        # id, provider, credential kind, model, response model, usage row, created at
+    return [
         ("oa", "openai", "centralized", "gpt-5", "gpt-5-2025-08-07", openai_row, NOW),
         ("old", None, None, "gpt-4.1-mini", None, openai_row, NOW),  # before provider types
         ("cg", "chatgpt", "client", "gpt-5", None, openai_row, NOW),
@@ -916,7 +922,39 @@ def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> No
         # Claude Pro/Max sign-in: not billed per token, never priced.
         ("sub", "anthropic", "subscription", "claude-sonnet-4-5", None, messages_row(TURN), NOW),
     ]  # fmt: skip
-    for iid, provider, kind, model, response_model, row, when in rows:
+
+
+def provider_prices() -> dict[str, tuple[Any, ...]]:
+    """(cost, source, priced model) of each of provider_rows() after a backfill."""
+
+    def openai_list_price(model: str) -> float:
+        price = genai_prices.calc_price(
+            genai_prices.Usage(input_tokens=1000, cache_read_tokens=200, output_tokens=100),
+            model,
+            provider_id="openai",
+            genai_request_timestamp=AT,
+        )
+        return float(price.total_price)
+
+    return {
+        "oa": (openai_list_price("gpt-5"), "genai-prices", "gpt-5"),
+        "old": (openai_list_price("gpt-4.1-mini"), "genai-prices", "gpt-4.1-mini"),
+        "cg": (None, None, None),  # a ChatGPT sign-in: paid by the plan, as live
+        "an": (0.03975, "genai-prices", "claude-sonnet-4-5"),
+        "an-nosplit": (0.03525, "genai-prices", "claude-sonnet-4-5"),
+        "an-fast": (0.1325, "genai-prices", "claude-opus-4-8"),
+        "an-batch": (0.033125, "genai-prices", "claude-opus-4-8"),
+        "an-gpt": (None, None, None),
+        "oa-claude": (None, None, None),
+        "sub": (None, None, None),
+    }
+
+
+def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> None:
+    path = tmp_path / "aibridge.db"
+    db = sqlite_utils.Database(path)
+    schema.migrate(db)
+    for iid, provider, kind, model, response_model, row, when in provider_rows():
         db["interceptions"].insert(
             {
                 "id": iid,
@@ -937,28 +975,8 @@ def test_backfill_prices_each_row_from_its_providers_table(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     assert "8 token usage rows examined, 6 priced, 2 without a known price" in done.stdout
 
-    def openai_list_price(model: str) -> float:
-        price = genai_prices.calc_price(
-            genai_prices.Usage(input_tokens=1000, cache_read_tokens=200, output_tokens=100),
-            model,
-            provider_id="openai",
-            genai_request_timestamp=AT,
-        )
-        return float(price.total_price)
-
     got = {row[0]: row[1:] for row in costs(path)}
-    assert got == {
-        "oa": (openai_list_price("gpt-5"), "genai-prices", "gpt-5"),
-        "old": (openai_list_price("gpt-4.1-mini"), "genai-prices", "gpt-4.1-mini"),
-        "cg": (None, None, None),  # a ChatGPT sign-in: paid by the plan, as live
-        "an": (0.03975, "genai-prices", "claude-sonnet-4-5"),
-        "an-nosplit": (0.03525, "genai-prices", "claude-sonnet-4-5"),
-        "an-fast": (0.1325, "genai-prices", "claude-opus-4-8"),
-        "an-batch": (0.033125, "genai-prices", "claude-opus-4-8"),
-        "an-gpt": (None, None, None),
-        "oa-claude": (None, None, None),
-        "sub": (None, None, None),
-    }
+    assert got == provider_prices()
     # --all recomputes the same, and still leaves the sign-in rows alone.
     assert cost.backfill(path, PriceBook(), recompute=True) == cost.BackfillReport(8, 6, 2)
     assert {row[0]: row[1:] for row in costs(path)} == got
@@ -990,3 +1008,235 @@ def test_a_chat_completions_row_is_priced_like_openai_s_bill() -> None:
         row, model="gpt-4o", response_model=None, at=at, provider="openai_compatible"
     )
     assert negotiated["estimated_cost_usd"] == pytest.approx(1 + 2)
+
+
+# ------------------------------------------------------------- backfill on both engines
+
+
+def record(address: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """provider_rows()-shaped rows, written as the bridge writes them (the raw usage: JSON
+    text in SQLite, jsonb in PostgreSQL)."""
+    rec = Recorder(address)
+    rec.start()
+    for iid, provider, kind, model, response_model, row, when in rows:
+        rec.upsert(
+            schema.INTERCEPTIONS,
+            {
+                "id": iid,
+                "started_at": when,
+                "provider": provider,
+                "credential_kind": kind,
+                "model": model,
+                "response_model": response_model,
+            },
+        )
+        rec.insert(schema.TOKEN_USAGES, {"interception_id": iid, **row, "created_at": when})
+    rec.close()
+
+
+def engine_costs(address: str) -> dict[str, tuple[Any, ...]]:
+    rows = read(
+        address,
+        "select interception_id, estimated_cost_usd, price_source, priced_model "
+        "from token_usages order by id",
+    )
+    return {
+        r["interception_id"]: (r["estimated_cost_usd"], r["price_source"], r["priced_model"])
+        for r in rows
+    }
+
+
+def test_both_engines_price_each_row_from_its_providers_table(engine: str, book: PriceBook) -> None:
+    record(engine, provider_rows())
+    assert cost.backfill(engine, book, batch_size=3) == BackfillReport(8, 6, 2)
+    assert engine_costs(engine) == provider_prices()
+    # Priced rows are left alone (the two without a price are tried again); --all recomputes
+    # the same and still skips the sign-ins.
+    assert cost.backfill(engine, book) == BackfillReport(2, 0, 2)
+    assert cost.backfill(engine, book, recompute=True) == BackfillReport(8, 6, 2)
+    assert engine_costs(engine) == provider_prices()
+
+
+# A 1-hour write count past 64 bits: orjson reads it as a float (not a count: no split),
+# psycopg's jsonb loader as an int (all writes 1-hour). Each raw usage is stored as this text.
+HUGE_SPLIT = (
+    '{"cache_creation": {"ephemeral_5m_input_tokens": 0, '
+    '"ephemeral_1h_input_tokens": 100000000000000000000000000000}}'
+)
+
+
+@pytest.mark.parametrize(
+    "raw_text",
+    [
+        HUGE_SPLIT,
+        HUGE_SPLIT.replace("100000000000000000000000000000", "18446744073709551616"),
+        '{"speed": "standard", "speed": "fast"}',  # the last key wins, in both
+        '{"cache_creation": [5000]}',
+        '{"cache_creation": {"ephemeral_1h_input_tokens": 2000.0}}',
+        '{"cache_creation": {"ephemeral_1h_input_tokens": -2000}}',
+        '{"cache_creation": {"ephemeral_1h_input_tokens": "2000"}}',
+        '"a JSON string"',
+        "[1, 2]",
+        "null",
+    ],
+)
+def test_both_engines_give_the_pricing_code_the_same_raw_usage(
+    engine: str, book: PriceBook, raw_text: str
+) -> None:
+    raw = anthropic_usage(1000, read=20_000, write_5m=5000, out=500, split=False)
+    row = {**messages_row(raw), "usage": raw_text}
+    record(engine, [("an", "anthropic", "centralized", "claude-opus-4-8", None, row, NOW)])
+    assert cost.backfill(engine, book).priced == 1
+    # What the pricing code makes of the JSON text SQLite holds.
+    expected = book.cost_columns(
+        row, model="claude-opus-4-8", response_model=None, at=NOW, provider="anthropic"
+    )
+    assert engine_costs(engine)["an"] == (
+        expected["estimated_cost_usd"],
+        "genai-prices",
+        "claude-opus-4-8",
+    )
+    if raw_text == HUGE_SPLIT and addresses.is_postgres(engine):
+        # The case that tells: the jsonb as psycopg hands it over (a dict) prices otherwise.
+        (stored,) = [r["usage"] for r in pg_rows(engine, "select usage from token_usages")]
+        assert stored["cache_creation"]["ephemeral_1h_input_tokens"] == 10**29
+        as_dict = {**row, "usage": stored}
+        other = book.cost_columns(
+            as_dict, model="claude-opus-4-8", response_model=None, at=NOW, provider="anthropic"
+        )
+        assert other["estimated_cost_usd"] != expected["estimated_cost_usd"]
+
+
+def pg_old_log(url: str) -> None:
+    """old_log() in PostgreSQL: only the first migration applied, three unpriced rows."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("create table _migrations (name text primary key, applied_at text not null)")
+        for statement in schema.postgres_statements(schema.m001_initial):
+            conn.execute(statement)
+        conn.execute("insert into _migrations values ('m001_initial', '2025-01-01T00:00:00Z')")
+        conn.execute(
+            "insert into interceptions (id, started_at, model, response_model) values "
+            "('a', %(t)s, 'gpt-5', 'gpt-5-2025-08-07'), ('b', %(t)s, 'fake-text', 'fake-text'), "
+            "('c', %(t)s, 'gpt-4.1-mini', null)",
+            {"t": NOW},
+        )
+        for iid in ("a", "b", "c"):
+            conn.execute(
+                "insert into token_usages (interception_id, input_tokens, "
+                "cache_read_input_tokens, cache_write_input_tokens, output_tokens, "
+                "reasoning_tokens, created_at) values (%s, 1000, 200, 0, 100, 0, %s)",
+                (iid, NOW),
+            )
+
+
+def test_both_engines_migrate_an_old_log_before_pricing_it(engine: str, book: PriceBook) -> None:
+    if addresses.is_postgres(engine):
+        pg_old_log(engine)
+    else:
+        old_log(Path(engine))
+    assert cost.backfill(engine, book) == BackfillReport(3, 2, 1)
+    names = [r["name"] for r in read(engine, "select name from _migrations order by name")]
+    assert names == sorted(m.__name__ for m in schema.MIGRATIONS)
+    got = engine_costs(engine)
+    list_price = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=1000, cache_read_tokens=200, output_tokens=100),
+        "gpt-5",
+        provider_id="openai",
+        genai_request_timestamp=AT,
+    )
+    assert got["a"] == (float(list_price.total_price), "genai-prices", "gpt-5")
+    assert got["b"] == (None, None, None)
+    assert got["c"][1:] == ("genai-prices", "gpt-4.1-mini")
+
+
+def test_postgres_backfill_of_an_empty_database_makes_it_an_audit_log(
+    postgres_url: str, book: PriceBook, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As in SQLite, where an empty file is migrated: nothing to price, the tables made.
+    assert cost.main(["--db", postgres_url]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{postgres_url}: 0 token usage rows examined, 0 priced, 0 without a known price"
+    )
+    tables = {r["tablename"] for r in pg_rows(postgres_url, "select tablename from pg_tables")}
+    assert set(schema.WRITABLE_TABLES) <= tables
+    assert cost.backfill(postgres_url, book) == BackfillReport(0, 0, 0)
+
+
+def test_postgres_backfill_waits_its_turn_for_the_recorders_lock(
+    postgres_url: str, book: PriceBook
+) -> None:
+    record(postgres_url, provider_rows())
+    with psycopg.connect(postgres_url, autocommit=True) as holder:
+        holder.execute("begin")
+        holder.execute("select pg_advisory_xact_lock(%s)", (postgres.WRITE_LOCK,))
+        with pytest.raises(BackfillError, match="lock timeout"):
+            cost.backfill(postgres_url, book, busy_timeout_ms=50)
+        holder.execute("commit")
+    assert set(engine_costs(postgres_url).values()) == {(None, None, None)}
+    assert cost.backfill(postgres_url, book).priced == 6
+
+
+def with_password(url: str, password: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def test_command_line_with_a_url(
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    record(postgres_url, provider_rows())
+    monkeypatch.delenv("PGPASSWORD")  # the URL's password it is
+    url = with_password(postgres_url, postgres_server.password)
+    shown = addresses.display(url)
+    assert cost.main(["--db", url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{shown}: 8 token usage rows examined, 6 priced, 2 without")
+    assert postgres_server.password not in out
+    assert engine_costs(url) == provider_prices()
+
+    # From a config: its overrides, and the password from the environment, masked.
+    monkeypatch.setenv("AUDIT_DB_PASSWORD", postgres_server.password)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"database: {postgres_url.replace('aibridge@', 'aibridge:${AUDIT_DB_PASSWORD}@')}\n"
+        "providers: [{name: openai, base_url: 'https://api.openai.com/v1', api_key: k}]\n"
+        "pricing:\n  overrides:\n    claude-opus-5-5: {input_per_mtok: 1, output_per_mtok: 10}\n"
+    )
+    assert cost.main(["--config", str(config), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{shown}: 8 token usage rows examined, 7 priced, 1 without")
+    assert engine_costs(url)["oa-claude"][1:] == ("config", "claude-opus-5-5")
+
+
+WRONG = "Wr@ng-secret/9"  # quoted in the URL as Wr%40ng-secret%2F9: neither form may show
+
+
+@pytest.mark.parametrize(
+    "kind", ["refused", "wrong password", "no such database", "not a port", "bad option"]
+)
+def test_command_line_with_an_unreachable_url(
+    postgres_server: PostgresServer, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = f"postgresql://aibridge:{urllib.parse.quote(WRONG, safe='')}@127.0.0.1"
+    url = {
+        "refused": f"{base}:{free_port()}/aibridge",
+        "wrong password": f"{base}:{postgres_server.port}/postgres",
+        "no such database": with_password(
+            postgres_server.url("no_such_db"), postgres_server.password
+        ),
+        "not a port": f"{base}:notaport/aibridge",
+        "bad option": f"{base}:{postgres_server.port}/postgres?sslmode=sometimes",
+    }[kind]
+    assert cost.main(["--db", url]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {addresses.display(url)}: "), lines
+    for secret_text in (WRONG, urllib.parse.quote(WRONG, safe=""), postgres_server.password):
+        assert secret_text not in captured.err
