@@ -136,9 +136,9 @@ def copy_log(source: str, destination: str, *, batch_size: int = BATCH) -> CopyR
     except Exception as e:
         raise CopyError(f"cannot open {addresses.display(source)}: {_why(e, source)}") from None
     try:
-        if not addresses.is_postgres(destination) and Path(destination).exists():
-            if Path(destination).stat().st_size > 0:
-                raise CopyError(f"{destination} already exists: copy into a new file")
+        dest_file = None if addresses.is_postgres(destination) else Path(destination)
+        if dest_file is not None and dest_file.exists() and dest_file.stat().st_size > 0:
+            raise CopyError(f"{destination} already exists: copy into a new file")
         present = reader.tables()
         if schema.INTERCEPTIONS not in present:
             raise CopyError(f"{addresses.display(source)}: not an aibridge audit log")
