@@ -6,7 +6,8 @@ budget the config sets, counted in the audit log (aibridge.governance.report).
 
 The budgets come from the config itself, not from the log's ``budgets`` table, so the numbers
 hold with no bridge running and after a change of period the bridge has not published yet. The
-database is opened read-only; the command is safe beside a live bridge.
+database (a SQLite file or a PostgreSQL URL) is only read, in a read-only transaction; the
+command is safe beside a live bridge. What it prints of a URL has no password.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from aibridge.config import ConfigError, load_config
 from aibridge.governance.limits import Governance
 from aibridge.governance.periods import describe_local, parse_instant
 from aibridge.governance.report import budget_rows, budget_use, configured_user_ids
+from aibridge.record import address as addresses
 
 DEFAULT_CONFIG: Final = "config.yaml"
 # Where addon.py is: the bridge's fallback for a config not found from the current directory.
@@ -34,7 +36,8 @@ _RIGHT_ALIGNED: Final = frozenset({"spent", "limit", "share"})
 
 
 class BudgetsError(Exception):
-    """The log cannot be read; the message says which file and why."""
+    """The log cannot be read; the message says which file or database and why (one line, no
+    password)."""
 
 
 def config_path(option: str, addon_dir: Path | None = _ADDON_DIR) -> Path:
@@ -48,7 +51,10 @@ def config_path(option: str, addon_dir: Path | None = _ADDON_DIR) -> Path:
 
 
 def read_use(db_path: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Budget use of `rows` in the log at `db_path`, opened read-only."""
+    """Budget use of `rows` in the log at `db_path` (a SQLite path or a PostgreSQL URL),
+    opened read-only."""
+    if addresses.is_postgres(db_path):
+        return _read_postgres_use(db_path, rows)
     path = Path(db_path)
     if not path.is_file():
         raise BudgetsError(
@@ -72,6 +78,52 @@ def read_use(db_path: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise BudgetsError(f"{db_path}: cannot read the audit log: {e}") from None
     finally:
         conn.close()
+
+
+def _read_postgres_use(address: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from aibridge.record import postgres
+
+    where = addresses.display(address)
+    try:
+        postgres.require_driver()
+    except RuntimeError as e:
+        raise BudgetsError(f"{where}: {e}") from None
+    import psycopg
+
+    try:
+        conn = postgres.connect(address)
+    except psycopg.Error as e:
+        raise BudgetsError(
+            f"{where}: cannot connect to the audit log: {_line(e, address)}"
+        ) from None
+    try:
+        # One snapshot, and no write can slip in.
+        conn.execute("begin isolation level repeatable read read only")
+        missing = [
+            table
+            for table in ("interceptions", "token_usages")
+            if conn.execute("select to_regclass(%s)", (table,)).fetchone()[0] is None
+        ]
+        if missing:
+            raise BudgetsError(
+                f"{where}: not an aibridge audit log (no {', '.join(missing)} table)"
+            )
+        use = budget_use(conn, rows)
+        conn.execute("commit")
+        return use
+    except psycopg.Error as e:
+        # The server's own words, without the statement it quotes and its hints.
+        reason = e.diag.message_primary if e.sqlstate else None
+        raise BudgetsError(
+            f"{where}: cannot read the audit log: {_line(reason or e, address)}"
+        ) from None
+    finally:
+        conn.close()
+
+
+def _line(reason: object, address: str) -> str:
+    # libpq's messages span lines (a hint on the next, indented): one line, password masked.
+    return addresses.scrub(" ".join(str(reason).split()), address)
 
 
 def format_table(use: list[dict[str, Any]], governance: Governance) -> list[str]:
@@ -120,7 +172,10 @@ def main(argv: list[str] | None = None, *, now: datetime | None = None) -> int:
         default=DEFAULT_CONFIG,
         help="bridge config (default: config.yaml here, else next to addon.py)",
     )
-    parser.add_argument("--db", help="the SQLite audit log (default: the config's database)")
+    parser.add_argument(
+        "--db",
+        help="the audit log: a SQLite file or a postgresql:// URL (default: the config's database)",
+    )
     parser.add_argument("--json", action="store_true", help="the rows as JSON")
     args = parser.parse_args(argv)
 
@@ -150,7 +205,10 @@ def main(argv: list[str] | None = None, *, now: datetime | None = None) -> int:
         print(orjson.dumps(use, option=orjson.OPT_INDENT_2).decode())
         return 0
     governance = config.governance
-    print(f"Budget use at {describe_local(at, governance.zone, governance.time_zone)} ({db_path})")
+    print(
+        f"Budget use at {describe_local(at, governance.zone, governance.time_zone)} "
+        f"({addresses.display(db_path)})"
+    )
     for line in format_table(use, governance):
         print(line)
     return 0

@@ -1,21 +1,25 @@
 """``python -m aibridge.budgets``: budget use in the terminal, from the config and the log.
 
 In-process runs get a fixed `now`; the subprocess runs use the real clock, in an ``Etc/GMT±N``
-zone where it is about noon now, so no period changes while they run.
+zone where it is about noon now, so no period changes while they run. A log in PostgreSQL
+(``engine``, ``postgres_url``) gives the same output; what is printed of its URL has no password.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 import yaml
 
@@ -23,8 +27,13 @@ from aibridge import budgets
 from aibridge.config import load_config
 from aibridge.governance.periods import spelled
 from aibridge.governance.report import budget_rows, budget_use, configured_user_ids
+from aibridge.record import address as addresses
 from devtools.mitmdump_process import REPO
-from tests.test_budgets_report import CONFIG, NOW, SHA, Exchange, write_log
+from tests.log_engines import engine
+from tests.postgres_server import free_port
+from tests.test_budgets_report import CONFIG, NOW, SHA, Exchange, use_of, write_log
+
+__all__ = ["engine"]  # a fixture, imported for this module's tests
 
 PROVIDERS = CONFIG["providers"]
 SMALL: dict[str, Any] = {
@@ -392,3 +401,263 @@ def test_as_a_command_with_the_real_clock(tmp_path: Path) -> None:
     )
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.startswith("error: missing.db: no such database")
+
+
+# ---- a log in PostgreSQL (and the same on both engines) ---------------------------------
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` in it, as a config or --db may give it."""
+    scheme, _, rest = url.partition("://")
+    user, _, host = rest.partition("@")
+    return f"{scheme}://{user}:{urllib.parse.quote(password, safe='')}@{host}"
+
+
+def test_the_table_on_either_engine(
+    engine: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The log named by the config (a path or a URL): the same lines, the address as shown."""
+    config = setup(tmp_path, {**SMALL, "database": engine}, ())
+    write_log(engine, SMALL_LOG)
+    code, out, err = run(capsys, "--config", str(config))
+    assert (code, err) == (0, "")
+    where = addresses.display(str(load_config(config).database))
+    assert out.splitlines()[0] == f"Budget use at 2025-06-04 12:00 Europe/Berlin ({where})"
+    assert [line.split()[:3] for line in out.splitlines()[2:]] == [
+        ["user", "alice", "spend"],
+        ["group", "eng", "spend"],
+        ["user", "alice", "tokens"],
+    ]
+    assert "$16.80" in out and "1,234,567" in out and "$1,251.30" in out
+    code, out, err = run(capsys, "--config", str(config), "--json")
+    assert (code, err) == (0, "")
+    loaded = load_config(config)
+    assert orjson.loads(out) == use_of(
+        engine, budget_rows(loaded.governance, ["alice", "bob"], NOW)
+    )
+
+
+def test_json_is_the_same_text_from_sqlite_and_postgres(
+    postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Byte for byte: a tokens budget's numbers are integers from PostgreSQL too."""
+    config = setup(tmp_path, CONFIG, EVERY_KIND)
+    write_log(postgres_url, EVERY_KIND)
+    code, from_sqlite, _ = run(capsys, "--config", str(config), "--json")
+    assert code == 0
+    code, from_postgres, _ = run(capsys, "--config", str(config), "--json", "--db", postgres_url)
+    assert code == 0
+    assert from_postgres == from_sqlite
+    assert '"spent": 1630,' in from_sqlite and '"spent": 2.05,' in from_sqlite
+    code, table_sqlite, _ = run(capsys, "--config", str(config))
+    code, table_postgres, _ = run(capsys, "--config", str(config), "--db", postgres_url)
+    assert table_postgres.splitlines()[1:] == table_sqlite.splitlines()[1:]
+
+
+# Alice today: 1.5 + 0.25 + 0.1 + 0.2 = 2.05 and 1630 tokens; a few other kinds of exchange.
+EVERY_KIND = (
+    Exchange("alice", "centralized", "2025-06-04T09:00:00.000000+00:00", ((1.5, 1000),)),
+    Exchange("alice", "centralized", "2025-06-03T22:00:00.000000+00:00", ((0.25, 100),)),
+    Exchange("alice", "centralized", "2025-06-04T09:10:00.000000+00:00", ((0.1, 10), (0.2, 20))),
+    Exchange("alice", "centralized", "2025-06-04T09:20:00.000000+00:00", ((None, 500),)),
+    Exchange("alice", "byok", "2025-06-04T09:30:00.000000+00:00", ((100.0, 100_000),)),
+    Exchange("bob", "centralized", "2025-06-02T12:00:00.000000+00:00", ((4.0, 4000),)),
+    Exchange("dave", "centralized", "2025-06-04T06:00:00.000000+00:00", ((0.5, 50),)),
+    Exchange(None, "centralized", "2025-06-04T06:30:00.000000+00:00", ((9.0, 900),)),
+)
+
+SECRET = "not-the-password-7Qx"  # a wrong password: it must not be printed either
+
+
+def _pg_empty(url: str) -> None:
+    """A database of no application: no tables."""
+
+
+def _pg_other_app(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("create table notes (id bigint primary key, body text)")
+
+
+def _pg_half_a_log(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("create table interceptions (id text primary key, started_at text)")
+
+
+def _pg_no_usages(url: str) -> None:
+    write_log(url, SMALL_LOG)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("drop table token_usages cascade")  # and the views that read it
+
+
+def _pg_unreadable(url: str) -> None:
+    """A token_usages the query cannot sum: its tokens as text."""
+    write_log(url, SMALL_LOG)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("drop table token_usages cascade")
+        conn.execute(
+            "create table token_usages (id bigint, interception_id text, total_tokens text, "
+            "estimated_cost_usd double precision)"
+        )
+        conn.execute("insert into token_usages values (1, 'i0000', 'many', 1.0)")
+
+
+def _host(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
+
+
+@pytest.mark.parametrize(
+    ("address", "make", "problem"),
+    [
+        # Nothing listens on that port.
+        (
+            lambda url: f"postgresql://aibridge@127.0.0.1:{free_port()}/aibridge",
+            None,
+            "cannot connect to the audit log: ",
+        ),
+        # A wrong password, in the URL or as its ?password=.
+        (lambda url: with_password(url, SECRET), None, "password authentication failed"),
+        (lambda url: f"{url}?password={SECRET}", None, "password authentication failed"),
+        (
+            lambda url: with_password(url, SECRET).replace("postgresql://", "postgres://"),
+            None,
+            "password authentication failed",
+        ),
+        # No such database, no such user.
+        (
+            lambda url: url.rpartition("/")[0] + "/no_such_database",
+            None,
+            'database "no_such_database" does not exist',
+        ),
+        (
+            lambda url: f"postgresql://nobody_here:{SECRET}@{_host(url)}/postgres",
+            None,
+            "cannot connect to the audit log: ",
+        ),
+        # Not a URL libpq can use.
+        (
+            lambda url: f"postgresql://aibridge:{SECRET}@127.0.0.1:notaport/aibridge",
+            None,
+            "cannot connect to the audit log: ",
+        ),
+        # A database, but not an audit log.
+        (str, _pg_empty, "not an aibridge audit log (no interceptions, token_usages table)"),
+        (str, _pg_other_app, "not an aibridge audit log (no interceptions, token_usages table)"),
+        (str, _pg_half_a_log, "not an aibridge audit log (no token_usages table)"),
+        (str, _pg_no_usages, "not an aibridge audit log (no token_usages table)"),
+        (str, _pg_unreadable, "cannot read the audit log: "),
+    ],
+)
+def test_a_postgres_log_that_cannot_be_read_is_one_clear_line(
+    address: Any,
+    make: Any,
+    problem: str,
+    postgres_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    if make is not None:
+        make(postgres_url)
+    url = address(postgres_url)
+    for argv in (["--db", url], ["--db", url, "--json"]):
+        code, out, err = run(capsys, "--config", str(config), *argv)
+        assert (code, out) == (2, "")
+        assert err.startswith(f"error: {addresses.display(url)}: "), err
+        assert problem in err
+        assert err.count("\n") == 1  # one line, no traceback
+        assert SECRET not in err
+
+
+def test_a_password_in_the_config_is_not_printed(
+    postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """The URL in the config with ${VAR} for its password (PGPASSWORD unset): the header
+    shows it masked."""
+    password = os.environ["PGPASSWORD"]
+    monkeypatch.delenv("PGPASSWORD")
+    monkeypatch.setenv("AIBRIDGE_TEST_PG_PASSWORD", password)
+    write_log(with_password(postgres_url, password), SMALL_LOG)
+    database = with_password(postgres_url, "PW").replace(":PW@", ":${AIBRIDGE_TEST_PG_PASSWORD}@")
+    config = setup(tmp_path, {**SMALL, "database": database}, ())
+    code, out, err = run(capsys, "--config", str(config))
+    assert (code, err) == (0, "")
+    masked = with_password(postgres_url, "PW").replace(":PW@", ":***@")
+    assert out.splitlines()[0].endswith(f" ({masked})")
+    assert "$16.80" in out
+    assert password not in out
+    # The same database with another password: refused, and neither password shown.
+    code, out, err = run(
+        capsys, "--config", str(config), "--db", with_password(postgres_url, SECRET)
+    )
+    assert (code, out) == (2, "")
+    assert err.startswith(f"error: {masked}: cannot connect to the audit log: ")
+    assert password not in err and SECRET not in err
+
+
+def test_the_postgres_log_is_only_read(
+    postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Even a database that takes no writes at all (as a standby) is read; nothing changes."""
+    config = setup(tmp_path, {**SMALL, "database": postgres_url}, ())
+    write_log(postgres_url, SMALL_LOG)
+
+    def contents() -> list[Any]:
+        with psycopg.connect(postgres_url) as conn:
+            return [
+                conn.execute(f"select * from {table} order by id").fetchall()
+                for table in ("interceptions", "token_usages", "budgets", "recorder_losses")
+            ]
+
+    before = contents()
+    name = postgres_url.rpartition("/")[2]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'alter database "{name}" set default_transaction_read_only = on')
+    code, out, err = run(capsys, "--config", str(config), "--json")
+    assert (code, err) == (0, "")
+    assert [(r["owner"], r["spent"]) for r in orjson.loads(out)] == [
+        ("alice", 16.8),
+        ("eng", 1251.3),
+        ("alice", 1_234_567),
+    ]
+    assert contents() == before
+
+
+def test_as_a_command_on_postgres_with_the_real_clock(postgres_url: str, tmp_path: Path) -> None:
+    zone = _noon_zone()
+    now = time.time()
+    password = os.environ["PGPASSWORD"]
+    recent = spelled(datetime.fromtimestamp(now - 1800, UTC))
+    write_log(
+        postgres_url,
+        (
+            Exchange("alice", "centralized", recent, ((4.5, 45),)),
+            Exchange("bob", "centralized", recent, ((0.5, 5),)),
+        ),
+    )
+    config = setup(tmp_path, {**SMALL, "governance": {"time_zone": zone}}, ())
+    env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+    url = with_password(postgres_url, password)
+    command = [sys.executable, "-m", "aibridge.budgets", "--config", str(config), "--db", url]
+    done = subprocess.run(
+        [*command, "--json"], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    rows = budget_rows(load_config(config).governance, ["alice", "bob"], now)
+    assert orjson.loads(done.stdout) == use_of(url, rows)
+    assert [(r["owner"], r["spent"]) for r in orjson.loads(done.stdout)] == [
+        ("alice", 4.5),
+        ("eng", 5.0),
+        ("alice", 45),
+    ]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[0].endswith(f" {zone} ({addresses.display(url)})")
+    assert password not in done.stdout
+    wrong = [*command[:-1], with_password(postgres_url, SECRET)]
+    done = subprocess.run(wrong, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.count("\n") == 1 and "password authentication failed" in done.stderr
+    assert SECRET not in done.stderr

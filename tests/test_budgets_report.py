@@ -1,6 +1,7 @@
 """Budget use per person and group (aibridge.governance.report): the budgets the bridge
 publishes, and the canned query that sets the log's spend against them, run by sqlite3, by
-datasette and by ``python -m aibridge.budgets --json``, on a log written by the Recorder.
+datasette and by ``python -m aibridge.budgets --json``, on a log written by the Recorder; and
+its PostgreSQL version, which must give the same rows from the same exchanges (``engine``).
 
 Every expected number is computed here in Python from the exchanges written, not by SQL.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psycopg
 import pytest
 import sqlite_utils
 import yaml
@@ -25,16 +27,23 @@ from aibridge.config import Config, parse_config
 from aibridge.governance.periods import spelled
 from aibridge.governance.report import (
     BUDGET_USE_SQL,
+    BUDGET_USE_SQL_POSTGRES,
     budget_rows,
     budget_use,
     config_digest,
     configured_user_ids,
+    like_sqlite,
 )
+from aibridge.record import address as addresses
 from aibridge.record import schema
 from aibridge.record.recorder import Recorder
 from aibridge.retention import prune
 from devtools.mitmdump_process import REPO
 from tests.harness import Datasette
+from tests.log_engines import engine, pg_rows, read
+from tests.postgres_server import PostgresServer, database_name
+
+__all__ = ["engine"]  # a fixture, imported for this module's tests
 
 METADATA = REPO / "datasette" / "metadata.yaml"
 # A Wednesday, 12:00 in Berlin (CEST, UTC+2). Its periods there, in UTC:
@@ -127,7 +136,7 @@ EXCHANGES = (
 )
 
 
-def write_log(db_path: Path, exchanges: tuple[Exchange, ...] = EXCHANGES) -> None:
+def write_log(db_path: str | Path, exchanges: tuple[Exchange, ...] = EXCHANGES) -> None:
     """The exchanges as the bridge's recorder writes them (migrations applied)."""
     recorder = Recorder(db_path)
     recorder.start()
@@ -159,7 +168,7 @@ def write_log(db_path: Path, exchanges: tuple[Exchange, ...] = EXCHANGES) -> Non
         recorder.close(timeout=30)
 
 
-def publish(db_path: Path, rows: list[dict[str, Any]]) -> None:
+def publish(db_path: str | Path, rows: list[dict[str, Any]]) -> None:
     """As the bridge publishes its budgets: upserts through the recorder."""
     recorder = Recorder(db_path)
     recorder.start()
@@ -216,7 +225,11 @@ def expected_use(
     )
 
 
-def run_sql(db_path: Path) -> list[dict[str, Any]]:
+def run_sql(db_path: str | Path) -> list[dict[str, Any]]:
+    """The canned query over the log's own budgets table: BUDGET_USE_SQL in SQLite,
+    BUDGET_USE_SQL_POSTGRES in PostgreSQL (its rows with SQLite's Python types)."""
+    if addresses.is_postgres(str(db_path)):
+        return [like_sqlite(row) for row in pg_rows(str(db_path), BUDGET_USE_SQL_POSTGRES)]
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         cursor = conn.execute(BUDGET_USE_SQL)
@@ -226,7 +239,10 @@ def run_sql(db_path: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-def use_of(db_path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def use_of(db_path: str | Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if addresses.is_postgres(str(db_path)):
+        with psycopg.connect(str(db_path), autocommit=True) as pg:
+            return budget_use(pg, rows)
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         return budget_use(conn, rows)
@@ -234,19 +250,48 @@ def use_of(db_path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         conn.close()
 
 
+def typed(rows: list[dict[str, Any]]) -> list[list[tuple[str, type, Any]]]:
+    """Rows with the type of each value, for comparing one engine's answer with the other's."""
+    return [[(name, type(value), value) for name, value in row.items()] for row in rows]
+
+
+def fill(address: str | Path) -> None:
+    write_log(address)
+    config = load()
+    publish(address, budget_rows(config.governance, configured_user_ids(config), NOW))
+
+
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sqlite_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A log (named as datasette's metadata expects) with the budgets published at NOW."""
     db_path = tmp_path_factory.mktemp("budgets") / "aibridge.db"
-    write_log(db_path)
-    config = load()
-    publish(db_path, budget_rows(config.governance, configured_user_ids(config), NOW))
+    fill(db_path)
     return db_path
 
 
 @pytest.fixture(scope="module")
-def datasette(logged: Path) -> Iterator[Datasette]:
-    with Datasette(logged, "-m", str(METADATA)) as ds:
+def postgres_log(postgres_server: PostgresServer) -> Iterator[str]:
+    """The same log in PostgreSQL (one database for the module; PGPASSWORD set while it lives)."""
+    name = database_name("budgets_report")
+    url = postgres_server.create_database(name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGPASSWORD", postgres_server.password)
+        fill(url)
+        yield url
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def logged(request: pytest.FixtureRequest) -> str:
+    """The log of EXCHANGES with the budgets published at NOW, on each engine in turn; tests
+    only read it."""
+    name = "sqlite_log" if request.param == "sqlite" else "postgres_log"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture(scope="module")
+def datasette(sqlite_log: Path) -> Iterator[Datasette]:
+    with Datasette(sqlite_log, "-m", str(METADATA)) as ds:
         yield ds
 
 
@@ -437,7 +482,7 @@ def test_canned_query_is_budget_use_sql() -> None:
     assert query["description"]
 
 
-def test_budget_use_counts_what_the_bridge_paid_in_each_period(logged: Path) -> None:
+def test_budget_use_counts_what_the_bridge_paid_in_each_period(logged: str) -> None:
     config = load()
     rows = budget_rows(config.governance, configured_user_ids(config), NOW)
     want = expected_use(rows)
@@ -477,8 +522,25 @@ def test_budget_use_counts_what_the_bridge_paid_in_each_period(logged: Path) -> 
     assert shares == sorted(shares, reverse=True)
 
 
+def test_both_engines_give_the_same_rows_of_the_same_types(
+    sqlite_log: Path, postgres_log: str
+) -> None:
+    """Value for value and type for type (tokens as int, spend as float), in the same order:
+    the published table's use, and that of rows given from a config."""
+    assert typed(run_sql(postgres_log)) == typed(run_sql(sqlite_log))
+    config = load()
+    users = configured_user_ids(config)
+    for at in (NOW, NOW + timedelta(days=3), NOW - timedelta(days=30)):
+        rows = budget_rows(config.governance, users, at)
+        assert typed(use_of(postgres_log, rows)) == typed(use_of(sqlite_log, rows)), at
+    # The query as psql or a dashboard runs it: the same numbers (tokens come as floats).
+    raw = pg_rows(postgres_log, BUDGET_USE_SQL_POSTGRES)
+    assert raw == run_sql(sqlite_log)
+    assert {type(r["spent"]) for r in raw} == {float}
+
+
 def test_datasette_and_the_command_give_the_same_numbers(
-    logged: Path, datasette: Datasette, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sqlite_log: Path, datasette: Datasette, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     response = httpx.get(
         f"{datasette.url}/aibridge/budget_use.json", params={"_shape": "array"}, timeout=30
@@ -487,9 +549,10 @@ def test_datasette_and_the_command_give_the_same_numbers(
     from_datasette = response.json()
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(CONFIG))
-    assert budgets.main(["--config", str(config_file), "--db", str(logged), "--json"], now=NOW) == 0
+    argv = ["--config", str(config_file), "--db", str(sqlite_log), "--json"]
+    assert budgets.main(argv, now=NOW) == 0
     from_command = orjson.loads(capsys.readouterr().out)
-    assert from_datasette == from_command == run_sql(logged)
+    assert from_datasette == from_command == run_sql(sqlite_log)
     config = load()
     assert from_command == expected_use(
         budget_rows(config.governance, configured_user_ids(config), NOW)
@@ -498,9 +561,8 @@ def test_datasette_and_the_command_give_the_same_numbers(
     assert "Budget use per person and group" in page
 
 
-def test_only_the_newest_published_config_counts(tmp_path: Path) -> None:
-    db_path = tmp_path / "aibridge.db"
-    write_log(db_path)
+def test_only_the_newest_published_config_counts(engine: str) -> None:
+    write_log(engine)
     old_raw = {
         **CONFIG,
         "users": [{"id": "alice", "token_sha256": SHA + "1", "limits": {"tokens": {"week": 99}}}],
@@ -510,49 +572,119 @@ def test_only_the_newest_published_config_counts(tmp_path: Path) -> None:
     new = load()
     old_rows = budget_rows(old.governance, ["alice"], NOW - timedelta(hours=1))
     new_rows = budget_rows(new.governance, configured_user_ids(new), NOW)
-    publish(db_path, old_rows)
-    assert run_sql(db_path) == expected_use(old_rows)
-    publish(db_path, new_rows)
+    publish(engine, old_rows)
+    assert run_sql(engine) == expected_use(old_rows)
+    publish(engine, new_rows)
     # The old config's budget is still in the table, under its own digest: not shown.
-    ids = [r[0] for r in sqlite3.connect(db_path).execute("select id from budgets")]
+    ids = [r["id"] for r in read(engine, "select id from budgets")]
     assert "user:alice:tokens:week" in ids
-    assert run_sql(db_path) == expected_use(new_rows)
+    assert run_sql(engine) == expected_use(new_rows)
     # The old config published again, later: it is the one shown.
     again = budget_rows(old.governance, ["alice"], NOW + timedelta(hours=1))
-    publish(db_path, again)
-    assert run_sql(db_path) == expected_use(again)
+    publish(engine, again)
+    assert run_sql(engine) == expected_use(again)
     # A change of period republishes the same config: the new period's numbers.
     tomorrow = NOW + timedelta(days=1)
-    publish(db_path, budget_rows(old.governance, ["alice"], tomorrow))
-    (row,) = run_sql(db_path)
+    publish(engine, budget_rows(old.governance, ["alice"], tomorrow))
+    (row,) = run_sql(engine)
     assert row["resets_at"] == "2025-06-08T22:00:00.000000+00:00"
 
 
-def test_an_empty_table_or_no_rows_give_no_answer(tmp_path: Path) -> None:
-    db_path = tmp_path / "aibridge.db"
-    write_log(db_path)
-    assert run_sql(db_path) == []
-    assert use_of(db_path, []) == []
+def _config_of(limits: dict[str, Any], *user_ids: str) -> Config:
+    users = [
+        {"id": u, "token_sha256": SHA + str(n), "limits": limits} for n, u in enumerate(user_ids)
+    ]
+    return load({**CONFIG, "users": users, "groups": []})
 
 
-@pytest.mark.parametrize(
-    ("members", "counted"),
-    [
-        ("not json", 0.0),
-        ("", 0.0),
-        (None, 0.0),
-        ('{"alice": "alice"}', 0.0),  # an object: neither its keys nor its values
-        ('"alice"', 0.0),  # a string, not a list
-        ('[["alice"]]', 0.0),
-        ("[]", 0.0),
-        ("[1, 2]", 0.0),
-        ('["Alice"]', 0.0),  # ids are exact
-        ('["alice", "alice"]', 2.05),  # a member named twice counts once
-        ('["alice", "*"]', 2.05 + 3.0 + 0.75 + 0.5),  # "*" anywhere: everyone, once
-        (["alice"], 2.05),  # a list, as the recorder would be given it
-    ],
-)
-def test_members_as_written_by_hand(logged: Path, members: Any, counted: float) -> None:
+# Two configs, published in the same microsecond, one after the other; (first, second) ids:
+# none in common, the same ones, the second's a superset of the first's.
+SAME_INSTANT = [
+    (("alice",), ("bob",)),
+    (("alice", "bob"), ("alice", "bob")),
+    (("alice",), ("alice", "bob", "carol")),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), SAME_INSTANT)
+def test_of_two_publishes_in_the_same_instant_the_later_counts(
+    engine: str, first: tuple[str, ...], second: tuple[str, ...]
+) -> None:
+    """The tie-breaker (SQLite: rowid; PostgreSQL: the writing transaction): one config's
+    rows, the later one's, never a mix."""
+    write_log(engine)
+    earlier = budget_rows(_config_of({"tokens": {"day": 1000}}, *first).governance, first, NOW)
+    later = budget_rows(_config_of({"tokens": {"day": 7}}, *second).governance, second, NOW)
+    assert {r["updated_at"] for r in earlier} == {r["updated_at"] for r in later}
+    assert earlier[0]["config_digest"] != later[0]["config_digest"]
+    publish(engine, earlier)
+    publish(engine, later)
+    assert run_sql(engine) == expected_use(later)
+    # Rows given to budget_use: the later given wins alike.
+    assert use_of(engine, [*earlier, *later]) == expected_use(later)
+    assert use_of(engine, [*later, *earlier]) == expected_use(earlier)
+
+
+def test_postgres_prefers_the_row_written_last_where_sqlite_keeps_the_rowid(
+    postgres_url: str,
+) -> None:
+    """The later config names fewer budgets: in SQLite the earlier's leftover row can have the
+    highest rowid (an upsert keeps a row's rowid); in PostgreSQL the later publish counts."""
+    write_log(postgres_url)
+    earlier = budget_rows(
+        _config_of({"tokens": {"day": 1000}}, "alice", "bob").governance, ["alice", "bob"], NOW
+    )
+    later = budget_rows(_config_of({"tokens": {"day": 7}}, "alice").governance, ["alice"], NOW)
+    publish(postgres_url, earlier)
+    publish(postgres_url, later)
+    assert run_sql(postgres_url) == expected_use(later)
+
+
+def test_an_empty_table_or_no_rows_give_no_answer(engine: str) -> None:
+    write_log(engine)
+    assert run_sql(engine) == []
+    assert use_of(engine, []) == []
+
+
+def test_a_log_without_exchanges_gives_budgets_with_nothing_spent(engine: str) -> None:
+    config = load()
+    rows = budget_rows(config.governance, configured_user_ids(config), NOW)
+    publish(engine, rows)  # the migrations and the budgets; no interception
+    assert run_sql(engine) == use_of(engine, rows) == expected_use(rows, ())
+    assert {r["spent"] for r in run_sql(engine)} == {0}
+
+
+HAND_WRITTEN = [
+    ("not json", 0.0),
+    ("", 0.0),
+    (None, 0.0),
+    ('{"alice": "alice"}', 0.0),  # an object: neither its keys nor its values
+    ('{"0": "alice"}', 0.0),
+    ('"alice"', 0.0),  # a string, not a list
+    ('"*"', 0.0),
+    ('[["alice"]]', 0.0),
+    ('[["*"]]', 0.0),
+    ('[{"id": "alice"}]', 0.0),
+    ("[]", 0.0),
+    ("[1, 2]", 0.0),
+    ("true", 0.0),
+    ("[true, false, null]", 0.0),
+    ("42", 0.0),
+    ('["Alice"]', 0.0),  # ids are exact
+    ('[" alice"]', 0.0),
+    ('["alice", "alice"]', 2.05),  # a member named twice counts once
+    ('[null, 1, "alice", {"x": 1}]', 2.05),  # only the strings are members
+    ('  [ "alice" ]\n', 2.05),  # JSON, spaced
+    ('["al\\u0069ce"]', 2.05),  # an escape is the character
+    ('["alice", "*"]', 2.05 + 3.0 + 0.75 + 0.5),  # "*" anywhere: everyone, once
+    ('["*", "*"]', 2.05 + 3.0 + 0.75 + 0.5),
+    (["alice"], 2.05),  # a list, as the recorder would be given it
+    (("alice", "bob"), 2.05 + 3.0),
+]
+
+
+@pytest.mark.parametrize(("members", "counted"), HAND_WRITTEN)
+def test_members_as_written_by_hand(logged: str, members: Any, counted: float) -> None:
     config = load()
     (row,) = [
         r
@@ -563,10 +695,73 @@ def test_members_as_written_by_hand(logged: Path, members: Any, counted: float) 
     assert use["spent"] == round(counted, 6)
 
 
-def test_budget_use_leaves_the_connection_as_it_found_it(logged: Path, tmp_path: Path) -> None:
+def test_members_as_published_by_hand(engine: str) -> None:
+    """The same members in the log's own table (through the recorder: in PostgreSQL a value
+    that is not JSON is stored as a JSON string), one budget each."""
+    write_log(engine)
+    config = load()
+    (row,) = [
+        r
+        for r in budget_rows(config.governance, ["alice"], NOW)
+        if r["id"] == "user:alice:spend_usd:day"
+    ]
+    published = [
+        {**row, "id": f"user:hand{n:02d}:spend_usd:day", "owner": f"hand{n:02d}", "members": m}
+        for n, (m, _) in enumerate(HAND_WRITTEN)
+        if not isinstance(m, tuple)
+    ]
+    publish(engine, published)
+    got = {r["owner"]: r["spent"] for r in run_sql(engine)}
+    want = {f"hand{n:02d}": round(c, 6) for n, (m, c) in enumerate(HAND_WRITTEN)}
+    assert got == {owner: want[owner] for owner in got}
+    assert len(got) == len(published)
+
+
+@pytest.fixture
+def icu_url(postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An empty database whose text sorts by ICU's English collation ("a" < "B" < "b")."""
+    name = database_name("budgets_icu")
+    with postgres_server.connect(autocommit=True) as conn:
+        conn.execute(
+            f"create database {name} template template0 locale_provider icu icu_locale 'en'"
+        )
+    monkeypatch.setenv("PGPASSWORD", postgres_server.password)
+    try:
+        yield postgres_server.url(name)
+    finally:
+        postgres_server.drop_database(name)
+
+
+def test_owners_are_ordered_as_sqlite_orders_them_whatever_the_collation(
+    sqlite_log: Path, icu_url: str
+) -> None:
+    """Bytes, upper case before lower, NULL first: also in a database whose text sorts by a
+    linguistic collation."""
+    write_log(icu_url)
+    with psycopg.connect(icu_url) as conn:
+        assert conn.execute("select 'B' < 'a'").fetchone() == (False,)  # linguistic indeed
+    config = load()
+    (row,) = [
+        r
+        for r in budget_rows(config.governance, ["alice"], NOW)
+        if r["id"] == "user:alice:spend_usd:day"
+    ]
+    owners = ["alice", "Bob", "_x", "bob", "Zoe", "ä", "a b", "ab", None]
+    rows = [{**row, "id": f"user:{n}", "owner": o, "members": "[]"} for n, o in enumerate(owners)]
+    sqlite_order = [r["owner"] for r in use_of(sqlite_log, rows)]
+    assert sqlite_order == [None, "Bob", "Zoe", "_x", "a b", "ab", "alice", "bob", "ä"]
+    assert [r["owner"] for r in use_of(icu_url, rows)] == sqlite_order
+    publish(icu_url, rows)
+    assert [r["owner"] for r in run_sql(icu_url)] == sqlite_order
+    # And the spend of the same log as in SQLite, periods compared in that collation.
+    rows = budget_rows(config.governance, configured_user_ids(config), NOW)
+    assert typed(use_of(icu_url, rows)) == typed(use_of(sqlite_log, rows))
+
+
+def test_budget_use_leaves_the_connection_as_it_found_it(sqlite_log: Path) -> None:
     config = load()
     rows = budget_rows(config.governance, configured_user_ids(config), NOW)
-    conn = sqlite3.connect(f"file:{logged}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{sqlite_log}?mode=ro", uri=True)
     try:
         published = conn.execute("select count(*) from budgets").fetchone()
         other = [{**rows[0], "limit_value": 1.0}]
@@ -584,23 +779,76 @@ def test_budget_use_leaves_the_connection_as_it_found_it(logged: Path, tmp_path:
         conn.close()
 
 
+def test_budget_use_on_postgres_writes_nothing_and_leaves_the_transaction(
+    postgres_log: str,
+) -> None:
+    """In a read-only transaction (as on a standby), in autocommit, and beside the table of
+    published rows, which it neither reads nor changes."""
+    config = load()
+    rows = budget_rows(config.governance, configured_user_ids(config), NOW)
+    other = [{**rows[0], "limit_value": 1.0}]
+    with psycopg.connect(postgres_log, autocommit=True) as conn:
+        published = conn.execute("select count(*) from budgets").fetchone()
+        (use,) = budget_use(conn, other)
+        assert use["limit"] == 1.0
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        conn.execute("begin read only")
+        assert budget_use(conn, rows) == budget_use(conn, rows) == expected_use(rows)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        conn.execute("commit")
+        assert conn.execute("select count(*) from budgets").fetchone() == published
+        temp = conn.execute("select count(*) from pg_class where relpersistence = 't'").fetchone()
+        assert temp == (0,)
+
+
 def test_budget_use_on_a_log_older_than_the_budgets_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A log that m005 has not reached (no bridge of this version has run on it)."""
-    db_path = tmp_path / "aibridge.db"
     m005 = schema.MIGRATIONS.index(schema.m005_budgets)
     with monkeypatch.context() as patch:
         patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:m005])
         patch.setattr(schema, "SCHEMA_VERSION", m005)
         patch.setattr(schema, "WRITABLE_TABLES", schema.WRITABLE_TABLES[:-1])
-        write_log(db_path)
-    conn = sqlite3.connect(db_path)
-    assert conn.execute("select name from sqlite_master where name = 'budgets'").fetchall() == []
-    conn.close()
+        write_log(engine)
+    tables = table_names(engine)
+    assert {"interceptions", "token_usages"} <= tables and "budgets" not in tables
     config = load()
     rows = budget_rows(config.governance, configured_user_ids(config), NOW)
-    assert use_of(db_path, rows) == expected_use(rows)
+    assert use_of(engine, rows) == expected_use(rows)
+
+
+def table_names(address: str) -> set[str]:
+    if addresses.is_postgres(address):
+        sql = "select tablename as name from pg_tables where schemaname = current_schema()"
+    else:
+        sql = "select name from sqlite_master where type = 'table'"
+    return {r["name"] for r in read(address, sql)}
+
+
+@pytest.mark.parametrize("missing", ["interceptions", "token_usages", "both"])
+def test_budget_use_without_the_exchange_tables_is_an_error(engine: str, missing: str) -> None:
+    """The query needs the exchanges: without them an error of the engine, not an empty answer
+    (the command says "not an aibridge audit log" before it gets here)."""
+    config = load()
+    rows = budget_rows(config.governance, configured_user_ids(config), NOW)
+    publish(engine, rows)
+    drop = ["token_usages", "interceptions"] if missing == "both" else [missing]
+    if addresses.is_postgres(engine):
+        with psycopg.connect(engine, autocommit=True) as conn:
+            for table in drop:
+                conn.execute(f"drop table {table} cascade")
+        errors: tuple[type[Exception], ...] = (psycopg.errors.UndefinedTable,)
+    else:
+        conn = sqlite3.connect(engine)
+        for table in drop:
+            conn.execute(f"drop table {table}")
+        conn.close()
+        errors = (sqlite3.OperationalError,)
+    with pytest.raises(errors, match=r"interceptions|token_usages"):
+        use_of(engine, rows)
+    with pytest.raises(errors, match=r"interceptions|token_usages"):
+        run_sql(engine)
 
 
 def test_the_migration_makes_the_budgets_table(tmp_path: Path) -> None:
