@@ -485,18 +485,8 @@ def _backfill_postgres(
             update = _UPDATE.format(p="%s")
 
             def write(updates: list[tuple[Any, ...]]) -> None:
-                conn.execute("begin")
-                try:
-                    # The recorder's lock: one writer at a time, as in SQLite.
-                    conn.execute("select pg_advisory_xact_lock(%s)", (postgres.WRITE_LOCK,))
-                    with conn.cursor() as cursor:
-                        cursor.executemany(update, updates)
-                    conn.execute("commit")
-                except BaseException:
-                    if not conn.closed and not conn.broken:
-                        with contextlib.suppress(postgres.psycopg.Error):
-                            conn.execute("rollback")
-                    raise
+                with postgres.locked_transaction(conn), conn.cursor() as cursor:
+                    cursor.executemany(update, updates)
 
             return _in_batches(
                 book, lambda last_id: conn.execute(sql, (last_id, batch_size)).fetchall(), write
@@ -517,8 +507,7 @@ def _postgres_errors(address: str) -> Iterator[None]:
     try:
         yield
     except postgres.psycopg.Error as exc:
-        text = " ".join(addresses.scrub(str(exc), address).split())
-        raise BackfillError(f"{addresses.display(address)}: {type(exc).__name__}: {text}") from None
+        raise BackfillError(postgres.describe_error(exc, address)) from None
 
 
 def _in_batches(

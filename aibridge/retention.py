@@ -371,9 +371,7 @@ class _PostgresLog:
         try:
             yield
         except self.postgres.psycopg.Error as exc:
-            text = " ".join(addresses.scrub(str(exc), self.address).split())
-            where = addresses.display(self.address)
-            raise RetentionError(f"{where}: {type(exc).__name__}: {text}") from None
+            raise RetentionError(self.postgres.describe_error(exc, self.address)) from None
 
     def quote(self, name: str) -> str:
         return '"' + name.replace('"', '""') + '"'
@@ -389,8 +387,7 @@ class _PostgresLog:
         # The recorder's lock, though deletes add no ids: one writer at a time, as in SQLite,
         # so neither waits on row locks the other holds (no deadlock), and no row can join an
         # exchange between the delete of its children and its own.
-        with self._transaction("begin"):
-            self.conn.execute("select pg_advisory_xact_lock(%s)", (self.postgres.WRITE_LOCK,))
+        with self.postgres.locked_transaction(self.conn):
             yield
 
     def reading(self) -> contextlib.AbstractContextManager[None]:

@@ -192,6 +192,29 @@ def connect(address: str, **extra: Any) -> psycopg.Connection[Any]:
     return conn
 
 
+def describe_error(exc: BaseException, address: str) -> str:
+    """`exc` as one line naming the database, the password masked: for the command-line tools."""
+    text = " ".join(addresses.scrub(str(exc), address).split())
+    return f"{addresses.display(address)}: {type(exc).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def locked_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A transaction that holds the recorder's WRITE_LOCK: for tools that write beside live
+    bridges (retention, cost backfill), one writer at a time as in SQLite, so that neither
+    waits on row locks the other holds."""
+    conn.execute("begin")
+    try:
+        conn.execute("select pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        yield
+        conn.execute("commit")
+    except BaseException:
+        if not conn.closed and not conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("rollback")
+        raise
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when `exc` means PostgreSQL cannot take the batch now, so it may later."""
     if psycopg is None or not isinstance(exc, psycopg.Error):
