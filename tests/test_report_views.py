@@ -923,3 +923,60 @@ def test_the_migration_applies_to_a_log_of_the_previous_version(
     # The rows written before the views existed read as in a log made by this version.
     for name in CANNED:
         assert_same_rows(name, sqlite_log, engine)
+
+
+def test_the_budget_view_agrees_with_the_budgets_command(postgres_url: str) -> None:
+    """v_budget_use (for psql and dashboards) and python -m aibridge.budgets read the same
+    budgets the same way: of two configurations published in the same millisecond the one
+    written last, and as members only the strings of the array (a number is no person)."""
+    from aibridge.governance.report import BUDGET_USE_SQL_POSTGRES
+    from aibridge.record.recorder import Recorder
+
+    rec = Recorder(postgres_url, linger=0)
+    rec.start()
+    for n, user in enumerate(["alice", "1", "bob"]):
+        iid = f"x{n}"
+        rec.upsert(
+            schema.INTERCEPTIONS,
+            {
+                "id": iid,
+                "started_at": "2026-12-01T10:00:00.000Z",
+                "initiator_id": user,
+                "credential_kind": "centralized",
+            },
+        )
+        rec.insert(
+            schema.TOKEN_USAGES,
+            {"interception_id": iid, "total_tokens": 100 * (n + 1), "estimated_cost_usd": n + 1.0},
+        )
+
+    def budget(digest: str, owner: str, members: str) -> dict[str, Any]:
+        return {
+            "id": f"group:{owner}:usd:day",
+            "scope": "group",
+            "owner": owner,
+            "members": members,
+            "metric": "usd",
+            "period": "day",
+            "limit_value": 10.0,
+            "source": "config",
+            "period_start": "2026-12-01T00:00:00.000Z",
+            "resets_at": "2026-12-02T00:00:00.000Z",
+            "config_digest": digest,
+            "updated_at": "2026-12-01T12:00:00.000Z",
+        }
+
+    rec.upsert(schema.BUDGETS, budget("zzz-older", "team-a", '["alice", "bob"]'))
+    assert rec.flush(WAIT)
+    rec.upsert(schema.BUDGETS, budget("aaa-newer", "team-b", '["alice", 1, true, null]'))
+    assert rec.flush(WAIT)
+    rec.close()
+
+    def normal(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [
+            (r["owner"], round(float(r["spent"]), 6), round(float(r["share"]), 4)) for r in rows
+        ]
+
+    view = normal(pg_rows(postgres_url, "select * from v_budget_use"))
+    command = normal(pg_rows(postgres_url, BUDGET_USE_SQL_POSTGRES))
+    assert view == command == [("team-b", 1.0, 0.1)]

@@ -1543,9 +1543,12 @@ order by share desc, scope, owner, metric,
   case period when 'day' then 0 when 'week' then 1 else 2 end
 """,
         """with newest as (
-  -- SQLite breaks a tie of updated_at by rowid; PostgreSQL has none: by the digest.
+  -- SQLite breaks a tie of updated_at by rowid; PostgreSQL has none: the row written last
+  -- (the recorder's write lock puts transactions in commit order), then the digest, as
+  -- python -m aibridge.budgets does (aibridge.governance.report).
   select config_digest from budgets
-  order by updated_at collate "C" desc nulls last, config_digest collate "C" desc nulls last
+  order by updated_at collate "C" desc nulls last, age(xmin),
+    config_digest collate "C" desc nulls last
   limit 1
 ),
 held as (
@@ -1565,11 +1568,13 @@ per_person as (
   group by w.period_start, w.resets_at, i.initiator_id
 ),
 members as (
-  -- The elements of a JSON array; anything else counts no one.
-  select distinct b.id, b.period_start, b.resets_at, m.member
+  -- The strings of a JSON array (SQLite's json_each never matches a number to a person);
+  -- anything else counts no one.
+  select distinct b.id, b.period_start, b.resets_at, m.value #>> '{}' as member
   from held b
-  cross join lateral jsonb_array_elements_text(
-    case when jsonb_typeof(b.members) = 'array' then b.members else '[]' end) as m(member)
+  cross join lateral jsonb_array_elements(
+    case when jsonb_typeof(b.members) = 'array' then b.members else '[]' end) as m
+  where jsonb_typeof(m.value) = 'string'
 ),
 everyone as (
   select id from members where member = '*'
