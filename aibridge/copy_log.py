@@ -35,7 +35,16 @@ import orjson
 
 from aibridge.record import address as addresses
 from aibridge.record import schema
-from aibridge.record.recorder import Op, Store, _insert_sql, _params_of, open_store
+from aibridge.record.recorder import (
+    INSERT,
+    LossKey,
+    Op,
+    Store,
+    _insert_sql,
+    _params_of,
+    open_store,
+    write_one_by_one,
+)
 
 # Tables in the order their foreign keys need: interceptions before the rows that point at it.
 TABLES: Final = (
@@ -194,7 +203,7 @@ def _copy_table(
     for rows in reader.batches(table, columns, batch_size):
         if parsed:
             rows = [_as_json_text(row, parsed) for row in rows]
-        ops: list[Op] = [("insert", table, row) for row in rows]
+        ops: list[Op] = [(INSERT, table, row) for row in rows]
         with store.transaction():
             token = store.before_rows(ops)
             try:
@@ -216,25 +225,19 @@ def _one_by_one(
     rows: list[dict[str, Any]],
     report: CopyReport,
 ) -> None:
-    for row in rows:
-        try:
-            try:
-                with store.savepoint():
-                    store.write_rows(sql, params, [row])
-            except Exception as exc:
-                repaired = store.repair(table, row, exc)
-                if repaired is None:
-                    raise
-                fixed, notes = repaired
-                with store.savepoint():
-                    store.write_rows(sql, params, [fixed])
-                for column, reason in notes:
-                    report.repaired[(table, column, reason)] += 1
-            report.copied[table] += 1
-        except Exception as exc:
-            if store.is_transient(exc) or not store.in_transaction:
-                raise
-            report.refused[table] += 1
+    outcomes: Counter[LossKey] = Counter()
+    written, _ = write_one_by_one(
+        store,
+        [(INSERT, table, row) for row in rows],
+        lambda _kind, _table, some: store.write_rows(sql, params, some),
+        outcomes,
+    )
+    report.copied[table] += written
+    for (_, column, reason), n in outcomes.items():
+        if column is None:
+            report.refused[table] += n
+        else:
+            report.repaired[(table, column, reason)] += n
 
 
 def _as_json_text(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:

@@ -625,30 +625,8 @@ class Recorder:
         return written
 
     def _write_one_by_one(self, ops: list[Op], per_row: Counter[LossKey]) -> int:
-        store = self._store
-        written = 0
-        for kind, table, row in ops:
-            try:
-                try:
-                    with store.savepoint():
-                        self._write_rows(kind, table, [row])
-                except Exception as exc:
-                    repaired = store.repair(table, row, exc)
-                    if repaired is None:
-                        raise
-                    # Refused for its values (invalid Unicode, NUL, a wrong type): kept,
-                    # mended, and each mend counted.
-                    fixed, notes = repaired
-                    with store.savepoint():
-                        self._write_rows(kind, table, [fixed])
-                    for field, reason in notes:
-                        per_row[(table, field, reason)] += 1
-                written += 1
-            except Exception as exc:
-                if store.is_transient(exc) or not store.in_transaction:
-                    raise
-                per_row[(table, None, store.describe(exc))] += 1
-                self._lost_rows += 1
+        written, lost = write_one_by_one(self._store, ops, self._write_rows, per_row)
+        self._lost_rows += lost
         return written
 
     def _write_rows(self, kind: str, table: str, rows: list[dict[str, Any]]) -> None:
@@ -678,6 +656,41 @@ class Recorder:
         for (table, field, reason), count in losses.items():
             what = f"{table}.{field}" if field else f"{table} rows"
             log.warning("audit log lost %d %s: %s", count, what, reason)
+
+
+def write_one_by_one(
+    store: Store,
+    ops: list[Op],
+    write_rows: Callable[[str, str, list[dict[str, Any]]], None],
+    per_row: Counter[LossKey],
+) -> tuple[int, int]:
+    """Write `ops` a row at a time, each in a savepoint of the open transaction, after the
+    batch as a whole was refused: (rows written, rows lost). A row refused for its values
+    (invalid Unicode, NUL, a wrong type) is kept, mended, and each mend counted in `per_row`
+    under its field; a row refused otherwise is counted there under None with the reason.
+    A transient error ends it: the whole batch is retried."""
+    written = lost = 0
+    for kind, table, row in ops:
+        try:
+            try:
+                with store.savepoint():
+                    write_rows(kind, table, [row])
+            except Exception as exc:
+                repaired = store.repair(table, row, exc)
+                if repaired is None:
+                    raise
+                fixed, notes = repaired
+                with store.savepoint():
+                    write_rows(kind, table, [fixed])
+                for field, reason in notes:
+                    per_row[(table, field, reason)] += 1
+            written += 1
+        except Exception as exc:
+            if store.is_transient(exc) or not store.in_transaction:
+                raise
+            per_row[(table, None, store.describe(exc))] += 1
+            lost += 1
+    return written, lost
 
 
 def _yield_cpu_to_the_proxy() -> None:
