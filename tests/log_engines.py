@@ -4,6 +4,7 @@ SQLite, then on PostgreSQL) and readers that give the same Python values from ei
 from __future__ import annotations
 
 import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +59,11 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "aibridge.db")
     return str(request.getfixturevalue("postgres_url"))
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` in it (quoted), as a config or --db may give it."""
+    parts = urllib.parse.urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -29,7 +29,7 @@ from aibridge.governance.periods import spelled
 from aibridge.governance.report import budget_rows, budget_use, configured_user_ids
 from aibridge.record import address as addresses
 from devtools.mitmdump_process import REPO
-from tests.log_engines import engine
+from tests.log_engines import engine, with_password
 from tests.postgres_server import free_port
 from tests.test_budgets_report import CONFIG, NOW, SHA, Exchange, use_of, write_log
 
@@ -404,13 +404,6 @@ def test_as_a_command_with_the_real_clock(tmp_path: Path) -> None:
 
 
 # ---- a log in PostgreSQL (and the same on both engines) ---------------------------------
-
-
-def with_password(url: str, password: str) -> str:
-    """`url` with `password` in it, as a config or --db may give it."""
-    scheme, _, rest = url.partition("://")
-    user, _, host = rest.partition("@")
-    return f"{scheme}://{user}:{urllib.parse.quote(password, safe='')}@{host}"
 
 
 def test_the_table_on_either_engine(

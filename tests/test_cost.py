@@ -38,7 +38,7 @@ from aibridge.record.outcome import Outcome
 from aibridge.record.recorder import Recorder
 from aibridge.record.rows import end_rows
 from devtools.mitmdump_process import REPO
-from tests.log_engines import engine, pg_rows, read
+from tests.log_engines import engine, pg_rows, read, with_password
 from tests.postgres_server import PostgresServer, free_port
 
 __all__ = ["engine"]  # a fixture, imported for this module's tests
@@ -1174,13 +1174,6 @@ def test_postgres_backfill_waits_its_turn_for_the_recorders_lock(
         holder.execute("commit")
     assert set(engine_costs(postgres_url).values()) == {(None, None, None)}
     assert cost.backfill(postgres_url, book).priced == 6
-
-
-def with_password(url: str, password: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    user, _, host = parts.netloc.rpartition("@")
-    netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{host}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def test_command_line_with_a_url(

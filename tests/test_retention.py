@@ -23,7 +23,7 @@ from aibridge.record.recorder import Recorder
 from aibridge.retention import PruneReport, RetentionError, prune
 from devtools.mitmdump_process import REPO
 from tests.harness import wait_for
-from tests.log_engines import engine, pg_rows, read
+from tests.log_engines import engine, pg_rows, read, with_password
 from tests.postgres_server import PostgresServer, free_port
 
 __all__ = ["engine"]  # a fixture, imported for this module's tests
@@ -564,13 +564,6 @@ def test_postgres_waits_its_turn_for_the_recorders_lock(postgres_url: str) -> No
     (report,) = results
     assert isinstance(report, PruneReport), report
     assert report.deleted == DELETED_AT_90_DAYS
-
-
-def with_password(url: str, password: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    user, _, host = parts.netloc.rpartition("@")
-    netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{host}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 WRONG = "Wr@ng-secret/9"  # quoted in the URL as Wr%40ng-secret%2F9: neither form may show
