@@ -10,10 +10,12 @@ bridge said it counted (`shutdown_summary`).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -75,6 +77,26 @@ class PostgresStore:
             "version": version.split()[0],
             "settings": dict(zip(SHOWN_SETTINGS, values, strict=True)),
         }
+
+    def cpu_seconds(self) -> float:
+        """CPU the server has used so far, all its processes: the postmaster, the live
+        backends, and the ended ones (their time is the postmaster's children's)."""
+        pid = self.server.pid
+        assert pid is not None
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # ended meanwhile
+            own = int(stat.parent.name)
+            # fields[1] is the parent pid; utime, stime, cutime, cstime are fields 11-14.
+            if own == pid or int(fields[1]) == pid:
+                total += sum(int(f) for f in fields[11:13])
+                if own == pid:
+                    total += sum(int(f) for f in fields[13:15])
+        return total / ticks
 
     def landed(self) -> dict[str, int]:
         """The interceptions in the bridge's database, by status."""

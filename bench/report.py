@@ -124,6 +124,7 @@ SHIFT_KEYS: tuple[str, ...] = BUFFERED.shift_keys
 # postgres_rows): the target is that every exchange counted is a row in PostgreSQL.
 POSTGRES_ROWS = "postgres_rows"
 POSTGRES_ROW_FIGURES: tuple[str, ...] = (
+    "server_cpu_ms_per_request",  # the PostgreSQL server's CPU, all its processes
     "requests_sent",  # by the bench to that bridge, warm-up requests included
     "exchanges_counted",  # by the bridge, in its summary at shutdown
     "completed_counted",
@@ -576,6 +577,17 @@ def table(m: Mapping[str, Any], verdict_list: list[Verdict]) -> str:
                 status(POSTGRES_ROWS_TARGET),
             )
         )
+        if "server_cpu_ms_per_request" in pg:
+            rows.append(
+                (
+                    "PostgreSQL store: the server's CPU per request, on the same cores",
+                    "",
+                    f"{pg['server_cpu_ms_per_request']:.3f} ms",
+                    "",
+                    "",
+                    "",
+                )
+            )
     p = m["paced"]
     rows += [
         (

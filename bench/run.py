@@ -582,16 +582,22 @@ def start_postgres(
     return None, reason
 
 
-def postgres_rows(proxy: Proxy, store: postgres.PostgresStore) -> dict[str, int]:
+def postgres_rows(
+    proxy: Proxy, store: postgres.PostgresStore, cpu_at_start: float
+) -> dict[str, float]:
     """Stop the bridge on PostgreSQL (its recorder drains its queue first, then it logs what
-    it counted) and read what landed in its database, beside what the bench sent it."""
+    it counted) and read what landed in its database, beside what the bench sent it, and the
+    CPU the server used per request since `cpu_at_start` (on the same cores as the
+    mitmdumps: a share of what the variant moves)."""
     log(f"stopping {proxy.name}, counting its rows in PostgreSQL")
     proxy.stop()
     summary = postgres.shutdown_summary(proxy.log())
     if summary is None:
         raise BenchError(f"{proxy.name} logged no summary at shutdown\n{proxy.log()[-3000:]}")
     landed = store.landed()
+    server_cpu = store.cpu_seconds() - cpu_at_start
     return {
+        "server_cpu_ms_per_request": 1000 * server_cpu / max(proxy.sent, 1),
         "requests_sent": proxy.sent,
         "exchanges_counted": summary["exchanges"],
         "completed_counted": summary["by_status"].get("completed", 0),
@@ -615,6 +621,7 @@ def run(
     with contextlib.ExitStack() as stack:
         # Entered first, so it stops after every mitmdump.
         store, postgres_skipped = start_postgres(stack, require_postgres)
+        server_cpu_at_start = store.cpu_seconds() if store is not None else 0.0
         if store is not None:
             machine["postgres"] = store.info()
         upstream = UpstreamProcess(workdir).start()
@@ -676,7 +683,7 @@ def run(
         )
         metrics.update(variants)
         if store is not None and on_postgres is not None:
-            metrics[POSTGRES_ROWS] = postgres_rows(on_postgres, store)
+            metrics[POSTGRES_ROWS] = postgres_rows(on_postgres, store, server_cpu_at_start)
         metrics["paced"] = bench_paced(proxies["stream_only"], addon, sizes)
         burst = bench_burst(probed, sizes.burst_flows)
         metrics["memory"] = bench_memory(proxies["stream_only"], addon, sizes)

@@ -186,6 +186,8 @@ def assert_postgres_recorded(workdir: Path, result: dict[str, Any]) -> None:
     )
     # One untimed warm-up request per connection of each load comes on top.
     assert rows["requests_sent"] > timed
+    # The server did the writing: some CPU per request, far less than a request's round trip.
+    assert 0 < rows["server_cpu_ms_per_request"] < 1000
     assert (
         rows["requests_sent"]
         == rows["exchanges_counted"]
@@ -810,6 +812,7 @@ def synthetic_metrics(skip: tuple[str, ...] = ()) -> dict[str, Any]:
 
 # A bridge on PostgreSQL whose every request landed there.
 LANDED_ALL = {
+    "server_cpu_ms_per_request": 0.25,
     "requests_sent": 1200,
     "exchanges_counted": 1200,
     "completed_counted": 1200,
