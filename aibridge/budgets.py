@@ -26,6 +26,7 @@ from aibridge.governance.limits import Governance
 from aibridge.governance.periods import describe_local, parse_instant
 from aibridge.governance.report import budget_rows, budget_use, configured_user_ids
 from aibridge.record import address as addresses
+from aibridge.record.sqlite import connect_readonly
 
 DEFAULT_CONFIG: Final = "config.yaml"
 # Where addon.py is: the bridge's fallback for a config not found from the current directory.
@@ -62,11 +63,10 @@ def read_use(db_path: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "--db names another file)"
         )
     try:
-        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        conn = connect_readonly(path, busy_timeout_ms=5000)
     except sqlite3.Error as e:
         raise BudgetsError(f"{db_path}: cannot open the audit log: {e}") from None
     try:
-        conn.execute("pragma busy_timeout = 5000")
         tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
         missing = {"interceptions", "token_usages"} - tables
         if missing:

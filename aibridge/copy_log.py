@@ -23,7 +23,6 @@ rows written later by a live bridge are not in the copy.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -40,11 +39,12 @@ from aibridge.record.recorder import (
     LossKey,
     Op,
     Store,
-    _insert_sql,
-    _params_of,
+    insert_sql,
     open_store,
+    params_of,
     write_one_by_one,
 )
+from aibridge.record.sqlite import connect_readonly
 
 # Tables in the order their foreign keys need: interceptions before the rows that point at it.
 TABLES: Final = (
@@ -92,9 +92,7 @@ class _Source:
         else:
             if not Path(address).exists():
                 raise CopyError(f"{address}: no such database")
-            uri = Path(address).resolve().as_uri() + "?mode=ro"
-            self._conn = sqlite3.connect(uri, uri=True)
-            self._conn.execute("pragma busy_timeout = 10000")
+            self._conn = connect_readonly(address, busy_timeout_ms=10_000)
 
     def tables(self) -> set[str]:
         if self.postgres:
@@ -198,8 +196,8 @@ def _copy_table(
     parsed = [c for c, is_json in found if is_json]
     if "id" not in columns:
         return
-    sql = _insert_sql(table, tuple(columns), store.placeholder)
-    params = _params_of(tuple(columns))
+    sql = insert_sql(table, tuple(columns), store.placeholder)
+    params = params_of(tuple(columns))
     for rows in reader.batches(table, columns, batch_size):
         if parsed:
             rows = [_as_json_text(row, parsed) for row in rows]

@@ -32,10 +32,10 @@ from aibridge.record.recorder import (
     WRITER_NICENESS,
     Recorder,
     RecorderError,
-    _insert_sql,
     _plan,
-    _upsert_sql,
+    insert_sql,
     is_transient,
+    upsert_sql,
 )
 
 WAIT = 30.0  # generous upper bound for waits; never asserted as a duration
@@ -423,19 +423,19 @@ def test_statements_quote_identifiers_and_upsert_only_given_columns() -> None:
     conn = sqlite3.connect(":memory:")
     conn.execute('create table "odd ""t""" (id text primary key, "a b" text, "c""d" text)')
     table, columns = 'odd "t"', ("id", "a b", 'c"d')
-    assert _insert_sql(table, columns) == (
+    assert insert_sql(table, columns) == (
         'INSERT INTO "odd ""t""" ("id", "a b", "c""d") VALUES (?, ?, ?)'
     )
-    conn.execute(_insert_sql(table, columns), ("x", "1", "2"))
-    conn.execute(_upsert_sql(table, ("id", "a b")), ("x", "3"))  # leaves "c""d" alone
-    conn.execute(_upsert_sql(table, ('c"d', "id")), ("4", "y"))  # a new row, any order
-    conn.execute(_upsert_sql(table, ("id",)), ("x",))  # only the key: nothing to change
-    conn.execute(_upsert_sql(table, ("id",)), ("z",))
+    conn.execute(insert_sql(table, columns), ("x", "1", "2"))
+    conn.execute(upsert_sql(table, ("id", "a b")), ("x", "3"))  # leaves "c""d" alone
+    conn.execute(upsert_sql(table, ('c"d', "id")), ("4", "y"))  # a new row, any order
+    conn.execute(upsert_sql(table, ("id",)), ("x",))  # only the key: nothing to change
+    conn.execute(upsert_sql(table, ("id",)), ("z",))
     got = conn.execute('select * from "odd ""t""" order by id').fetchall()
     assert got == [("x", "3", "2"), ("y", None, "4"), ("z", None, None)]
     with pytest.raises(ValueError, match="id"):
-        _upsert_sql(table, ("a b",))
-    assert _insert_sql(table, ()) == 'INSERT INTO "odd ""t""" DEFAULT VALUES'
+        upsert_sql(table, ("a b",))
+    assert insert_sql(table, ()) == 'INSERT INTO "odd ""t""" DEFAULT VALUES'
 
 
 def test_upsert_of_only_an_id_leaves_the_row_alone(recorder: Recorder, db_path: Path) -> None:

@@ -18,7 +18,6 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,7 +25,7 @@ import orjson
 from aibridge.governance.ledger import Use
 from aibridge.governance.periods import Period
 from aibridge.record import address as addresses
-from aibridge.record.sqlite import FileId, known_file_id
+from aibridge.record.sqlite import FileId, connect_readonly, known_file_id
 
 PAID_BY_THE_BRIDGE = "centralized"
 
@@ -95,10 +94,9 @@ class SpendLog:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            uri = Path(self.path).resolve().as_uri() + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-            conn.execute("pragma busy_timeout = 2000")
-            self._conn = conn
+            self._conn = connect_readonly(
+                self.path, busy_timeout_ms=2000, isolation_level=None, check_same_thread=False
+            )
         return self._conn
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ import orjson
 
 from aibridge.record import address as addresses
 from aibridge.record import schema
+from aibridge.record.sqlite import REASON_INVALID_UNICODE as REASON_INVALID_UNICODE
 
 try:
     import psycopg
@@ -70,7 +71,6 @@ SESSION_SETTINGS: Final = (
 )
 
 REASON_NUL: Final = "NUL character replaced with U+FFFD"
-REASON_INVALID_UNICODE: Final = "invalid Unicode replaced with U+FFFD"  # as in SQLite
 REASON_NOT_OF_TYPE: Final = "value not of the column's type: dropped"
 REASON_AS_TEXT: Final = "value not of the column's type: stored as text"
 

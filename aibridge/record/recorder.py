@@ -640,8 +640,8 @@ class Recorder:
         if statement is None:
             if len(self._statements) >= _STATEMENTS_MAX:
                 self._statements.clear()
-            build = _upsert_sql if kind == UPSERT else _insert_sql
-            statement = (build(table, columns, self._store.placeholder), _params_of(columns))
+            build = upsert_sql if kind == UPSERT else insert_sql
+            statement = (build(table, columns, self._store.placeholder), params_of(columns))
             self._statements[key] = statement
         return statement
 
@@ -714,7 +714,7 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _insert_sql(table: str, columns: tuple[str, ...], mark: str = "?") -> str:
+def insert_sql(table: str, columns: tuple[str, ...], mark: str = "?") -> str:
     if not columns:
         return f"INSERT INTO {_quote(table)} DEFAULT VALUES"
     names = ", ".join(_quote(c) for c in columns)
@@ -722,16 +722,16 @@ def _insert_sql(table: str, columns: tuple[str, ...], mark: str = "?") -> str:
     return f"INSERT INTO {_quote(table)} ({names}) VALUES ({marks})"
 
 
-def _upsert_sql(table: str, columns: tuple[str, ...], mark: str = "?") -> str:
+def upsert_sql(table: str, columns: tuple[str, ...], mark: str = "?") -> str:
     """An insert that, for an existing id, sets only `columns` (as sqlite-utils' upsert did)."""
     if "id" not in columns:
         raise ValueError(f"an upsert into {table} needs an id column")
     updates = ", ".join(f"{_quote(c)} = excluded.{_quote(c)}" for c in columns if c != "id")
     action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
-    return f"{_insert_sql(table, columns, mark)} ON CONFLICT({_quote('id')}) {action}"
+    return f"{insert_sql(table, columns, mark)} ON CONFLICT({_quote('id')}) {action}"
 
 
-def _params_of(columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+def params_of(columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
     """The row's values in the order of `columns`, taken by name: a row whose keys
     differ raises KeyError rather than putting a value in the wrong column."""
     if len(columns) == 1:

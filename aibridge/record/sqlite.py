@@ -26,6 +26,7 @@ import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Final
 
 import sqlite_utils
@@ -98,6 +99,21 @@ def known_file_id(path: str) -> FileId | None:
         return _file_id(path)
     except OSError:
         return None
+
+
+def connect_readonly(
+    path: str | os.PathLike[str], *, busy_timeout_ms: int, **options: Any
+) -> sqlite3.Connection:
+    """A connection that cannot write to the log at `path` (the tools and readers beside a
+    live bridge), waiting up to `busy_timeout_ms` for the writer's lock."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, **options)
+    try:
+        conn.execute(f"pragma busy_timeout = {int(busy_timeout_ms)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class SqliteStore:
