@@ -96,6 +96,15 @@ def _note(
     flow.metadata[METADATA_KEY] = noted
 
 
+def mitmweb_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds mitmweb's UI (web_host, web_port)."""
+    if host in ("", "0.0.0.0", "::"):  # listening everywhere: loopback reaches it
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def _publish_budgets(recorder: Recorder, config: Config, now: float) -> None:
     """The limits and their current periods, into the log's ``budgets`` table, where the
     canned query "budget use" reads them."""
@@ -205,6 +214,7 @@ class AIBridge:
         self._exchanges: dict[str, Exchange] = {}
         self._sockets: dict[str, SocketState] = {}
         self._concealment = ViewConcealment()  # mitmweb only
+        self._mitmweb_url: str | None = None  # mitmweb's UI, noted on each interception
         self._mitm = mitm_compat.Installed(False, False)
         # Why the bridge has no configuration, while it has none (it then refuses traffic).
         self._config_error: str | None = None
@@ -262,6 +272,8 @@ class AIBridge:
             log.error(f"AI Bridge: {self._config_error}")
 
     def configure(self, updated: set[str]) -> None:
+        if updated & {"web_host", "web_port"}:
+            self._mitmweb_url = mitmweb_url(ctx.options.web_host, ctx.options.web_port)
         if not updated & {"aibridge_config", "aibridge_db", "aibridge_metrics"}:
             return
         if self.config is None and self._config_error is not None:
@@ -1270,6 +1282,7 @@ class AIBridge:
             request_bytes=len(flow.request.raw_content or b"")
             if request_bytes is None
             else request_bytes,
+            mitmweb_url=self._mitmweb_url,
         )
         self.recorder.upsert("interceptions", row)
         exchange.labels = _labels(row)
@@ -1305,6 +1318,7 @@ class AIBridge:
             headers=flow.request.headers,
             identity=identity,
             request_bytes=len(flow.request.raw_content or b""),
+            mitmweb_url=self._mitmweb_url,
         )
         if noted is not None:
             row["credential_hint"] = noted.get("credential_hint")

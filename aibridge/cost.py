@@ -423,6 +423,16 @@ _UPDATE: Final = (
     "update token_usages set estimated_cost_usd = {p}, price_source = {p}, "
     "price_version = {p}, priced_model = {p} where id = {p}"
 )
+# The interception's row keeps the sum of its usage rows' costs (schema m007).
+_UPDATE_INTERCEPTION: Final = (
+    "update interceptions set estimated_cost_usd = (select sum(t.estimated_cost_usd) "
+    "from token_usages t where t.interception_id = interceptions.id) "
+    "where id = (select u.interception_id from token_usages u where u.id = {p})"
+)
+
+
+def _interception_params(updates: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [(update[-1],) for update in updates]  # the usage row's id is the last parameter
 
 
 def _select(p: str, usage: str, recompute: bool) -> str:
@@ -460,6 +470,7 @@ def backfill(
         def write(updates: list[tuple[Any, ...]]) -> None:
             with conn:
                 conn.executemany(_UPDATE.format(p="?"), updates)
+                conn.executemany(_UPDATE_INTERCEPTION.format(p="?"), _interception_params(updates))
 
         return _in_batches(
             book, lambda last_id: conn.execute(sql, (last_id, batch_size)).fetchall(), write
@@ -487,6 +498,9 @@ def _backfill_postgres(
             def write(updates: list[tuple[Any, ...]]) -> None:
                 with postgres.locked_transaction(conn), conn.cursor() as cursor:
                     cursor.executemany(update, updates)
+                    cursor.executemany(
+                        _UPDATE_INTERCEPTION.format(p="%s"), _interception_params(updates)
+                    )
 
             return _in_batches(
                 book, lambda last_id: conn.execute(sql, (last_id, batch_size)).fetchall(), write

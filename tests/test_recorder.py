@@ -117,6 +117,9 @@ def test_schema_tables_and_columns_in_order(db_path: Path) -> None:
         "response_id",
         "malformed_events",
         "metadata",
+        "total_tokens",
+        "estimated_cost_usd",
+        "mitmweb_url",
     ]
     assert list(db[schema.TOKEN_USAGES].columns_dict) == [
         "id",

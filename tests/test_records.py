@@ -402,6 +402,9 @@ def test_end_rows_order_and_content() -> None:
         "response_id": result["response_id"],
         "response_model": result["response_model"],
         "malformed_events": 0,
+        # The usage row's sums, on the interception (no prices given: no cost).
+        "total_tokens": result["token_usage"]["total_tokens"],
+        "estimated_cost_usd": None,
     }
     tables = rows_by_table(rows)
     for table, table_rows in tables.items():

@@ -904,7 +904,6 @@ def test_the_migration_applies_to_a_log_of_the_previous_version(
     engine: str, sqlite_log: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     m006 = schema.MIGRATIONS.index(schema.m006_report_views)
-    assert m006 == len(schema.MIGRATIONS) - 1
     with monkeypatch.context() as patch:
         patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:m006])
         patch.setattr(schema, "SCHEMA_VERSION", m006)

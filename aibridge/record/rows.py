@@ -34,6 +34,7 @@ def interception_start(
     headers: Mapping[str, str],
     identity: Identity | None,
     request_bytes: int,
+    mitmweb_url: str | None = None,
 ) -> dict[str, Any]:
     session_id = session_id_from_headers(headers)
     client = guess_client(headers.get("user-agent"), headers.get("originator"), headers=headers)
@@ -61,6 +62,7 @@ def interception_start(
         "error": None,
         "response_id": None,
         "malformed_events": 0,
+        "mitmweb_url": mitmweb_url,
         "metadata": {"request_bytes": request_bytes, **((info.metadata or {}) if info else {})},
     }
 
@@ -92,24 +94,7 @@ def end_rows(
     With `prices` (made once, at start-up), the usage row carries its estimated cost.
     """
     result = outcome.result
-    yield (
-        "interceptions",
-        {
-            "id": interception_id,
-            "ended_at": now,
-            "http_status": http_status,
-            "status": outcome.status,
-            "error": outcome.error,
-            "response_id": result.response_id,
-            "response_model": result.response_model,
-            "malformed_events": result.malformed_events,
-        },
-    )
-    if info.prompt is not None:
-        yield (
-            "user_prompts",
-            prompt_row(interception_id, result.response_id, info.prompt, privacy, now),
-        )
+    usage: dict[str, Any] | None = None
     if result.token_usage is not None:
         usage = {"interception_id": interception_id, **result.token_usage, "created_at": now}
         if prices is not None:
@@ -123,6 +108,28 @@ def end_rows(
                     provider=provider_type,
                 )
             )
+    yield (
+        "interceptions",
+        {
+            "id": interception_id,
+            "ended_at": now,
+            "http_status": http_status,
+            "status": outcome.status,
+            "error": outcome.error,
+            "response_id": result.response_id,
+            "response_model": result.response_model,
+            "malformed_events": result.malformed_events,
+            # The sums of its usage rows (there is one): the table reads without a join.
+            "total_tokens": usage.get("total_tokens") if usage else None,
+            "estimated_cost_usd": usage.get("estimated_cost_usd") if usage else None,
+        },
+    )
+    if info.prompt is not None:
+        yield (
+            "user_prompts",
+            prompt_row(interception_id, result.response_id, info.prompt, privacy, now),
+        )
+    if usage is not None:
         yield "token_usages", usage
     for tool in result.tool_usages:
         row = {"interception_id": interception_id, **tool, "created_at": now}

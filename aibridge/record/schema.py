@@ -1648,6 +1648,36 @@ def m006_report_views(db: sqlite_utils.Database) -> None:
         db.create_view(name, f"-- {about}\n{select}")
 
 
+# The sums of an interception's usage, kept on its row so that the interceptions table reads
+# who, what, when, status, tokens and cost without a join (datasette's table page, exports);
+# filled from the existing usage rows here, then by the bridge as each exchange ends, and by
+# `python -m aibridge.cost` when it prices rows afterwards. And the address of the mitmweb
+# that showed the flow (flow_id), so a reader can open it there.
+_INTERCEPTION_TOTALS = (
+    f"update {INTERCEPTIONS} set "
+    f"total_tokens = (select sum(t.total_tokens) from {TOKEN_USAGES} t "
+    f"where t.interception_id = {INTERCEPTIONS}.id), "
+    f"estimated_cost_usd = (select sum(t.estimated_cost_usd) from {TOKEN_USAGES} t "
+    f"where t.interception_id = {INTERCEPTIONS}.id) "
+    f"where id in (select interception_id from {TOKEN_USAGES})"
+)
+
+
+@migration
+@postgres(
+    f"alter table {INTERCEPTIONS} add column total_tokens bigint",
+    f"alter table {INTERCEPTIONS} add column estimated_cost_usd double precision",
+    f"alter table {INTERCEPTIONS} add column mitmweb_url text",
+    _INTERCEPTION_TOTALS,
+)
+def m007_interception_totals(db: sqlite_utils.Database) -> None:
+    table = db[INTERCEPTIONS]
+    table.add_column("total_tokens", int)
+    table.add_column("estimated_cost_usd", float)
+    table.add_column("mitmweb_url", str)
+    db.execute(_INTERCEPTION_TOTALS)
+
+
 # Every migration is registered above this line.
 SCHEMA_VERSION = len(MIGRATIONS)
 
