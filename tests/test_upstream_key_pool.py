@@ -507,3 +507,15 @@ def test_properties_over_random_runs(run: list[tuple], n_keys: int) -> None:
         snap = p.snapshot()
         assert any(s.state is not KeyState.DISABLED for s in snap)
         assert all(s.parked_for <= 1800 for s in snap)
+
+
+@pytest.mark.parametrize("start", [248.3, 249.8, 500.0, 1e6 + 0.7, 0.1])
+@pytest.mark.parametrize("asked", ["5000", "1800"])
+def test_a_park_of_the_maximum_reads_as_the_maximum(start: float, asked: str) -> None:
+    # until - now is not exactly the park in floating point: it must not round up a second.
+    p, clocks = pool(["sk-only-key-0123456789abcdef"], max_park=1800.0)
+    clocks.mono.now = start
+    p.answered(chosen(p), 429, {"retry-after": asked})
+    assert key_state(p, 0).parked_for == 1800
+    parked = p.choose()
+    assert isinstance(parked, AllParked) and parked.retry_after == 1800

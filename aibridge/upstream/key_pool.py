@@ -109,6 +109,13 @@ class _Key:
     disabled_status: int | None = None
 
 
+def _whole_seconds(left: float) -> int:
+    """A wait in whole seconds, rounded up. `until - now` of `until = now + 1800` is not
+    exactly 1800 in floating point (248.3 + 1800 - 248.3 > 1800): the microseconds are
+    rounded first, so a park of the maximum never reads as a second longer."""
+    return math.ceil(round(left, 6))
+
+
 class KeyPool:
     def __init__(
         self,
@@ -146,7 +153,7 @@ class KeyPool:
                     return KeyChoice(i, k.key, k.hint)
             # Never empty: the last key not disabled is kept (see answered).
             waits = [k.parked_until - now for k in self._keys if k.state is KeyState.PARKED]
-            return AllParked(self.provider, max(1, math.ceil(min(waits))), len(waits))
+            return AllParked(self.provider, max(1, _whole_seconds(min(waits))), len(waits))
 
     def answered(
         self, choice: KeyChoice, status: int, headers: Mapping[str, str]
@@ -191,7 +198,7 @@ class KeyPool:
                 left = k.parked_until - now
                 if state is KeyState.PARKED and left <= 0:
                     state = KeyState.ACTIVE  # what choose() would make of it
-                parked_for = math.ceil(left) if state is KeyState.PARKED else 0
+                parked_for = _whole_seconds(left) if state is KeyState.PARKED else 0
                 out.append(
                     KeySnapshot(
                         self.provider, i, k.hint, state, parked_for, k.parks, k.disabled_status
