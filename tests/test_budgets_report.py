@@ -45,7 +45,7 @@ from tests.postgres_server import PostgresServer, database_name
 
 __all__ = ["engine"]  # a fixture, imported for this module's tests
 
-METADATA = REPO / "datasette" / "metadata.yaml"
+METADATA = REPO / "aibridge" / "datasette" / "metadata.yaml"
 # A Wednesday, 12:00 in Berlin (CEST, UTC+2). Its periods there, in UTC:
 NOW = datetime(2025, 6, 4, 10, 0, tzinfo=UTC)
 DAY = ("2025-06-03T22:00:00.000000+00:00", "2025-06-04T22:00:00.000000+00:00")
@@ -291,7 +291,7 @@ def logged(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def datasette(sqlite_log: Path) -> Iterator[Datasette]:
-    with Datasette(sqlite_log, "-m", str(METADATA)) as ds:
+    with Datasette(sqlite_log) as ds:  # the plugin brings the queries
         yield ds
 
 
@@ -475,7 +475,7 @@ def test_config_digest_tells_changed_configs_apart_and_keeps_across_periods() ->
 
 
 def test_canned_query_is_budget_use_sql() -> None:
-    queries = yaml.safe_load(METADATA.read_text())["databases"]["aibridge"]["queries"]
+    queries = yaml.safe_load(METADATA.read_text())["database"]["queries"]
     query = queries["budget_use"]
     assert query["sql"] == BUDGET_USE_SQL
     assert query["title"] == "Budget use per person and group"

@@ -20,7 +20,7 @@ from tests.postgres_server import PostgresServer
 from tests.test_recorder_postgres import exchange
 
 WAIT = 30.0
-METADATA = Path(__file__).resolve().parent.parent / "datasette" / "metadata.yaml"
+METADATA = Path(__file__).resolve().parent.parent / "aibridge" / "datasette" / "metadata.yaml"
 EVERY_TABLE = {
     schema.INTERCEPTIONS: "id",
     schema.TOKEN_USAGES: "id",
@@ -98,7 +98,7 @@ def test_the_canned_queries_run_on_a_copy(postgres_url: str, tmp_path: Path) -> 
     fill(postgres_url)
     copy = tmp_path / "copy.db"
     copy_log(postgres_url, str(copy))
-    queries = yaml.safe_load(METADATA.read_text())["databases"]["aibridge"]["queries"]
+    queries = yaml.safe_load(METADATA.read_text())["database"]["queries"]
     conn = sqlite3.connect(copy)
     ran = 0
     for query in queries.values():

@@ -1,4 +1,5 @@
-"""Every canned query of datasette/metadata.yaml, run by datasette on a log the bridge wrote.
+"""Every canned query of the datasette plugin (aibridge/datasette/metadata.yaml), run by
+datasette on a log the bridge wrote.
 
 The log comes from the end-to-end set-up (mitmdump with addon.py, the fake upstream) with both
 APIs: the openai SDK on the Responses API, the anthropic SDK and replayed Claude Code requests
@@ -45,7 +46,7 @@ from devtools.fake_upstream import FakeUpstream
 from devtools.mitmdump_process import REPO
 from tests.harness import TOKENS, Datasette, Mitmdump, bridge_config
 
-METADATA = REPO / "datasette" / "metadata.yaml"
+METADATA = REPO / "aibridge" / "datasette" / "metadata.yaml"
 DB_NAME = "aibridge"
 CAPTURED = REPO / "tests" / "fixtures" / "claude_code_captured"
 
@@ -561,6 +562,36 @@ def move_to_schedule(db_path: Path) -> list[str]:
         conn.close()
 
 
+# The interceptions columns CHAT's rows fill, in the order of write_chat_completions' values.
+INTERCEPTION_COLUMNS = (
+    "id",
+    "flow_id",
+    "started_at",
+    "ended_at",
+    "initiator_id",
+    "provider",
+    "provider_name",
+    "api",
+    "model",
+    "response_model",
+    "streaming",
+    "client",
+    "user_agent",
+    "client_session_id",
+    "correlating_tool_call_id",
+    "previous_response_id",
+    "credential_kind",
+    "credential_hint",
+    "http_status",
+    "status",
+    "error",
+    "response_id",
+    "malformed_events",
+    "metadata",
+    "total_tokens",
+)
+
+
 def write_chat_completions(db_path: Path) -> list[str]:
     """CHAT's rows, as the bridge's recorder writes them; returns their interception ids."""
     conn = sqlite3.connect(db_path)
@@ -579,8 +610,8 @@ def write_chat_completions(db_path: Path) -> list[str]:
                     metadata["stream_usage"] = x.stream_usage
                 signed = x.user is not None
                 conn.execute(
-                    "insert into interceptions values "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"insert into interceptions ({', '.join(INTERCEPTION_COLUMNS)}) "
+                    f"values ({', '.join('?' * len(INTERCEPTION_COLUMNS))})",
                     (
                         iid,
                         f"f10w{i:028x}",
@@ -606,6 +637,8 @@ def write_chat_completions(db_path: Path) -> list[str]:
                         rid,
                         0,
                         orjson.dumps(metadata).decode(),
+                        # The usage sum the bridge keeps (m007); the cost backfill adds the cost.
+                        None if x.usage is None else TOKENS_OF[i].total,
                     ),
                 )
                 children: list[tuple[str, dict[str, Any]]] = []
@@ -719,7 +752,8 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> UsageLog:
 
 @pytest.fixture(scope="module")
 def datasette(log: UsageLog) -> Iterator[Datasette]:
-    with Datasette(log.db_path, "-m", str(METADATA)) as ds:
+    # The plugin is found through its entry point: no -m.
+    with Datasette(log.db_path) as ds:
         yield ds
 
 
@@ -807,9 +841,9 @@ PER_USER = (
 
 
 def test_every_canned_query_is_tested() -> None:
-    queries = yaml.safe_load(METADATA.read_text())["databases"][DB_NAME]["queries"]
+    database = yaml.safe_load(METADATA.read_text())["database"]
     tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
-    assert set(queries) <= tested
+    assert {*database["queries"], *database["link_queries"]} <= tested
 
 
 def test_the_log_holds_what_the_fakes_sent(log: UsageLog) -> None:
@@ -1155,6 +1189,82 @@ def test_prompts_of_user(datasette: Datasette, log: UsageLog) -> None:
     assert canned(datasette, "prompts_of_user", user="nobody") == []
 
 
+def test_usage_of_user(datasette: Datasette, log: UsageLog) -> None:
+    def row(
+        day: str, api: str, model: str, clients: str, ix: list[int], **counts: int
+    ) -> dict[str, Any]:
+        return {
+            "day": day,
+            "api": api,
+            "model": model,
+            "clients": clients,
+            "requests": len(ix),
+            "not_completed": counts.get("not_completed", 0),
+            "sessions": counts.get("sessions", 0),
+            **sums(ix, "input_tokens", "cached_input_tokens", "output_tokens", "total_tokens"),
+            **billing(log, ix),
+        }
+
+    # Newest day first, then the dearest: unpriced ones last, by API and requested model.
+    assert canned(datasette, "usage_of_user", user="alice") == [
+        row("2025-06-02", "chat_completions", CHAT[25].model, "GitHub Copilot", [25]),
+        row("2025-06-02", "chat_completions", "fake-incomplete", "OpenCode", [26], not_completed=1),
+        # The compressed body's stream: a request without tokens.
+        row("2025-06-02", "chat_completions", "fake-text", "OpenCode", [29]),
+        row("2025-06-02", "messages", "fake-refusal", "anthropic-python", [18]),
+        row("2025-06-02", "responses", "fake-failed", "openai-python", [7], not_completed=1),
+        row("2025-06-02", "responses", "fake-text", "openai-python", [9], not_completed=1),
+        row("2025-06-01", "messages", "fake-thinking", "anthropic-python", [15]),
+        row("2025-06-01", "responses", "fake-tool", "openai-python", [2, 3], sessions=1),
+        row("2025-06-01", "responses", CATALOG_MODEL, "openai-python", [5]),
+        row("2025-05-31", "messages", CATALOG_CLAUDE, "anthropic-python", [11]),
+        row("2025-05-31", "chat_completions", "fake-tool", "OpenCode", [21, 22], sessions=1),
+        row("2025-05-31", "responses", "fake-text", "openai-python", [0]),
+    ]
+    # A sign-in's tokens count, its cost is the plan's.
+    assert canned(datasette, "usage_of_user", user=SIGN_IN_USER) == [
+        row("2025-06-02", "messages", CLAUDE_CODE_MODEL, "Claude Code", [16], sessions=1)
+    ]
+    bob = canned(datasette, "usage_of_user", user="bob")
+    of_bob = [1, 4, 6, 8, 12, 13, 14, 17, 19, 23, 24, 27, 28]
+    assert sum(r["requests"] for r in bob) == len(of_bob)
+    assert sum(r["total_tokens"] for r in bob) == sums(of_bob, "total_tokens")["total_tokens"]
+    for nobody in ("nobody", "", "' or 1=1 --", "(unauthenticated)", "ALICE"):
+        assert canned(datasette, "usage_of_user", user=nobody) == [], nobody
+
+
+def test_tool_call_result(datasette: Datasette, log: UsageLog) -> None:
+    calls = httpx.get(
+        f"{datasette.url}/{DB_NAME}/tool_usages.json",
+        params={"_shape": "array", "_size": "max"},
+        timeout=30,
+    ).json()
+    call_of = {r["interception_id"]: r["call_id"] for r in calls}
+
+    def answer(i: int, user: str, session: str, model: str, cost: float) -> dict[str, Any]:
+        return {
+            "at": started(i),
+            "user": user,
+            "session": session,
+            "model": model,
+            "status": "completed",
+            "tools_called_next": None,
+            "total_tokens": TOKENS_OF[i].total,
+            "estimated_cost_usd": r6(cost),
+            "interception_id": log.ids[i],
+        }
+
+    # A tool call on each API, and the turn that sent its result back.
+    for call, answered in (
+        (2, answer(3, "alice", "sess-alice", "fake-tool", COST["tool_result"])),
+        (13, answer(14, "bob", CC_SESSION, CLAUDE_CODE_MODEL, log.list_costs[14])),
+        (21, answer(22, "alice", OPENCODE_SESSION, "fake-tool", COST["c_tool_result"])),
+    ):
+        assert canned(datasette, "tool_call_result", call_id=call_of[log.ids[call]]) == [answered]
+    for unknown in ("call_never_answered", "", "' or 1=1 --", CAPTURED_CALL_ID):
+        assert canned(datasette, "tool_call_result", call_id=unknown) == [], unknown
+
+
 def story(ds: Datasette, log: UsageLog, i: int) -> list[tuple[str, str]]:
     return [
         (r["what"], r["detail"])
@@ -1400,7 +1510,7 @@ def copy_of_log(log: UsageLog, tmp_path: Path) -> sqlite3.Connection:
 
 
 def run_query(conn: sqlite3.Connection, name: str, **params: str) -> list[dict[str, Any]]:
-    queries = yaml.safe_load(METADATA.read_text())["databases"][DB_NAME]["queries"]
+    queries = yaml.safe_load(METADATA.read_text())["database"]["queries"]
     return [dict(r) for r in conn.execute(queries[name]["sql"], params)]
 
 
@@ -1607,7 +1717,7 @@ def test_raw_usage_without_a_split_object(log: UsageLog, tmp_path: Path, raw: st
             copy.execute(
                 "update token_usages set usage = ? where interception_id = ?", (raw, log.ids[12])
             )
-        queries = yaml.safe_load(METADATA.read_text())["databases"][DB_NAME]["queries"]
+        queries = yaml.safe_load(METADATA.read_text())["database"]["queries"]
         details = dict(
             (what, detail)
             for _, what, detail in copy.execute(
@@ -2046,7 +2156,7 @@ def test_budget_use(datasette: Datasette, log: UsageLog) -> None:
 
 def chart_rows(ds: Datasette, chart: str, **filters: str) -> list[dict[str, Any]]:
     """A dashboard chart's query as datasette-dashboards runs it with these filters."""
-    board = yaml.safe_load(METADATA.read_text())["plugins"]["datasette-dashboards"]["usage"]
+    board = yaml.safe_load(METADATA.read_text())["dashboard"]
     sql = replace_opts_in_query(board["charts"][chart]["query"], filters)
     response = httpx.get(
         f"{ds.url}/{DB_NAME}.json",
@@ -2058,7 +2168,7 @@ def chart_rows(ds: Datasette, chart: str, **filters: str) -> list[dict[str, Any]
 
 
 def test_dashboard_charts_split_by_api(datasette: Datasette, log: UsageLog) -> None:
-    board = yaml.safe_load(METADATA.read_text())["plugins"]["datasette-dashboards"]["usage"]
+    board = yaml.safe_load(METADATA.read_text())["dashboard"]
     assert set(board["filters"]) == {"user", "api", "date_start", "date_end"}
     every = {"user": "bob", "api": "messages", "date_start": "2025-06-01", "date_end": "2025-06-01"}
     for chart in board["charts"]:
@@ -2118,7 +2228,7 @@ def test_dashboard_charts_split_by_api(datasette: Datasette, log: UsageLog) -> N
 
 def test_tables_are_described_and_dashboard_is_served(datasette: Datasette) -> None:
     """Every column of every table has a description, and the usage dashboard renders."""
-    meta = yaml.safe_load(METADATA.read_text())["databases"][DB_NAME]["tables"]
+    meta = yaml.safe_load(METADATA.read_text())["database"]["tables"]
     conn = sqlite3.connect(f"file:{datasette.db_path}?mode=ro", uri=True)
     try:
         tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}

@@ -1,4 +1,5 @@
-"""datasette serves the bridge's log while the bridge is still writing it."""
+"""datasette serves the bridge's log, with the plugin's pages, while the bridge is still
+writing it."""
 
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def test_datasette_reads_while_bridge_writes(bridge: Mitmdump) -> None:
             timeout=10,
         ).json()[0]
         assert (row["initiator_id"], row["status"], row["streaming"]) == ("bob", "completed", 1)
+        # The plugin's queries on the live file, found without -m: the request's story.
+        story = httpx.get(
+            f"{ds.url}/{db}/interception_story.json",
+            params={"interception_id": interception_id, "_shape": "array"},
+            timeout=10,
+        ).json()
+        assert [(s["what"], s["detail"]) for s in story][1] == ("prompt", second)
+        assert story[-1]["what"] == "end" and story[-1]["detail"].startswith("completed")
         tools = httpx.get(
             f"{ds.url}/{db}/tool_usages.json",
             params={"interception_id": interception_id, "_shape": "array"},

@@ -1,4 +1,4 @@
-"""The canned queries of datasette/metadata.yaml as SQL views in both engines (migration
+"""The canned queries of aibridge/datasette/metadata.yaml as SQL views in both engines (migration
 m006_report_views), on logs the Recorder wrote: each SQLite view gives what its canned query
 gives, each PostgreSQL view the same rows in PostgreSQL's types; the views read a log that
 retention emptied, and the migration applies to a log an older bridge made.
@@ -37,8 +37,8 @@ from tests.postgres_server import PostgresServer, database_name
 
 __all__ = ["engine"]  # a fixture, imported for this module's tests
 
-METADATA = REPO / "datasette" / "metadata.yaml"
-QUERIES = yaml.safe_load(METADATA.read_text())["databases"]["aibridge"]["queries"]
+METADATA = REPO / "aibridge" / "datasette" / "metadata.yaml"
+QUERIES = yaml.safe_load(METADATA.read_text())["database"]["queries"]
 CANNED: dict[str, str] = {name: query["sql"] for name, query in QUERIES.items()}
 VIEWS: dict[str, tuple[str, str, str]] = {
     name: (about, lite, pg) for name, about, lite, pg in schema.REPORT_VIEWS

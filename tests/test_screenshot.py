@@ -1,4 +1,6 @@
-"""Real datasette serves the bridge's log; headless Chromium renders the usage page and the chart.
+"""Real datasette serves the bridge's log with the plugin (aibridge/datasette/), from a file not
+named aibridge.db; headless Chromium renders the home page, the usage page, a session's pages
+(its turns, a turn's story, reached by their links) and the dashboard.
 
 Chromium is Debian's ``chromium`` package (``apt-get install -y chromium``); set
 AIBRIDGE_CHROMIUM to use another binary. Without it the test is skipped on a workstation, and
@@ -20,12 +22,16 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from datasette.utils import tilde_encode
 
 from devtools.mitmdump_process import REPO
 from tests.harness import Datasette, required_program
-from tests.test_datasette_queries import DB_NAME, METADATA, UsageLog, build_usage_log
+from tests.test_datasette_queries import UsageLog, build_usage_log
 
 SCREENSHOTS = REPO / "docs" / "screenshots"
+# Any name: datasette names the database after the file, and the plugin follows.
+DB_NAME = "team log 2025-06"
+DB_URL = f"/{tilde_encode(DB_NAME)}"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # No network beyond loopback, no profile state, nothing running after the page is captured.
 CHROMIUM_FLAGS = (
@@ -62,7 +68,16 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> UsageLog:
 
 @pytest.fixture(scope="module")
 def datasette(log: UsageLog) -> Iterator[Datasette]:
-    with Datasette(log.db_path, "-m", str(METADATA)) as ds:
+    renamed = log.db_path.with_name(f"{DB_NAME}.db")
+    source = sqlite3.connect(f"file:{log.db_path}?mode=ro", uri=True)
+    copy = sqlite3.connect(renamed)
+    try:
+        source.backup(copy)
+    finally:
+        source.close()
+        copy.close()
+    # No -m: the plugin is found through its entry point.
+    with Datasette(renamed) as ds:
         yield ds
 
 
@@ -103,33 +118,53 @@ def browser(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Browser:
 
 
 class ResultTable(HTMLParser):
-    """The cells of datasette's results table (``table.rows-and-columns``), row by row."""
+    """The cells of datasette's results table (``table.rows-and-columns``), row by row, the
+    links in each cell, and every link of the page."""
 
     def __init__(self) -> None:
         super().__init__()
         self.headers: list[str] = []
         self.rows: list[list[str]] = []
+        self.cell_links: list[list[list[str]]] = []  # per row, per cell: the hrefs
+        self.links: list[str] = []
         self._in_table = self._in_body = False
         self._cell: list[str] | None = None
+        self._hrefs: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        classes = (dict(attrs).get("class") or "").split()
-        if tag == "table" and "rows-and-columns" in classes:
+        got = dict(attrs)
+        classes = (got.get("class") or "").split()
+        if tag == "a":
+            self.links.append(got.get("href") or "")
+            if self._cell is not None:
+                self._hrefs.append(got.get("href") or "")
+        elif tag == "table" and "rows-and-columns" in classes:
             self._in_table = True
         elif self._in_table and tag == "tbody":
             self._in_body = True
         elif self._in_body and tag == "tr":
             self.rows.append([])
+            self.cell_links.append([])
         elif self._in_table and tag in ("td", "th"):
-            self._cell = []
+            self._cell, self._hrefs = [], []
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("td", "th") and self._cell is not None:
             text = " ".join("".join(self._cell).split())
             (self.rows[-1] if self._in_body else self.headers).append(text)
+            if self._in_body:
+                self.cell_links[-1].append(self._hrefs)
             self._cell = None
         elif tag == "table":
             self._in_table = self._in_body = False
+
+    def column(self, name: str) -> list[str]:
+        at = self.headers.index(name)
+        return [row[at] for row in self.rows]
+
+    def links_of(self, name: str) -> list[list[str]]:
+        at = self.headers.index(name)
+        return [row[at] for row in self.cell_links]
 
     def handle_data(self, data: str) -> None:
         if self._cell is not None:
@@ -151,10 +186,34 @@ def png_facts(path: Path) -> tuple[int, int, int]:
     return width, height, len(set(zlib.decompress(idat)))
 
 
-def test_usage_page_renders_its_rows(browser: Browser, datasette: Datasette, log: UsageLog) -> None:
-    url = f"{datasette.url}/{DB_NAME}/usage_per_user_per_day"
+def parsed(browser: Browser, url: str) -> ResultTable:
     table = ResultTable()
     table.feed(browser.dom(url))
+    return table
+
+
+def assert_drawn(shot: Path, size: tuple[int, int]) -> None:
+    width, height, distinct = png_facts(shot)
+    assert (width, height) == size
+    assert distinct > 64, "the screenshot looks blank"
+
+
+def test_home_page_on_any_file_name(browser: Browser, datasette: Datasette) -> None:
+    url = f"{datasette.url}/"
+    dom = browser.dom(url)
+    assert "<h1>AI Bridge audit log</h1>" in dom
+    page = ResultTable()
+    page.feed(dom)
+    # The description's links follow the file's name, as datasette routes it.
+    assert DB_URL in page.links and "/-/dashboards/usage" in page.links
+    assert f'the <a href="{DB_URL}">{DB_NAME}</a> database' in dom
+    assert "/aibridge" not in page.links
+    assert_drawn(browser.screenshot(url, "home.png", (1400, 520)), (1400, 520))
+
+
+def test_usage_page_renders_its_rows(browser: Browser, datasette: Datasette, log: UsageLog) -> None:
+    url = f"{datasette.url}{DB_URL}/usage_per_user_per_day"
+    table = parsed(browser, url)
     assert table.headers[:4] == ["day", "user", "requests", "input_tokens"]
     assert "estimated_cost_usd" in table.headers
     # The same eight rows the canned query answers, in the same order.
@@ -168,13 +227,49 @@ def test_usage_page_renders_its_rows(browser: Browser, datasette: Datasette, log
         ("2025-05-31", "alice", "2"),
         ("2025-05-31", "bob", "2"),
     ]
-    cost = table.headers.index("estimated_cost_usd")
-    assert table.rows[7][cost] == "0.006133"  # both APIs' fake-cached: 0.0007536 + 0.0053798
+    # In dollars: both APIs' fake-cached, 0.0007536 + 0.0053798 = 0.006133.
+    assert table.column("estimated_cost_usd")[7] == "$0.00613"
+    # A person leads to their usage; "(unauthenticated)" is nobody to follow.
+    users = table.links_of("user")
+    assert users[1] == [f"{DB_URL}/usage_of_user?user=alice"] and users[0] == []
 
-    shot = browser.screenshot(url, "usage.png", (1400, 760))
-    width, height, distinct = png_facts(shot)
-    assert (width, height) == (1400, 760)
-    assert distinct > 64, "the screenshot looks blank"
+    assert_drawn(browser.screenshot(url, "usage.png", (1400, 760)), (1400, 760))
+
+
+def test_a_session_leads_to_its_turns_and_a_turn_to_its_story(
+    browser: Browser, datasette: Datasette, log: UsageLog
+) -> None:
+    sessions_url = f"{datasette.url}{DB_URL}/sessions"
+    sessions = parsed(browser, sessions_url)
+    at = sessions.column("session").index("sess-alice")
+    (turns_link,) = sessions.links_of("session")[at]
+    assert turns_link == f"{DB_URL}/session_turns?session_id=sess-alice"
+    assert_drawn(browser.screenshot(sessions_url, "sessions.png", (1400, 720)), (1400, 720))
+
+    turns_url = f"{datasette.url}{turns_link}"
+    turns = parsed(browser, turns_url)
+    assert turns.column("kind") == ["prompt", "tool result"]
+    assert turns.column("tools_called") == ["get_weather", ""]
+    assert turns.column("estimated_cost_usd") == ["$0.000206", "$0.00023"]
+    stories = turns.links_of("interception_id")
+    assert stories == [
+        [f"{DB_URL}/interception_story?interception_id={log.ids[i]}"] for i in (2, 3)
+    ]
+    assert turns.links_of("user")[0] == [f"{DB_URL}/usage_of_user?user=alice"]
+    assert_drawn(browser.screenshot(turns_url, "session_turns.png", (1400, 560)), (1400, 560))
+
+    story_url = f"{datasette.url}{stories[0][0]}"
+    story = parsed(browser, story_url)
+    assert story.column("what") == [
+        "request",
+        "prompt",
+        "tool call: function_call",
+        "tokens",
+        "end",
+    ]
+    assert story.column("detail")[1] == "What's the weather in Paris?"
+    assert "estimated $0.000206" in story.column("detail")[3]
+    assert_drawn(browser.screenshot(story_url, "story.png", (1400, 760)), (1400, 760))
 
 
 def test_dashboard_draws_the_charts(browser: Browser, datasette: Datasette, log: UsageLog) -> None:
@@ -189,10 +284,10 @@ def test_dashboard_draws_the_charts(browser: Browser, datasette: Datasette, log:
         conn.close()
     assert "Tokens per day and person" in dom
     assert f"${total:.4f}" in dom  # the metric, computed by the page from its query
-    # vega-embed draws each of the four charts into a canvas of class "marks".
+    assert '"$,.4~f"' in dom  # the cost chart's axis, in dollars
+    # vega-embed draws each of the four charts into a canvas of class "marks": their queries
+    # reached the database, whose name needs encoding.
     assert dom.count('class="marks"') >= 4, dom[-2000:]
 
     shot = browser.screenshot(url, "dashboard.png", (1400, 1240), wait)
-    width, height, distinct = png_facts(shot)
-    assert (width, height) == (1400, 1240)
-    assert distinct > 64, "the screenshot looks blank"
+    assert_drawn(shot, (1400, 1240))

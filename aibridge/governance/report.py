@@ -49,8 +49,8 @@ COLUMNS: Final[tuple[str, ...]] = (
 # What the digest covers: what the config says, not where the periods stand.
 _DIGEST_FIELDS: Final = COLUMNS[: COLUMNS.index("time_zone") + 1]
 
-# The canned query `budget_use` of datasette/metadata.yaml is exactly this text (a test says
-# so). Spend is summed once per person and period window, then per budget over its members
+# The canned query `budget_use` of aibridge/datasette/metadata.yaml is exactly this text (a
+# test says so). Spend is summed once per person and period window, then per budget over its members
 # (joined by person, or all persons for "*"): a log of a year is scanned three times (day,
 # week, month), not once per budget (a year of 1M exchanges, 3,100 budgets: 0.5 s). Members
 # are the distinct elements of a JSON array (an integer key); anything else counts no one.

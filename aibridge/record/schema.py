@@ -372,7 +372,7 @@ INDEX_NEW_PROMPTS = (
 )
 
 
-# The canned queries of datasette/metadata.yaml as views, for the readers that have none
+# The canned queries of aibridge/datasette/metadata.yaml as views, for the readers that have none
 # (psql, Grafana, Metabase, sqlite3): v_<query>, a parameter becoming a column to filter on.
 # SQLite's view gives what the canned query gives (same columns, same values). PostgreSQL's
 # gives the same rows in the same order, in its own types: times timestamptz, days date,
