@@ -4,5 +4,10 @@ from pathlib import Path
 
 from aibridge.bridge import AIBridge
 from aibridge.contentview import AIBridgeView
+from aibridge.mitmweb import MitmwebDefaults
 
-addons = [AIBridge(default_config_dir=Path(__file__).resolve().parent), AIBridgeView()]
+addons = [
+    AIBridge(default_config_dir=Path(__file__).resolve().parent),
+    AIBridgeView(),
+    MitmwebDefaults(),
+]

@@ -13,6 +13,11 @@ the view shows what the database holds.
 The bridge streams every SSE response, and mitmproxy keeps a streamed body only with
 ``--set store_streamed_bodies=true``; without it a streamed response has no body to show.
 
+The text messages of a Responses API WebSocket (Codex's transport: a flow on a
+``…/responses`` path, or one whose turns the bridge counted) are rendered one by one by
+aibridge.view.websocket: a client ``response.create`` as the request it carries, a server
+event as what it says.
+
 Register it with the :class:`AIBridgeView` addon (or :func:`register` / :func:`unregister`).
 """
 
@@ -24,7 +29,9 @@ from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Contentview, Metadata
 
 from aibridge.view import RENDERERS, api_for_path, render_body, render_request, render_response
+from aibridge.view import responses as responses_view
 from aibridge.view.common import JSON_TYPES, SSE_TYPE, media_type
+from aibridge.view.websocket import render_message
 
 __all__ = [
     "FLOW_METADATA_KEY",
@@ -35,6 +42,7 @@ __all__ = [
     "AIBridgeView",
     "flow_api",
     "is_ai_flow",
+    "is_ai_socket",
     "register",
     "render_body",
     "render_request",
@@ -46,6 +54,8 @@ NAME: Final = "AI Bridge"
 # The key bridge.AIBridge notes on every bridged flow (bridge.METADATA_KEY); not imported,
 # so that loading the view never pulls in the recorder and its thread machinery.
 FLOW_METADATA_KEY: Final = "aibridge"
+# What the bridge keeps on a WebSocket flow about its turns (aibridge.mitmweb.SOCKET_KEY).
+SOCKET_METADATA_KEY: Final = "aibridge_socket"
 # Above the JSON view (1) and raw (0.1), so AI API flows open in this view.
 PRIORITY: Final = 2.0
 
@@ -74,6 +84,14 @@ def is_ai_flow(flow: Any) -> bool:
     return FLOW_METADATA_KEY in flow.metadata
 
 
+def is_ai_socket(flow: Any) -> bool:
+    """A WebSocket flow whose messages this view renders: the Responses API's (by the
+    bridge's note or its path) or one whose turns the bridge counted."""
+    if not isinstance(flow, http.HTTPFlow) or flow.websocket is None:
+        return False
+    return SOCKET_METADATA_KEY in flow.metadata or flow_api(flow) == responses_view.API
+
+
 class AIBridgeContentview(Contentview):
     """Shows AI API requests and responses as a conversation."""
 
@@ -82,6 +100,15 @@ class AIBridgeContentview(Contentview):
         return NAME
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
+        if (ws_message := metadata.websocket_message) is not None:
+            text = render_message(
+                data, from_client=ws_message.from_client, is_text=ws_message.is_text
+            )
+            if ws_message.dropped:
+                text += "\n\nnote: dropped, never forwarded (as the bridge drops what it refuses)"
+            if ws_message.injected:
+                text += "\n\nnote: injected by AI Bridge or mitmproxy, not sent by the other side"
+            return text
         api = flow_api(metadata.flow)
         if api not in RENDERERS:
             api = None  # chosen by hand for a flow of another API: judged by the body
@@ -94,6 +121,10 @@ class AIBridgeContentview(Contentview):
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         # Cheap on purpose: called for every body mitmproxy shows; nothing is parsed here.
+        if (ws_message := metadata.websocket_message) is not None:
+            # Binary messages keep mitmproxy's hex view unless this one is chosen by hand.
+            ok = data and ws_message.is_text and is_ai_socket(metadata.flow)
+            return PRIORITY if ok else 0
         if not data or metadata.http_message is None or not is_ai_flow(metadata.flow):
             return 0
         media = media_type(metadata.content_type)

@@ -4,7 +4,9 @@ A request body becomes its model, flags, shortened instructions, declared tools 
 ``input`` items as a transcript; a response body (a buffered JSON object or a stored
 ``text/event-stream``) becomes its id, model, status, usage, notes on anything odd, and the
 output items. Tool calls and usage are read with the functions the audit log uses
-(``aibridge.apis.openai_responses``), so the view shows what the database holds.
+(``aibridge.apis.openai_responses``), so the view shows what the database holds. Past
+:data:`TRANSCRIPT_LIMIT` characters the earliest input items, and past :data:`CONTENT_LIMIT`
+the last output items, are only counted, so a huge body renders to a bounded text.
 
 :func:`render_request` and :func:`render_response` are pure and never raise.
 """
@@ -21,8 +23,10 @@ from aibridge.apis.openai_responses import token_usage_row, tool_usage_row
 from aibridge.transport.sse import SSEParser
 from aibridge.view.common import (
     CALL_ARGS_LIMIT,
+    CONTENT_LIMIT,
     INDENT,
     INSTRUCTIONS_LIMIT,
+    LABEL_LIMIT,
     MALFORMED_NOTES,
     MESSAGE_LIMIT,
     PRETTY_LIMIT,
@@ -35,14 +39,18 @@ from aibridge.view.common import (
     flag,
     indented,
     labelled,
+    latest_first,
     load_object,
     malformed_note,
+    names_line,
     nonempty,
+    plural,
     pretty,
     render_response_with,
     shorten,
     sse_events,
     unreadable,
+    value_text,
 )
 
 API: Final = "responses"
@@ -76,11 +84,12 @@ def _content_text(content: Any) -> str:
         if isinstance(part, str):
             parts.append(part)
         elif isinstance(part, dict):
-            parts.append(_part_text(part))
+            parts.append(part_text(part))
     return "\n".join(p for p in parts if p)
 
 
-def _part_text(part: dict[str, Any]) -> str:
+def part_text(part: dict[str, Any]) -> str:
+    """One content part (text, refusal, image, file) as readable text."""
     kind = part.get("type")
     text = part.get("text")
     if isinstance(text, str):
@@ -134,7 +143,12 @@ def _render_request(data: bytes) -> str:
     obj, why = load_object(data)
     if obj is None:
         return unreadable("Not a Responses API request", why, data)
-    lines = ["Responses API request"]
+    return request_text(obj)
+
+
+def request_text(obj: dict[str, Any], title: str = "Responses API request") -> str:
+    """A decoded request (a POST body, or a WebSocket ``response.create``) as readable text."""
+    lines = [title]
     lines.append(f"model: {obj.get('model')}")
     lines.append(f"stream: {flag(obj, 'stream')} · store: {flag(obj, 'store')}")
     if obj.get("background") is True:
@@ -149,9 +163,7 @@ def _render_request(data: bytes) -> str:
     instructions = obj.get("instructions")
     if isinstance(instructions, str) and instructions:
         lines.append(block("instructions: ", shorten(instructions, INSTRUCTIONS_LIMIT)))
-    tools = obj.get("tools")
-    names = [_tool_name(t) for t in tools] if isinstance(tools, list) else []
-    lines.append(f"tools ({len(names)}): {', '.join(names)}" if names else "tools: none")
+    lines.append(names_line("tools", obj.get("tools"), _tool_name))
     choice = obj.get("tool_choice")
     if choice is not None and choice != "auto":
         lines.append(f"tool_choice: {compact(choice, VALUE_LIMIT)}")
@@ -163,7 +175,7 @@ def _render_request(data: bytes) -> str:
         transcript = [block("user: ", shorten(items, MESSAGE_LIMIT))]
     elif isinstance(items, list):
         heading = f"input ({len(items)} item{'s' if len(items) != 1 else ''}):"
-        transcript = [_input_item(item) for item in items]
+        transcript = latest_first(len(items), lambda i: _input_item(items[i]))
     else:
         heading = "input: none" if items is None else f"input: {compact(items, VALUE_LIMIT)}"
         transcript = []
@@ -175,8 +187,8 @@ def _tool_name(tool: Any) -> str:
         return compact(tool, 60)
     kind = nonempty(tool.get("type"))
     if kind == "mcp" and (label := nonempty(tool.get("server_label"))):
-        return f"mcp:{label}"
-    return nonempty(tool.get("name")) or kind or "?"
+        return f"mcp:{shorten(label, LABEL_LIMIT)}"
+    return shorten(nonempty(tool.get("name")) or kind or "?", LABEL_LIMIT)
 
 
 def _input_item(item: Any) -> str:
@@ -233,7 +245,7 @@ def _render_buffered(data: bytes) -> str:
         # An API error body: {"error": {...}} (and the bridge's own flat code/message).
         return "\n".join(["Responses API error", f"error: {error_text(obj)}"])
     items = output if isinstance(output, list) else []
-    return _render_outcome("Responses API response", obj, items, None, [])
+    return outcome_text("Responses API response", obj, items, None, [])
 
 
 @dataclass
@@ -296,7 +308,7 @@ def _render_stream(data: bytes) -> str:
     if not (isinstance(output, list) and output):
         output = _streamed_items(state)
     title = f"Responses API response (streamed: {state.events} events)"
-    return _render_outcome(title, response, output, state.error, notes)
+    return outcome_text(title, response, output, state.error, notes)
 
 
 def _item_key(obj: dict[str, Any]) -> tuple[int, int, str]:
@@ -362,18 +374,19 @@ def _streamed_items(state: _StreamState) -> list[dict[str, Any]]:
     return out
 
 
-def _render_outcome(
+def outcome_text(
     title: str,
     response: dict[str, Any],
     output: Iterable[Any],
     stream_error: str | None,
     notes: list[str],
 ) -> str:
+    """A response object (buffered, a stream's terminal event, a WebSocket event) as text."""
     lines = [title]
     for key in ("id", "model", "status"):
         if (value := response.get(key)) is not None:
-            lines.append(f"{key}: {value}")
-    if usage := _usage_line(response.get("usage")):
+            lines.append(f"{key}: {value_text(value)}")
+    if usage := usage_line(response.get("usage")):
         lines.append(f"usage: {usage}")
     if response.get("error"):
         lines.append(f"error: {error_text(response['error'])}")
@@ -381,17 +394,25 @@ def _render_outcome(
         lines.append(f"error: {stream_error}")
     details = response.get("incomplete_details")
     if isinstance(details, dict) and details.get("reason"):
-        lines.append(f"incomplete: {details['reason']}")
+        lines.append(f"incomplete: {value_text(details['reason'])}")
     lines.extend(f"note: {n}" if not n.startswith(INDENT) else n for n in notes)
     items = list(output)
     if not items:
         return "\n".join([*lines, "", "output: none"])
-    entries = [_output_item(item) for item in items]
+    entries: list[str] = []
+    used = 0
+    for item in items:
+        if used > CONTENT_LIMIT:
+            entries.append(f"… [{plural(len(items) - len(entries), 'more item')} not shown]")
+            break
+        entries.append(output_item_text(item))
+        used += len(entries[-1])
     heading = f"output ({len(items)} item{'s' if len(items) != 1 else ''}):"
     return "\n".join(lines) + "\n\n" + "\n\n".join([heading, *entries])
 
 
-def _usage_line(usage: Any) -> str | None:
+def usage_line(usage: Any) -> str | None:
+    """A response's usage, counted as the log counts it; None without one."""
     row = token_usage_row(usage)
     if row is None:
         return None
@@ -410,7 +431,7 @@ def _usage_line(usage: Any) -> str | None:
     )
 
 
-def _output_item(item: Any) -> str:
+def output_item_text(item: Any) -> str:
     """One output item: assistant text, reasoning summary, commentary or a tool call."""
     if not isinstance(item, dict):
         return f"[?] {compact(item, VALUE_LIMIT)}"
