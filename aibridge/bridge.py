@@ -25,7 +25,7 @@ import orjson
 from mitmproxy import ctx, exceptions, http, websocket
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from aibridge import __version__, apis, auth, echo, health
+from aibridge import __version__, apis, auth, echo, health, mitmweb
 from aibridge.apis import Api
 from aibridge.apis.common import Accumulator, RequestError, RequestInfo
 from aibridge.apis.openai_errors import error_event
@@ -56,8 +56,8 @@ from aibridge.metrics import (
 from aibridge.record import address as addresses
 from aibridge.record import rows
 from aibridge.record.outcome import Outcome, finish_exchange
-from aibridge.record.recorder import Recorder, RecorderError
-from aibridge.routing import Route, RouteKind, classify
+from aibridge.record.recorder import Recorder, RecorderError, Replay
+from aibridge.routing import Route, RouteKind, as_noted, classify
 from aibridge.transport import mitm_compat
 from aibridge.transport.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
 from aibridge.transport.tee import StreamTee
@@ -79,6 +79,7 @@ def _note(
     credential_hint: str | None,
     rejected: dict[str, Any] | None = None,
     request: RequestInfo | None = None,
+    provider: str | None = None,
 ) -> None:
     """What the bridge notes on a flow it records (saved with it, `-w`), so that offline mode
     (`_replay_request`) rebuilds the same record without authenticating anyone."""
@@ -88,6 +89,8 @@ def _note(
         "initiator_id": initiator_id,
         "credential_kind": credential_kind,
         "credential_hint": credential_hint,
+        # Several providers can share a host and root: offline mode must not guess.
+        "provider": provider,
     }
     if rejected is not None:
         noted["rejected"] = rejected
@@ -186,6 +189,7 @@ class Exchange:
     clock_start: float = 0.0  # time.monotonic() when recorded: the duration's start
     # The upstream secrets shown as hints in the flow until the wire (mitm_compat.before_send).
     concealed: auth.Concealed | None = field(default=None, repr=False)
+    replay: Replay | None = None  # rebuilt from a saved flow: its rows carry this mark
 
 
 class AIBridge:
@@ -661,6 +665,7 @@ class AIBridge:
                 identity.credential_kind,
                 identity.credential_hint,
                 request=info,
+                provider=route.provider.name,
             )
             self._record_start(flow, exchange, headers=headers)
 
@@ -717,7 +722,10 @@ class AIBridge:
         noted = flow.metadata.get(METADATA_KEY)
         req = flow.request
         route = classify(self.config, req.method, req.host, req.port, req.path)
-        if not isinstance(noted, dict) or route.kind is not RouteKind.BRIDGED:
+        if not isinstance(noted, dict) or req.method != "POST":
+            return
+        route = as_noted(self.config, route, noted.get("provider"))
+        if route.kind is not RouteKind.BRIDGED:
             return
         assert route.provider is not None and route.api is not None
         identity = None
@@ -734,18 +742,29 @@ class AIBridge:
             info = None
         if info is not None and isinstance(noted.get("request"), dict):
             info.metadata = noted["request"]  # the body saved is the one sent, edited
+        # The writer writes the records only if the log does not hold this interception yet
+        # (a file opened again, a flow in it twice). Without a noted id, one made from the
+        # flow's, so that reading it again finds it too, as does a log that has the flow.
+        interception_id = noted.get("interception_id")
+        replay = Replay()
+        if not isinstance(interception_id, str) or not interception_id:
+            interception_id = uuid.uuid5(uuid.NAMESPACE_URL, f"aibridge:flow:{flow.id}").hex
+            replay = Replay(flow_id=flow.id)
         rejected = noted.get("rejected")
         if isinstance(rejected, dict):
             status, message = rejected.get("status"), rejected.get("message")
             if isinstance(status, int) and isinstance(message, str):
                 # The live record had the request's fields only if it got that far (501).
                 kept = info if rejected.get("request_read") else None
-                self._record_rejection(flow, route, identity, status, message, kept, noted=noted)
+                noted = {**noted, "interception_id": interception_id}
+                self._record_rejection(
+                    flow, route, identity, status, message, kept, noted=noted, replay=replay
+                )
             return
         if identity is None or info is None:
             return
         exchange = Exchange(
-            str(noted.get("interception_id") or uuid.uuid4().hex),
+            interception_id,
             flow,
             route.provider,
             identity,
@@ -753,6 +772,7 @@ class AIBridge:
             info,
             route.api.new_accumulator(),
             masked=True,  # saved already masked
+            replay=replay,
         )
         self._exchanges[flow.id] = exchange
         self._record_start(flow, exchange)
@@ -1220,6 +1240,8 @@ class AIBridge:
         """Drop the message (the provider never sees it) and answer with an error event."""
         message.drop()
         labels = self._record_rejection(flow, route, state.identity, status, text, info)
+        refused = mitmweb.TurnEnd("rejected", text, info.model if info else None)
+        mitmweb.note_turn(flow, state.identity.user_id, refused)
         if self.metrics is not None and labels is not None:
             self.metrics.rejected(labels, reason)
         ctx.master.commands.call("inject.websocket", flow, True, error_event(status, text), True)
@@ -1238,7 +1260,8 @@ class AIBridge:
             state.close(turn)
             self._release(turn)
             outcome = finish_exchange(turn.api, turn.accumulator, None, None, None)
-            self._write_end(turn, outcome, 101)
+            usage = self._write_end(turn, outcome, 101)
+            self._annotate_turn(turn, outcome, usage)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         state = self._sockets.pop(flow.id, None)
@@ -1256,7 +1279,23 @@ class AIBridge:
             turn = state.open_turns.popleft()
             self._release(turn)
             outcome = finish_exchange(turn.api, turn.accumulator, None, None, why)
-            self._write_end(turn, outcome, 101)
+            usage = self._write_end(turn, outcome, 101)
+            self._annotate_turn(turn, outcome, usage)
+
+    @staticmethod
+    def _annotate_turn(turn: Exchange, outcome: Outcome, usage: Mapping[str, Any]) -> None:
+        """What mitmweb shows of the WebSocket: its comment counts the turn. `usage`: the
+        turn's usage row as recorded (its cost included), empty when it had none."""
+        result, info = outcome.result, turn.request
+        model = result.response_model or (info.model if info else None)
+        end = mitmweb.TurnEnd(
+            outcome.status,
+            outcome.error,
+            model,
+            result.token_usage,
+            usage.get("estimated_cost_usd"),
+        )
+        mitmweb.note_turn(turn.flow, turn.identity.user_id, end)
 
     # ---- records -----------------------------------------------------------------------------
 
@@ -1284,7 +1323,7 @@ class AIBridge:
             else request_bytes,
             mitmweb_url=self._mitmweb_url,
         )
-        self.recorder.upsert("interceptions", row)
+        self.recorder.upsert("interceptions", row, exchange.replay)
         exchange.labels = _labels(row)
         exchange.clock_start = time.monotonic()
         if self.metrics is not None:
@@ -1300,10 +1339,11 @@ class AIBridge:
         info: RequestInfo | None = None,
         *,
         noted: dict[str, Any] | None = None,
+        replay: Replay | None = None,
     ) -> ExchangeLabels | None:
         """Record a refused request. `noted`: what the live bridge noted on a flow read back
-        from a file (offline mode), which keeps the id and the credential's hint. Returns the
-        labels its metrics count it under."""
+        from a file (offline mode), which keeps the id and the credential's hint; `replay`
+        marks its rows. Returns the labels its metrics count it under."""
         if self.recorder is None or route.provider is None:
             return None
         now = utc_now()
@@ -1325,7 +1365,7 @@ class AIBridge:
         elif identity is None and token is not None:
             row["credential_hint"] = auth.hint(token)
         row.update(ended_at=now, http_status=status, status="rejected", error=message)
-        self.recorder.upsert("interceptions", row)
+        self.recorder.upsert("interceptions", row, replay)
         labels = _labels(row)
         self._tell(
             FinishedExchange(
@@ -1349,11 +1389,13 @@ class AIBridge:
                 row["credential_hint"],
                 rejected,
                 request=info,
+                provider=route.provider.name,
             )
         if info is not None and info.prompt is not None and self.config is not None:
             self.recorder.insert(
                 "user_prompts",
                 rows.prompt_row(row["id"], None, info.prompt, self.config.privacy, now),
+                replay,
             )
         return labels
 
@@ -1370,9 +1412,12 @@ class AIBridge:
         if outcome.status != "completed":
             exchange.flow.marked = ":warning:"
 
-    def _write_end(self, exchange: Exchange, outcome: Outcome, http_status: int | None) -> None:
+    def _write_end(
+        self, exchange: Exchange, outcome: Outcome, http_status: int | None
+    ) -> Mapping[str, Any]:
+        """Record the exchange's end; returns its usage row (empty without one)."""
         if self.recorder is None or self.config is None or exchange.request is None:
-            return
+            return {}
         now = utc_now()
         # A sign-in (ChatGPT, Claude Pro/Max) is paid by its plan, not per token.
         signed_in = exchange.identity.credential_kind in auth.SIGN_IN_KINDS
@@ -1389,7 +1434,8 @@ class AIBridge:
             prices,
             provider_type=exchange.provider.type,
         ):
-            if table == "token_usages" and self.governor is not None:
+            # A replay's spend is the log's to tell (the writer may find it there already).
+            if table == "token_usages" and self.governor is not None and exchange.replay is None:
                 # Counted before the row is queued: the log reader must find it pending.
                 self.governor.record_use(
                     exchange.identity.user_id,
@@ -1400,9 +1446,9 @@ class AIBridge:
                     row.get("total_tokens") or 0,
                 )
             if table == "interceptions":
-                self.recorder.upsert(table, row)
+                self.recorder.upsert(table, row, exchange.replay)
             else:
-                self.recorder.insert(table, row)
+                self.recorder.insert(table, row, exchange.replay)
             if table == "token_usages":
                 usage = row
             elif table == "user_prompts":
@@ -1410,6 +1456,7 @@ class AIBridge:
             elif table == "tool_usages":
                 tool_calls += 1
         self._report_end(exchange, outcome, http_status, usage, prompts, tool_calls)
+        return usage
 
     def _tell(self, done: FinishedExchange) -> None:
         """The console's line for a finished exchange, counted for the shutdown summary."""

@@ -104,6 +104,28 @@ def classify(
     return Route(RouteKind.FORBIDDEN, provider, normalized, upstream_path)
 
 
+def as_noted(config: Config, route: Route, provider_name: object) -> Route:
+    """The route of a saved POST, judged for the provider the live bridge noted on it.
+
+    The saved request names the provider's destination, which several providers may share
+    (one host and root serving OpenAI and Anthropic, say); the live bridge knew which one it
+    was. A name that is unknown, at another destination or root, or without this API keeps
+    `route`.
+    """
+    if not isinstance(provider_name, str) or route.provider is None:
+        return route
+    noted = config.provider_named(provider_name)
+    if noted is None or noted is route.provider:
+        return route
+    here = (route.provider.host, route.provider.port, route.provider.base_path)
+    if (noted.host, noted.port, noted.base_path) != here:
+        return route
+    api = bridged_api(noted.apis, route.api_path)
+    if api is None:
+        return route
+    return Route(RouteKind.BRIDGED, noted, route.api_path, route.upstream_path, api)
+
+
 def _query(client_query: str, base_query: str) -> str:
     """The query string to send upstream, with its ``?``: the client's as sent, followed by
     the parameters of the provider's base URL the client did not give (Azure's

@@ -380,3 +380,68 @@ def test_the_base_url_query_in_reverse_or_regular_proxy_mode() -> None:
 def test_a_provider_serves_only_its_apis() -> None:
     assert azure_route("/azure/v1/responses").kind is RouteKind.FORBIDDEN
     assert azure_route("/azure/v1/messages").kind is RouteKind.FORBIDDEN
+
+
+SHARED = parse_config(
+    {
+        "providers": [
+            {"name": "openai", "base_url": "http://127.0.0.1:9911/v1", "api_key": "k"},
+            {
+                "name": "claude",
+                "type": "anthropic",
+                "base_url": "http://127.0.0.1:9911/v1",
+                "api_key": "k",
+            },
+            {
+                "name": "compatible",
+                "type": "openai_compatible",
+                "base_url": "http://127.0.0.1:9911/v1",
+                "api_key": "k",
+            },
+            {
+                "name": "other-root",
+                "type": "anthropic",
+                "base_url": "http://127.0.0.1:9911/other/v1",
+                "api_key": "k",
+            },
+            {
+                "name": "elsewhere",
+                "type": "anthropic",
+                "base_url": "http://127.0.0.1:9912/v1",
+                "api_key": "k",
+            },
+        ]
+    },
+    "test.yaml",
+    {},
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "noted", "provider", "api"),
+    [
+        # The provider the live bridge noted, when it serves the saved path's API.
+        ("/v1/messages", "claude", "claude", "messages"),
+        ("/v1/chat/completions", "compatible", "compatible", "chat_completions"),
+        ("/v1/responses", "openai", "openai", "responses"),
+        # Anything else keeps what the destination alone says.
+        ("/v1/messages", None, "openai", None),
+        ("/v1/messages", "no-such-provider", "openai", None),
+        ("/v1/messages", 17, "openai", None),
+        ("/v1/messages", ["claude"], "openai", None),
+        ("/v1/messages", "other-root", "openai", None),  # another root
+        ("/v1/messages", "elsewhere", "openai", None),  # another destination
+        ("/v1/responses", "claude", "openai", "responses"),  # Anthropic has no Responses API
+    ],
+)
+def test_a_saved_flow_is_judged_for_its_noted_provider(path, noted, provider, api):
+    from aibridge.routing import as_noted
+
+    first = classify(SHARED, "POST", "127.0.0.1", 9911, path)
+    judged = as_noted(SHARED, first, noted)
+    assert judged.provider.name == provider
+    if api is None:
+        assert judged == first
+    else:
+        assert judged.kind is RouteKind.BRIDGED and judged.api.name == api
+        assert judged.api_path == first.api_path

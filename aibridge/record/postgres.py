@@ -28,7 +28,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -445,6 +445,20 @@ class PostgresStore:
         """One statement outside the recorder's batches (tools such as aibridge.copy_log)."""
         cursor = self._connection().execute(sql, params)
         return cursor.fetchall() if cursor.description is not None else []
+
+    def interceptions_present(
+        self, ids: Collection[str], flow_ids: Collection[str]
+    ) -> tuple[set[str], set[str]]:
+        """Which of `ids` the log's interceptions hold, and which of `flow_ids` one of them was
+        recorded from (replays, see the recorder); in the open transaction, which holds the
+        write lock, so no other bridge can add one of them before this batch commits."""
+        conn = self._connection()
+        found: tuple[set[str], set[str]] = (set(), set())
+        for column, values, into in (("id", ids, found[0]), ("flow_id", flow_ids, found[1])):
+            if values:
+                sql = f"select {column} from {schema.INTERCEPTIONS} where {column} = any(%s)"
+                into.update(r[0] for r in conn.execute(sql, (list(values),)))
+        return found
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._conn

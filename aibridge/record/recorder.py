@@ -32,6 +32,12 @@ Cases it handles:
   locked must not keep the proxy from shutting down. What is left is logged.
 - (SQLite) the file is deleted, moved away or replaced while open: the store follows the
   path (see aibridge.record.sqlite).
+- Exchanges rebuilt from a saved flow (a flow file read with `--rfile`, mitmweb's File → Open)
+  come with a `Replay` mark. In the transaction of the batch that holds a replay's first row,
+  the writer asks the log whether it already has that interception; if so, none of the
+  replay's rows are written (its later rows are dropped by the same decision), and no loss is
+  counted: the log has them. Opening the same file again, or one holding a flow twice, so
+  writes each exchange once.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
@@ -86,14 +92,37 @@ _BINDABLE: Final = frozenset({str, int, float, bool, bytes, type(None)})
 # so the limit only guards against a caller that varies its key order endlessly.
 _STATEMENTS_MAX: Final = 256
 
-# A queue entry: [seq, kind, table, row]; row None means it was shed whole.
-_SEQ, _KIND, _TABLE, _ROW = 0, 1, 2, 3
+# A queue entry: [seq, kind, table, row, replay]; row None means it was shed whole.
+_SEQ, _KIND, _TABLE, _ROW, _REPLAY = 0, 1, 2, 3, 4
 
 LossKey = tuple[str, str | None, str]  # (table_name, field or None for the row, reason)
 # A prepared write: the SQL, and how to take its parameters from a row dict.
 Statement = tuple[str, Callable[[dict[str, Any]], tuple[Any, ...]]]
 # What the writer does in a batch: (INSERT or UPSERT, table, row).
 Op = tuple[str, str, dict[str, Any]]
+
+
+class Replay:
+    """Marks the rows of one exchange rebuilt from a saved flow, one mark per reading of the
+    flow (the same flow read twice is two replays). The writer writes them only if the log
+    did not hold the interception before the replay's first row.
+
+    The writer keeps its decision on the mark, so it lasts exactly as long as rows can still
+    come with it.
+    """
+
+    __slots__ = ("flow_id", "new")
+
+    def __init__(self, flow_id: str | None = None) -> None:
+        # Set when the flow did not note its interception id: the log holds the exchange
+        # also if it has an interception of this flow.
+        self.flow_id = flow_id
+        # The decision, once the batch that began the replay is committed (only the writer
+        # thread reads or sets it): True to write its rows, False when the log held them.
+        self.new: bool | None = None
+
+    def __repr__(self) -> str:
+        return f"<Replay flow_id={self.flow_id!r} new={self.new!r}>"
 
 
 class Store(Protocol):
@@ -129,6 +158,9 @@ class Store(Protocol):
         self, table: str, row: dict[str, Any], exc: BaseException
     ) -> tuple[dict[str, Any], list[tuple[str, str]]] | None: ...
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]: ...
+    def interceptions_present(
+        self, ids: Collection[str], flow_ids: Collection[str]
+    ) -> tuple[set[str], set[str]]: ...
     @property
     def commit_unanswered(self) -> bool: ...
     def unanswered_commit_landed(self) -> bool: ...
@@ -212,6 +244,9 @@ class Recorder:
         self._attempted = 0  # rows the batch being committed wrote
         self._statements: dict[tuple[str, str, tuple[str, ...]], Statement] = {}
         self._carried: Counter[LossKey] = Counter()  # losses not yet in the database
+        # What the attempt being committed decided about the replays it began: kept (on the
+        # marks) only once it is known to have landed; a rolled-back attempt wrote none of them.
+        self._replays_begun: dict[Replay, bool] = {}
 
         # Counters: the first two change under _lock, the rest only in the writer.
         self._shed_rows = 0
@@ -220,20 +255,25 @@ class Recorder:
         self._batches = 0
         self._retries = 0
         self._lost_rows = 0
+        self._replays_present = 0  # replayed exchanges the log already held: not written
         # Why the database refuses the batch being retried now (None: it is not refusing).
         self._refusing: str | None = None
 
     # ---- producer side -------------------------------------------------------
 
-    def insert(self, table: str, row: dict[str, Any]) -> None:
-        """Queue `row` for insertion into `table`. The recorder owns `row` from now on."""
-        self._enqueue(INSERT, table, row)
+    def insert(self, table: str, row: dict[str, Any], replay: Replay | None = None) -> None:
+        """Queue `row` for insertion into `table`. The recorder owns `row` from now on.
 
-    def upsert(self, table: str, row: dict[str, Any]) -> None:
+        `replay`: the row belongs to an exchange rebuilt from a saved flow (see Replay)."""
+        self._enqueue(INSERT, table, row, replay)
+
+    def upsert(self, table: str, row: dict[str, Any], replay: Replay | None = None) -> None:
         """Queue an upsert by primary key "id": only the columns present in `row` change."""
-        self._enqueue(UPSERT, table, row)
+        self._enqueue(UPSERT, table, row, replay)
 
-    def _enqueue(self, kind: str, table: str, row: dict[str, Any]) -> None:
+    def _enqueue(
+        self, kind: str, table: str, row: dict[str, Any], replay: Replay | None = None
+    ) -> None:
         try:
             content_field = schema.CONTENT_FIELDS.get(table)
             full = False
@@ -243,7 +283,7 @@ class Recorder:
                     first_ignored = self._ignored_after_close == 1
                 else:
                     self._seq += 1
-                    entry = [self._seq, kind, table, row]
+                    entry = [self._seq, kind, table, row, replay]
                     self._pending.append(entry)
                     self._live += 1
                     # A row that is not a dict travels on, to be counted as lost.
@@ -384,6 +424,7 @@ class Recorder:
             "stripped": self._stripped,
             "queue_depth": self._live,
             "ignored_after_close": self._ignored_after_close,
+            "replays_present": self._replays_present,
         }
 
     @property
@@ -490,7 +531,7 @@ class Recorder:
         return batch
 
     def _process(self, batch: list[list[Any]]) -> None:
-        ops = self._prepare(batch)
+        ops, marks = self._prepare(batch)
         delay = _BACKOFF_FIRST
         failures = 0
         # (rows, per-row losses) of an attempt whose commit was sent but never answered: it
@@ -517,12 +558,13 @@ class Recorder:
                 else:
                     unanswered = None
                     self._attempted = 0
-                    written = self._write(ops, per_row)
+                    written = self._write(ops, per_row, marks)
             except Exception as exc:
                 if self._store.commit_unanswered:
                     unanswered = (self._attempted, per_row)
                 if not self._store.is_transient(exc):
                     self._refusing = None  # lost, not waiting: the losses table says so
+                    self._replays_begun = {}
                     self._lose_batch(ops, exc)
                     break
                 failures += 1
@@ -548,6 +590,7 @@ class Recorder:
                 log.warning("audit database accepted the batch after %d retries", failures)
             self._written += written
             self._batches += 1
+            self._settle_replays()
             self._log_losses(self._carried + per_row)
             self._carried.clear()
             break
@@ -560,14 +603,16 @@ class Recorder:
             # Still unusable: the next attempt notices it is not open and tries again.
             log.debug("reopening the audit database failed: %s", self._store.describe(exc))
 
-    def _prepare(self, batch: list[list[Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    def _prepare(self, batch: list[list[Any]]) -> tuple[list[Op], list[Replay | None] | None]:
         """Validate rows and make every value bindable; what cannot be kept is counted.
+        Returns the ops and, if any row is a replay's, each op's Replay mark (else None).
 
         The caller's dict is never changed: a row that needs changes is copied.
         """
         ops: list[Op] = []
+        marks: list[Replay | None] = []
         losses = self._carried
-        for _, kind, table, row in batch:
+        for _, kind, table, row, replay in batch:
             if row is None:
                 continue
             columns = self._store.columns.get(table)
@@ -599,12 +644,19 @@ class Recorder:
                 self._lost_rows += 1
                 continue
             ops.append((kind, table, clean))
-        return ops
+            marks.append(replay)
+        return ops, (marks if any(m is not None for m in marks) else None)
 
-    def _write(self, ops: list[Op], per_row: Counter[LossKey]) -> int:
-        """Write `ops` and the pending losses in one transaction; return rows written."""
+    def _write(
+        self, ops: list[Op], per_row: Counter[LossKey], marks: list[Replay | None] | None = None
+    ) -> int:
+        """Write `ops` and the pending losses in one transaction; return rows written.
+        `marks`: each op's Replay mark, if any has one (see _without_replays_present)."""
         store = self._store
         with store.transaction():
+            self._replays_begun = {}
+            if marks is not None:
+                ops = self._without_replays_present(ops, marks)
             token = store.before_rows(ops)
             try:
                 # A savepoint, so that a rejected row undoes only the batch's rows
@@ -623,6 +675,50 @@ class Recorder:
             # What the batch wrote, should its commit go unanswered (see _process).
             self._attempted = written
         return written
+
+    def _without_replays_present(self, ops: list[Op], marks: list[Replay | None]) -> list[Op]:
+        """`ops` without the rows of replays whose exchange the log already held before the
+        replay's first row; run in the batch's transaction, before it writes anything.
+
+        A replay is decided once, at its first row: one query for all the replays the batch
+        begins. Of replays of one interception begun in the same batch (a file holding a flow
+        twice), only the first can be new.
+        """
+        begun: dict[Replay, str] = {}  # replays this batch begins → their interception id
+        for (_, table, row), mark in zip(ops, marks, strict=True):
+            if mark is not None and mark.new is None and mark not in begun:
+                key = "id" if table == schema.INTERCEPTIONS else "interception_id"
+                begun[mark] = str(row.get(key))
+        decided: dict[Replay, bool] = {}
+        if begun:
+            flow_ids = {m.flow_id for m in begun if m.flow_id is not None}
+            ids, flows = self._store.interceptions_present(set(begun.values()), flow_ids)
+            for mark, interception_id in begun.items():
+                by_flow = mark.flow_id is not None and mark.flow_id in flows
+                decided[mark] = interception_id not in ids and not by_flow
+                ids.add(interception_id)  # a later replay of it in this batch is not new
+        self._replays_begun = decided
+        kept: list[Op] = []
+        for op, mark in zip(ops, marks, strict=True):
+            if mark is None or decided.get(mark, mark.new):
+                kept.append(op)
+        return kept
+
+    def _settle_replays(self) -> None:
+        """The committed batch's decisions about replays, kept for their later rows."""
+        begun, self._replays_begun = self._replays_begun, {}
+        if not begun:
+            return
+        for mark, new in begun.items():
+            mark.new = new
+        present = sum(1 for new in begun.values() if not new)
+        if present:
+            self._replays_present += present
+            log.info(
+                "the audit log already held %d exchange%s read from saved flows: not written again",
+                present,
+                "" if present == 1 else "s",
+            )
 
     def _write_one_by_one(self, ops: list[Op], per_row: Counter[LossKey]) -> int:
         written, lost = write_one_by_one(self._store, ops, self._write_rows, per_row)

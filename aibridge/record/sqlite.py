@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -60,6 +60,8 @@ _SIDE_SUFFIXES: Final = ("-wal", "-shm")
 # Paths that name no file: sqlite3 keeps these databases in memory or in a hidden temp file.
 _NOT_A_FILE: Final = frozenset({"", ":memory:"})
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+# Ids looked up per statement (interceptions_present).
+_PRESENT_CHUNK: Final = 500
 
 FileId = tuple[int, int]  # (st_dev, st_ino): which file a path names right now
 
@@ -322,6 +324,25 @@ class SqliteStore:
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """One statement outside the recorder's batches (tools such as aibridge.copy_log)."""
         return self._conn.execute(sql, params).fetchall()
+
+    def interceptions_present(
+        self, ids: Collection[str], flow_ids: Collection[str]
+    ) -> tuple[set[str], set[str]]:
+        """Which of `ids` the log's interceptions hold, and which of `flow_ids` one of them was
+        recorded from (replays, see the recorder); in the open transaction."""
+        conn = self._conn
+        found: tuple[set[str], set[str]] = (set(), set())
+        for column, values, into in (("id", ids, found[0]), ("flow_id", flow_ids, found[1])):
+            wanted = list(values)
+            # Within SQLite's smallest limit on a statement's parameters (999 before 3.32).
+            for i in range(0, len(wanted), _PRESENT_CHUNK):
+                chunk = wanted[i : i + _PRESENT_CHUNK]
+                sql = (
+                    f"select {column} from {schema.INTERCEPTIONS} "
+                    f"where {column} in ({', '.join('?' * len(chunk))})"
+                )
+                into.update(r[0] for r in conn.execute(sql, chunk))
+        return found
 
     def repair(
         self, table: str, row: dict[str, Any], exc: BaseException
