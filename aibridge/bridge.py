@@ -166,6 +166,19 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def saved_time(flow: http.HTTPFlow, *, end: bool) -> str:
+    """When a flow read from a file happened, by its own timestamps (its response's end, or
+    its request's start): a rebuilt record keeps its day, and budgets their periods. A
+    timestamp a file cannot hold honestly (none, 0, not finite, out of range) gives now."""
+    response = flow.response
+    stamp = (response.timestamp_end or response.timestamp_start) if end and response else None
+    stamp = stamp or flow.request.timestamp_start
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool) and stamp > 0:
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="microseconds")
+    return utc_now()
+
+
 @dataclass(slots=True)
 class Exchange:
     """What the bridge keeps about one flow between its request and its end."""
@@ -1308,7 +1321,8 @@ class AIBridge:
     ) -> None:
         if self.recorder is None or exchange.request is None:
             return
-        exchange.started_at = utc_now()
+        replayed = exchange.replay is not None
+        exchange.started_at = saved_time(flow, end=False) if replayed else utc_now()
         row = rows.interception_start(
             interception_id=exchange.interception_id,
             flow_id=flow.id,
@@ -1346,7 +1360,7 @@ class AIBridge:
         marks its rows. Returns the labels its metrics count it under."""
         if self.recorder is None or route.provider is None:
             return None
-        now = utc_now()
+        now = saved_time(flow, end=False) if replay is not None else utc_now()
         token = auth.presented_token(flow.request.headers)
         row = rows.interception_start(
             interception_id=str(noted["interception_id"]) if noted else uuid.uuid4().hex,
@@ -1418,7 +1432,7 @@ class AIBridge:
         """Record the exchange's end; returns its usage row (empty without one)."""
         if self.recorder is None or self.config is None or exchange.request is None:
             return {}
-        now = utc_now()
+        now = saved_time(exchange.flow, end=True) if exchange.replay is not None else utc_now()
         # A sign-in (ChatGPT, Claude Pro/Max) is paid by its plan, not per token.
         signed_in = exchange.identity.credential_kind in auth.SIGN_IN_KINDS
         prices = None if signed_in else self.prices

@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ import openai
 import psycopg
 import pytest
 from mitmproxy import io as mitm_io
+from mitmproxy.test import tflow
 
-from aibridge.bridge import METADATA_KEY
+from aibridge.bridge import METADATA_KEY, saved_time
 from aibridge.record import address as addresses
 from aibridge.record import schema
 from aibridge.record.recorder import Recorder, Replay
@@ -549,6 +551,58 @@ def test_reading_the_file_into_a_fresh_log_gives_the_live_records_once(
     present = read_back(recorded.flows, recorded, db)
     assert everything(db) == rebuilt
     assert sum(present) == recorded.bridged
+
+    # The records keep the exchanges' own times (the flows' timestamps), not the rebuild's.
+    with recorded.flows.open("rb") as f:
+        saved = [x for x in mitm_io.FlowReader(f).stream() if METADATA_KEY in x.metadata]
+    times = {
+        r["id"]: (r["started_at"], r["ended_at"])
+        for r in query(db, "select id, started_at, ended_at from interceptions")
+    }
+    for flow in saved:
+        started, ended = times[flow.metadata[METADATA_KEY]["interception_id"]]
+        assert started == saved_time(flow, end=False) == stamp(flow.request.timestamp_start)
+        if flow.response is not None and flow.metadata[METADATA_KEY].get("rejected") is None:
+            assert ended == stamp(flow.response.timestamp_end)
+
+
+def stamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="microseconds")
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "want_start", "want_end"),
+    [
+        (1_750_000_000.25, 1_750_000_003.5, 1_750_000_000.25, 1_750_000_003.5),
+        (1_750_000_000.25, None, 1_750_000_000.25, 1_750_000_000.25),  # no end: its start
+        (1_750_000_000.25, 0, 1_750_000_000.25, 1_750_000_000.25),
+    ],
+)
+def test_saved_time_is_the_flows_own(
+    start: float, end: float | None, want_start: float, want_end: float
+) -> None:
+    flow = tflow.tflow(resp=True)
+    flow.request.timestamp_start = start
+    flow.response.timestamp_start = None
+    flow.response.timestamp_end = end
+    assert saved_time(flow, end=False) == stamp(want_start)
+    assert saved_time(flow, end=True) == stamp(want_end)
+    flow.response = None
+    assert saved_time(flow, end=True) == stamp(want_start)
+
+
+@pytest.mark.parametrize(
+    "hostile", [None, 0, -1.0, float("nan"), float("inf"), -float("inf"), 1e20, True, "1750000000"]
+)
+def test_a_saved_time_a_file_cannot_hold_honestly_is_now(hostile: Any) -> None:
+    flow = tflow.tflow(resp=True)
+    flow.request.timestamp_start = hostile
+    flow.response.timestamp_start = flow.response.timestamp_end = hostile
+    before = datetime.now(UTC).isoformat(timespec="microseconds")
+    for end in (False, True):
+        got = saved_time(flow, end=end)
+        assert datetime.fromisoformat(got).tzinfo is not None
+        assert got >= before  # now, not the hostile value
 
 
 def variant_flows(recorded: Recorded, target: Path) -> tuple[Path, str]:
