@@ -1134,8 +1134,11 @@ class AIBridge:
         )
         if not outcome.result.terminal_seen:
             outcome.status = "shutdown"
-        self._write_end(exchange, outcome, None)
-        self._annotate(exchange, outcome)
+        usage = self._write_end(exchange, outcome, None)
+        if exchange.flow.websocket is not None:
+            self._annotate_turn(exchange, outcome, usage)  # one turn of the socket's comment
+        else:
+            self._annotate(exchange, outcome)
 
     # ---- WebSocket transport ---------------------------------------------------------------
 

@@ -929,3 +929,23 @@ def test_e2e_a_key_the_provider_echoes_over_the_socket_is_masked(served: Served)
     db = served.bridge.db_path
     stored = b"".join(p.read_bytes() for p in sorted(db.parent.glob(db.name + "*")))
     assert PROVIDER_KEY.encode() not in stored
+
+
+def test_a_turn_open_at_shutdown_is_one_more_turn_of_the_sockets_comment(hooks: Hooks) -> None:
+    flow = open_socket(hooks)
+    from_client(hooks, flow, orjson.dumps(create("first")))
+    first = new_id("resp")
+    from_server(hooks, flow, created(first))
+    from_server(hooks, flow, completed(first, (5, 2)))
+    assert "1 turn" in flow.comment
+    from_client(hooks, flow, orjson.dumps(create("second")))
+    from_server(hooks, flow, created(new_id("resp")))
+    hooks.addon.done()  # the bridge stops with the second turn streaming
+    # The socket's comment counts both turns; it is not replaced by the open turn's alone.
+    assert "alice" in flow.comment and "2 turns, last shutdown" in flow.comment, flow.comment
+    assert "in 5 / out 2 tokens" in flow.comment, flow.comment
+    sql = (
+        "select i.status from interceptions i join user_prompts p on p.interception_id = i.id"
+        " where p.prompt = 'second'"
+    )
+    assert query(hooks.db_path, sql) == [{"status": "shutdown"}]  # written before it closed
