@@ -85,20 +85,12 @@ def _read_postgres_use(address: str, rows: list[dict[str, Any]]) -> list[dict[st
 
     where = addresses.display(address)
     try:
-        postgres.require_driver()
-    except RuntimeError as e:
-        raise BudgetsError(f"{where}: {e}") from None
+        conn = postgres.connect_snapshot(address)  # one snapshot, and no write can slip in
+    except postgres.ReaderError as e:
+        raise BudgetsError(str(e)) from None
     import psycopg
 
     try:
-        conn = postgres.connect(address)
-    except psycopg.Error as e:
-        raise BudgetsError(
-            f"{where}: cannot connect to the audit log: {_line(e, address)}"
-        ) from None
-    try:
-        # One snapshot, and no write can slip in.
-        conn.execute("begin isolation level repeatable read read only")
         missing = [
             table
             for table in ("interceptions", "token_usages")
@@ -112,18 +104,11 @@ def _read_postgres_use(address: str, rows: list[dict[str, Any]]) -> list[dict[st
         conn.execute("commit")
         return use
     except psycopg.Error as e:
-        # The server's own words, without the statement it quotes and its hints.
-        reason = e.diag.message_primary if e.sqlstate else None
         raise BudgetsError(
-            f"{where}: cannot read the audit log: {_line(reason or e, address)}"
+            f"{where}: cannot read the audit log: {postgres.reason_line(e, address)}"
         ) from None
     finally:
         conn.close()
-
-
-def _line(reason: object, address: str) -> str:
-    # libpq's messages span lines (a hint on the next, indented): one line, password masked.
-    return addresses.scrub(" ".join(str(reason).split()), address)
 
 
 def format_table(use: list[dict[str, Any]], governance: Governance) -> list[str]:

@@ -113,12 +113,9 @@ class Source:
 
     def error(self, exc: BaseException, doing: str = "cannot read the audit log") -> ReadError:
         """`exc` as a ReadError: one line, the server's own words, the password masked."""
-        reason: object = exc
-        diag = getattr(exc, "diag", None)
-        if getattr(exc, "sqlstate", None) and diag is not None and diag.message_primary:
-            reason = diag.message_primary  # without the statement it quotes and its hints
-        text = addresses.scrub(" ".join(str(reason).split()), self.address)
-        return ReadError(f"{self.where}: {doing}: {text}")
+        from aibridge.record.postgres import reason_line
+
+        return ReadError(f"{self.where}: {doing}: {reason_line(exc, self.address)}")
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -260,29 +257,10 @@ def connect_readonly_sqlite(path: Path) -> sqlite3.Connection:
 def _open_postgres(address: str) -> Any:
     from aibridge.record import postgres
 
-    where = addresses.display(address)
     try:
-        postgres.require_driver()
-    except RuntimeError as e:
-        raise ReadError(f"{where}: {e}") from None
-    import psycopg
-
-    try:
-        conn = postgres.connect(address)
-    except psycopg.Error as e:
-        text = addresses.scrub(" ".join(str(e).split()), address)
-        raise ReadError(f"{where}: cannot connect to the audit log: {text}") from None
-    try:
-        # Days and instants of the views in UTC, as the report's date ranges are; a slow
-        # reader of an export (a pager) must not have its session cut for idling.
-        conn.execute("set time zone 'UTC'")
-        conn.execute("set idle_in_transaction_session_timeout = 0")
-        conn.execute("begin isolation level repeatable read read only")
-    except psycopg.Error as e:
-        conn.close()
-        text = addresses.scrub(" ".join(str(e).split()), address)
-        raise ReadError(f"{where}: cannot read the audit log: {text}") from None
-    return conn
+        return postgres.connect_snapshot(address)
+    except postgres.ReaderError as e:
+        raise ReadError(str(e)) from None
 
 
 def _pg_errors() -> tuple[type[BaseException], ...]:

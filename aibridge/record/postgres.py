@@ -192,6 +192,47 @@ def connect(address: str, **extra: Any) -> psycopg.Connection[Any]:
     return conn
 
 
+class ReaderError(RuntimeError):
+    """A reading tool cannot open the log: one line naming it, the password masked."""
+
+
+def reason_line(exc: BaseException, address: str) -> str:
+    """The server's own words for `exc` (without the statement it quotes and its hints), on
+    one line, the password masked."""
+    reason: object = exc
+    diag = getattr(exc, "diag", None)
+    if getattr(exc, "sqlstate", None) and diag is not None and diag.message_primary:
+        reason = diag.message_primary
+    return addresses.scrub(" ".join(str(reason).split()), address)
+
+
+def connect_snapshot(address: str) -> psycopg.Connection[Any]:
+    """A connection for a tool that only reads (budgets, report, export): one repeatable-read,
+    read-only snapshot, days and instants in UTC, never cut for idling (a reader paging an
+    export). ReaderError when the driver is missing or the log cannot be reached."""
+    where = addresses.display(address)
+    try:
+        require_driver()
+    except RuntimeError as exc:
+        raise ReaderError(f"{where}: {exc}") from None
+    try:
+        conn = connect(address)
+    except psycopg.Error as exc:
+        raise ReaderError(
+            f"{where}: cannot connect to the audit log: {reason_line(exc, address)}"
+        ) from None
+    try:
+        conn.execute("set time zone 'UTC'")
+        conn.execute("set idle_in_transaction_session_timeout = 0")
+        conn.execute("begin isolation level repeatable read read only")
+    except psycopg.Error as exc:
+        conn.close()
+        raise ReaderError(
+            f"{where}: cannot read the audit log: {reason_line(exc, address)}"
+        ) from None
+    return conn
+
+
 def describe_error(exc: BaseException, address: str) -> str:
     """`exc` as one line naming the database, the password masked: for the command-line tools."""
     text = " ".join(addresses.scrub(str(exc), address).split())
