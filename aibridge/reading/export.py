@@ -34,6 +34,7 @@ import orjson
 from aibridge.reading.report import UNAUTHENTICATED, add_log_options, date_range, log_address
 from aibridge.reading.source import DateRange, ReadError, Relation, Source
 from aibridge.record import schema
+from aibridge.record.sqlite import without_lone_surrogates
 
 FORMATS: Final = ("csv", "jsonl")
 BATCH: Final = 1000
@@ -53,7 +54,6 @@ TIME_COLUMNS: Final = (
 USER_COLUMNS: Final = ("initiator_id", "user")
 # Tables that are the log's own bookkeeping or prompt search: not rows anyone exports.
 _NOT_EXPORTED: Final = re.compile(r"^(_|user_prompts_fts|sqlite_)")
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _TOKEN_SUMS: Final = (
     "input_tokens",
     "cache_read_input_tokens",
@@ -166,11 +166,6 @@ def relation_query(
 # --- values ------------------------------------------------------------------------------------
 
 
-def _clean(text: str) -> str:
-    # Lone surrogates cannot be written as UTF-8 (nor by orjson); U+FFFD as the recorder does.
-    return _SURROGATE.sub("\ufffd", text)
-
-
 def _number(value: Decimal) -> int | float:
     # PostgreSQL sums bigint as numeric: whole numbers stay integers, the rest are floats.
     exponent = value.as_tuple().exponent
@@ -193,7 +188,7 @@ class _Converter:
             if value is None:
                 out.append("")
             elif is_json and self.parsed:
-                out.append(_clean(orjson.dumps(value).decode()))
+                out.append(without_lone_surrogates(orjson.dumps(value).decode()))
             else:
                 out.append(_plain_text(value))
         return out
@@ -213,7 +208,7 @@ class _Converter:
 
 def _plain_text(value: Any) -> str:
     if isinstance(value, str):
-        return _clean(value)
+        return without_lone_surrogates(value)
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, float):
@@ -231,7 +226,8 @@ def _parse_json_text(text: str) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return _clean(text)  # not JSON after all (an old or foreign row): the text itself
+        # Not JSON after all (an old or foreign row): the text itself.
+        return without_lone_surrogates(text)
 
 
 def _dumps_line(obj: dict[str, Any]) -> bytes:
@@ -243,9 +239,9 @@ def _dumps_line(obj: dict[str, Any]) -> bytes:
 
 def _cleaned(value: Any) -> Any:
     if isinstance(value, str):
-        return _clean(value)
+        return without_lone_surrogates(value)
     if isinstance(value, dict):
-        return {_clean(str(k)): _cleaned(v) for k, v in value.items()}
+        return {without_lone_surrogates(str(k)): _cleaned(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_cleaned(v) for v in value]
     return value

@@ -37,6 +37,7 @@ import orjson
 from aibridge.record import address as addresses
 from aibridge.record import schema
 from aibridge.record.sqlite import REASON_INVALID_UNICODE as REASON_INVALID_UNICODE
+from aibridge.record.sqlite import without_lone_surrogates
 
 try:
     import psycopg
@@ -80,7 +81,6 @@ _TRANSIENT_CLASSES: Final = frozenset({"08", "53", "57", "58", "40"})
 _TRANSIENT_STATES: Final = frozenset({"55P03", "25006", "55006"})
 # After these a new connection may succeed where this one cannot (a standby after failover).
 _RECONNECT_STATES: Final = frozenset({"25006"})
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # A JSON escape of NUL that is not itself escaped (an even run of backslashes before it).
 _JSON_NUL: Final = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 _BIGINT: Final = range(-(2**63), 2**63)
@@ -560,7 +560,7 @@ def _fit(value: Any, data_type: str) -> tuple[Any, list[str]]:
 
 def _clean_text(text: str) -> tuple[str, list[str]]:
     reasons = []
-    fixed = _SURROGATE.sub("\ufffd", text)
+    fixed = without_lone_surrogates(text)
     if fixed != text:
         reasons.append(REASON_INVALID_UNICODE)
     if "\x00" in fixed:

@@ -63,6 +63,13 @@ _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # Ids looked up per statement (interceptions_present).
 _PRESENT_CHUNK: Final = 500
 
+
+def without_lone_surrogates(text: str) -> str:
+    """`text` with U+FFFD for each lone surrogate (undecodable bytes kept by surrogateescape),
+    which no UTF-8 writer takes: SQLite's binding, PostgreSQL, orjson."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 FileId = tuple[int, int]  # (st_dev, st_ino): which file a path names right now
 
 
@@ -355,7 +362,7 @@ class SqliteStore:
         notes = []
         for key, value in row.items():
             if isinstance(value, str):
-                fixed = _SURROGATE.sub("\ufffd", value)
+                fixed = without_lone_surrogates(value)
                 if fixed != value:
                     repaired[key] = fixed
                     notes.append((str(key), REASON_INVALID_UNICODE))
