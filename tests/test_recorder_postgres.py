@@ -470,6 +470,51 @@ def test_a_server_killed_mid_batch_gets_each_row_once(
     assert losses(url) == {}
 
 
+@pytest.mark.parametrize("how", ["xid-never-given", "server-killed-at-commit"])
+def test_a_commit_the_server_forgot_in_a_crash_is_written_again(
+    own_server: PostgresServer, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The server dies between the batch's rows and its COMMIT. It restarts without any
+    record of that transaction, so asking about it (txid_status) is answered "transaction ID
+    ... is in the future". That means the batch never landed: it is written again, not lost."""
+    url = own_server.create_database("audit") + DURABLE
+    monkeypatch.setenv("PGPASSWORD", own_server.password)
+    broken = threading.Event()
+    real_commit = postgres.PostgresStore._commit
+
+    def crash_at_commit(self: postgres.PostgresStore, conn: Any) -> None:
+        if broken.is_set():
+            return real_commit(self, conn)
+        broken.set()
+        if how == "xid-never-given":
+            # As the server sees it after such a crash: an id beyond any it has given.
+            assert self._unanswered_xid is not None
+            self._unanswered_xid += 10_000_000
+            socket.socket(fileno=os.dup(conn.pgconn.socket)).shutdown(socket.SHUT_RDWR)
+        else:
+            own_server.kill()
+            own_server.start()
+        conn.execute("commit")  # raises: the connection is gone
+
+    rec = Recorder(url, linger=0)
+    rec.start()
+    exchange(rec, 1)
+    assert rec.flush(WAIT)
+    monkeypatch.setattr(postgres.PostgresStore, "_commit", crash_at_commit)
+    for n in range(2, 7):
+        exchange(rec, n)
+    assert rec.flush(WAIT)
+    rec.close()
+    assert broken.is_set()
+    for table in ("interceptions", "token_usages", "user_prompts", "tool_usages"):
+        ids = [
+            r["interception_id" if table != "interceptions" else "id"]
+            for r in pg_rows(url, f"select * from {table}")
+        ]
+        assert sorted(ids) == sorted(f"i{n}" for n in range(1, 7)), table
+    assert losses(url) == {}
+
+
 # ---- addresses that do not work, and the password ------------------------------------------
 
 

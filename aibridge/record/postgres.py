@@ -443,7 +443,14 @@ class PostgresStore:
         xid = self._unanswered_xid
         if xid is None:
             return False
-        status = self._connection().execute("select txid_status(%s)", (xid,)).fetchone()[0]
+        try:
+            status = self._connection().execute("select txid_status(%s)", (xid,)).fetchone()[0]
+        except psycopg.errors.InvalidParameterValue:
+            # "transaction ID ... is in the future": the server crashed before any record of
+            # that transaction reached its disk and restarted without it, so its commit, if
+            # any, did not survive: the batch is not in the database.
+            self._unanswered_xid = None
+            return False
         if status == "in progress":
             # The old session has not ended yet: ask again on the next attempt.
             raise psycopg.OperationalError("the outcome of the last commit is not known yet")
