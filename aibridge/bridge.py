@@ -56,7 +56,8 @@ from aibridge.metrics import (
 from aibridge.record import address as addresses
 from aibridge.record import rows
 from aibridge.record.outcome import Outcome, finish_exchange
-from aibridge.record.recorder import Recorder, RecorderError, Replay
+from aibridge.record.recorder import RecorderError, Replay
+from aibridge.record.writer_process import WRITER_MODES, LogWriter, WriterProcess, log_writer
 from aibridge.routing import Route, RouteKind, as_noted, classify
 from aibridge.transport import mitm_compat
 from aibridge.transport.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
@@ -108,7 +109,7 @@ def mitmweb_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def _publish_budgets(recorder: Recorder, config: Config, now: float) -> None:
+def _publish_budgets(recorder: LogWriter, config: Config, now: float) -> None:
     """The limits and their current periods, into the log's ``budgets`` table, where the
     canned query "budget use" reads them."""
     for row in report.budget_rows(config.governance, report.configured_user_ids(config), now):
@@ -218,7 +219,7 @@ class AIBridge:
 
     def __init__(self, default_config_dir: Path | None = None) -> None:
         self.config: Config | None = None
-        self.recorder: Recorder | None = None
+        self.recorder: LogWriter | None = None
         self.prices: PriceBook | None = None
         self.governor: Governor | None = None
         self.guard: UpstreamGuard | None = None
@@ -261,6 +262,14 @@ class AIBridge:
             "Address for AI Bridge's Prometheus metrics and health check, host:port (e.g. "
             "127.0.0.1:9464); overrides `metrics.listen` in the config file. Empty: off.",
         )
+        loader.add_option(
+            "aibridge_writer",
+            str,
+            "process",
+            "Where the AI Bridge audit log is written from: a process of its own (keeps the "
+            "proxy's event loop free), or a thread of mitmproxy's process.",
+            choices=WRITER_MODES,
+        )
         self._settle_repeated_options(
             loader.master.options, ("aibridge_config", "aibridge_db", "aibridge_metrics")
         )
@@ -291,7 +300,7 @@ class AIBridge:
     def configure(self, updated: set[str]) -> None:
         if updated & {"web_host", "web_port"}:
             self._mitmweb_url = mitmweb_url(ctx.options.web_host, ctx.options.web_port)
-        if not updated & {"aibridge_config", "aibridge_db", "aibridge_metrics"}:
+        if not updated & {"aibridge_config", "aibridge_db", "aibridge_metrics", "aibridge_writer"}:
             return
         if self.config is None and self._config_error is not None:
             return  # a start-up error (_settle_repeated_options): stay unconfigured, refuse
@@ -312,8 +321,13 @@ class AIBridge:
         for warning in config.warnings:
             log.warning(warning)
         db_path = ctx.options.aibridge_db or config.database
-        if self.recorder is None or self.recorder.path != str(db_path):
-            recorder = Recorder(db_path)
+        mode = ctx.options.aibridge_writer
+        if (
+            self.recorder is None
+            or self.recorder.path != str(db_path)
+            or (mode == "process") != isinstance(self.recorder, WriterProcess)
+        ):
+            recorder = log_writer(db_path, mode)
             try:
                 recorder.start()
             except RecorderError as e:

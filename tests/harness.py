@@ -211,6 +211,25 @@ def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[st
         conn.close()
 
 
+def writer_processes(pid: int) -> list[int]:
+    """The audit log's writer processes (aibridge.record.writer_process) that process `pid`
+    started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if (
+                ppid == pid
+                and b"aibridge.record.writer_process" in (entry / "cmdline").read_bytes()
+            ):
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
     """Poll until predicate() is truthy (records are written by a background thread)."""
     deadline = time.monotonic() + timeout

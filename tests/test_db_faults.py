@@ -9,7 +9,6 @@ wait for ever.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import resource
@@ -37,7 +36,7 @@ from aibridge.record import schema
 from aibridge.record.recorder import REASON_CONTENT_SHED, REASON_ROW_SHED, Recorder
 from devtools import mitmdump_process
 from devtools.fake_upstream import FakeUpstream
-from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for
+from tests.harness import TOKENS, Mitmdump, bridge_config, query, wait_for, writer_processes
 
 SAFETY = 60.0  # upper bound for waits; never asserted as a duration
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -198,19 +197,23 @@ def test_a_read_only_file_waits_and_catches_up(served: PipedMitmdump) -> None:
 
 def test_a_full_disk_waits_and_catches_up(served: PipedMitmdump) -> None:
     assert served.proc is not None
-    pid = served.proc.pid
+    # mitmdump and its writer process, which is the one that writes the database.
+    pids = [served.proc.pid, *writer_processes(served.proc.pid)]
+    assert len(pids) == 2
     tag = f"full-{uuid.uuid4().hex}"
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
-    # No write may extend any regular file of the process: the database is "full". Its log
-    # goes through a pipe, which the limit does not touch.
+    limits = {pid: resource.prlimit(pid, resource.RLIMIT_FSIZE) for pid in pids}
+    # No write may extend any regular file of the processes: the database is "full". Their
+    # logs go through pipes, which the limit does not touch.
     refusals = refused(served)
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, hard))
+    for pid, (_, hard) in limits.items():
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, hard))
     try:
         exchanges(served, tag)
         assert recorded(served.db_path, tag) == []
         assert wait_for(lambda: refused(served) > refusals, SAFETY)
     finally:
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+        for pid, limit in limits.items():
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, limit)
     assert_all_recorded(served.db_path, tag)
     assert "Traceback" not in served.log()
 
@@ -265,10 +268,12 @@ def in_process(
     with contextlib.ExitStack() as stack:
 
         def make(**recorder_args: Any) -> InProcess:
-            if recorder_args:
-                monkeypatch.setattr(
-                    bridge_module, "Recorder", functools.partial(Recorder, **recorder_args)
-                )
+            # The recorder in this process (a thread), so that the tests can reach into it.
+            monkeypatch.setattr(
+                bridge_module,
+                "log_writer",
+                lambda path, mode: Recorder(path, **recorder_args),
+            )
             config = bridge_config("https://api.openai.com", database="audit.db")
             config["providers"][0]["api_key"] = PROVIDER_KEY
             path = tmp_path / "aibridge.yaml"

@@ -111,7 +111,7 @@ class Replay:
     come with it.
     """
 
-    __slots__ = ("flow_id", "new")
+    __slots__ = ("__weakref__", "flow_id", "new")
 
     def __init__(self, flow_id: str | None = None) -> None:
         # Set when the flow did not note its interception id: the log holds the exchange
@@ -197,7 +197,11 @@ class Recorder:
         batch_size: int = 1000,
         busy_timeout_ms: int = 5000,
         linger: float = 0.05,
+        progress_id: str | None = None,
     ) -> None:
+        """`progress_id`: keep, in each batch's transaction, the number of the last row
+        committed under this id (schema.WRITER_PROGRESS); `progress_found` is what the log
+        held for it at start. Rows are then numbered by their producer (see renumber)."""
         if max_queue < 2 or batch_size < 1 or busy_timeout_ms < 0 or not linger >= 0:
             raise ValueError(
                 "need max_queue >= 2, batch_size >= 1, busy_timeout_ms >= 0, linger >= 0"
@@ -212,6 +216,8 @@ class Recorder:
         self.busy_timeout_ms = busy_timeout_ms
         self.linger = linger
         self._shed_content_above = max_queue // 2
+        self.progress_id = progress_id
+        self.progress_found = 0
 
         # Shared between producers and the writer; guarded by _lock, which is
         # only ever held for O(1) work by producers and O(batch) by the writer.
@@ -223,6 +229,7 @@ class Recorder:
         self._taken = 0  # last sequence number the writer took
         self._live = 0  # pending rows not shed whole
         self._losses: Counter[LossKey] = Counter()
+        self._losses_alone = False  # add_losses() asks for them written without waiting
         self._overflow_logged = False
         self._accepting = True
         self._closing = False
@@ -414,6 +421,33 @@ class Recorder:
                 stats["dropped"],
             )
 
+    def renumber(self, next_seq: int) -> None:
+        """Number the next row queued `next_seq` (never backwards): the producer's own
+        numbers, which may skip rows it never sent."""
+        with self._lock:
+            if next_seq - 1 > self._seq:
+                self._seq = next_seq - 1
+
+    @property
+    def completed(self) -> int:
+        """Every row queued up to this sequence number (rows are numbered from 1 in the order
+        queued) is committed or counted as lost."""
+        return self._completed
+
+    def wait_progress(self, seen: int, timeout: float | None) -> int:
+        """Wait up to `timeout` seconds for `completed` to move past `seen`; return it."""
+        with self._done:
+            self._done.wait_for(lambda: self._completed != seen, timeout)
+            return self._completed
+
+    def add_losses(self, losses: Counter[LossKey]) -> None:
+        """Count losses that happened outside this recorder (a writer process that ended with
+        rows in hand): they go into recorder_losses with the next batch, or on their own."""
+        with self._lock:
+            self._losses.update(losses)
+            self._losses_alone = True
+        self._wakeup.set()
+
     @property
     def stats(self) -> dict[str, int]:
         return {
@@ -455,7 +489,15 @@ class Recorder:
         _yield_cpu_to_the_proxy()
         try:
             self._store.open()
+            if self.progress_id is not None:
+                found = self._store.execute(
+                    f"select through_row from {schema.WRITER_PROGRESS} where id = "
+                    f"{self._store.placeholder}",
+                    (self.progress_id,),
+                )
+                self.progress_found = int(found[0][0]) if found else 0
         except BaseException as exc:
+            self._store.close()
             self._start_error = exc
             self._ready.set()
             return
@@ -469,7 +511,8 @@ class Recorder:
                     batch = self._take()
                     closing = self._closing
                     losses_waiting = bool(self._losses or self._carried)
-                if batch:
+                    losses_alone, self._losses_alone = self._losses_alone, False
+                if batch or (losses_alone and losses_waiting):
                     self._process_guarded(batch)
                 elif closing and losses_waiting and not final_losses_written:
                     # Losses counted without a batch to carry them (once: if
@@ -480,8 +523,23 @@ class Recorder:
                     break
                 else:
                     self._wakeup.wait()
+            self._forget_progress()
         finally:
             self._store.close()
+
+    def _forget_progress(self) -> None:
+        """A writer that ends with every row written leaves nothing for a next one to learn:
+        its progress row goes, so the log keeps none per clean start of a bridge."""
+        if self.progress_id is None or self._completed < self._seq:
+            return
+        try:
+            with self._store.transaction():
+                self._store.execute(
+                    f"delete from {schema.WRITER_PROGRESS} where id = {self._store.placeholder}",
+                    (self.progress_id,),
+                )
+        except Exception as exc:
+            log.debug("could not remove the writer's progress row: %s", self._store.describe(exc))
 
     def _linger(self) -> None:
         """Give a few queued rows `linger` seconds to gather company before a batch."""
@@ -558,7 +616,7 @@ class Recorder:
                 else:
                     unanswered = None
                     self._attempted = 0
-                    written = self._write(ops, per_row, marks)
+                    written = self._write(ops, per_row, marks, batch[-1][_SEQ] if batch else 0)
             except Exception as exc:
                 if self._store.commit_unanswered:
                     unanswered = (self._attempted, per_row)
@@ -648,10 +706,15 @@ class Recorder:
         return ops, (marks if any(m is not None for m in marks) else None)
 
     def _write(
-        self, ops: list[Op], per_row: Counter[LossKey], marks: list[Replay | None] | None = None
+        self,
+        ops: list[Op],
+        per_row: Counter[LossKey],
+        marks: list[Replay | None] | None = None,
+        through: int = 0,
     ) -> int:
         """Write `ops` and the pending losses in one transaction; return rows written.
-        `marks`: each op's Replay mark, if any has one (see _without_replays_present)."""
+        `marks`: each op's Replay mark, if any has one (see _without_replays_present).
+        `through`: the batch's last sequence number, kept as the progress (see __init__)."""
         store = self._store
         with store.transaction():
             self._replays_begun = {}
@@ -670,6 +733,13 @@ class Recorder:
                     raise
                 written = self._write_one_by_one(ops, per_row)
             store.after_rows(token)
+            if through and self.progress_id is not None:
+                progress = {
+                    "id": self.progress_id,
+                    "through_row": through,
+                    "updated_at": _utc_now(),
+                }
+                self._write_rows(UPSERT, schema.WRITER_PROGRESS, [progress])
             if losses := self._carried + per_row:
                 self._write_rows(INSERT, schema.RECORDER_LOSSES, _loss_rows(losses))
             # What the batch wrote, should its commit go unanswered (see _process).

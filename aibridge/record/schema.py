@@ -40,6 +40,8 @@ MODEL_THOUGHTS = "model_thoughts"
 RECORDER_LOSSES = "recorder_losses"
 BUDGETS = "budgets"
 MIGRATIONS_TABLE = "_migrations"
+# How far each writer process has committed (aibridge.record.writer_process): bookkeeping.
+WRITER_PROGRESS = "_writer_progress"
 
 # The tables the recorder accepts rows for; the rest are bookkeeping.
 WRITABLE_TABLES = (
@@ -1676,6 +1678,21 @@ def m007_interception_totals(db: sqlite_utils.Database) -> None:
     table.add_column("estimated_cost_usd", float)
     table.add_column("mitmweb_url", str)
     db.execute(_INTERCEPTION_TOTALS)
+
+
+@migration
+@postgres(
+    f"""create table {WRITER_PROGRESS} (
+    id text primary key,
+    through_row bigint not null,
+    updated_at text
+)"""
+)
+def m008_writer_progress(db: sqlite_utils.Database) -> None:
+    # One row per writer process of a bridge, moved in each batch's transaction: a writer
+    # started after one ended learns from it which rows the log already has, and writes the
+    # others again rather than losing them or writing them twice.
+    db[WRITER_PROGRESS].create({"id": str, "through_row": int, "updated_at": str}, pk="id")
 
 
 # Every migration is registered above this line.
