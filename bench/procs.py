@@ -141,6 +141,13 @@ class UpstreamProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def stop(self) -> None:
         _stop(self.proc)
         if self.proc is not None and self.proc.stdout is not None:
@@ -310,13 +317,104 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(path: Path) -> list[bytes]:
+    """The fields of a /proc stat file after the command name (which may hold spaces):
+    [0] is the state, [1] the parent's pid, [11] and [12] user and system time, [13] and
+    [14] those of the children it has waited for, all in clock ticks."""
+    return path.read_bytes().rsplit(b")", 1)[1].split()
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """CPU time of one thread of a process: its schedstat (nanoseconds), else its stat
+    (whole clock ticks, 10 ms, too coarse for a load of a second)."""
+    task = Path(f"/proc/{pid}/task/{tid}")
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    fields = _stat_fields(task / "stat")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """CPU time of a process, ended threads included (its CPU clock), else from its stat
+    (a zombie's, say)."""
+    with contextlib.suppress(OSError, OverflowError):
+        return time.clock_gettime(_process_cpu_clock(pid))
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process: from its threads' ``children`` lists where the
+    kernel has them (CONFIG_PROC_CHILDREN), else by the parent pid of every process."""
+    found: list[int] = []
+    if Path(f"/proc/{pid}/task/{pid}/children").exists():
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                found += [int(c) for c in (task / "children").read_text().split()]
+        return found
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):  # gone meanwhile
+                if int(_stat_fields(entry / "stat")[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+# What the argv of the bridge's writer, once a child process of mitmdump, contains
+# (``<python> -m aibridge.record.writer_process ...``).
+WRITER_PROCESS_ARGV = b"aibridge.record.writer_process"
+
+
+def writer_process_cpu_seconds(pid: int) -> float:
+    """CPU time of the writer processes of a mitmdump: its live children whose argv names
+    the writer, and every child it has waited for (a writer that ended, restarted or not;
+    no other child is ever started). 0 while the writer is a thread of mitmdump."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    total = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    for child in child_pids(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # ended meanwhile
+            if WRITER_PROCESS_ARGV in Path(f"/proc/{child}/cmdline").read_bytes():
+                total += _process_cpu_seconds(child)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSplit:
+    """CPU seconds of a mitmdump, by where they are spent (a sample, or the difference of
+    two): its main thread, the event loop every hook runs on; its other threads (the
+    bridge's SQLite writer thread, mitmproxy's own, a metrics scrape's); its writer child
+    processes. ``total`` is what a request costs the machine, wherever the writer runs."""
+
+    loop: float
+    threads: float
+    writer_processes: float
+
+    @property
+    def total(self) -> float:
+        return self.loop + self.threads + self.writer_processes
+
+    def __sub__(self, other: CpuSplit) -> CpuSplit:
+        return CpuSplit(
+            self.loop - other.loop,
+            self.threads - other.threads,
+            self.writer_processes - other.writer_processes,
+        )
+
+
+def cpu_split(pid: int) -> CpuSplit:
+    process = cpu_seconds(pid)
+    loop = thread_cpu_seconds(pid, pid)  # the main thread's id is the process's
+    return CpuSplit(loop, process - loop, writer_process_cpu_seconds(pid))
+
+
 def wait_idle(pid: int, quiet: float = 0.1, timeout: float = 5.0) -> None:
-    """Wait until the process used (almost) no CPU for ``quiet`` seconds: the bridge's
-    writer thread has caught up, so its work is billed to the measurement that caused it."""
+    """Wait until the process and its writer processes used (almost) no CPU for ``quiet``
+    seconds: the bridge's writer has caught up, so its work is billed to the measurement
+    that caused it."""
     tick = 1.5 / os.sysconf("SC_CLK_TCK")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        before = cpu_seconds(pid)
+        before = cpu_split(pid).total
         time.sleep(quiet)
-        if cpu_seconds(pid) - before <= tick:
+        if cpu_split(pid).total - before <= tick:
             return

@@ -2,11 +2,12 @@
 
 Starts the bench upstream and seven mitmdumps on loopback, all in reverse mode with the same
 flags: stream-only (the SSE baseline, for Responses, Messages and Chat Completions streams
-alike), plain (the buffered baseline), the bridge, the bridge whose user has budgets and
-limits, the bridge with its Prometheus metrics on (scraped once a second while it is
-measured), the bridge writing to a PostgreSQL server the run starts (left out, with a line
-saying so, where PostgreSQL is not installed; ``--require-postgres`` makes that an error),
-and the bridge with the lag probe and the burst script.
+alike, long and short), plain (the buffered baseline), the bridge, the bridge whose user has
+budgets and limits, the bridge with its Prometheus metrics on (scraped once a second while
+it is measured), the bridge writing to a PostgreSQL server the run starts (left out, with a
+line saying so, where PostgreSQL is not installed; ``--require-postgres`` makes that an
+error), and the bridge with the lag probe and the burst script. The added latency is
+measured sequentially against the upstream itself too.
 Variants run alternately, baseline then bridge, for several rounds after a warm-up round;
 medians are reported, and ratios are medians of the per-round ratios. See BENCHMARKS.md
 for what each figure means.
@@ -39,26 +40,39 @@ from bench.procs import (
     CHAT_PATH,
     LAG_PROBE,
     MESSAGES_PATH,
+    PROVIDER_KEY,
     STREAM_ONLY,
     TOKEN,
+    CpuSplit,
     Proxy,
     UpstreamProcess,
-    cpu_seconds,
+    cpu_split,
     peak_rss_kib,
     reset_peak_rss,
     rss_kib,
     wait_idle,
 )
-from bench.report import LIMITS, METRICS, POSTGRES, POSTGRES_ROWS, SSE_POSTGRES, Variant
+from bench.report import (
+    BUFFERED_BODY,
+    LIMITS,
+    METRICS,
+    POSTGRES,
+    POSTGRES_ROWS,
+    SSE_POSTGRES,
+    Variant,
+)
 from bench.scraper import Scraper, interceptions
 from bench.workloads import (
     CLAUDE_CODE_HEADERS,
     CODEX_HEADERS,
     OPENCODE_HEADERS,
+    captured_codex_body,
+    captured_codex_headers,
     claude_code_body,
     codex_body,
     flow_rows,
     opencode_chat_body,
+    small_responses_body,
 )
 
 DOC = BENCH.parent / "BENCHMARKS.md"
@@ -74,6 +88,10 @@ class Sizes:
     sse_events: int
     sse_streams_c1: int
     sse_streams_c16: int
+    sse_short_events: int
+    sse_short_streams_c1: int
+    sse_short_streams_c16: int
+    latency_requests: int  # per side and round, one after another on one connection
     buffered_c1: int
     buffered_c16: int
     paced_delay_ms: int
@@ -94,6 +112,10 @@ FULL = Sizes(
     sse_events=1000,
     sse_streams_c1=4,
     sse_streams_c16=16,
+    sse_short_events=100,
+    sse_short_streams_c1=20,
+    sse_short_streams_c16=32,
+    latency_requests=200,
     buffered_c1=100,
     buffered_c16=300,
     paced_delay_ms=50,
@@ -110,6 +132,10 @@ QUICK = Sizes(
     sse_events=50,
     sse_streams_c1=2,
     sse_streams_c16=16,
+    sse_short_events=10,
+    sse_short_streams_c1=2,
+    sse_short_streams_c16=16,
+    latency_requests=10,
     buffered_c1=5,
     buffered_c16=16,
     paced_delay_ms=2,
@@ -134,6 +160,15 @@ def request_bytes(proxy: Proxy, body: bytes, **headers: str) -> bytes:
     return build_request(HOST, proxy.port, "/v1/responses", body, all_headers)
 
 
+def codex_request_bytes(port: int, body: bytes, credential: str = TOKEN) -> bytes:
+    """A ``POST /v1/responses`` as Codex CLI sends it (its captured headers, in their order),
+    to a proxy with the bridge token, or straight to the upstream (at `port`) with the
+    provider key the bridge puts in the token's place: the same request but for what a
+    proxy in reverse mode changes, the host and, for the bridge, the credential."""
+    all_headers = {**captured_codex_headers(), "authorization": f"Bearer {credential}"}
+    return build_request(HOST, port, "/v1/responses", body, all_headers)
+
+
 def messages_request_bytes(proxy: Proxy, body: bytes, **headers: str) -> bytes:
     """A Claude Code ``POST /v1/messages``: its headers, the bridge token as ``x-api-key``."""
     all_headers = {**CLAUDE_CODE_HEADERS, "x-api-key": TOKEN, **headers}
@@ -146,11 +181,13 @@ def chat_request_bytes(proxy: Proxy, body: bytes, **headers: str) -> bytes:
     return build_request(HOST, proxy.port, CHAT_PATH, body, all_headers)
 
 
-# The streamed workloads, by the key of their figures in the result JSON (report.SSE_WORKLOADS).
+# The streamed workloads, by the key of their figures in the result JSON (report.SSE_WORKLOADS);
+# short streams of an API are under its key + SHORT (report.SHORT_SSE_WORKLOADS).
 RESPONSES_SSE = "sse"
 MESSAGES_SSE = "messages_sse"
 CHAT_SSE = "chat_sse"  # the body asks for the usage chunk, as OpenCode's does
 CHAT_SSE_USAGE_ADDED = "chat_sse_usage_added"  # it does not: the bridge inserts the option
+SHORT = "_short"
 
 
 def sse_request(proxy: Proxy, api: str, events: int) -> bytes:
@@ -169,10 +206,11 @@ def sse_request(proxy: Proxy, api: str, events: int) -> bytes:
 
 def load(
     proxy: Proxy, raws: list[bytes], total: int, concurrency: int, **kw: Any
-) -> tuple[LoadResult, float]:
-    """Run a load; return it with mitmdump's CPU seconds for the timed part, counted until
-    the process is idle again (the bridge's writer thread finishing its rows included)."""
-    marks: list[float] = []
+) -> tuple[LoadResult, CpuSplit]:
+    """Run a load; return it with mitmdump's CPU seconds for the timed part (its event loop,
+    its other threads, its writer processes), counted until it is idle again (the bridge's
+    writer finishing its rows included)."""
+    marks: list[CpuSplit] = []
     result = asyncio.run(
         run_load(
             HOST,
@@ -180,13 +218,13 @@ def load(
             raws,
             total,
             concurrency,
-            on_start=lambda: marks.append(cpu_seconds(proxy.pid)),
+            on_start=lambda: marks.append(cpu_split(proxy.pid)),
             **kw,
         )
     )
     proxy.sent += len(result.replies) + result.warmups
     wait_idle(proxy.pid)
-    cpu = cpu_seconds(proxy.pid) - marks[0]
+    cpu = cpu_split(proxy.pid) - marks[0]
     bad = [r.status for r in result.replies if not 200 <= r.status < 300]
     if bad or len(result.replies) != total:
         raise BenchError(
@@ -233,16 +271,20 @@ def variant_figures(v: Variant, runs: Mapping[str, list[dict[str, float]]]) -> d
 
 
 def sse_once(
-    proxy: Proxy, sizes: Sizes, concurrency: int, streams: int, api: str = RESPONSES_SSE
+    proxy: Proxy, events: int, concurrency: int, streams: int, api: str = RESPONSES_SSE
 ) -> dict[str, float]:
-    raw = sse_request(proxy, api, sizes.sse_events)
+    raw = sse_request(proxy, api, events)
     result, cpu = load(proxy, [raw], streams, concurrency)
-    if any(r.events < sizes.sse_events for r in result.replies):
+    if any(r.events < events for r in result.replies):
         raise BenchError(f"{proxy.name}: a stream lost events")
+    per_1k = 1e6 / result.events  # ms per 1,000 events, from seconds
     return {
         "events_per_s": result.events / result.wall,
         "ttfb_ms": statistics.median(r.ttfb for r in result.replies) * 1000,
-        "cpu_ms_per_1k_events": cpu * 1e6 / result.events,
+        "cpu_ms_per_1k_events": cpu.total * per_1k,
+        "cpu_loop_ms_per_1k_events": cpu.loop * per_1k,
+        "cpu_threads_ms_per_1k_events": cpu.threads * per_1k,
+        "cpu_writer_process_ms_per_1k_events": cpu.writer_processes * per_1k,
     }
 
 
@@ -260,33 +302,35 @@ def bench_sse(
     sizes: Sizes,
     api: str = RESPONSES_SSE,
     variants: Mapping[Variant, Proxy] | None = None,
+    *,
+    short: bool = False,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The bridge against stream-only mitmdump, and in the same rounds each variant of the
-    bridge (PostgreSQL as the store): the bridge's figures, and each variant's by its key."""
+    bridge (PostgreSQL as the store): the bridge's figures, and each variant's by its key.
+    `short`: streams of sizes.sse_short_events, else of sizes.sse_events."""
     variants = variants or {}
-    out: dict[str, Any] = {"events": sizes.sse_events}
-    with_variant: dict[str, dict[str, Any]] = {
-        v.key: {"events": sizes.sse_events} for v in variants
-    }
-    name = dict(report.SSE_WORKLOADS)[api]
-    for label, concurrency, streams in (
-        ("c1", 1, sizes.sse_streams_c1),
-        ("c16", 16, sizes.sse_streams_c16),
-    ):
+    if short:
+        events = sizes.sse_short_events
+        counts = (sizes.sse_short_streams_c1, sizes.sse_short_streams_c16)
+        name = dict(report.SHORT_SSE_WORKLOADS)[api + SHORT]
+    else:
+        events = sizes.sse_events
+        counts = (sizes.sse_streams_c1, sizes.sse_streams_c16)
+        name = dict(report.SSE_WORKLOADS)[api]
+    out: dict[str, Any] = {"events": events}
+    with_variant: dict[str, dict[str, Any]] = {v.key: {"events": events} for v in variants}
+    for label, concurrency, streams in (("c1", 1, counts[0]), ("c16", 16, counts[1])):
         if sizes.seconds_per_load:
-            rate = sse_once(baseline, sizes, concurrency, streams, api)["events_per_s"]
-            streams = scaled(streams, concurrency, rate / sizes.sse_events, sizes)
+            rate = sse_once(baseline, events, concurrency, streams, api)["events_per_s"]
+            streams = scaled(streams, concurrency, rate / events, sizes)
         also = "".join(f", the bridge with {v.side} on" for v in variants)
-        log(
-            f"{name} {sizes.sse_events}-event streams, concurrency {concurrency}, {streams} "
-            f"streams{also}"
-        )
+        log(f"{name} {events}-event streams, concurrency {concurrency}, {streams} streams{also}")
         sides: dict[str, Callable[[], dict[str, float]]] = {
-            "baseline": lambda c=concurrency, s=streams: sse_once(baseline, sizes, c, s, api),
-            "addon": lambda c=concurrency, s=streams: sse_once(addon, sizes, c, s, api),
+            "baseline": lambda c=concurrency, s=streams: sse_once(baseline, events, c, s, api),
+            "addon": lambda c=concurrency, s=streams: sse_once(addon, events, c, s, api),
         }
         for v, proxy in variants.items():
-            sides[v.side] = lambda p=proxy, c=concurrency, s=streams: sse_once(p, sizes, c, s, api)
+            sides[v.side] = lambda p=proxy, c=concurrency, s=streams: sse_once(p, events, c, s, api)
         runs = alternate(
             sizes.rounds,
             sizes.warmup_rounds,
@@ -305,14 +349,19 @@ def bench_sse(
 
 
 def buffered_once(proxy: Proxy, total: int, concurrency: int) -> dict[str, float]:
-    raw = request_bytes(proxy, codex_body("fake-text", stream=False))
+    """Codex's captured request, not streamed, answered by `fake-text`."""
+    raw = codex_request_bytes(proxy.port, captured_codex_body("fake-text", stream=False))
     result, cpu = load(proxy, [raw], total, concurrency)
     latencies = [r.latency * 1000 for r in result.replies]
+    per_request = 1000 / len(result.replies)  # ms per request, from seconds
     return {
         "req_per_s": len(result.replies) / result.wall,
         "p50_ms": report.percentile(latencies, 0.50),
         "p99_ms": report.percentile(latencies, 0.99),
-        "cpu_ms_per_req": cpu * 1000 / len(result.replies),
+        "cpu_ms_per_req": cpu.total * per_request,
+        "cpu_loop_ms_per_req": cpu.loop * per_request,
+        "cpu_threads_ms_per_req": cpu.threads * per_request,
+        "cpu_writer_process_ms_per_req": cpu.writer_processes * per_request,
     }
 
 
@@ -334,8 +383,8 @@ def bench_buffered(
             rate = buffered_once(baseline, total, concurrency)["req_per_s"]
             total = scaled(total, concurrency, rate, sizes)
         log(
-            f"buffered requests with 40 KB bodies, concurrency {concurrency}, {total} requests, "
-            f"the bridge and with {', '.join(f'{v.side} on' for v in variants)}"
+            f"buffered requests with {BUFFERED_BODY}, concurrency {concurrency}, {total} "
+            f"requests, the bridge and with {', '.join(f'{v.side} on' for v in variants)}"
         )
         sides: dict[str, Callable[[], dict[str, float]]] = {
             "baseline": lambda c=concurrency, t=total: buffered_once(baseline, t, c),
@@ -368,7 +417,65 @@ def bench_buffered(
     return out, with_variant
 
 
-# ---- 3. paced stream ----------------------------------------------------------------------------
+# ---- 3. added latency, sequential ---------------------------------------------------------------
+
+
+def sequential_figures(result: LoadResult) -> dict[str, float]:
+    latencies = [r.latency * 1000 for r in result.replies]
+    return {"p50_ms": report.percentile(latencies, 0.50), "mean_ms": statistics.fmean(latencies)}
+
+
+def direct_once(upstream: UpstreamProcess, raw: bytes, requests: int) -> dict[str, float]:
+    """`requests` requests one after another on one keep-alive connection to the upstream
+    itself (after an untimed one, as on the proxies' side)."""
+    result = asyncio.run(run_load(HOST, upstream.port, [raw], requests, 1))
+    bad = [r.status for r in result.replies if not 200 <= r.status < 300]
+    if bad or len(result.replies) != requests:
+        raise BenchError(f"direct: {len(bad)} failed replies {bad[:5]}\n{upstream.log()[-3000:]}")
+    return sequential_figures(result)
+
+
+def proxied_once(proxy: Proxy, raw: bytes, requests: int) -> dict[str, float]:
+    result, _ = load(proxy, [raw], requests, 1)
+    return sequential_figures(result)
+
+
+def bench_latency(
+    upstream: UpstreamProcess, plain: Proxy, addon: Proxy, sizes: Sizes
+) -> dict[str, Any]:
+    """Latency per request, sequential on one keep-alive connection, straight to the
+    upstream, through plain mitmdump and through the bridge, in the same rounds: what plain
+    mitmdump adds over the direct call and what the bridge adds over plain mitmdump, for a
+    small body and for Codex's captured one."""
+    requests = sizes.latency_requests
+    out: dict[str, Any] = {"requests": requests}
+    for key, body in (
+        ("small", small_responses_body("fake-text")),
+        ("codex", captured_codex_body("fake-text", stream=False)),
+    ):
+        log(
+            f"added latency, {dict(report.LATENCY_BODIES)[key]} ({len(body):,} bytes): "
+            f"{requests} sequential requests each straight, through plain mitmdump and the bridge"
+        )
+        direct_raw = codex_request_bytes(upstream.port, body, PROVIDER_KEY)
+        plain_raw = codex_request_bytes(plain.port, body)
+        addon_raw = codex_request_bytes(addon.port, body)
+        runs = alternate(
+            sizes.rounds,
+            sizes.warmup_rounds,
+            {
+                "direct": lambda raw=direct_raw: direct_once(upstream, raw, requests),
+                "plain": lambda raw=plain_raw: proxied_once(plain, raw, requests),
+                "addon": lambda raw=addon_raw: proxied_once(addon, raw, requests),
+            },
+            # None always measured right after the same one (the direct call's quiet, say).
+            rotate=report.LATENCY_SIDES,
+        )
+        out[key] = {**report.added_latency(runs), "body_bytes": len(body)}
+    return out
+
+
+# ---- 4. paced stream ----------------------------------------------------------------------------
 
 
 def paced_once(proxy: Proxy, sizes: Sizes) -> dict[str, float]:
@@ -411,7 +518,7 @@ def bench_paced(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
     return out
 
 
-# ---- 4. recorder --------------------------------------------------------------------------------
+# ---- 5. recorder --------------------------------------------------------------------------------
 
 
 def bench_recorder_alone(workdir: Path, flows: int) -> dict[str, float]:
@@ -487,7 +594,7 @@ def lag_figures(probe_file: Path, burst: dict[str, float]) -> dict[str, float]:
     }
 
 
-# ---- 5. memory ----------------------------------------------------------------------------------
+# ---- 6. memory ----------------------------------------------------------------------------------
 
 MIB = 1024.0
 
@@ -561,7 +668,7 @@ def bench_memory(baseline: Proxy, addon: Proxy, sizes: Sizes) -> dict[str, Any]:
     return {"flows": flows, "big_stream": big}
 
 
-# ---- 6. what landed in PostgreSQL ---------------------------------------------------------------
+# ---- 7. what landed in PostgreSQL ---------------------------------------------------------------
 
 
 def start_postgres(
@@ -675,6 +782,10 @@ def run(
         metrics.update(variants)
         for api in (MESSAGES_SSE, CHAT_SSE, CHAT_SSE_USAGE_ADDED):
             metrics[api], _ = bench_sse(proxies["stream_only"], addon, sizes, api)
+        for api in (RESPONSES_SSE, MESSAGES_SSE, CHAT_SSE):
+            metrics[api + SHORT], _ = bench_sse(
+                proxies["stream_only"], addon, sizes, api, short=True
+            )
         buffered_variants = {LIMITS: proxies["limited"], METRICS: proxies["metrics"]}
         if on_postgres is not None:
             buffered_variants[POSTGRES] = on_postgres
@@ -684,6 +795,7 @@ def run(
         metrics.update(variants)
         if store is not None and on_postgres is not None:
             metrics[POSTGRES_ROWS] = postgres_rows(on_postgres, store, server_cpu_at_start)
+        metrics["latency"] = bench_latency(upstream, proxies["plain"], addon, sizes)
         metrics["paced"] = bench_paced(proxies["stream_only"], addon, sizes)
         burst = bench_burst(probed, sizes.burst_flows)
         metrics["memory"] = bench_memory(proxies["stream_only"], addon, sizes)

@@ -1,14 +1,55 @@
-"""What the benchmark sends: Codex-, Claude-Code- and OpenCode-shaped request bodies and
-realistic audit-log rows.
+"""What the benchmark sends: a request Codex CLI really sent, Codex-, Claude-Code- and
+OpenCode-shaped request bodies, and realistic audit-log rows.
 
 Everything here is deterministic, so every variant and every round gets the same bytes.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 import orjson
+
+# A first turn of codex-cli 0.171.0 as it went over the wire (its README says how it was
+# captured): data, read as it is, not test code.
+CODEX_CAPTURED = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "codex_captured"
+# The capture's body starts so; the bench puts its own model and `stream` in their place.
+_CAPTURED_HEAD = b'{"model":"fake-tool","stream":true,'
+# Headers each sender sets for itself: its credential, its target, its body's length.
+_PER_REQUEST_HEADERS = frozenset({"authorization", "host", "content-length"})
+
+
+@functools.cache
+def captured_codex_body(model: str, *, stream: bool) -> bytes:
+    """Codex's captured first turn (``turn1.request.json``, about 40 KB: its developer
+    messages, its tools, the user's prompt), byte for byte but for ``model`` and ``stream``,
+    which lead the body."""
+    raw = (CODEX_CAPTURED / "turn1.request.json").read_bytes()
+    if not raw.startswith(_CAPTURED_HEAD):
+        raise ValueError("turn1.request.json no longer starts with model and stream")
+    head = b'{"model":%s,"stream":%s,' % (orjson.dumps(model), b"true" if stream else b"false")
+    return head + raw[len(_CAPTURED_HEAD) :]
+
+
+@functools.cache
+def captured_codex_headers() -> dict[str, str]:
+    """The headers of that turn, in their order, without the per-request ones."""
+    captured = orjson.loads((CODEX_CAPTURED / "turn1.headers.json").read_bytes())
+    return {k: v for k, v in captured.items() if k.lower() not in _PER_REQUEST_HEADERS}
+
+
+def small_responses_body(model: str, prompt: str = "Say hello.") -> bytes:
+    """The smallest useful buffered ``POST /v1/responses`` body (about 150 bytes): one user
+    message, as an SDK sends it."""
+    message = {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": prompt}],
+    }
+    return orjson.dumps({"model": model, "input": [message], "stream": False, "store": False})
+
 
 CODEX_HEADERS = {
     "content-type": "application/json",

@@ -1,6 +1,8 @@
 """The benchmark's quick mode runs end to end and reports every metric (no timing asserted);
-its Messages workload is Claude-Code-shaped and its Chat Completions workloads OpenCode-shaped,
-served as the fakes serve them, and recorded."""
+its buffered workload is the request Codex CLI sent, its Messages workload Claude-Code-shaped
+and its Chat Completions workloads OpenCode-shaped, served as the fakes serve them, and
+recorded; a direct call is the request a proxy forwards; CPU is told apart by where it is
+spent."""
 
 from __future__ import annotations
 
@@ -24,25 +26,27 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from aibridge.apis import anthropic_messages, openai_chat
+from aibridge.apis import anthropic_messages, openai_chat, openai_responses
 from aibridge.clients import guess_client, session_id_from_headers
 from aibridge.config import load_config
 from aibridge.console import ExchangeTally
 from aibridge.metrics import ExchangeLabels, Metrics, MetricsServer
 from aibridge.record.address import is_postgres
 from bench import postgres, report
-from bench.client import build_request, run_load
+from bench.client import build_request, one_request, run_load
 from bench.procs import (
     CHAT_PATH,
     MESSAGES_PATH,
     PROVIDER_KEY,
     TOKEN,
+    WRITER_PROCESS_ARGV,
     Proxy,
     UpstreamProcess,
     cpu_seconds,
+    cpu_split,
 )
-from bench.report import METRIC_PATHS, lookup
-from bench.run import QUICK, BenchError, alternate, start_postgres
+from bench.report import BUFFERED_BODY, METRIC_PATHS, lookup
+from bench.run import QUICK, BenchError, alternate, codex_request_bytes, start_postgres
 from bench.scraper import ScrapeError, Scraper, interceptions
 from bench.workloads import (
     CLAUDE_CODE_HEADERS,
@@ -51,14 +55,22 @@ from bench.workloads import (
     OPENCODE_HEADERS,
     OPENCODE_PROMPT,
     OPENCODE_SESSION,
+    captured_codex_body,
+    captured_codex_headers,
     claude_code_body,
     opencode_chat_body,
+    small_responses_body,
 )
 from devtools import fake_anthropic, fake_openai_chat
 from tests.harness import REPO, query
 from tests.postgres_server import postgres_bin
 
 OPENCODE_CAPTURED = REPO / "tests" / "fixtures" / "opencode_captured"
+CODEX_CAPTURED = REPO / "tests" / "fixtures" / "codex_captured"
+# What the user types in Codex's captured turn (its last input message).
+CODEX_CAPTURED_PROMPT = "Run echo hello-from-tool in the shell and tell me what it printed."
+# The streamed workloads' lengths in quick mode: long, then short.
+QUICK_MODELS = {f"fake-long-{QUICK.sse_events}", f"fake-long-{QUICK.sse_short_events}"}
 # What the bridges' config files read from the environment.
 BENCH_ENV = {"BENCH_PROVIDER_KEY": PROVIDER_KEY}
 
@@ -98,6 +110,10 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         "messages_sse",
         "chat_sse",
         "chat_sse_usage_added",
+        "sse_short",
+        "messages_sse_short",
+        "chat_sse_short",
+        "latency",
         "buffered_limits",
         "buffered_metrics",
         "buffered_postgres",
@@ -111,15 +127,23 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert machine["python"] and machine["mitmproxy"]
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 22 and len(set(names)) == 22
+    assert len(names) == 30 and len(set(names)) == 30
     for label in ("c=1", "c=16"):
         for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
+            assert f"{title} events/s vs stream-only mitmdump, {label}" in names
+        for title in ("Short SSE", "Short Messages SSE", "Short Chat SSE"):
             assert f"{title} events/s vs stream-only mitmdump, {label}" in names
         assert f"Buffered req/s ratio moved by enforcing limits, {label}" in names
         assert f"Buffered req/s ratio moved by metrics, {label}" in names
         assert f"Buffered req/s ratio moved by PostgreSQL as the store, {label}" in names
         assert f"SSE events/s ratio moved by PostgreSQL as the store, {label}" in names
     assert "PostgreSQL holds every exchange the bridge counted" in names
+    for body in ("small body", "captured Codex 40 KB body"):
+        assert f"Latency the addon adds over plain mitmdump, sequential, {body}" in names
+    targets = {t["name"]: t["target"] for t in result["targets"]}
+    assert targets[f"Buffered req/s vs plain mitmdump, c=16, {BUFFERED_BODY}"] == ">= 0.88x"
+    assert targets["Short SSE events/s vs stream-only mitmdump, c=16"] == ">= 0.90x"
+    assert targets["SSE events/s vs stream-only mitmdump, c=16"] == ">= 0.95x"
     for target in result["targets"]:
         assert isinstance(target["met"], bool) and target["target"] and target["value"]
         assert target["met"] or target["reason"], target
@@ -128,8 +152,24 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert run.stdout.count("| ") > 10 and "Ratio" in run.stdout
     for title in ("Messages SSE", "Chat SSE", "Chat SSE (usage added)"):
         assert f"| {title} events/s, {QUICK.sse_events}-event stream, c=1 |" in run.stdout
+    for title, label in itertools.product(
+        ("Short SSE", "Short Messages SSE", "Short Chat SSE"), ("c=1", "c=16")
+    ):
+        assert f"| {title} events/s, {QUICK.sse_short_events}-event stream, {label} |" in (
+            run.stdout
+        )
+        split = "CPU per 1,000 events: event loop / other threads / writer processes"
+        assert f"| {title} {split}, {label} |" in run.stdout
+    for label in ("c=1", "c=16"):
+        split = "CPU per request: event loop / other threads / writer processes"
+        assert f"| Buffered {split}, {label} |" in run.stdout
+    for body in ("small body", "captured Codex 40 KB body"):
+        assert (
+            f"| Latency added per request p50 / mean, {body}: the addon over plain mitmdump "
+            "(plain mitmdump over a direct call) |" in run.stdout
+        )
     for label, side in itertools.product(("c=1", "c=16"), ("limits", "metrics", "postgres")):
-        assert f"| Buffered, {side} on: req/s, 40 KB bodies, {label} |" in run.stdout
+        assert f"| Buffered, {side} on: req/s, {BUFFERED_BODY}, {label} |" in run.stdout
         assert (
             f"| Buffered, {side} on vs off: req/s ratio moved (rounds from, to), {label} |"
             in run.stdout
@@ -149,19 +189,36 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert "PostgreSQL not measured" not in run.stdout + run.stderr
     assert (doc.read_bytes() if doc.exists() else None) == doc_before
 
-    # The measured bridge recorded every Messages stream it was sent, with its usage.
+    # The measured bridge recorded every Messages stream it was sent, long and short, with
+    # its usage.
     metrics = result["metrics"]
     db = workdir / "aibridge" / "aibridge.db"
-    messages = metrics["messages_sse"]
-    assert_messages_recorded(db, messages["c1"]["streams"] + messages["c16"]["streams"])
+    assert_messages_recorded(
+        db,
+        sum(
+            metrics[key][c]["streams"]
+            for key in ("messages_sse", "messages_sse_short")
+            for c in ("c1", "c16")
+        ),
+    )
     # And every Chat stream, the usage asked for by OpenCode's body or added by the bridge.
     assert_chat_recorded(
         db,
         {
-            openai_chat.USAGE_REQUESTED: metrics["chat_sse"],
-            openai_chat.USAGE_ADDED: metrics["chat_sse_usage_added"],
+            openai_chat.USAGE_REQUESTED: [metrics["chat_sse"], metrics["chat_sse_short"]],
+            openai_chat.USAGE_ADDED: [metrics["chat_sse_usage_added"]],
         },
     )
+    assert_latency_measured(db, metrics["latency"])
+    # mitmdump's CPU told apart: the baselines start no writer process; the parts add up.
+    for key, per in (("buffered", "req"), ("sse", "1k_events"), ("chat_sse_short", "1k_events")):
+        for c in ("c1", "c16"):
+            for side in ("baseline", "addon"):
+                figures = metrics[key][c][side]
+                parts = [figures[f"cpu_{part}_ms_per_{per}"] for part in report.CPU_PARTS]
+                assert figures[f"cpu_ms_per_{per}"] == pytest.approx(sum(parts))
+                assert parts[0] > 0  # the event loop
+            assert metrics[key][c]["baseline"][f"cpu_writer_process_ms_per_{per}"] == 0
     # The bridge with limits on judged every buffered request against all of them, and let
     # every one through; the bridge it is compared with has none.
     limited = metrics["buffered_limits"]
@@ -171,6 +228,21 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     assert not load_config(workdir / "aibridge" / "config.yaml", BENCH_ENV).governance.enabled
     assert_metrics_scraped(workdir, metrics["buffered_metrics"])
     assert_postgres_recorded(workdir, result)
+
+
+def assert_latency_measured(db: Path, latency: dict[str, Any]) -> None:
+    """The sequential loads' small requests went through the measured bridge, each one
+    recorded (one untimed request before each load); both bodies' sizes are stated."""
+    assert latency["requests"] == QUICK.latency_requests
+    small, codex = latency["small"], latency["codex"]
+    assert small["body_bytes"] == len(small_responses_body("fake-text")) < 200
+    assert codex["body_bytes"] == len(captured_codex_body("fake-text", stream=False)) > 40_000
+    for figures in (small, codex):
+        assert figures["rounds"] == QUICK.rounds
+        assert set(figures["per_round"]) == {"direct", "plain", "addon"}
+    (said_hello,) = query(db, "select count(*) as n from user_prompts where prompt = 'Say hello.'")
+    loads = QUICK.rounds + QUICK.warmup_rounds
+    assert said_hello["n"] == loads * (QUICK.latency_requests + 1)
 
 
 def assert_postgres_recorded(workdir: Path, result: dict[str, Any]) -> None:
@@ -264,6 +336,17 @@ def assert_limits_enforced(proxy_dir: Path, timed_requests: int) -> None:
         (r["status"], r["http_status"], r["credential_kind"], r["initiator_id"], r["refused_by"])
         for r in rows
     } == {("completed", 200, "centralized", "alice", None)}
+    # Each was Codex's captured turn, as Codex sent it: its session, its prompt.
+    sent = query(
+        proxy_dir / "aibridge.db",
+        "select i.client_session_id, i.model, i.streaming, p.prompt from interceptions i"
+        " left join user_prompts p on p.interception_id = i.id",
+    )
+    session = captured_codex_headers()["session-id"]
+    assert len(sent) == len(rows)
+    assert {(r["client_session_id"], r["model"], r["streaming"], r["prompt"]) for r in sent} == {
+        (session, "fake-text", 0, CODEX_CAPTURED_PROMPT)
+    }
     (used,) = query(proxy_dir / "aibridge.db", "select sum(total_tokens) as n from token_usages")
     # What the run used is far from every budget: nothing was refused or warned about.
     assert 0 < used["n"] < 0.8 * min(b.limit for b in limits.budgets if b.metric == "tokens")
@@ -289,11 +372,8 @@ def assert_messages_recorded(db: Path, timed_streams: int) -> None:
             "completed",
             200,
         )
-        assert (row["model"], row["streaming"], row["malformed_events"]) == (
-            f"fake-long-{QUICK.sse_events}",
-            1,
-            0,
-        )
+        assert row["model"] in QUICK_MODELS
+        assert (row["streaming"], row["malformed_events"]) == (1, 0)
         assert (row["client"], row["client_session_id"]) == ("Claude Code", CLAUDE_CODE_SESSION)
         assert row["prompt"] == CLAUDE_CODE_PROMPT
         # The fake's usage for its n-th call (devtools/fake_anthropic.py): message_start's
@@ -308,9 +388,10 @@ def assert_messages_recorded(db: Path, timed_streams: int) -> None:
     assert len(calls) == len(rows)  # each row is its own upstream call
 
 
-def assert_chat_recorded(db: Path, workloads: dict[str, dict]) -> None:
-    """Each Chat workload's streams recorded, by the row's ``stream_usage``, with the usage
-    of the upstream call each one was (no interception without its usage row)."""
+def assert_chat_recorded(db: Path, workloads: dict[str, list[dict]]) -> None:
+    """Each Chat workload's streams recorded, by the row's ``stream_usage`` (the workloads
+    of each), with the usage of the upstream call each one was (no interception without its
+    usage row)."""
     rows = query(
         db,
         "select i.*, json_extract(i.metadata, '$.stream_usage') as stream_usage,"
@@ -327,8 +408,8 @@ def assert_chat_recorded(db: Path, workloads: dict[str, dict]) -> None:
     )
     assert len(rows) == interceptions["n"]
     calls: set[int] = set()
-    for stream_usage, figures in workloads.items():
-        timed = figures["c1"]["streams"] + figures["c16"]["streams"]
+    for stream_usage, of_it in workloads.items():
+        timed = sum(figures[c]["streams"] for figures in of_it for c in ("c1", "c16"))
         # Warm-up requests are recorded too.
         assert sum(1 for r in rows if r["stream_usage"] == stream_usage) >= timed, stream_usage
     for row in rows:
@@ -339,11 +420,8 @@ def assert_chat_recorded(db: Path, workloads: dict[str, dict]) -> None:
             200,
             None,
         )
-        assert (row["model"], row["response_model"], row["streaming"]) == (
-            f"fake-long-{QUICK.sse_events}",
-            f"fake-long-{QUICK.sse_events}",
-            1,
-        )
+        assert row["model"] in QUICK_MODELS
+        assert (row["response_model"], row["streaming"]) == (row["model"], 1)
         assert row["malformed_events"] == 0 and row["response_id"].startswith("chatcmpl-")
         assert (row["client"], row["client_session_id"]) == ("OpenCode", OPENCODE_SESSION)
         assert (row["prompt"], row["correlating_tool_call_id"], row["tools"]) == (
@@ -403,6 +481,89 @@ def test_claude_code_headers_are_read_as_claude_code() -> None:
     assert headers["anthropic-version"] == "2023-06-01" and headers["anthropic-beta"]
     assert guess_client(headers["user-agent"], None, headers=headers) == "Claude Code"
     assert session_id_from_headers(headers) == CLAUDE_CODE_SESSION
+
+
+# ---- Codex's captured request --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "stream"), [("fake-text", False), ("fake-long-100", True)])
+def test_captured_codex_body_is_the_capture_but_for_model_and_stream(
+    model: str, stream: bool
+) -> None:
+    raw = (CODEX_CAPTURED / "turn1.request.json").read_bytes()
+    body = captured_codex_body(model, stream=stream)
+    assert orjson.loads(body) == {**orjson.loads(raw), "model": model, "stream": stream}
+    # Byte for byte past the two members it sets.
+    tail = raw.split(b'"stream":true,', 1)[1]
+    assert body.endswith(tail) and len(body) - len(tail) < 60
+    _, info = openai_responses.parse_request(body)
+    assert (info.model, info.stream, info.prompt) == (model, stream, CODEX_CAPTURED_PROMPT)
+
+
+def test_captured_codex_headers_are_codex_s_but_the_per_request_ones() -> None:
+    captured = orjson.loads((CODEX_CAPTURED / "turn1.headers.json").read_bytes())
+    headers = captured_codex_headers()
+    assert list(headers) == [
+        k for k in captured if k not in ("authorization", "host", "content-length")
+    ]
+    assert all(headers[k] == captured[k] for k in headers)
+    assert guess_client(headers["user-agent"], None, headers=headers) == "Codex"
+    assert session_id_from_headers(headers) == captured["session-id"]
+
+
+class CapturingUpstream(socketserver.ThreadingTCPServer):
+    """Keeps the bytes of every request it gets (one per connection) and answers 200."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), CapturingHandler)
+        self.received: list[bytes] = []
+
+
+class CapturingHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.request.recv(65536)
+        head = data.split(b"\r\n\r\n", 1)[0].lower()
+        length = int(head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        while len(data) < len(head) + 4 + length:
+            data += self.request.recv(65536)
+        assert isinstance(self.server, CapturingUpstream)
+        self.server.received.append(data)
+        self.request.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+            b"connection: close\r\n\r\n{}"
+        )
+
+
+@pytest.mark.parametrize(
+    "body", [small_responses_body("fake-text"), captured_codex_body("fake-text", stream=False)]
+)
+def test_a_direct_call_is_what_plain_mitmdump_forwards(tmp_path: Path, body: bytes) -> None:
+    # The added latency compares the two: they must be the same request on the wire.
+    upstream = CapturingUpstream()
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port = upstream.server_address[1]
+    plain = Proxy("plain", tmp_path / "plain", f"http://127.0.0.1:{port}")
+    try:
+        plain.launch()
+        plain.wait_listening()
+        # What the bridge forwards carries the provider key in the bridge token's place.
+        for credential in (TOKEN, PROVIDER_KEY):
+            via_proxy = codex_request_bytes(plain.port, body, credential)
+            reply = asyncio.run(one_request("127.0.0.1", plain.port, via_proxy))
+            assert reply.status == 200
+            assert upstream.received[-1] == codex_request_bytes(port, body, credential)
+    finally:
+        plain.stop()
+        upstream.shutdown()
+        upstream.server_close()
+    direct = codex_request_bytes(port, body, PROVIDER_KEY)
+    assert direct.startswith(b"POST /v1/responses HTTP/1.1\r\n") and direct.endswith(body)
+    assert f"authorization: Bearer {PROVIDER_KEY}\r\n".encode() in direct
 
 
 # ---- the bench upstream serves Messages as the fake does ----------------------------------
@@ -732,6 +893,84 @@ def test_cpu_seconds_counts_threads_that_ended(threads: int) -> None:
             child.stdout.close()
 
 
+# A child of the process below: says it is ready, burns `argv[1]` CPU seconds when told,
+# says how many it burned, then exits when told (or at the end of its stdin).
+_BURNER = (
+    "import sys, time\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "start = time.process_time()\n"
+    "while time.process_time() - start < float(sys.argv[1]): pass\n"
+    "print(time.process_time() - start, flush=True)\n"
+    "sys.stdin.readline()\n"
+)
+# A stand-in for mitmdump: burns CPU on its main thread, on another thread, in a child whose
+# argv names the writer process and in a child that is not a writer; with argv[1] "reap",
+# the writer child exits and is waited for before the figures are printed.
+_SPLIT_PROCESS = (
+    "import json, subprocess, sys, threading, time\n"
+    f"BURNER = {_BURNER!r}\n"
+    "def child(seconds, *argv):\n"
+    "    c = subprocess.Popen([sys.executable, '-c', BURNER, str(seconds), *argv],\n"
+    "                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
+    "    assert c.stdout.readline() == 'ready\\n'\n"
+    "    return c\n"
+    f"writer = child(0.15, {WRITER_PROCESS_ARGV.decode()!r}, '--db', 'x.db')\n"
+    "other = child(0.3)\n"
+    "def burn(seconds):\n"
+    "    start = time.thread_time()\n"
+    "    while time.thread_time() - start < seconds: pass\n"
+    "    return time.thread_time() - start\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "spent = {'loop': burn(0.2)}\n"
+    "t = threading.Thread(target=lambda: spent.update(threads=burn(0.1)))\n"
+    "t.start(); t.join()\n"
+    "for name, c in (('writer', writer), ('other', other)):\n"
+    "    c.stdin.write('go\\n'); c.stdin.flush()\n"
+    "    spent[name] = float(c.stdout.readline())\n"
+    "if sys.argv[1] == 'reap':\n"
+    "    writer.stdin.close(); writer.wait()\n"
+    "print(json.dumps(spent), flush=True)\n"
+    "sys.stdin.readline()\n"
+)
+
+
+@pytest.mark.parametrize("writer_ended", [False, True])
+def test_cpu_split_tells_the_loop_other_threads_and_writer_processes_apart(
+    writer_ended: bool,
+) -> None:
+    # CPU seconds (each process's own account of them), not wall-clock time.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SPLIT_PROCESS, "reap" if writer_ended else "keep"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n"  # both children started and idle
+        before = cpu_split(proc.pid)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        spent = orjson.loads(proc.stdout.readline())
+        used = cpu_split(proc.pid) - before
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()  # its children's stdin closes with it: all exit
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert spent["loop"] <= used.loop < spent["loop"] + 0.1
+    assert spent["threads"] <= used.threads < spent["threads"] + 0.05
+    # The writer's CPU, and not the other child's (0.3 s), whether the writer is still
+    # running or ended and was waited for (then with the CPU it used starting up, in the
+    # parent's clock ticks: its user and system time each rounded down, and scaled).
+    ticks = 0.03 if writer_ended else 0.0
+    assert spent["writer"] - ticks <= used.writer_processes < spent["writer"] + 0.15
+    assert used.total == pytest.approx(used.loop + used.threads + used.writer_processes)
+
+
 def recording_sides(names: list[str]) -> tuple[dict[str, Any], list[str]]:
     calls: list[str] = []
 
@@ -795,7 +1034,8 @@ def synthetic_metrics(skip: tuple[str, ...] = ()) -> dict[str, Any]:
         *parents, leaf = path.split(".")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = 1 if leaf == "events" else 1.0  # a count, as in a run
+        # Counts as in a run.
+        node[leaf] = 1 if leaf in ("events", "requests", "body_bytes") else 1.0
     for key, shift, moved in (
         ("buffered_limits", "limits_shift", 0.011),
         ("buffered_metrics", "metrics_shift", -0.031),
@@ -870,6 +1110,7 @@ def test_report_renders_the_metrics_variant_beside_the_limits_one() -> None:
 
 
 WITHOUT_POSTGRES = ("buffered_postgres", "sse_postgres", "postgres_rows")
+BEFORE_ISSUE_18 = ("latency", "sse_short", "messages_sse_short", "chat_sse_short")
 
 
 @pytest.mark.parametrize(
@@ -887,10 +1128,13 @@ WITHOUT_POSTGRES = ("buffered_postgres", "sse_postgres", "postgres_rows")
                 "messages_sse",
                 "chat_sse",
                 "chat_sse_usage_added",
+                *BEFORE_ISSUE_18,
                 *WITHOUT_POSTGRES,
             ),
             (),
         ),
+        # Before the added latency and short streams (2026-12-02).
+        (BEFORE_ISSUE_18, ("limits", "metrics", "postgres")),
     ],
 )
 def test_report_renders_results_from_before_a_variant(
@@ -903,7 +1147,7 @@ def test_report_renders_results_from_before_a_variant(
         ("postgres", "PostgreSQL as the store"),
     ):
         wanted = side in variants
-        assert (f"| Buffered, {side} on: req/s, 40 KB bodies, c=16 |" in section) is wanted
+        assert (f"| Buffered, {side} on: req/s, {BUFFERED_BODY}, c=16 |" in section) is wanted
         assert (
             any(v.name == f"Buffered req/s ratio moved by {moved_by}, c=1" for v in verdicts)
             is wanted
@@ -912,8 +1156,141 @@ def test_report_renders_results_from_before_a_variant(
     assert ("| SSE, postgres on: events/s, 1-event stream, c=1 |" in section) is wanted
     assert ("PostgreSQL store:" in section) is wanted
     assert (report.POSTGRES_ROWS_TARGET in {v.name for v in verdicts}) is wanted
-    assert "| Buffered req/s, 40 KB bodies, c=16 |" in section
+    assert f"| Buffered req/s, {BUFFERED_BODY}, c=16 |" in section
     assert "| SSE events/s, 1-event stream, c=16 |" in section
+    new = not set(BEFORE_ISSUE_18) & set(skip)
+    assert ("| Latency added per request p50 / mean, small body:" in section) is new
+    assert ("| Short SSE events/s, 1-event stream, c=1 |" in section) is new
+    assert any(v.name.startswith("Latency the addon adds") for v in verdicts) is new
+
+
+def test_report_renders_results_from_before_the_cpu_split() -> None:
+    metrics = synthetic_metrics(BEFORE_ISSUE_18)
+    for key, _ in report.ALL_SSE_WORKLOADS:
+        for c in ("c1", "c16"):
+            if key in metrics:
+                for side in ("baseline", "addon"):
+                    for k in report.SSE_CPU_SPLIT:
+                        del metrics[key][c][side][k]
+    for c in ("c1", "c16"):
+        for side in ("baseline", "addon"):
+            for k in report.BUFFERED_CPU_SPLIT:
+                del metrics["buffered"][c][side][k]
+    verdicts, section = render(metrics)
+    assert "event loop" not in section
+    assert "| Buffered mitmdump CPU per request, c=16 | 1.00x | 1.00 ms | 1.00 ms |" in section
+    assert not any("event loop" in v.reason for v in verdicts)
+
+
+def latency_runs(direct: list[float], plain: list[float], addon: list[float]) -> dict[str, Any]:
+    """Rounds of the three sides with these p50s; each mean 1 ms above its p50."""
+    return {
+        side: [{"p50_ms": p50, "mean_ms": p50 + 1} for p50 in p50s]
+        for side, p50s in (("direct", direct), ("plain", plain), ("addon", addon))
+    }
+
+
+def test_added_latency_is_the_median_of_each_round_s_difference() -> None:
+    # The machine slows down over the rounds: each round's difference is what counts.
+    runs = latency_runs([0.1, 1.1, 2.1], [1.4, 2.5, 3.3], [1.6, 2.8, 3.9])
+    lat = report.added_latency(runs)
+    assert lat["direct"] == {"p50_ms": 1.1, "mean_ms": 2.1}
+    assert lat["plain_added_p50_ms"] == pytest.approx(1.3)  # of 1.3, 1.4, 1.2
+    assert lat["addon_added_p50_ms"] == pytest.approx(0.3)  # of 0.2, 0.3, 0.6
+    assert lat["addon_added_mean_ms"] == pytest.approx(0.3)
+    # The difference of the medians would say 0.3 too here; with a drift it does not.
+    runs = latency_runs([0.1, 1.1, 2.1], [1.4, 2.4, 3.4], [1.5, 3.9, 3.6])
+    lat = report.added_latency(runs)
+    assert lat["addon_added_p50_ms"] == pytest.approx(0.2)  # of 0.1, 1.5, 0.2
+    assert lat["addon"]["p50_ms"] - lat["plain"]["p50_ms"] == pytest.approx(1.2)
+    assert lat["ratio_p50"] == pytest.approx(1.5 / 1.4)  # of 1.5 / 1.4, 3.9 / 2.4, 3.6 / 3.4
+    assert lat["rounds"] == 3 and lat["per_round"] == runs
+
+
+@pytest.mark.parametrize(("small", "codex"), [(0.25, 0.35), (0.31, 0.3)])
+def test_report_judges_the_addon_s_share_of_the_latency(small: float, codex: float) -> None:
+    metrics = synthetic_metrics()
+    metrics["latency"]["requests"] = 200
+    metrics["latency"]["small"].update(
+        addon_added_p50_ms=small, plain_added_p50_ms=1.3, body_bytes=147
+    )
+    metrics["latency"]["codex"]["addon_added_p50_ms"] = codex
+    verdicts, section = render(metrics)
+    by_name = {v.name: v for v in verdicts}
+    for body, added in (("small body", small), ("captured Codex 40 KB body", codex)):
+        verdict = by_name[f"Latency the addon adds over plain mitmdump, sequential, {body}"]
+        assert (verdict.target, verdict.value) == ("<= 0.3 ms", f"{added:+.2f} ms")
+        assert verdict.met is (added <= 0.3)
+        row = row_of(
+            section,
+            f"Latency added per request p50 / mean, {body}: the addon over plain mitmdump "
+            "(plain mitmdump over a direct call)",
+        )
+        assert row.endswith(f"| <= 0.3 ms | {'met' if added <= 0.3 else '**missed**'} |")
+    row = row_of(
+        section,
+        "Latency per request p50 / mean, sequential on one keep-alive connection, small body "
+        "(147 bytes), 200 requests",
+    )
+    assert row.endswith(
+        "| 1.00x | 1.00 / 1.00 ms | plain 1.00 / 1.00 ms; direct 1.00 / 1.00 ms |  |  |"
+    )
+    assert (
+        "plain mitmdump 1.00 ms (+1.30)"
+        in by_name["Latency the addon adds over plain mitmdump, sequential, small body"].reason
+    )
+
+
+def test_report_judges_short_streams_against_their_own_target() -> None:
+    metrics = synthetic_metrics()
+    for key in ("sse", "sse_short", "chat_sse_short"):
+        metrics[key]["c16"]["ratio"]["events_per_s"] = 0.92
+    metrics["messages_sse_short"]["c1"]["ratio"]["events_per_s"] = 0.89
+    metrics["buffered"]["c16"]["ratio"]["req_per_s"] = 0.885
+    verdicts, section = render(metrics)
+    by_name = {v.name: v for v in verdicts}
+    assert not by_name["SSE events/s vs stream-only mitmdump, c=16"].met
+    for title in ("Short SSE", "Short Chat SSE"):
+        verdict = by_name[f"{title} events/s vs stream-only mitmdump, c=16"]
+        assert (verdict.target, verdict.value, verdict.met) == (">= 0.90x", "0.92x", True)
+    assert not by_name["Short Messages SSE events/s vs stream-only mitmdump, c=1"].met
+    buffered = by_name[f"Buffered req/s vs plain mitmdump, c=16, {BUFFERED_BODY}"]
+    assert (buffered.target, buffered.met) == (">= 0.88x", True)
+    row = row_of(section, "Short Chat SSE events/s, 1-event stream, c=16")
+    assert row.endswith("| 0.92x | 1 | 1 | >= 0.90x | met |")
+    row = row_of(section, "SSE events/s, 1-event stream, c=16")
+    assert row.endswith("| 0.92x | 1 | 1 | >= 0.95x | **missed** |")
+
+
+def test_report_splits_mitmdump_s_cpu_by_where_it_is_spent() -> None:
+    metrics = synthetic_metrics()
+    buffered = metrics["buffered"]["c16"]
+    buffered["ratio"]["cpu_loop_ms_per_req"] = 1.31
+    buffered["addon"].update(
+        cpu_loop_ms_per_req=1.4, cpu_threads_ms_per_req=0.012, cpu_writer_process_ms_per_req=0.25
+    )
+    buffered["baseline"].update(
+        cpu_loop_ms_per_req=1.07, cpu_threads_ms_per_req=-0.00001, cpu_writer_process_ms_per_req=0
+    )
+    buffered["ratio"]["req_per_s"] = 0.7
+    metrics["chat_sse_short"]["c1"]["addon"]["cpu_writer_process_ms_per_1k_events"] = 12.345
+    verdicts, section = render(metrics)
+    row = row_of(
+        section, "Buffered CPU per request: event loop / other threads / writer processes, c=16"
+    )
+    assert row.endswith(
+        "| 1.31x on the loop | 1.400 / 0.012 / 0.250 ms | 1.070 / 0.000 / 0.000 ms |  |  |"
+    )
+    row = row_of(
+        section,
+        "Short Chat SSE CPU per 1,000 events: event loop / other threads / writer processes, c=1",
+    )
+    assert "| 1.00 / 1.00 / 12.35 ms | 1.00 / 1.00 / 1.00 ms |" in row
+    (missed,) = (v for v in verdicts if v.name.startswith("Buffered req/s vs plain mitmdump"))
+    assert (
+        "of it, on the event loop +0.330 ms, other threads +0.012 ms, writer processes "
+        "+0.250 ms" in missed.reason
+    )
 
 
 def test_report_renders_postgres_beside_the_sqlite_bridge() -> None:
@@ -944,7 +1321,9 @@ def test_report_renders_postgres_beside_the_sqlite_bridge() -> None:
     # The PostgreSQL rows of each workload follow the SQLite bridge's own.
     lines = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
     at = lines.index("| SSE mitmdump CPU per 1,000 events, c=1")
-    assert lines[at + 1 : at + 4] == [
+    split = "| SSE CPU per 1,000 events: event loop / other threads / writer processes, c=1"
+    assert lines[at + 1 : at + 5] == [
+        split,
         "| SSE, postgres on: events/s, 1-event stream, c=1",
         "| SSE, postgres on vs off: events/s ratio moved (rounds from, to), c=1",
         "| SSE, postgres on vs off: mitmdump CPU per 1,000 events, c=1",
