@@ -179,6 +179,12 @@ class RecorderError(Exception):
     """The audit database cannot be used at all (start-up)."""
 
 
+def check_options(max_queue: int, batch_size: int, busy_timeout_ms: int, linger: float) -> None:
+    """ValueError unless the writer's options make sense (Recorder, WriterProcess)."""
+    if max_queue < 2 or batch_size < 1 or busy_timeout_ms < 0 or not linger >= 0:
+        raise ValueError("need max_queue >= 2, batch_size >= 1, busy_timeout_ms >= 0, linger >= 0")
+
+
 def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -202,10 +208,7 @@ class Recorder:
         """`progress_id`: keep, in each batch's transaction, the number of the last row
         committed under this id (schema.WRITER_PROGRESS); `progress_found` is what the log
         held for it at start. Rows are then numbered by their producer (see renumber)."""
-        if max_queue < 2 or batch_size < 1 or busy_timeout_ms < 0 or not linger >= 0:
-            raise ValueError(
-                "need max_queue >= 2, batch_size >= 1, busy_timeout_ms >= 0, linger >= 0"
-            )
+        check_options(max_queue, batch_size, busy_timeout_ms, linger)
         # The database's address: a SQLite path or a PostgreSQL URL (which may hold a
         # password: shown only as `where`).
         self.path = os.fspath(path)

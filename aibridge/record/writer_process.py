@@ -58,6 +58,7 @@ from aibridge.record.recorder import (
     Recorder,
     RecorderError,
     Replay,
+    check_options,
 )
 
 log = logging.getLogger(__name__)
@@ -191,10 +192,7 @@ class WriterProcess:
         max_unsent_bytes: int = MAX_UNSENT_BYTES,
         max_kept_bytes: int = MAX_KEPT_BYTES,
     ) -> None:
-        if max_queue < 2 or batch_size < 1 or busy_timeout_ms < 0 or not linger >= 0:
-            raise ValueError(
-                "need max_queue >= 2, batch_size >= 1, busy_timeout_ms >= 0, linger >= 0"
-            )
+        check_options(max_queue, batch_size, busy_timeout_ms, linger)
         self.path = os.fspath(path)
         self.where = addresses.display(self.path)
         self._options = {
