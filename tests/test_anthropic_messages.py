@@ -38,6 +38,7 @@ from aibridge.apis.anthropic_messages import (
 from aibridge.apis.common import EventAccumulator, json_cost
 from aibridge.apis.openai_responses import RequestError, RequestInfo, ResponseResult
 from aibridge.transport.sse import SSEParser
+from aibridge.transport.tee import StreamTee
 from tests.test_openai_responses import (
     THOUGHT_COLUMNS,
     TOKEN_USAGE_COLUMNS,
@@ -45,6 +46,7 @@ from tests.test_openai_responses import (
     feed_fixture,
     split_sse,
 )
+from tests.test_sse import random_split
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anthropic_messages"
 CAPTURED = Path(__file__).parent / "fixtures" / "claude_code_captured"
@@ -1821,6 +1823,104 @@ def _utf8(raw: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+# ------------------------------------------- the SSE parser's pass over text deltas (tee)
+
+
+def framed(data: bytes, name: bytes = b"content_block_delta") -> bytes:
+    return b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+
+@fuzz
+@given(twisted_text_deltas())
+def test_the_parser_passes_over_only_text_deltas_the_accumulator_drops(data: str) -> None:
+    """A guard: every event SKIPPABLE_EVENTS matches is, decoded, a text delta whose text
+    orjson reads, and one worth_decoding drops: skipping it in the parser changes nothing
+    against skipping it in the accumulator."""
+    for raw in (data.encode("utf-8", "surrogatepass"), data.encode("utf-8", "replace")):
+        if am.SKIPPABLE_EVENTS.fullmatch(framed(raw)) is None:
+            continue
+        decoded = orjson.loads(raw.decode("utf-8", "replace"))
+        assert decoded["type"] == "content_block_delta"
+        assert decoded["delta"]["type"] == "text_delta"
+        assert isinstance(decoded["delta"]["text"], str)
+        assert not worth_decoding(raw.decode("utf-8", "replace"))
+
+
+SPELLED = b'{"type":"content_block_delta","index":%s,"delta":{"type":"text_delta","text":"%s"}}'
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        framed(SPELLED % (b"0", b"a\x00b")),  # not JSON text: decoding would count it
+        framed(SPELLED % (b"0", b"\\ud800")),
+        framed(SPELLED % (b"0", b"\\q")),
+        framed(SPELLED % (b"01", b"x")),
+        framed(SPELLED % (b"0", b"x"), b"ping"),  # skipped by its name, not this pattern
+        b"event: content_block_delta\nid: 3\ndata: " + SPELLED % (b"0", b"x") + b"\n\n",
+        b"data: " + SPELLED % (b"0", b"x") + b"\n\n",
+    ],
+)
+def test_the_parser_passes_over_no_other_spelling(event: bytes) -> None:
+    assert am.SKIPPABLE_EVENTS.match(event) is None
+
+
+def through_the_tee(pieces: Iterable[bytes]) -> tuple[MessagesAccumulator, StreamTee]:
+    acc = MessagesAccumulator()
+    tee = StreamTee(acc, am.API, "")
+    for piece in pieces:
+        if piece:  # b"" is the end of the stream
+            assert tee(piece) is piece
+    tee(b"")
+    assert tee.parse_error is None
+    return acc, tee
+
+
+@pytest.mark.parametrize("name", STREAMED)
+def test_text_deltas_are_passed_over_by_the_parser(name: str) -> None:
+    raw = (FIXTURES / f"{name}.response.sse").read_bytes()
+    acc, tee = through_the_tee([raw])
+    texts = sum(
+        1
+        for _, data in split_sse(raw)
+        if orjson.loads(data).get("delta", {}).get("type") == "text_delta"
+    )
+    assert tee.parser.skipped_events == texts + raw.count(b"event: ping\n")
+    assert asdict(acc.result()) == expected(name)["result"]
+
+
+hostile_text_deltas = st.builds(
+    lambda i, text: framed(text_delta(i, "T").replace(b"T", text.encode("utf-8", "surrogatepass"))),
+    st.integers(0, 4),
+    st.lists(st.sampled_from(TWISTS), max_size=3).map("".join),
+)
+
+
+@fuzz
+@given(
+    st.lists(stream_events.map(lambda e: b"E" + e) | hostile_text_deltas, max_size=25),
+    st.lists(st.integers(0, 10_000), max_size=8),
+)
+def test_the_tee_gives_the_records_of_the_tee_before(events: list[bytes], cuts: list[int]) -> None:
+    """A guard: through the tee (text deltas passed over by the parser) the records are
+    those of the parser returning every wanted event to the accumulator, as before."""
+    frames = []
+    for event in events:
+        if event.startswith(b"E"):
+            data = event[1:].replace(b"\n", b" ").replace(b"\r", b" ")
+            name = _type_of(data)
+            frames.append(framed(data, name.encode()) if name else b"data: " + data + b"\n\n")
+        else:
+            frames.append(event)
+    raw = b"".join(frames)
+    before = MessagesAccumulator()
+    parser = SSEParser(max_event_bytes=8 << 20, wanted=WANTED_EVENTS.__contains__)
+    for event in parser.feed(raw) + parser.close():
+        before.feed_event(event.event, event.data)
+    teed, _ = through_the_tee(random_split(raw, cuts))
+    assert asdict(teed.result()) == asdict(before.result())
 
 
 # ---------------------------------------------------------------------------- errors

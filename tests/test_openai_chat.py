@@ -3,11 +3,13 @@ the usage edit of a streamed request's bytes, and hostile chunks."""
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
@@ -18,7 +20,9 @@ from aibridge.apis import json_bytes
 from aibridge.apis import openai_chat as oc
 from aibridge.apis.common import RequestError, ResponseResult
 from aibridge.config import ChatCompletions
+from aibridge.transport import tee as tee_module
 from aibridge.transport.sse import SSEParser
+from aibridge.transport.tee import MAX_EVENT_BYTES, StreamTee
 from tests.test_openai_responses import (
     THOUGHT_COLUMNS,
     TOKEN_USAGE_COLUMNS,
@@ -26,6 +30,7 @@ from tests.test_openai_responses import (
     feed_fixture,
     split_sse,
 )
+from tests.test_sse import cuts, random_split
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openai_chat"
 SCENARIOS = sorted(p.name.removesuffix(".request.json") for p in FIXTURES.glob("*.request.json"))
@@ -834,3 +839,357 @@ def test_named_events_are_read_as_chunks_through_the_tee() -> None:
     tee(b"")
     outcome = finish_exchange(oc.API, acc, tee, None, None)
     assert asdict(outcome.result) == expected("tool_call_streamed")["result"]
+
+
+# ------------------------------------------- the tee's byte test (ChatAccumulator.skips)
+
+HEAD = {
+    "id": "chatcmpl-9",
+    "object": "chat.completion.chunk",
+    "created": 1_700_000_000,
+    "model": "gpt-x",
+    "service_tier": "default",
+    "system_fingerprint": "fp_1",
+}
+TAIL = {"usage": None}
+# Text in the raw hole of a content chunk (its bytes spliced in as they are): what looks
+# skippable but is not valid, or is valid JSON of another shape (each INJECTED_* one adds
+# something the records keep, against a tail spelled as OpenAI spells it).
+INJECTED_CALL = (
+    b'x","tool_calls":[{"index":0,"id":"call_evil","type":"function",'
+    b'"function":{"name":"evil","arguments":"{}"}}],"y":"'
+)
+INJECTED_ERROR = b'x"}}],"error":{"message":"evil","code":"e"},"z":[{"a":{"b":"'
+INJECTED_REASONING = b'x","reasoning_content":"hidden thought'
+INJECTED_REFUSAL = b'x","refusal":"no'
+RAW_PIECES = [
+    b"a",
+    b" ",
+    b'"',
+    b"\\",
+    b'\\"',
+    b"\\\\",
+    b"\\n",
+    b"\\/",
+    b"\\u00e9",
+    b"\\u12",
+    b"\\ud83d\\ude00",
+    b"\\ud800",
+    b"\\udc00",
+    b"\\x41",
+    b"\x01",
+    b"\x1f",
+    b"\x7f",
+    b"\xff",
+    b"\xc3",
+    b"\xc3\xa9",
+    b"\xed\xa0\x80",
+    b"\t",
+    b"\r",
+    INJECTED_CALL,
+    INJECTED_ERROR,
+    INJECTED_REASONING,
+    INJECTED_REFUSAL,
+]
+HOLE = "HOLE-6e1f"  # where the raw text goes
+text_pieces = st.text(
+    alphabet=st.sampled_from(list('a "\\/\n\t\x00\x1f\x7fé\u2028😀\ufeff\ufffd},:[u0')), max_size=8
+)
+
+
+def serialize(obj: dict[str, Any], style: str) -> bytes:
+    if style == "compact":
+        return orjson.dumps(obj)
+    if style == "spaced":  # Python's json module as is, as some hosts send it
+        return json.dumps(obj, ensure_ascii=False).encode()
+    return json.dumps(obj, separators=(",", ":")).encode()  # ASCII, \u escapes
+
+
+@st.composite
+def chat_chunk(draw: st.DrawFn, heads: list[dict[str, Any]], style: str, padded: bool) -> bytes:
+    """One SSE event of a Chat stream: mostly content deltas on the stream's usual head
+    (heads[0]) spelled in its usual style, with everything the records keep, and hostile
+    text, mixed in."""
+    head = dict(draw(st.sampled_from([heads[0]] * 12 + heads)))
+    padding = {}
+    if padded and draw(st.integers(0, 9)):
+        padding["obfuscation"] = draw(st.text(alphabet="abcXYZ09", max_size=6))
+    index: Any = draw(st.sampled_from([0] * 12 + [1, -1, True, "absent"]))
+    kind = draw(
+        st.sampled_from(
+            ["content"] * 14
+            + ["raw"] * 4
+            + ["role", "reasoning", "refusal", "tool", "finish"]
+            + ["usage", "error", "done", "junk", "named", "comment", "empty"]
+        )
+    )
+    text = draw(text_pieces)
+    delta: Any = {"content": text}
+    finish: Any = None
+    fields: dict[str, Any] = {}
+    if kind == "role":
+        delta = draw(
+            st.sampled_from(
+                [
+                    {"role": "assistant", "content": ""},
+                    {"role": "assistant", "content": "", "refusal": None},
+                    {},
+                    None,
+                ]
+            )
+        )
+    elif kind == "reasoning":
+        delta = {draw(st.sampled_from(["reasoning_content", "reasoning"])): text or "t"}
+    elif kind == "refusal":
+        delta = {"content": None, "refusal": text or "r"}
+    elif kind == "tool":
+        call: dict[str, Any] = {
+            "index": draw(st.sampled_from([0, 1])),
+            "function": {"arguments": text},
+        }
+        if draw(st.booleans()):
+            call |= {"id": draw(st.sampled_from(["call_a", "call_b"])), "type": "function"}
+            call["function"]["name"] = "f"
+        delta = {"tool_calls": [call]}
+    elif kind == "finish":
+        delta, finish = (
+            {},
+            draw(st.sampled_from(["stop", "length", "tool_calls", "content_filter"])),
+        )
+    elif kind == "usage":
+        fields["usage"] = draw(
+            st.sampled_from([None, {"prompt_tokens": 3, "completion_tokens": 4}])
+        )
+    elif kind == "error":
+        return b'data: {"error":{"message":"mid-stream","code":"server_error"}}\n\n'
+    elif kind == "done":
+        return b"data: [DONE]\n\n"
+    elif kind == "junk":
+        return (
+            b"data: " + draw(st.sampled_from([b"{not json", b"[1]", b'"x"', b"", b"{}"])) + b"\n\n"
+        )
+    elif kind == "comment":
+        return b": keep-alive\n\n"
+    entry: dict[str, Any] = {
+        "index": index,
+        "delta": delta,
+        "logprobs": None,
+        "finish_reason": finish,
+    }
+    if index == "absent":
+        del entry["index"]
+    if kind == "empty":
+        choices: list[Any] = []
+    else:
+        choices = [entry]
+    obj = {**head, "choices": choices, **TAIL, **fields, **padding}
+    if draw(st.integers(0, 19)) == 0:  # keys in another order now and then
+        keys = draw(st.permutations(list(obj)))
+        obj = {key: obj[key] for key in keys}
+    if kind == "raw":
+        obj["choices"][0]["delta"] = {"content": HOLE}
+    data = serialize(obj, draw(st.sampled_from([style] * 12 + ["compact", "spaced", "ascii"])))
+    if kind == "raw":
+        raw = b"".join(draw(st.lists(st.sampled_from(RAW_PIECES), min_size=1, max_size=4)))
+        data = data.replace(HOLE.encode(), raw)
+    name = b"event: chunk\n" if kind == "named" else b""
+    return name + b"data: " + data + b"\n\n"
+
+
+def content_chunk(head: dict[str, Any], text: str, style: str, padded: bool) -> bytes:
+    entry = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+    padding = {"obfuscation": "Xy" * len(text)} if padded else {}
+    return b"data: " + serialize({**head, "choices": [entry], **TAIL, **padding}, style) + b"\n\n"
+
+
+HEADS = [
+    HEAD,
+    {**HEAD, "service_tier": "flex"},
+    {key: value for key, value in HEAD.items() if key != "id"},
+    {**HEAD, "id": "chatcmpl-other", "model": "gpt-y"},
+    {**HEAD, "service_tier": ""},
+    {**HEAD, "id": 5, "model": None, "service_tier": ["x"]},
+    {key: value for key, value in HEAD.items() if key != "service_tier"},
+]
+
+
+@st.composite
+def chat_stream(draw: st.DrawFn) -> bytes:
+    usual = draw(st.sampled_from(HEADS))
+    style = draw(st.sampled_from(["compact", "spaced", "ascii"]))
+    padded = draw(st.booleans())
+    chunks = chat_chunk([usual, *HEADS], style, padded)
+    # Runs of plain content deltas, as real streams are, between the chunks of any kind.
+    runs = st.lists(text_pieces, min_size=1, max_size=6).map(
+        lambda texts: b"".join(content_chunk(usual, text, style, padded) for text in texts)
+    )
+    stream = b"".join(draw(st.lists(chunks | runs, max_size=30)))
+    return stream.replace(b"\n", b"\r\n") if draw(st.integers(0, 9)) == 0 else stream
+
+
+def full_decode(stream: bytes) -> oc.ChatAccumulator:
+    """Every chunk decoded, as before the byte test: the accumulator never makes a template."""
+    acc = oc.ChatAccumulator()
+    acc._templates_made = oc._MAX_TEMPLATES
+    parser = SSEParser(max_event_bytes=MAX_EVENT_BYTES)
+    feed_every_event(acc, [(e.event, e.data) for e in parser.feed(stream) + parser.close()])
+    return acc
+
+
+def through_the_tee(
+    chunks: list[bytes], batch: int = 1 << 16
+) -> tuple[oc.ChatAccumulator, StreamTee]:
+    """As the bridge runs it (parsed in batches of `batch` bytes)."""
+    acc = oc.ChatAccumulator()
+    with mock.patch.object(tee_module, "PARSE_BATCH_BYTES", batch):
+        tee = StreamTee(acc, oc.API, "")
+        for piece in filter(None, chunks):  # b"" is the end of the stream
+            assert tee(piece) is piece
+        tee(b"")
+    assert tee.parse_error is None
+    return acc, tee
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=chat_stream(), cuts=cuts, batch=st.sampled_from([1, 300, 1 << 16]))
+def test_the_tee_s_byte_test_gives_the_records_of_a_full_decode(
+    stream: bytes, cuts: list[int], batch: int
+) -> None:
+    """A guard: for any stream, cut anywhere and parsed in batches of any size, dropping
+    chunks by their bytes gives what decoding every chunk gives: usage, tool calls,
+    thoughts, outcome, the malformed count."""
+    full = full_decode(stream)
+    fast, _ = through_the_tee(random_split(stream, cuts), batch)
+    assert asdict(fast.result()) == asdict(full.result())
+    assert fast.ended == full.ended
+
+
+def openai_stream(texts: list[str], *, padded: bool = False) -> bytes:
+    """A stream as OpenAI spells it: the role chunk, content deltas, the finish, the usage."""
+    chunks = [
+        {
+            **HEAD,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "", "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+            **TAIL,
+        }
+    ]
+    for i, text in enumerate(texts):
+        extra = {"obfuscation": "p" * (i % 7)} if padded else {}
+        entry = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+        chunks.append({**HEAD, "choices": [entry], **TAIL, **extra})
+    entry = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    chunks.append({**HEAD, "choices": [entry], **TAIL})
+    chunks.append({**HEAD, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 8}})
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_content_deltas_are_dropped_undecoded(padded: bool) -> None:
+    texts = ["word ", 'a "quoted" \\ word', "é\u2028😀", "tab\tnew\nline", ""] * 40
+    stream = openai_stream(texts, padded=padded)
+    fast, tee = through_the_tee([stream])
+    # The first content delta is decoded, and teaches the accumulator the rest.
+    assert tee.parser.skipped_events == len(texts) - 1
+    assert asdict(fast.result()) == asdict(full_decode(stream).result())
+    assert fast.result().status == "completed"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [INJECTED_CALL, INJECTED_ERROR, INJECTED_REASONING, INJECTED_REFUSAL],
+    ids=["call", "error", "reasoning", "refusal"],
+)
+def test_a_chunk_that_only_looks_like_a_content_delta_is_decoded(raw: bytes) -> None:
+    """A guard: text that ends the string early is valid JSON of another shape here."""
+    stream = openai_stream(["word ", "word "])
+    plain = orjson.dumps(
+        {
+            **HEAD,
+            "choices": [
+                {"index": 0, "delta": {"content": HOLE}, "logprobs": None, "finish_reason": None}
+            ],
+            **TAIL,
+        }
+    )
+    evil = b"data: " + plain.replace(HOLE.encode(), raw) + b"\n\n"
+    orjson.loads(evil[6:])  # valid JSON
+    at = stream.index(b"data: ", stream.index(b"word "))  # after the first content delta
+    stream = stream[:at] + evil + stream[at:]
+    fast, _ = through_the_tee([stream])
+    result = asdict(fast.result())
+    assert result == asdict(full_decode(stream).result())
+    assert result != asdict(full_decode(openai_stream(["word ", "word "])).result())
+
+
+@pytest.mark.parametrize("split", ["whole", "each", "change and after together"])
+def test_a_tier_that_changes_again_is_taken_again(split: str) -> None:
+    """A guard: a template learnt before the tier changed would hide the change back; and
+    the accumulator takes each event before the next one is tested."""
+    content = {"index": 0, "delta": {"content": "w"}, "logprobs": None, "finish_reason": None}
+    function = {"name": "f", "arguments": "{}"}
+    call = {"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c", "function": function}]}}
+    chunks = [
+        {**HEAD, "choices": [content]},
+        {**HEAD, "service_tier": "flex", "choices": [call]},
+        {**HEAD, "choices": [content]},
+        {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+    ]
+    events = [b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks]
+    pieces = {
+        "whole": [b"".join(events)],
+        "each": events,
+        "change and after together": [events[0], b"".join(events[1:])],
+    }[split]
+    fast, _ = through_the_tee(pieces, batch=1)
+    usage = fast.result().token_usage
+    assert usage is not None and usage["service_tier"] == "default"
+    assert asdict(fast.result()) == asdict(full_decode(b"".join(events)).result())
+
+
+def test_a_host_whose_chunks_all_differ_stops_making_templates() -> None:
+    chunks = []
+    for i in range(100):
+        entry = {"index": 0, "delta": {"content": "w"}, "finish_reason": None}
+        chunks.append({"id": f"chatcmpl-{i}", "created": i, "model": "m", "choices": [entry]})
+    stream = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
+    fast, tee = through_the_tee([stream])
+    assert fast._templates_made == oc._MAX_TEMPLATES
+    assert tee.parser.skipped_events == 0
+    assert asdict(fast.result()) == asdict(full_decode(stream).result())
+
+
+def test_other_callers_get_the_byte_test_on_the_text() -> None:
+    """The views feed decoded text to feed_event: the same chunks are dropped there."""
+    stream = openai_stream(["word "] * 50)
+    parser = SSEParser(max_event_bytes=MAX_EVENT_BYTES)
+    acc = oc.ChatAccumulator()
+    decoded = 0
+    real_loads = orjson.loads
+
+    def counting_loads(data: Any) -> Any:
+        nonlocal decoded
+        decoded += 1
+        return real_loads(data)
+
+    with mock.patch.object(oc.orjson, "loads", counting_loads):
+        feed_every_event(acc, [(e.event, e.data) for e in parser.feed(stream)])
+    assert decoded == 4  # the role chunk, the first delta, the finish, the usage
+    assert asdict(acc.result()) == asdict(full_decode(stream).result())
+
+
+def test_a_choice_past_the_cap_is_counted_as_often_as_decoding_counts_it() -> None:
+    """A guard: a delta of a choice that is not tracked counts again each time."""
+    finish = [{"index": i, "delta": {}, "finish_reason": None} for i in range(oc.MAX_CHOICES)]
+    late = {"index": oc.MAX_CHOICES, "delta": {"content": "w"}, "finish_reason": None}
+    chunks = [{**HEAD, "choices": finish}] + [{**HEAD, "choices": [late]}] * 5
+    stream = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
+    fast, _ = through_the_tee([stream])
+    assert fast.untracked == 5
+    assert asdict(fast.result()) == asdict(full_decode(stream).result())

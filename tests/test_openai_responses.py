@@ -9,6 +9,7 @@ import tracemalloc
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aibridge.apis.openai_responses import (
+    API,
     WANTED_EVENTS,
     RequestError,
     ResponseAccumulator,
@@ -27,6 +29,9 @@ from aibridge.apis.openai_responses import (
     token_usage_row,
     tool_usage_row,
 )
+from aibridge.transport import tee as tee_module
+from aibridge.transport.sse import SSEParser
+from tests.test_sse import random_split
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SCENARIOS = sorted(p.name.removesuffix(".request.json") for p in FIXTURES.glob("*.request.json"))
@@ -1240,3 +1245,44 @@ def test_any_bytes(body: bytes) -> None:
     acc.feed_event(None, body)
     acc.feed_response_body(body)
     assert_result_sound(acc)
+
+
+# ---------------------------------------------------------- through the stream tee
+
+# Every event of the streamed fixtures, as sent, and as a data-only event (no name).
+FIXTURE_EVENTS = [
+    block + b"\n\n"
+    for path in sorted(FIXTURES.glob("*.response.sse"))
+    for block in path.read_bytes().replace(b"\r\n", b"\n").split(b"\n\n")
+    if block.strip()
+]
+UNNAMED_EVENTS = [
+    b"\n".join(line for line in event.split(b"\n") if not line.startswith(b"event:"))
+    for event in FIXTURE_EVENTS
+]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(FIXTURE_EVENTS + UNNAMED_EVENTS), max_size=30),
+    st.lists(st.integers(0, 100_000), max_size=8),
+    st.sampled_from([1, 300, 1 << 16]),
+)
+def test_the_tee_gives_the_records_of_the_parser_returning_events(
+    events: list[bytes], cuts: list[int], batch: int
+) -> None:
+    """A guard: the tee (events handed to the accumulator as they are parsed, data-only
+    ones by the parser's fast path, deltas passed over in runs) records what feeding the
+    wanted events of the parser's returned list gives."""
+    raw = b"".join(events)
+    parser = SSEParser(max_event_bytes=tee_module.MAX_EVENT_BYTES)
+    before = ResponseAccumulator()
+    feed_like_the_tee(before, [(e.event, e.data) for e in parser.feed(raw) + parser.close()])
+    teed = ResponseAccumulator()
+    with mock.patch.object(tee_module, "PARSE_BATCH_BYTES", batch):
+        tee = tee_module.StreamTee(teed, API, "")
+        for piece in filter(None, random_split(raw, cuts)):  # b"" ends the stream
+            assert tee(piece) is piece
+        tee(b"")
+    assert tee.parse_error is None
+    assert asdict(teed.result()) == asdict(before.result())

@@ -495,3 +495,90 @@ def test_a_run_of_frequent_events_is_passed_over_and_counted() -> None:
     events, parser = parse([stream], wanted={"done"}.__contains__, frequent={"d.delta"})
     assert [(e.event, e.data) for e in events] == [("done", "{}")]
     assert parser.skipped_events == 503
+
+
+# A caller's pattern of events it ignores whatever their name (aibridge.apis.common's
+# Api.skippable_events): one exact event, like DELTA but for its name.
+SKIPPABLE = re.compile(rb'event: ?d\.text\ndata: \{"delta":"x"\}\n\n')
+TEXT = b'event: d.text\ndata: {"delta":"x"}\n\n'
+TEXT_PIECES = [*DELTA_PIECES, TEXT, TEXT, b"event:d.text\ndata: {}\n\n", b'data: {"delta":"x"}\n\n']
+text_streams = st.lists(st.sampled_from(TEXT_PIECES), max_size=40).map(b"".join)
+
+
+def dropped_from(events: list[SSEEvent], kept: list[SSEEvent], droppable: tuple[str, str]) -> int:
+    """How many of `events` are not in `kept`, which must be `events` in order but for
+    events whose name and data are `droppable`."""
+    at = dropped = 0
+    for event in events:
+        if at < len(kept) and kept[at] == event:
+            at += 1
+        else:
+            assert (event.event, event.data) == droppable, event
+            dropped += 1
+    assert at == len(kept)
+    return dropped
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=text_streams, cuts=cuts, limit=st.sampled_from([8, 40, 1 << 20]))
+def test_passing_over_skippable_events_drops_only_them(
+    stream: bytes, cuts: list[int], limit: int
+) -> None:
+    def wanted(name: str) -> bool:
+        return name != "d.delta"
+
+    chunks = random_split(stream, cuts)
+    plain, plain_parser = parse(chunks, wanted=wanted, max_event_bytes=limit)
+    skim, skim_parser = parse(
+        chunks, wanted=wanted, max_event_bytes=limit, frequent={"d.delta"}, skippable=SKIPPABLE
+    )
+    dropped = dropped_from(plain, skim, ("d.text", '{"delta":"x"}'))
+    assert skim_parser.skipped_events == plain_parser.skipped_events + dropped
+    assert skim_parser.oversized_events == plain_parser.oversized_events
+
+
+def test_a_run_of_skippable_events_is_passed_over_and_counted() -> None:
+    stream = TEXT * 300 + DELTA * 2 + TEXT + b"event: done\ndata: {}\n\n" + TEXT * 3
+    for frequent in (set(), {"d.delta"}):
+        events, parser = parse(
+            [stream], wanted={"done"}.__contains__, frequent=frequent, skippable=SKIPPABLE
+        )
+        assert [(e.event, e.data) for e in events] == [("done", "{}")]
+        assert parser.skipped_events == 306
+
+
+@settings(max_examples=150, deadline=None)
+@given(stream=soupy_streams | delta_streams | text_streams, cuts=cuts)
+def test_a_sink_gets_the_events_in_order_and_skip_data_is_asked_in_step(
+    stream: bytes, cuts: list[int]
+) -> None:
+    """With a sink, the events are handed over as parsed (feed and close return none);
+    skip_data is asked about each one-line data-only event, its bytes and where its data
+    begins, once every event before it has been handed over, and drops it on True."""
+    expected = reference(stream)
+    handed: list[tuple[str | None, str]] = []
+    dropped: dict[int, tuple[None, str]] = {}  # by its place among all the events
+
+    def skip_data(block: bytes, start: int) -> bool:
+        assert block.startswith(b"data:") and b"\n" not in block
+        assert block[:start] in (b"data:", b"data: ")
+        data = block[start:].decode("utf-8", "replace")
+        if len(handed) + len(dropped) >= len(expected):
+            raise AssertionError("asked about more events than there are")
+        if data.startswith(("x", "{")):
+            dropped[len(handed) + len(dropped)] = (None, data)
+            return True
+        return False
+
+    def sink(name: str | None, data: str) -> None:
+        handed.append((name, data))
+
+    parser = SSEParser(sink=sink, skip_data=skip_data)
+    for chunk in random_split(stream, cuts):
+        assert parser.feed(chunk) == []
+    assert parser.close() == []
+    merged = list(handed)
+    for at in sorted(dropped):
+        merged.insert(at, dropped[at])
+    assert merged == [(e.event, e.data) for e in expected]
+    assert parser.skipped_events == len(dropped)

@@ -30,7 +30,8 @@ The event that comes by the hundred, ``content_block_delta``, carries the tool i
 :data:`DELTA_EVENTS` is empty. Instead, :func:`worth_decoding` recognises a text delta (or a
 ping) by its bytes: it says False only for data that is, in full, Anthropic's compact
 spelling of such an event, which no parser can read as anything else. Any other spelling,
-however harmless, is decoded.
+however harmless, is decoded. Runs of such text deltas whose text is also valid JSON text
+(:data:`SKIPPABLE_EVENTS`) are passed over by the SSE parser itself, one regex match each.
 
 Memory per exchange is bounded: at most :data:`MAX_BLOCK_BYTES` of assembled input or
 thinking per content block, :data:`MAX_EXCHANGE_BYTES` of everything kept in all,
@@ -52,6 +53,7 @@ import orjson
 from aibridge.apis.common import (
     MAX_COUNT,
     MAX_TIER_CHARS,
+    STRING_INSIDE,
     Api,
     EventAccumulator,
     RequestError,
@@ -304,6 +306,19 @@ def worth_decoding(data: str | bytes) -> bool:
     # touch, so each quote left must be an escaped one and no backslash may end the text.
     body = body.replace(pair, empty)
     return body.endswith(backslash) or body.count(quote) != body.count(escaped)
+
+
+# A text delta as Anthropic sends it, the whole SSE event: what worth_decoding drops, with
+# its text checked as well, so the SSE parser passes over runs of them undecoded.
+SKIPPABLE_EVENTS: Final = re.compile(
+    rb"event: ?content_block_delta\ndata: ?"
+    + re.escape(_BYTES_TOKENS[0])
+    + rb"(?:0|[1-9][0-9]{0,8})"
+    + re.escape(_BYTES_TOKENS[1])
+    + STRING_INSIDE.pattern
+    + re.escape(_BYTES_TOKENS[2])
+    + rb"\n\n"
+)
 
 
 # -------------------------------------------------------------------------- response
@@ -841,6 +856,7 @@ API: Final = Api(
     new_accumulator=MessagesAccumulator,
     wanted_events=WANTED_EVENTS,
     delta_events=DELTA_EVENTS,
+    skippable_events=SKIPPABLE_EVENTS,
     error_body=error_body,
     passthrough=("/v1/messages/count_tokens", "/v1/models", "/v1/models/*"),
 )

@@ -5,6 +5,7 @@ malformed, never raise)."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,6 +100,18 @@ class Api:
     # The one edit the bridge may make to a request body (DESIGN §2): (body, info, config,
     # whether the body is compressed) → the bytes to forward instead, or None to keep them.
     amend_request: Callable[[bytes, RequestInfo, Any, bool], bytes | None] | None = None
+    # Whole events, by their bytes, that no record needs whatever their name (text deltas in
+    # their provider's exact spelling): the SSE parser passes over runs of them undecoded.
+    skippable_events: re.Pattern[bytes] | None = None
+
+
+# The inside of a JSON string, as bytes, that every parser reads as one and orjson accepts:
+# no quote, backslash or control byte outside a valid escape, no escaped surrogate (left to
+# a full decode). Any byte above ASCII: the stream tee decodes them with replacement, which
+# never touches an ASCII byte. The byte tests of the stream tee are built on it.
+STRING_INSIDE: Final = re.compile(
+    rb'[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u(?![dD][89a-fA-F])[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*'
+)
 
 
 class RequestError(ValueError):

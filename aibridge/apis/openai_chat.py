@@ -10,7 +10,10 @@ Pure functions over decoded JSON, like the other API modules: no mitmproxy, no I
   (or a buffered ``chat.completion`` once) and keeps only what the records need: tool calls
   assembled from ``delta.tool_calls[]`` by ``index``, reasoning text that OpenAI-compatible
   hosts stream (``reasoning_content``, ``reasoning``), the finish reasons and the usage.
-  Content deltas are dropped.
+  Content deltas are dropped, most of them undecoded: the stream tee asks
+  :meth:`ChatAccumulator.skips` about each chunk, which is true when it is, byte for byte,
+  the last plain chunk decoded but for its text (and OpenAI's ``obfuscation`` padding),
+  as exact as a decode (:func:`_plain_template`).
 
 Choices made where DESIGN is silent (the fixtures' README, tests/fixtures/openai_chat/, lists
 them with the scenario that shows each):
@@ -46,6 +49,7 @@ thought's ``content``) null, and ``error`` says how many lost their content.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import TYPE_CHECKING, Any, Final
 
@@ -55,6 +59,7 @@ from aibridge.apis import json_bytes, openai_errors
 from aibridge.apis.common import (
     MAX_COUNT,
     MAX_TIER_CHARS,
+    STRING_INSIDE,
     Api,
     EventAccumulator,
     RequestError,
@@ -91,6 +96,21 @@ _INCOMPLETE_REASONS: Final = frozenset({"length"})
 _REASONING_FIELDS: Final = ("reasoning_content", "reasoning")
 # A delta with only these keys holds nothing the records keep (text, the first chunk's role).
 _PLAIN_DELTA_KEYS: Final = frozenset({"content", "role"})
+
+# The tee's byte test (ChatAccumulator.skips): where a chunk may differ from the plain one
+# decoded last, the string value of a key no record reads (the text; OpenAI's random
+# padding, "obfuscation"), spelled as any host spells it.
+_HOLE_KEYS: Final = ('"content"', '"obfuscation"')
+_AFTER_HOLE_KEY: Final = re.compile(r'[ \t]*:[ \t]*"')
+# A string's inside in a chunk orjson has read already: every escape in it is whole.
+_READ_STRING_INSIDE: Final = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
+# What a string's inside that needs no STRING_INSIDE match holds none of (the common case).
+_NOT_PLAIN: Final = bytes(range(0x20)) + b'"\\'
+# A template is kept only this long (its literal parts, in bytes) with at most this many holes.
+_MAX_TEMPLATE_BYTES: Final = 4096
+_MAX_HOLES: Final = 4
+# At most this many templates are made per exchange (a normal stream makes one or two).
+_MAX_TEMPLATES: Final = 32
 
 # What interceptions.metadata's "stream_usage" says about a streamed request's usage.
 USAGE_REQUESTED: Final = "requested by the client"
@@ -294,12 +314,15 @@ class ChatAccumulator(EventAccumulator):
     """
 
     __slots__ = (
+        "_asked",
         "_calls",
         "_choices",
         "_done",
         "_error",
         "_kept",
         "_service_tier",
+        "_template",
+        "_templates_made",
         "_usage",
         "_usage_trimmed",
         "dropped",
@@ -322,12 +345,28 @@ class ChatAccumulator(EventAccumulator):
         self._service_tier: str | None = None
         self._done = False
         self._error: tuple[str | None, str | None] | None = None
+        # The last plain chunk decoded, UTF-8, cut around its holes: its first literal, the
+        # ones between holes, its last (_plain_template); how many were made; whether the
+        # chunk fed next was asked about already (skips said no).
+        self._template: tuple[bytes, tuple[bytes, ...], bytes] | None = None
+        self._templates_made = 0
+        self._asked = False
 
     # Chat chunks carry no ``type``: every one is a chunk, read whole.
     def feed_event(self, event_name: str | None, data: str | bytes) -> None:
-        """Take one ``data:`` payload; never raises."""
+        """Take one ``data:`` payload; never raises. (The stream tee asks ``skips`` first;
+        other callers get the same test here, on the text.)"""
         if not data or self._done or self._error is not None:
             return
+        if self._asked:
+            self._asked = False
+        elif self._template is not None and type(data) is str:
+            try:
+                if self.skips(data.encode(), 0):
+                    return
+            except UnicodeEncodeError:  # a lone surrogate: orjson refuses it, so decode
+                pass
+            self._asked = False
         if data in ("[DONE]", b"[DONE]"):
             self._done = True
             return
@@ -340,10 +379,44 @@ class ChatAccumulator(EventAccumulator):
             self.malformed_events += 1
             return
         try:
-            self._chunk(chunk)
+            plain = self._chunk(chunk)
         except Exception:
             # Last line of defence: an audit log must never break a client's stream.
             self.malformed_events += 1
+            return
+        if plain and type(data) is str and self._templates_made < _MAX_TEMPLATES:
+            # A host whose chunks differ elsewhere too (an id per chunk) makes one per
+            # chunk to no avail: after _MAX_TEMPLATES, its chunks are only decoded.
+            self._templates_made += 1
+            self._template = _plain_template(data)
+
+    def skips(self, block: bytes, start: int) -> bool:
+        """Whether the stream tee may drop the SSE event `block` (its data from `start`)
+        undecoded: it is the last plain chunk decoded but for the strings in its holes, each
+        the inside of a string orjson reads (see _plain_template for why that is exact)."""
+        template = self._template
+        if template is None:
+            return False
+        first, middles, last = template
+        self._asked = True  # if not skipped, the event is fed next: no need to ask again
+        if not block.startswith(first, start):
+            return False
+        pos = start + len(first)
+        for literal in middles:
+            inside = STRING_INSIDE.match(block, pos)  # matches "" at least
+            pos = pos if inside is None else inside.end()
+            if not block.startswith(literal, pos):
+                return False
+            pos += len(literal)
+        end = len(block) - len(last)
+        if end < pos or not block.endswith(last):
+            return False
+        # The text of a delta is mostly plain: then one translate says so, else the pattern.
+        plain = len(block[pos:end].translate(None, _NOT_PLAIN)) == end - pos
+        if not plain and STRING_INSIDE.fullmatch(block, pos, end) is None:
+            return False
+        self._asked = False
+        return True
 
     @property
     def ended(self) -> bool:
@@ -390,44 +463,57 @@ class ChatAccumulator(EventAccumulator):
 
     # ------------------------------------------------------------------ internals
 
-    def _chunk(self, chunk: dict[str, Any]) -> None:
+    def _chunk(self, chunk: dict[str, Any]) -> bool:
+        """Take a chunk; return whether taking it again now would change nothing (it is
+        plain): no error, no usage, one choice, tracked, with no finish reason and a delta
+        of text alone or none. Its id and model were kept only if none was known, so they
+        are known now or it has none; its service tier is the one kept or none is (a tier
+        that changes later clears the template); nothing else in it is read."""
         if chunk.get("error") is not None:
             # Also with choices: OpenRouter's mid-stream error carries a last choice
             # (finish_reason "error"), and the SDKs raise on any chunk with an error.
             self._error = _error_fields(chunk)
-            return
-        self._note_response(chunk)
+            return False
+        plain = self._note_response(chunk)
         choices = chunk.get("choices")
         if choices is None:
-            return
+            return False
         if not isinstance(choices, list):
             self.malformed_events += 1
-            return
+            return False
         for entry in choices:
             if not isinstance(entry, dict):
                 self.malformed_events += 1
+                plain = False
                 continue
             index = entry.get("index", 0)
             choice = self._choices.get(index) if _is_index(index) else None
             if choice is None:
                 if not _is_index(index):
                     self.malformed_events += 1
+                    plain = False
                     continue
                 choice = self._choice(index)
-                if choice is None:
+                if choice is None:  # past MAX_CHOICES: counted again each time
+                    plain = False
                     continue
             delta = entry.get("delta")
             if isinstance(delta, dict):
                 # Most chunks carry text alone: nothing in them is kept.
                 if not delta.keys() <= _PLAIN_DELTA_KEYS:
                     self._take_message(choice, delta, streamed=True)
+                    plain = False
             elif delta is not None:
                 self.malformed_events += 1
+                plain = False
             reason = entry.get("finish_reason")
             if reason is not None:
                 self._take_finish(choice, reason)
+                plain = False
+        return plain and len(choices) == 1
 
-    def _note_response(self, obj: dict[str, Any]) -> None:
+    def _note_response(self, obj: dict[str, Any]) -> bool:
+        """Take the id, model, tier and usage; return whether there was no usage."""
         if self.response_id is None:
             rid = obj.get("id")
             if isinstance(rid, str) and rid:
@@ -440,13 +526,15 @@ class ChatAccumulator(EventAccumulator):
         fresh_tier = tier is not None and tier != self._service_tier
         if fresh_tier and isinstance(tier, str) and 0 < len(tier) <= MAX_TIER_CHARS:
             self._service_tier = tier
+            self._template = None  # a chunk that spells the old tier would set it again
         usage = obj.get("usage")
         if usage is None:
-            return
+            return True
         if isinstance(usage, dict):
             self._set_usage(usage)
         else:
             self.malformed_events += 1
+        return False
 
     def _set_usage(self, usage: dict[str, Any]) -> None:
         size = json_cost(usage, MAX_USAGE_BYTES)
@@ -648,6 +736,53 @@ def _small(value: Any) -> bool:
 
 def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _plain_template(data: str) -> tuple[bytes, tuple[bytes, ...], bytes] | None:
+    """`data` (a chunk orjson read and ChatAccumulator._chunk found plain) cut around its
+    holes, the insides of its ``content`` and ``obfuscation`` string values, as UTF-8.
+    None without a hole, or when the literal parts are over _MAX_TEMPLATE_BYTES or the
+    holes over _MAX_HOLES.
+
+    Why a chunk that is this one with other strings in the holes may be dropped undecoded:
+    in valid JSON, ``"content"`` followed by ``:`` and ``"`` (JSON whitespace around the
+    colon) is a key followed by the opening quote of its string value: the quote after the
+    name's last letter is not escaped, so it ends a string; a string that a colon follows
+    is a key, and a quote after the colon opens its value. A chunk of the same literals
+    around other strings' insides, each one orjson reads (STRING_INSIDE: none ends in a
+    lone backslash or holds an unescaped quote), is therefore lexed as the same tokens but
+    for those strings' values, and decodes to the same object but for them. No value of
+    such a key is read from a plain chunk (not the text; the error, usage and finish
+    reason it could hide in are null), so taking that chunk would change nothing either.
+
+    The test is on the bytes before they are decoded: the literals are this chunk's text
+    encoded (it was decoded with replacement, which never touches an ASCII byte), so bytes
+    that pass decode to a text that would pass, with every hole still a string's inside.
+    """
+    holes: list[int] = []  # where each hole's string begins, after its opening quote
+    for key in _HOLE_KEYS:  # str.find: most chunks have one "content" and no other hole
+        search = 0
+        while (at := data.find(key, search)) >= 0:
+            search = at + len(key)
+            after = _AFTER_HOLE_KEY.match(data, search)
+            if after is not None:
+                holes.append(after.end())
+    if not holes or len(holes) > _MAX_HOLES:
+        return None
+    holes.sort()
+    literals: list[bytes] = []
+    start = 0
+    for inside in holes:
+        string = _READ_STRING_INSIDE.match(data, inside)  # matches "" at least
+        end = inside if string is None else string.end()
+        if inside < start or data[end : end + 1] != '"':
+            return None  # not orjson's reading after all: never cut there
+        literals.append(data[start:inside].encode())
+        start = end  # the next literal opens with the closing quote
+    literals.append(data[start:].encode())
+    if sum(map(len, literals)) > _MAX_TEMPLATE_BYTES:
+        return None
+    return literals[0], tuple(literals[1:-1]), literals[-1]
 
 
 def _tool_row(call: _Call, cut: bool) -> dict[str, Any]:

@@ -21,8 +21,9 @@ Deliberate differences, because this feeds an audit log rather than a browser:
 
 Speed: every line end is normalised to LF first (only when the chunk holds a CR), after which
 events are found with `bytes.find`/`bytes.split` on b"\\n\\n", never a per-byte Python loop;
-with `frequent` names given, runs of those events (text deltas) are passed over by one regex
-match each, not one Python step per event.
+the two common shapes of an event, "event: <name>\\ndata: <line>" and "data: <line>" alone,
+take an inlined path; with `frequent` names or a `skippable` pattern given, runs of those
+events (text deltas) are passed over by one regex match each, not one Python step per event.
 Only the unfinished event is buffered, and it never contains b"\\n\\n", so each new chunk is
 searched on its own (plus one byte of overlap) instead of rescanning the buffer.
 """
@@ -41,10 +42,16 @@ _CR = 13  # b"\r"[0]
 
 
 @functools.lru_cache(maxsize=16)
-def _run_pattern(names: tuple[str, ...]) -> re.Pattern[bytes]:
-    """One or more whole events, each exactly "event: <one of names>\ndata: <line>"."""
-    alternatives = b"|".join(re.escape(n.encode()) for n in names)
-    return re.compile(rb"(?:event: ?(?:" + alternatives + rb")\ndata:[^\n]*\n\n)+")
+def _run_pattern(names: tuple[str, ...], skippable: bytes | None) -> re.Pattern[bytes]:
+    """One or more whole events, each exactly "event: <one of names>\ndata: <line>" or one
+    that `skippable` (a pattern's source) matches."""
+    alternatives = []
+    if names:
+        named = b"|".join(re.escape(n.encode()) for n in names)
+        alternatives.append(rb"event: ?(?:" + named + rb")\ndata:[^\n]*\n\n")
+    if skippable is not None:
+        alternatives.append(skippable)
+    return re.compile(rb"(?:" + b"|".join(alternatives) + rb")+")
 
 
 @dataclass(slots=True)
@@ -63,6 +70,19 @@ class SSEParser:
     `wanted`, when given, is asked about each event name (about once per name); events
     whose name it rejects are neither decoded nor returned, only counted in
     `skipped_events`. Events without an `event:` field are always returned.
+
+    `skippable`, when given, matches whole events by their bytes that the caller would
+    ignore, whatever their name: they are neither decoded nor returned either, only
+    counted. It is tried at an event's start, and must match nothing but one complete event
+    of exactly two lines, an `event:` line then a `data:` line, with its blank line (LF line
+    ends).
+
+    `sink`, when given, is handed each event's name and data as soon as it is parsed, in
+    order, and `feed`/`close` return nothing. `skip_data`, when given, is asked about each
+    event that is one `data:` line alone, before its data is decoded: `(block, start)`, the
+    event's bytes without its blank line and where its data begins; True drops the event
+    (counted). With a sink, every event before it has been handed over when it is asked, so
+    its answer may depend on them (the Chat Completions accumulator's does).
     """
 
     __slots__ = (
@@ -74,6 +94,8 @@ class SSEParser:
         "_last_id",
         "_names",
         "_run_of_unwanted",
+        "_sink",
+        "_skip_data",
         "_started",
         "_wanted",
         "bytes_seen",
@@ -87,6 +109,9 @@ class SSEParser:
         max_event_bytes: int = 32 * 1024 * 1024,
         wanted: Callable[[str], bool] | None = None,
         frequent: Collection[str] = (),
+        skippable: re.Pattern[bytes] | None = None,
+        sink: Callable[[str | None, str], object] | None = None,
+        skip_data: Callable[[bytes, int], bool] | None = None,
     ) -> None:
         if max_event_bytes < 1:
             raise ValueError("max_event_bytes must be positive")
@@ -95,6 +120,8 @@ class SSEParser:
         self.skipped_events = 0
         self.bytes_seen = 0
         self._wanted = wanted
+        self._sink = sink
+        self._skip_data = skip_data
         self._started = False  # past the point where a BOM may appear
         self._head = b""  # first bytes of the stream while they may still be a split BOM
         self._after_cr = False  # previous chunk ended in CR: a leading LF here is its pair
@@ -107,9 +134,11 @@ class SSEParser:
         self._names: dict[bytes, tuple[str | None, bool]] = {}
         # `frequent`: names that come in long runs (text deltas, hundreds per response). A run
         # of them in their plain form ("event: <name>\ndata: <one line>") that `wanted`
-        # rejects is passed over by one regex match in C instead of event by event.
-        skippable = tuple(sorted(n for n in frequent if wanted is not None and n and not wanted(n)))
-        self._run_of_unwanted = _run_pattern(skippable) if skippable else None
+        # rejects, or of events `skippable` matches, is passed over by one regex match in C
+        # instead of event by event.
+        names = tuple(sorted(n for n in frequent if wanted is not None and n and not wanted(n)))
+        source = None if skippable is None else skippable.pattern
+        self._run_of_unwanted = _run_pattern(names, source) if names or source else None
 
     @property
     def buffered_bytes(self) -> int:
@@ -117,7 +146,7 @@ class SSEParser:
         return len(self._buf) + len(self._head)
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        """Parse one chunk; return the events it completed."""
+        """Parse one chunk; return the events it completed (none with a sink: handed to it)."""
         if type(chunk) is not bytes:
             chunk = bytes(chunk)
         self.bytes_seen += len(chunk)
@@ -176,7 +205,8 @@ class SSEParser:
         return out
 
     def close(self) -> list[SSEEvent]:
-        """End of stream: return the trailing event that had no final blank line, if any."""
+        """End of stream: return (or hand to the sink) the trailing event that had no final
+        blank line, if any."""
         out: list[SSEEvent] = []
         if self._head:  # a stream shorter than a BOM that merely began like one
             self._started = True
@@ -238,9 +268,9 @@ class SSEParser:
 
     def _dispatch_skimming(self, chunk: bytes, out: list[SSEEvent]) -> bytes:
         """Like splitting `chunk` into blocks for `_dispatch_all`, but each run of plain
-        unwanted frequent events is passed over in one regex match; returns the unfinished
-        tail. `chunk` starts at an event's start and is no longer than max_event_bytes, so
-        no event in it is oversized."""
+        unwanted frequent events or skippable ones is passed over in one regex match;
+        returns the unfinished tail. `chunk` starts at an event's start and is no longer
+        than max_event_bytes, so no event in it is oversized."""
         assert self._run_of_unwanted is not None
         match = self._run_of_unwanted.match
         find = chunk.find
@@ -268,18 +298,35 @@ class SSEParser:
         names = self._names
         limit = self.max_event_bytes
         append = out.append
+        sink = self._sink
+        skip_data = self._skip_data
         skipped = 0
         for block in blocks:
-            # Fast path, inlined, for nearly every real event: "event: <name>\ndata: <json>".
-            if block.startswith(b"event:"):
+            # Fast paths, inlined, for nearly every real event: "data: <json>" alone (Chat
+            # Completions) and "event: <name>\ndata: <json>" (Responses, Messages).
+            if block.startswith(b"data:"):
+                if _LF not in block and len(block) <= limit:
+                    start = 6 if block.startswith(b" ", 5) else 5
+                    if skip_data is not None and skip_data(block, start):
+                        skipped += 1
+                    elif sink is not None:
+                        sink(None, block[start:].decode("utf-8", "replace"))
+                    else:
+                        text = block[start:].decode("utf-8", "replace")
+                        append(SSEEvent(None, text, self._last_id))
+                    continue
+            elif block.startswith(b"event:"):
                 line, _, rest = block.partition(b"\n")
                 if rest.startswith(b"data:") and _LF not in rest and len(block) <= limit:
                     name, keep = names.get(line) or self._name(line)
-                    if keep:
-                        data = rest[6:] if rest.startswith(b" ", 5) else rest[5:]
-                        append(SSEEvent(name, data.decode("utf-8", "replace"), self._last_id))
-                    else:
+                    if not keep:
                         skipped += 1
+                        continue
+                    data = rest[6:] if rest.startswith(b" ", 5) else rest[5:]
+                    if sink is not None:
+                        sink(name, data.decode("utf-8", "replace"))
+                    else:
+                        append(SSEEvent(name, data.decode("utf-8", "replace"), self._last_id))
                     continue
             self._dispatch(block, out)
         self.skipped_events += skipped
@@ -320,5 +367,8 @@ class SSEParser:
             if not keep:
                 self.skipped_events += 1
                 return
-        text = data[0] if len(data) == 1 else b"\n".join(data)
-        out.append(SSEEvent(name, text.decode("utf-8", "replace"), self._last_id, retry))
+        text = (data[0] if len(data) == 1 else b"\n".join(data)).decode("utf-8", "replace")
+        if self._sink is not None:
+            self._sink(name, text)
+        else:
+            out.append(SSEEvent(name, text, self._last_id, retry))

@@ -46,10 +46,15 @@ class StreamTee:
         self.accumulator = accumulator
         # Replaces secrets upstream echoes (aibridge.echo); the copy parsed is the masked one.
         self.masker = masker
+        # Events go to the accumulator as they are parsed, so one that it can tell apart by
+        # its bytes (`skips`, Chat Completions) is judged with every event before it taken.
         self.parser = SSEParser(
             max_event_bytes=MAX_EVENT_BYTES,
             wanted=None if api.wanted_events is None else api.wanted_events.__contains__,
             frequent=api.delta_events,
+            skippable=api.skippable_events,
+            sink=accumulator.feed_event,
+            skip_data=getattr(accumulator, "skips", None),
         )
         self.ended = False
         self.parse_error: str | None = None
@@ -102,20 +107,17 @@ class StreamTee:
         self._pending_bytes = 0
         if not chunks or self.parse_error is not None:
             return
-        feed = self.accumulator.feed_event
-        parse = self.parser.feed
+        parse = self.parser.feed  # hands the events to the accumulator
         try:
             if self._inflater is None:
-                for event in parse(b"".join(chunks)):
-                    feed(event.event, event.data)
+                parse(b"".join(chunks))
             else:
                 # Piece by piece (at most 1 MiB each), never joined: what decoded before any
                 # damage is parsed, and a bomb never sits in memory.
                 decode = self._inflater.decode
                 for chunk in chunks:
                     for piece in decode(chunk):
-                        for event in parse(piece):
-                            feed(event.event, event.data)
+                        parse(piece)
         except DecodeLimitExceeded as e:
             self.parse_error = f"{e}: parsing stopped"
         except Exception as e:  # parsing must never break the client's stream
@@ -128,7 +130,6 @@ class StreamTee:
         self.flush()
         if self.parse_error is None:
             try:
-                for event in self.parser.close():
-                    self.accumulator.feed_event(event.event, event.data)
+                self.parser.close()
             except Exception as e:
                 self.parse_error = f"stream parsing stopped: {type(e).__name__}: {e}"
