@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,8 @@ from aibridge.apis.openai_responses import (
     RequestError,
     ResponseAccumulator,
     correlating_tool_call_id,
+    decode_event,
+    decode_response_object,
     parse_request,
     prompt_from_input,
     session_id_from_body,
@@ -1286,3 +1289,196 @@ def test_the_tee_gives_the_records_of_the_parser_returning_events(
         tee(b"")
     assert tee.parse_error is None
     assert asdict(teed.result()) == asdict(before.result())
+
+
+# ------------------------------------------------- lean decoding (msgspec) against orjson
+
+READ_RESPONSE_FIELDS = (
+    "id",
+    "model",
+    "status",
+    "output",
+    "error",
+    "incomplete_details",
+    "usage",
+    "service_tier",
+)
+READ_EVENT_FIELDS = ("type", "response", "response_id", "item", "message", "code", "error")
+
+
+def read_parts(data: bytes, fields: tuple[str, ...]) -> bytes:
+    """`data` cut, by msgspec's split of its top level, to the fields the records read (an
+    event's ``response`` cut too): what orjson must accept for the lean reading to stand.
+    Raises a ValueError where the document is not an object to msgspec."""
+    split = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+    parts = []
+    for key, raw in split.items():
+        if key not in fields:
+            continue
+        value = bytes(raw)
+        if key == "response" and value.startswith(b"{"):
+            value = read_parts(value, READ_RESPONSE_FIELDS)
+        parts.append(orjson.dumps(key) + b":" + value)
+    return b"{" + b",".join(parts) + b"}"
+
+
+def orjson_reading(data: bytes, fields: tuple[str, ...]) -> Any:
+    """What orjson gives of `data`, cut to the fields the records read."""
+    obj = orjson.loads(data)
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: v for k, v in obj.items() if k in fields}
+    if fields is READ_EVENT_FIELDS and isinstance(out.get("response"), dict):
+        out["response"] = {k: v for k, v in out["response"].items() if k in READ_RESPONSE_FIELDS}
+    return out
+
+
+def assert_same_reading(data: bytes) -> None:
+    """decode_response_object and decode_event read `data` as orjson does. Where orjson
+    refuses it, they refuse it too, unless what orjson refuses is only in fields no record
+    reads: then they read the rest as orjson reads it."""
+    for decode, fields in (
+        (decode_response_object, READ_RESPONSE_FIELDS),
+        (decode_event, READ_EVENT_FIELDS),
+    ):
+        try:
+            expected = orjson_reading(data, fields)
+        except orjson.JSONDecodeError:
+            try:
+                expected = orjson_reading(read_parts(data, fields), fields)
+            except (ValueError, RecursionError):
+                with pytest.raises(ValueError):
+                    decode(data)
+                continue
+        got = decode(data)
+        if isinstance(got, dict) and isinstance(expected, dict):  # orjson's whole reading
+            got = orjson_reading(orjson.dumps(got), fields) if len(got) > len(expected) else got
+        assert got == expected
+        # Same types too (1 and 1.0 and True compare equal).
+        assert typed(got) == typed(expected)
+
+
+def typed(value: Any) -> Any:
+    """`value` with each scalar's type beside it, keys sorted."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, typed(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("list", tuple(typed(v) for v in value))
+    return (type(value).__name__, value)
+
+
+@fuzz
+@given(json_values | shaped)
+def test_lean_decoding_reads_any_json_as_orjson(value: Any) -> None:
+    assert_same_reading(orjson.dumps(value))
+    event = {"type": "response.completed", "response": value, "sequence_number": 1}
+    assert_same_reading(orjson.dumps(event))
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_lean_decoding_reads_every_fixture_as_orjson(name: str) -> None:
+    buffered = FIXTURES / f"{name}.response.json"
+    if buffered.exists():
+        assert_same_reading(buffered.read_bytes())
+    streamed = FIXTURES / f"{name}.response.sse"
+    if streamed.exists():
+        events = SSEParser().feed(streamed.read_bytes() + b"\n\n")
+        assert events
+        for event in events:
+            assert_same_reading(event.data.encode())
+
+
+ECHO = orjson.dumps({"instructions": "be brief", "tools": [{"type": "function", "name": "f"}]})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # Where orjson and msgspec differ, orjson's reading wins: nesting past 1024 in a
+        # read field, integers past 64 bits (orjson: a float), numbers past a double,
+        # duplicates (the last copy), lone surrogates, invalid UTF-8 in a read field.
+        b'{"output":' + b"[" * 1100 + b"]" * 1100 + b"}",
+        b'{"output":' + b"[" * 300 + b"]" * 300 + b"}",
+        b'{"output":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"usage":{"input_tokens":123456789012345678901234567890}}',
+        b'{"usage":{"input_tokens":-123456789012345678901234567890}}',
+        b'{"usage":{"input_tokens":18446744073709551615}}',
+        b'{"usage":{"input_tokens":1e400}}',
+        b'{"usage":{"input_tokens":1}, "usage":{"input_tokens":2}}',
+        b'{"id":"a","id":7}',
+        b'{"id":"\\ud800"}',
+        b'{"id":"\\udc00x"}',
+        b'{"id":"\\ud83d\\ude00"}',
+        b'{"id":"\xff"}',
+        b'{"id":"\xed\xa0\x80"}',
+        b'{"model":"m","response":"\xff"}',
+        b'{"type":"response.completed","response":[1]}',
+        b'{"type":"response.completed","response":"text"}',
+        b'{"type":"response.completed","response":null}',
+        b'{"type":"response.completed","response":{"id":"\\ud800"}}',
+        b'{"type":"response.completed","response":{"usage":{"x":1e999}}}',
+        b"[1,2]",
+        b'"a string"',
+        b"null",
+        b"",
+        b"{",
+        b'{"id":"a"} trailing',
+        b'\xef\xbb\xbf{"id":"a"}',
+        b' \n{"id" : "a" ,\t"model":"m"}\n',
+        b'{"id":"a","tools":[1,]}',
+        b'{"id":"a","tools":[NaN]}',
+        b'{"id":"a","tools":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+)
+def test_lean_decoding_takes_orjsons_reading_where_they_differ(data: bytes) -> None:
+    assert_same_reading(data)
+
+
+@pytest.mark.parametrize(
+    "skipped",
+    [
+        b'"\xff\xfe"',  # invalid UTF-8
+        b"1e400",  # past a double
+        b"[" * 2000 + b"]" * 2000,  # past orjson's nesting
+    ],
+)
+def test_what_no_record_reads_may_be_what_orjson_refuses(skipped: bytes) -> None:
+    """The one leniency: an echoed field the records never hold does not cost the usage."""
+    body = (
+        b'{"id":"resp_1","status":"completed","usage":{"input_tokens":5,"output_tokens":2,"total_tokens":7},"tools":'
+        + skipped
+        + b"}"
+    )
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(body)
+    acc = ResponseAccumulator()
+    acc.feed_response_body(body)
+    result = acc.result()
+    assert result.status == "completed" and result.malformed_events == 0
+    assert result.token_usage is not None and result.token_usage["total_tokens"] == 7
+    event = b'{"type":"response.completed","response":' + body + b"}"
+    streamed = ResponseAccumulator()
+    streamed.feed_event("response.completed", event)
+    assert streamed.result().token_usage == result.token_usage
+
+
+def test_a_codex_sized_echo_is_read_like_a_small_one() -> None:
+    """The echoed instructions and tools are passed over; what is read is the same."""
+    small = orjson.loads((FIXTURES / "text_buffered.response.json").read_bytes())
+    big = {
+        **small,
+        **orjson.loads(ECHO),
+        "tools": [
+            {
+                "type": "function",
+                "name": f"t{i}",
+                "parameters": {"type": "object", "properties": {"a": {"type": "string"}}},
+            }
+            for i in range(300)
+        ],
+    }
+    a, b = ResponseAccumulator(), ResponseAccumulator()
+    a.feed_response_body(orjson.dumps(small))
+    b.feed_response_body(orjson.dumps(big))
+    assert a.result() == b.result()
+    assert API.decode_response(orjson.dumps(big)) == decode_response_object(orjson.dumps(small))

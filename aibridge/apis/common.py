@@ -103,6 +103,9 @@ class Api:
     # Whole events, by their bytes, that no record needs whatever their name (text deltas in
     # their provider's exact spelling): the SSE parser passes over runs of them undecoded.
     skippable_events: re.Pattern[bytes] | None = None
+    # A buffered response body decoded as the records read it (ValueError if it is not
+    # JSON): an API whose response objects carry much that no record needs decodes less.
+    decode_response: Callable[[bytes], Any] = orjson.loads
 
 
 # The inside of a JSON string, as bytes, that every parser reads as one and orjson accepts:
@@ -179,6 +182,10 @@ class EventAccumulator:
 
     __slots__ = ("malformed_events",)
 
+    # How an event's data is decoded (ValueError if it is not JSON); an API may decode less.
+    decode_event: Callable[[str | bytes], Any] = staticmethod(orjson.loads)
+    decode_response: Callable[[bytes], Any] = staticmethod(orjson.loads)
+
     def __init__(self) -> None:
         self.malformed_events = 0
 
@@ -187,8 +194,8 @@ class EventAccumulator:
         if not data or data in ("[DONE]", b"[DONE]") or not self._accepts_events():
             return
         try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
+            event = self.decode_event(data)
+        except ValueError:
             self.malformed_events += 1
             return
         if not isinstance(event, dict):
@@ -210,8 +217,8 @@ class EventAccumulator:
     def feed_response_body(self, body: bytes) -> None:
         """Take a buffered response body as received; undecodable JSON counts as malformed."""
         try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            obj = self.decode_response(body)
+        except ValueError:
             self.malformed_events += 1
             return
         self.feed_response_object(obj)

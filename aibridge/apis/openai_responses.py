@@ -33,6 +33,14 @@ Choices the design leaves open, made here:
 - A terminal response whose ``output`` is missing or empty (some backends send
   ``response.completed`` with ``output: []`` after streaming the items) yields the tool
   usages and thoughts of the ``response.output_item.done`` events instead.
+
+Speed: a response object echoes the request's ``instructions``, ``tools`` and more (for a
+Codex turn, some 20 KB, in the buffered body and in each of ``response.created``,
+``response.in_progress`` and the terminal event). :func:`decode_response_object` and
+:func:`decode_event` build only the fields read here (msgspec passes over the rest, still
+checking it is JSON); anything msgspec will not read that way is decoded by orjson as
+before, so a document is never read otherwise than orjson would, only more leniently in
+the parts no record holds.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgspec
 import orjson
 
 from aibridge.apis import openai_errors
@@ -129,6 +138,87 @@ _GENERIC_SKIPPED_FIELDS: Final = frozenset(
         "encrypted_content",
     }
 )
+
+
+# ----------------------------------------------------------------------- lean decoding
+
+
+class _ResponseFields(msgspec.Struct):
+    """What the records read of a response object (ResponseAccumulator, _summarize)."""
+
+    id: Any = msgspec.UNSET
+    model: Any = msgspec.UNSET
+    status: Any = msgspec.UNSET
+    output: Any = msgspec.UNSET
+    error: Any = msgspec.UNSET
+    incomplete_details: Any = msgspec.UNSET
+    usage: Any = msgspec.UNSET
+    service_tier: Any = msgspec.UNSET
+
+
+class _EventFields(msgspec.Struct):
+    """What the records read of a stream event (ResponseAccumulator._dispatch,
+    _error_fields, the WebSocket's event_response_id)."""
+
+    type: Any = msgspec.UNSET
+    response: _ResponseFields | None = msgspec.UNSET
+    response_id: Any = msgspec.UNSET
+    item: Any = msgspec.UNSET
+    message: Any = msgspec.UNSET
+    code: Any = msgspec.UNSET
+    error: Any = msgspec.UNSET
+
+
+_RESPONSE_DECODER: Final = msgspec.json.Decoder(_ResponseFields)
+_EVENT_DECODER: Final = msgspec.json.Decoder(_EventFields)
+
+
+def _present(fields: msgspec.Struct) -> dict[str, Any]:
+    """The fields that were in the document, as a dict like orjson's."""
+    return {
+        name: value
+        for name in fields.__struct_fields__
+        if (value := getattr(fields, name)) is not msgspec.UNSET
+    }
+
+
+def _lean(decoder: msgspec.json.Decoder, data: bytes | str) -> dict[str, Any] | None:
+    """The fields `decoder` reads of `data`, or None where they might not be orjson's reading."""
+    try:
+        fields = decoder.decode(data)
+    except (msgspec.MsgspecError, RecursionError):  # not an object, not JSON, too deep
+        return None
+    found = _present(fields)
+    response = found.get("response")
+    if isinstance(response, _ResponseFields):
+        found["response"] = _present(response)
+    try:
+        # What orjson writes, it reads the same way (nesting of at most 255, integers of 64
+        # bits; msgspec reads deeper values and larger integers, which orjson refuses or
+        # reads as floats). Fields are few and small: the bulk is in what was skipped.
+        orjson.dumps(found)
+    except orjson.JSONEncodeError:
+        return None
+    return found
+
+
+def decode_response_object(data: bytes | str) -> Any:
+    """A response body decoded for the records: of an object, the fields they read, as
+    orjson reads them; anything else as orjson reads it. Raises orjson's JSONDecodeError
+    (a ValueError) where orjson refuses the text and msgspec's reading cannot be used.
+
+    The one difference: the fields skipped are checked by msgspec, not orjson, which
+    refuses more there (invalid UTF-8, nesting past 1024, numbers past a double's range).
+    The records never hold those fields, so such a body still gives its usage."""
+    found = _lean(_RESPONSE_DECODER, data)
+    return orjson.loads(data) if found is None else found
+
+
+def decode_event(data: bytes | str) -> Any:
+    """A stream event decoded for the records, like decode_response_object (an event whose
+    ``response`` is neither an object nor null is orjson's to read)."""
+    found = _lean(_EVENT_DECODER, data)
+    return orjson.loads(data) if found is None else found
 
 
 # --------------------------------------------------------------------------- request
@@ -273,6 +363,9 @@ class ResponseAccumulator(EventAccumulator):
         "response_model",
         "terminal",
     )
+
+    decode_event = staticmethod(decode_event)
+    decode_response = staticmethod(decode_response_object)
 
     def __init__(self) -> None:
         super().__init__()
@@ -606,6 +699,7 @@ API: Final = Api(
     wanted_events=WANTED_EVENTS,
     delta_events=DELTA_EVENTS,
     error_body=openai_errors.error_body,
+    decode_response=decode_response_object,
     passthrough=(
         "/v1/models",
         "/v1/models/*",

@@ -82,8 +82,8 @@ def _feed_buffered(api: Api, accumulator: Accumulator, response: http.Response) 
     except ValueError as e:
         return f"response body cannot be decoded: {e}"
     try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
+        obj = api.decode_response(body)
+    except ValueError as e:
         return f"response body is not JSON: {e}"
     accumulator.feed_response_object(obj)
     return None

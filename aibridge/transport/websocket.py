@@ -26,11 +26,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
-
 from aibridge import strict_json
 from aibridge.apis.common import Api, RequestError, RequestInfo
-from aibridge.apis.openai_responses import WANTED_EVENTS, request_info
+from aibridge.apis.openai_responses import WANTED_EVENTS, decode_event, request_info
 from aibridge.auth import Identity
 from aibridge.config import Provider
 
@@ -138,8 +136,8 @@ def read_turn(content: bytes, is_text: bool) -> RequestInfo | None:
 def event_response_id(content: bytes) -> str | None:
     """The id of the response a server event names (``response.id``, else ``response_id``)."""
     try:
-        event = orjson.loads(content)
-    except orjson.JSONDecodeError:
+        event = decode_event(content)
+    except ValueError:
         return None  # undecodable: the accumulator counts it as malformed
     if not isinstance(event, dict):
         return None
