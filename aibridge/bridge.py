@@ -62,7 +62,12 @@ from aibridge.routing import Route, RouteKind, as_noted, classify
 from aibridge.transport import mitm_compat
 from aibridge.transport.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
 from aibridge.transport.tee import StreamTee
-from aibridge.transport.websocket import SocketState, read_turn, worth_decoding
+from aibridge.transport.websocket import (
+    SocketState,
+    read_server_event,
+    read_turn,
+    worth_decoding,
+)
 from aibridge.upstream.guard import NO_TICKET, Ticket, UpstreamGuard
 
 log = logging.getLogger(__name__)
@@ -1282,10 +1287,11 @@ class AIBridge:
         # Injected messages (the bridge's own error events, mitmweb's) are not the provider's.
         if message.injected or not state.open_turns or not worth_decoding(message.content):
             return
-        turn = state.turn_for(message.content)
+        event = read_server_event(message.content)
+        turn = state.turn_for(event)
         if turn is None:
             return
-        turn.accumulator.feed_event(None, message.content)
+        turn.accumulator.feed_decoded(None, event)
         if turn.accumulator.ended:
             state.close(turn)
             self._release(turn)

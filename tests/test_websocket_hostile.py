@@ -32,10 +32,15 @@ from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from wsproto.events import BytesMessage, Message, TextMessage
 from wsproto.frame_protocol import Opcode
 
-from aibridge.apis.openai_responses import BACKGROUND_NOT_SUPPORTED, DELTA_EVENTS, WANTED_EVENTS
+from aibridge.apis.openai_responses import (
+    BACKGROUND_NOT_SUPPORTED,
+    DELTA_EVENTS,
+    WANTED_EVENTS,
+    ResponseAccumulator,
+)
 from aibridge.auth import hint
 from aibridge.bridge import AIBridge
-from aibridge.transport.websocket import worth_decoding
+from aibridge.transport.websocket import read_server_event, worth_decoding
 from devtools.fake_upstream import (
     TEXT_ANSWER,
     Outcome,
@@ -550,6 +555,49 @@ def test_undecodable_server_messages_never_crash_and_are_counted(
     row = hooks.row(flow, "garbage")
     assert (row["status"], row["malformed_events"]) == ("completed", len(malformed) + 1)
     assert "failed to handle" not in caplog.text
+
+
+def test_empty_and_done_messages_are_passed_over_as_on_the_sse_path(hooks: Hooks) -> None:
+    flow = open_socket(hooks)
+    from_client(hooks, flow, orjson.dumps(create("quiet frames")))
+    ra = new_id("resp")
+    from_server(hooks, flow, created(ra))
+    for raw in (b"", b"[DONE]", b"", b"[DONE]"):
+        from_server(hooks, flow, raw)
+    from_server(hooks, flow, completed(ra, (5, 6)))
+    row = hooks.row(flow, "quiet frames")
+    assert (row["status"], row["malformed_events"]) == ("completed", 0)
+    assert tokens_of(hooks, row) == [(5, 6)]
+
+
+def test_one_decode_per_server_event_reads_as_the_sse_path_does() -> None:
+    """The socket decodes an event once, for its turn and its accumulator (feed_decoded): the
+    result is what feed_event makes of the same messages, whatever they hold."""
+    ra = new_id("resp")
+    item = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
+    messages = [
+        orjson.dumps(created(ra)),
+        b"not json",
+        b"[1,2]",
+        b'"a string"',
+        b"\xff\xfe",
+        b'{"no_type":1}',
+        b'{"type":1}',
+        b'{"type":"response.in_progress","response":"not an object"}',
+        orjson.dumps(item_done(item)),
+        orjson.dumps(delta()),
+        orjson.dumps({"type": "response.output_item.done", "item": [1]}),
+        orjson.dumps(completed(ra, (7, 8), [item])),
+        orjson.dumps(completed(new_id("resp"), (1, 1))),  # after the end: not taken
+    ]
+    sse, socket_ = ResponseAccumulator(), ResponseAccumulator()
+    for raw in messages:
+        sse.feed_event(None, raw)
+        if worth_decoding(raw):
+            socket_.feed_decoded(None, read_server_event(raw))
+    assert socket_.result() == sse.result()
+    assert sse.result().malformed_events == 7
+    assert sse.result().token_usage is not None
 
 
 def test_a_terminal_event_is_never_skipped_however_spelled(hooks: Hooks) -> None:

@@ -198,6 +198,15 @@ class EventAccumulator:
         except ValueError:
             self.malformed_events += 1
             return
+        self._take(event_name, event)
+
+    def feed_decoded(self, event_name: str | None, event: Any) -> None:
+        """Take one event already decoded with ``decode_event`` (by a caller that read it
+        first); None stands for data that would not decode. Never raises."""
+        if self._accepts_events():
+            self._take(event_name, event)
+
+    def _take(self, event_name: str | None, event: Any) -> None:
         if not isinstance(event, dict):
             self.malformed_events += 1
             return

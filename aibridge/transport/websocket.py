@@ -41,6 +41,8 @@ _TYPE_AT_START: Final = re.compile(
     rb'[ \t\r\n]*\{[ \t\r\n]*"type"[ \t\r\n]*:[ \t\r\n]*"([^"\\]{1,100})"'
 )
 _WANTED_TYPES: Final = frozenset(name.encode() for name in WANTED_EVENTS)
+# What EventAccumulator.feed_event passes over without counting it malformed.
+_IGNORED_MESSAGES: Final = frozenset({b"", b"[DONE]"})
 # Ids of finished responses kept, so that a late event of one never takes a newer turn.
 _FINISHED_IDS_KEPT: Final = 64
 # Ids no turn answers to, logged once each (bounded: the provider could name many).
@@ -63,9 +65,10 @@ class SocketState:
     )
     _strays: set[str] = field(default_factory=set, repr=False)
 
-    def turn_for(self, content: bytes) -> Any | None:
-        """The open turn a server event belongs to; None for an event of no open turn."""
-        response_id = event_response_id(content)
+    def turn_for(self, event: Any) -> Any | None:
+        """The open turn a server event (decoded by read_server_event) belongs to; None for an
+        event of no open turn."""
+        response_id = event_response_id(event)
         if response_id is None:
             return self._streaming()
         turn = self._turn_of.get(response_id)
@@ -133,12 +136,18 @@ def read_turn(content: bytes, is_text: bool) -> RequestInfo | None:
     return request_info(event)
 
 
-def event_response_id(content: bytes) -> str | None:
-    """The id of the response a server event names (``response.id``, else ``response_id``)."""
+def read_server_event(content: bytes) -> Any:
+    """A server event decoded once, for both the turn it belongs to and the turn's accumulator
+    (``feed_decoded``); None when it is not JSON (the accumulator counts it as malformed)."""
     try:
-        event = decode_event(content)
+        return decode_event(content)
     except ValueError:
-        return None  # undecodable: the accumulator counts it as malformed
+        return None
+
+
+def event_response_id(event: Any) -> str | None:
+    """The id of the response a decoded server event names (``response.id``, else
+    ``response_id``)."""
     if not isinstance(event, dict):
         return None
     response = event.get("response")
@@ -149,7 +158,8 @@ def event_response_id(content: bytes) -> str | None:
 
 
 def worth_decoding(content: bytes) -> bool:
-    """False only for server events the records never need (deltas and the like).
+    """False only for server events the records never need (deltas and the like, and the
+    empty or ``[DONE]`` messages a stream's accumulator ignores).
 
     Skipping is only an optimisation, so any doubt decodes: the type read at the start must
     be the event's only possible top-level ``type`` (a decoder keeps the last duplicate), so
@@ -157,7 +167,9 @@ def worth_decoding(content: bytes) -> bool:
     way to spell the key), is decoded.
     """
     match = _TYPE_AT_START.match(content)
-    if match is None or match.group(1) in _WANTED_TYPES:
+    if match is None:
+        return content not in _IGNORED_MESSAGES
+    if match.group(1) in _WANTED_TYPES:
         return True
     end = match.end()
     return content.find(b'"type"', end) >= 0 or content.find(b"\\u00", end) >= 0
