@@ -2,10 +2,10 @@
 
 Loaded into mitmdump before ``addon.py`` (``-s bench/burst.py -s addon.py``), it answers
 ``POST /__bench/burst?flows=N`` itself, so the request never reaches the bridge or the
-upstream. It queues the rows of N Codex turns (``bench.workloads.flow_rows``, six rows
-each) from the event loop, one turn per loop iteration as hooks would, waits (in a worker thread)
-until the writer thread has committed them all, and answers with the timings as JSON. The lag probe
-loaded next to it measures how long the loop stalls meanwhile.
+upstream. It makes and queues the rows of N Codex turns (``bench.workloads.flow_rows``, six
+rows each) from the event loop, one turn per loop iteration as hooks would, waits (in a
+worker thread) until the writer has committed them all, and answers with the timings as
+JSON. The lag probe loaded next to it measures how long the loop stalls meanwhile.
 """
 
 from __future__ import annotations
@@ -43,18 +43,18 @@ class Burst:
             return {"error": 1}
         first = self.next_flow
         self.next_flow += flows
-        prepared = [flow_rows(n) for n in range(first, first + flows)]
-        rows = sum(len(p) for p in prepared)
-        # Building the rows held the loop; let the probe see that stall before the burst.
-        await asyncio.sleep(0.02)
-        target = recorder.stats["written"] + rows
+        written_before = recorder.stats["written"]
+        rows = 0
         started = time.monotonic()
-        for turn in prepared:
-            for kind, table, row in turn:
+        for n in range(first, first + flows):
+            # Each turn's rows are made as its hooks would make them, and freed once written:
+            # rows made ahead for the whole burst would be the bench's own garbage to collect.
+            for kind, table, row in flow_rows(n):
                 if kind == "upsert":
                     recorder.upsert(table, row)
                 else:
                     recorder.insert(table, row)
+                rows += 1
             await asyncio.sleep(0)
         queued = time.monotonic()
         # flush() waits in a worker thread (never on the loop) and ends the writer's linger,
@@ -64,7 +64,7 @@ class Burst:
         return {
             "flows": flows,
             "rows": rows,
-            "written": recorder.stats["written"] - target + rows,
+            "written": recorder.stats["written"] - written_before,
             "t_start": started,
             "t_queued": queued,
             "t_written": written,

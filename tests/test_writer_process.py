@@ -363,6 +363,75 @@ def test_a_pipe_the_writer_does_not_read_makes_rows_wait_then_counted_not_a_stal
     assert set(lost) == {("user_prompts", None, "writer process not reading: rows dropped")}
 
 
+def test_a_flush_waiting_on_a_full_pipe_never_holds_up_the_hooks(tmp_path: Path) -> None:
+    """flush() from another thread waits for a pipe the writer does not read without holding
+    the lock the hooks take: rows queued meanwhile go into the outbox at once."""
+    db = tmp_path / "aibridge.db"
+    w = WriterProcess(db, linger=0)
+    w.start()
+    pid = w.writer_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    big = "y" * 20_000
+    flushed: list[bool] = []
+    flusher = threading.Thread(target=lambda: flushed.append(w.flush(WAIT)))
+
+    async def hooks() -> bool:
+        exchange(w, 0)  # the interception the prompts belong to
+        for _ in range(200):  # ~4 MB: more than the pipe holds
+            w.insert(schema.USER_PROMPTS, {"interception_id": "i0", "prompt": big})
+            await asyncio.sleep(0)
+        flusher.start()
+        await asyncio.to_thread(wait_for, lambda: not w._outbox and flusher.is_alive(), WAIT)
+        await asyncio.sleep(0.2)  # the flush is in its wait for the pipe
+        w.insert(schema.USER_PROMPTS, {"interception_id": "i0", "prompt": "queued late"})
+        return flusher.is_alive()  # the insert came back while the flush still waits
+
+    try:
+        assert asyncio.run(hooks())
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    flusher.join(WAIT)
+    assert flushed == [True]
+    assert w.flush(WAIT)
+    w.close(timeout=WAIT)
+    assert len(read(str(db), "select id from user_prompts")) == 1 + 200 + 1  # exchange()'s own
+    assert losses(str(db)) == {}
+
+
+def test_rows_waiting_to_be_committed_are_held_as_bytes_not_objects(tmp_path: Path) -> None:
+    """What is kept for a writer that might end is the frame as written, not the rows: the
+    garbage collector walks none of it (thousands of kept row dicts made its collections of
+    the young generations stall the loop while the writer was behind)."""
+    import gc
+
+    db = tmp_path / "aibridge.db"
+    w = WriterProcess(db, linger=0, busy_timeout_ms=50)
+    w.start()
+    ids = {f"i{n}" for n in range(50)}
+    per_exchange = sum(ROWS_PER_EXCHANGE.values())
+    with ExclusiveLock(db):
+        for n in range(50):
+            exchange(w, n)  # rows as the bridge makes them, nested metadata and usage included
+        assert wait_for(lambda: w.health["state"] == "retrying", WAIT)
+        assert w.stats["written"] == 0  # handed over, none committed: all kept
+        gc.collect()
+        held = [o for o in gc.get_objects() if isinstance(o, dict) and o.get("id") in ids]
+        assert held == []
+        pid = w.writer_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # the kept bytes are what the next writer is given
+        assert wait_for(lambda: "starting a new writer" in str(w.health.get("error")), WAIT)
+    assert wait_for(lambda: w.stats["writer_restarts"] == 1, WAIT)
+    assert w.flush(WAIT)
+    w.close(timeout=WAIT)
+    present = {r["id"] for r in read(str(db), "select id from interceptions")}
+    assert present == ids
+    assert len(read(str(db), "select id from token_usages")) == 50
+    assert w.stats["rewritten"] == 50 * per_exchange
+    assert losses(str(db)) == {}
+
+
 def test_shutdown_while_behind_writes_everything(tmp_path: Path) -> None:
     db = tmp_path / "aibridge.db"
     w = WriterProcess(db, linger=0, busy_timeout_ms=50)

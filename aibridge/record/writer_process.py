@@ -126,35 +126,45 @@ def _read_message(stream: IO[bytes]) -> tuple[Any, ...] | None:
 
 
 class _Frame:
-    """A message on its way to the writer. A frame of rows keeps its rows (`ops`) until the
-    writer reports them committed, or until the memory bound lets them go (then only their
-    tables are kept, to count them should they be lost)."""
+    """A message on its way to the writer. A frame of rows keeps its bytes until the writer
+    reports them committed, or until the memory bound lets them go (then only their tables
+    are kept, to count them should they be lost). Bytes, not the rows: one object the
+    garbage collector never walks, where thousands of row dicts kept while the writer
+    catches up would make each collection of the young generations stall the event loop."""
 
-    __slots__ = ("data", "first_row", "last_row", "ops", "size", "tables")
+    __slots__ = ("data", "first_row", "last_row", "size", "tables")
 
-    def __init__(self, data: bytes, first_row: int = 0, ops: list[Op] | None = None) -> None:
+    def __init__(self, data: bytes, first_row: int = 0, rows: int = 0) -> None:
         self.data: bytes | None = data
         self.size = len(data)
         self.first_row = first_row
-        self.ops = ops
-        self.last_row = first_row + len(ops) - 1 if ops else 0
+        self.last_row = first_row + rows - 1 if rows else 0
         self.tables: list[str] | None = None
 
     @property
     def rows(self) -> int:
         return self.last_row - self.first_row + 1 if self.first_row else 0
 
+    def ops(self) -> list[Op] | None:
+        """The rows of a frame still kept (decoded again: only needed when a writer ended)."""
+        if self.data is None or not self.rows:
+            return None
+        ops: list[Op] = pickle.loads(memoryview(self.data)[_HEADER.size :])[2]
+        return ops
+
     def tables_from(self, row: int) -> list[str]:
         """The tables of this frame's rows numbered `row` and later."""
         skip = max(0, row - self.first_row)
-        if self.ops is not None:
-            return [op[1] for op in self.ops[skip:]]
+        ops = self.ops()
+        if ops is not None:
+            return [op[1] for op in ops[skip:]]
         return (self.tables or [])[skip:]
 
     def release(self) -> None:
-        if self.ops is not None:
-            self.tables = [op[1] for op in self.ops]
-            self.ops = None
+        ops = self.ops()
+        if ops is not None:
+            self.tables = [op[1] for op in ops]
+            self.data = None
 
 
 class _Writer:
@@ -339,7 +349,7 @@ class WriterProcess:
                     )
             else:
                 self._rows += len(ops)
-                self._queue_frame(_Frame(data, first, ops))
+                self._queue_frame(_Frame(data, first, len(ops)))
             if self._losses and self._writer is not None:
                 with self._done:
                     losses, self._losses = self._losses, Counter()
@@ -359,7 +369,11 @@ class WriterProcess:
         self._unsent_rows += frame.rows
 
     def _pump(self, *, blocking: bool, deadline: float | None = None) -> bool:
-        """Write frames to the writer's pipe (called with _lock held)."""
+        """Write frames to the writer's pipe (called with _lock held, once).
+
+        Blocking, it waits for a full pipe with the lock released: the hooks take that lock
+        to queue rows, and a thread flushing must never hold them up while the writer
+        catches up (the frames are consistent between two writes)."""
         writer = self._writer
         if writer is None:
             return not self._unsent  # they wait for the next writer
@@ -376,7 +390,13 @@ class WriterProcess:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                select.select([], [writer.fd], [], left)
+                self._lock.release()
+                try:
+                    select.select([], [writer.fd], [], left)
+                finally:
+                    self._lock.acquire()
+                if self._writer is not writer:  # it ended meanwhile: frames wait for the next
+                    return False
                 continue
             except OSError:
                 # The writer is gone: its reader thread notices and starts another one.
@@ -387,10 +407,11 @@ class WriterProcess:
                 self._unsent_bytes -= head.size
                 self._unsent_rows -= head.rows
                 self._head_written = 0
-                head.data = None
-                if head.ops:
+                if head.rows:
                     self._handed.append(head)
                     self._keep(head)
+                else:
+                    head.data = None
         self._unwatch_pipe()
         self._overflowing = False
         return True
@@ -406,8 +427,8 @@ class WriterProcess:
             oldest.release()
 
     def _unkeep(self, frame: _Frame) -> None:
-        if frame.ops is not None:
-            frame.ops = None
+        if frame.data is not None:
+            frame.data = None
             self._kept_bytes -= frame.size
             # Committed frames leave in order, so this is nearly always the oldest.
             if self._kept and self._kept[0] is frame:
@@ -547,10 +568,11 @@ class WriterProcess:
                 self._unkeep(frame)
                 continue  # committed before that writer ended
             start = max(frame.first_row, holds + 1)
-            if frame.ops is not None:
-                ops = frame.ops[start - frame.first_row :]
+            ops = frame.ops()
+            if ops is not None:
+                ops = ops[start - frame.first_row :]
                 self._unkeep(frame)
-                again.append(_Frame(_frame(("rows", start, ops, [], [])), start, ops))
+                again.append(_Frame(_frame(("rows", start, ops, [], [])), start, len(ops)))
             else:
                 lost.update(frame.tables_from(start))
                 if not again:
