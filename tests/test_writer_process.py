@@ -432,6 +432,58 @@ def test_rows_waiting_to_be_committed_are_held_as_bytes_not_objects(tmp_path: Pa
     assert losses(str(db)) == {}
 
 
+def test_rows_queued_within_the_hand_over_delay_go_as_one_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aibridge.record import writer_process
+
+    frames: list[int] = []
+    make_frame = writer_process._frame
+
+    def counting(message: tuple[Any, ...]) -> bytes:
+        if message[0] == "rows":
+            frames.append(len(message[2]))
+        return make_frame(message)
+
+    monkeypatch.setattr(writer_process, "_frame", counting)
+    w = WriterProcess(tmp_path / "aibridge.db", linger=0, hand_over_delay=0.2)
+    w.start()
+
+    async def hooks() -> None:
+        for n in range(10):  # ten exchanges, each in a turn of its own
+            exchange(w, n)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.4)  # the hand-over is due once, 0.2 s after the first row
+
+    asyncio.run(hooks())
+    assert frames == [10 * sum(ROWS_PER_EXCHANGE.values())]
+    assert w.flush(WAIT)
+    w.close(timeout=WAIT)
+    assert len(read(str(tmp_path / "aibridge.db"), "select id from interceptions")) == 10
+
+
+def test_a_hand_over_due_on_a_loop_that_closed_is_made_on_the_next(tmp_path: Path) -> None:
+    db = tmp_path / "aibridge.db"
+    w = WriterProcess(db, linger=0, hand_over_delay=30.0)
+    w.start()
+
+    async def queue(first: int) -> None:
+        for n in range(first, first + 3):
+            exchange(w, n)
+
+    asyncio.run(queue(0))  # closes before its hand-over was due: the rows wait
+    w.hand_over_delay = 0.01
+
+    async def next_loop() -> None:
+        await queue(3)  # its first row makes a hand-over, of the waiting rows too
+        await asyncio.sleep(0.1)
+
+    asyncio.run(next_loop())
+    assert wait_for(lambda: len(read(str(db), "select id from interceptions")) == 6, WAIT)
+    w.close(timeout=WAIT)
+    assert losses(str(db)) == {}
+
+
 def test_shutdown_while_behind_writes_everything(tmp_path: Path) -> None:
     db = tmp_path / "aibridge.db"
     w = WriterProcess(db, linger=0, busy_timeout_ms=50)
