@@ -337,7 +337,8 @@ def test_a_pipe_the_writer_does_not_read_makes_rows_wait_then_counted_not_a_stal
     """A writer stopped outright (SIGSTOP) reads nothing: frames wait in memory up to a bound,
     past it rows are counted as lost. The loop never blocks on the pipe."""
     db = tmp_path / "aibridge.db"
-    w = WriterProcess(db, linger=0, max_unsent_bytes=2 * 1024 * 1024)
+    # A frame per turn of the loop, each under the bound: the bound counts frames.
+    w = WriterProcess(db, linger=0, max_unsent_bytes=2 * 1024 * 1024, hand_over_delay=0)
     w.start()
     pid = w.writer_pid
     assert pid is not None
@@ -408,10 +409,12 @@ def test_rows_waiting_to_be_committed_are_held_as_bytes_not_objects(tmp_path: Pa
     db = tmp_path / "aibridge.db"
     w = WriterProcess(db, linger=0, busy_timeout_ms=50)
     w.start()
-    ids = {f"i{n}" for n in range(50)}
+    # Numbers no other test uses: a failed test's traceback may hold its rows alive.
+    numbers = range(7000, 7050)
+    ids = {f"i{n}" for n in numbers}
     per_exchange = sum(ROWS_PER_EXCHANGE.values())
     with ExclusiveLock(db):
-        for n in range(50):
+        for n in numbers:
             exchange(w, n)  # rows as the bridge makes them, nested metadata and usage included
         assert wait_for(lambda: w.health["state"] == "retrying", WAIT)
         assert w.stats["written"] == 0  # handed over, none committed: all kept
