@@ -174,6 +174,11 @@ def count(value: Any) -> int | None:
     return None
 
 
+# Data that is no event: taken by no accumulator, counted by none as malformed (compared by
+# equality, so a long event's data is never hashed for it).
+NOT_EVENTS: Final = ("[DONE]", b"[DONE]", "", b"")
+
+
 class EventAccumulator:
     """The part of an API's accumulator that takes what upstream sent: stream events, each
     decoded on its own and handed to ``_dispatch`` with its type (the ``type`` field, else
@@ -191,7 +196,7 @@ class EventAccumulator:
 
     def feed_event(self, event_name: str | None, data: str | bytes) -> None:
         """Take one event; never raises."""
-        if not data or data in ("[DONE]", b"[DONE]") or not self._accepts_events():
+        if not data or data in NOT_EVENTS or not self._accepts_events():
             return
         try:
             event = self.decode_event(data)

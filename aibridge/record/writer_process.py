@@ -140,12 +140,12 @@ class _Frame:
 
     __slots__ = ("data", "first_row", "last_row", "size", "tables")
 
-    def __init__(self, data: bytes, first_row: int = 0, rows: int = 0) -> None:
+    def __init__(self, data: bytes, first_row: int = 0, ops: list[Op] | None = None) -> None:
         self.data: bytes | None = data
         self.size = len(data)
         self.first_row = first_row
-        self.last_row = first_row + rows - 1 if rows else 0
-        self.tables: list[str] | None = None
+        self.last_row = first_row + len(ops) - 1 if ops else 0
+        self.tables = [op[1] for op in ops] if ops else []
 
     @property
     def rows(self) -> int:
@@ -160,17 +160,7 @@ class _Frame:
 
     def tables_from(self, row: int) -> list[str]:
         """The tables of this frame's rows numbered `row` and later."""
-        skip = max(0, row - self.first_row)
-        ops = self.ops()
-        if ops is not None:
-            return [op[1] for op in ops[skip:]]
-        return (self.tables or [])[skip:]
-
-    def release(self) -> None:
-        ops = self.ops()
-        if ops is not None:
-            self.tables = [op[1] for op in ops]
-            self.data = None
+        return self.tables[max(0, row - self.first_row) :]
 
 
 class _Writer:
@@ -364,7 +354,7 @@ class WriterProcess:
                     )
             else:
                 self._rows += len(ops)
-                self._queue_frame(_Frame(data, first, len(ops)))
+                self._queue_frame(_Frame(data, first, ops))
             if self._losses and self._writer is not None:
                 with self._done:
                     losses, self._losses = self._losses, Counter()
@@ -439,7 +429,7 @@ class WriterProcess:
         while self._kept_bytes > self.max_kept_bytes and self._kept:
             oldest = self._kept.popleft()
             self._kept_bytes -= oldest.size
-            oldest.release()
+            oldest.data = None  # its tables stay, to count its rows should they be lost
 
     def _unkeep(self, frame: _Frame) -> None:
         if frame.data is not None:
@@ -587,7 +577,7 @@ class WriterProcess:
             if ops is not None:
                 ops = ops[start - frame.first_row :]
                 self._unkeep(frame)
-                again.append(_Frame(_frame(("rows", start, ops, [], [])), start, len(ops)))
+                again.append(_Frame(_frame(("rows", start, ops, [], [])), start, ops))
             else:
                 lost.update(frame.tables_from(start))
                 if not again:

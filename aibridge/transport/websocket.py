@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aibridge import strict_json
-from aibridge.apis.common import Api, RequestError, RequestInfo
+from aibridge.apis.common import NOT_EVENTS, Api, RequestError, RequestInfo
 from aibridge.apis.openai_responses import WANTED_EVENTS, decode_event, request_info
 from aibridge.auth import Identity
 from aibridge.config import Provider
@@ -41,8 +41,6 @@ _TYPE_AT_START: Final = re.compile(
     rb'[ \t\r\n]*\{[ \t\r\n]*"type"[ \t\r\n]*:[ \t\r\n]*"([^"\\]{1,100})"'
 )
 _WANTED_TYPES: Final = frozenset(name.encode() for name in WANTED_EVENTS)
-# What EventAccumulator.feed_event passes over without counting it malformed.
-_IGNORED_MESSAGES: Final = frozenset({b"", b"[DONE]"})
 # Ids of finished responses kept, so that a late event of one never takes a newer turn.
 _FINISHED_IDS_KEPT: Final = 64
 # Ids no turn answers to, logged once each (bounded: the provider could name many).
@@ -168,7 +166,7 @@ def worth_decoding(content: bytes) -> bool:
     """
     match = _TYPE_AT_START.match(content)
     if match is None:
-        return content not in _IGNORED_MESSAGES
+        return content not in NOT_EVENTS
     if match.group(1) in _WANTED_TYPES:
         return True
     end = match.end()
