@@ -419,7 +419,11 @@ def test_rows_waiting_to_be_committed_are_held_as_bytes_not_objects(tmp_path: Pa
         assert wait_for(lambda: w.health["state"] == "retrying", WAIT)
         assert w.stats["written"] == 0  # handed over, none committed: all kept
         gc.collect()
-        held = [o for o in gc.get_objects() if isinstance(o, dict) and o.get("id") in ids]
+        held = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, dict) and isinstance(o.get("id"), str) and o["id"] in ids
+        ]
         assert held == []
         pid = w.writer_pid
         assert pid is not None
