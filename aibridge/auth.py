@@ -21,11 +21,12 @@ from urllib.parse import parse_qsl
 
 from mitmproxy import http
 
-from aibridge.config import Config, Provider, User, hint
+from aibridge.config import MIN_TOKEN_LENGTH, Config, Provider, User, hint
 
 # Where clients put their API key: OpenAI's and most tools' bearer token, Anthropic's
 # x-api-key, Azure OpenAI's api-key; and mitmproxy's proxyauth.
 CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
+_CLIENT_CREDENTIAL_FIELDS = frozenset(name.encode() for name in CLIENT_CREDENTIAL_HEADERS)
 # Credential kinds of a user's own sign-in to a plan, forwarded upstream: not priced per token.
 SIGN_IN_KINDS = frozenset({"client", "subscription"})
 
@@ -72,8 +73,6 @@ _PLAIN_HEADERS = frozenset(
 )
 _LIST_ITEMS = re.compile(r"[;,]")
 _ONE_WORD = re.compile(r"[^\s;,=]+")
-# Tokens are at least 8 characters long (config.py); shorter values are not looked up.
-_MIN_TOKEN = 8
 
 
 def leaked_token_owner(config: Config, headers: Mapping[str, str], query: str = "") -> User | None:
@@ -84,20 +83,23 @@ def leaked_token_owner(config: Config, headers: Mapping[str, str], query: str = 
     if not config.users:
         return None
     lengths = config.token_lengths
+    # No candidate is longer than the value or list item it comes from: shorter ones are
+    # passed over whole (Codex's turn metadata alone is some twenty items).
+    shortest = config.shortest_token
 
     def lookup(candidate: str) -> User | None:
-        if len(candidate) < _MIN_TOKEN or (lengths is not None and len(candidate) not in lengths):
+        if len(candidate) < shortest or (lengths is not None and len(candidate) not in lengths):
             return None  # cannot be a token: no hash needed
         return config.user_for_token(candidate)
 
     for name, value in headers.items():
-        if name in _PLAIN_HEADERS or len(value) < _MIN_TOKEN:
+        if len(value) < shortest or name in _PLAIN_HEADERS:
             continue
         if _ONE_WORD.fullmatch(value):  # the common case: the value is the candidate
             if user := lookup(value):
                 return user
             continue
-        for candidate in _credential_candidates(value):
+        for candidate in _credential_candidates(value, shortest):
             if user := lookup(candidate):
                 return user
     if query:
@@ -107,13 +109,16 @@ def leaked_token_owner(config: Config, headers: Mapping[str, str], query: str = 
     return None
 
 
-def _credential_candidates(value: str) -> Iterator[str]:
+def _credential_candidates(value: str, shortest: int = MIN_TOKEN_LENGTH) -> Iterator[str]:
     """Where a token can sit in one header value: whole, after a scheme, in Basic
-    credentials, as one item of a list (``a=1; key=<token>`` cookies, ``, ``-joined)."""
+    credentials, as one item of a list (``a=1; key=<token>`` cookies, ``, ``-joined).
+    Items shorter than `shortest` hold no candidate that long and are skipped."""
     items = [value]
     if ";" in value or "," in value:
         items.extend(_LIST_ITEMS.split(value))
     for item in items:
+        if len(item) < shortest:
+            continue
         item = item.strip()
         yield item
         scheme, space, rest = item.partition(" ")
@@ -193,9 +198,9 @@ def _centralized(user_id: str, provider: Provider) -> Identity:
 def install_credentials(headers: http.Headers, provider: Provider, identity: Identity) -> None:
     """Remove everything the client authenticated with; present the upstream key instead."""
     # One pass over the raw fields: each Headers.pop/set would rescan them all.
-    drop = {n.encode() for n in CLIENT_CREDENTIAL_HEADERS}
-    drop.add(provider.key_header.encode())
-    drop.update(n.lower().encode() for n in provider.extra_headers)
+    drop = {provider.key_header.encode(), *_CLIENT_CREDENTIAL_FIELDS}
+    if provider.extra_headers:
+        drop.update(n.lower().encode() for n in provider.extra_headers)
     fields = [(k, v) for k, v in headers.fields if k.lower() not in drop]
     if identity.upstream_key:
         fields.append(_credential_field(provider, identity))

@@ -43,7 +43,7 @@ from aibridge.governance.governor import (
     Refusal,
     warning_header,
 )
-from aibridge.headers import header_view
+from aibridge.headers import header_value, header_view
 from aibridge.metrics import (
     CircuitGauge,
     ExchangeLabels,
@@ -58,7 +58,7 @@ from aibridge.record import rows
 from aibridge.record.outcome import Outcome, finish_exchange
 from aibridge.record.recorder import RecorderError, Replay
 from aibridge.record.writer_process import WRITER_MODES, LogWriter, WriterProcess, log_writer
-from aibridge.routing import Route, RouteKind, as_noted, classify
+from aibridge.routing import Route, RouteKind, Router, as_noted, classify
 from aibridge.transport import mitm_compat
 from aibridge.transport.inflate import DecodeLimitExceeded, decode_body, decode_body_in_thread
 from aibridge.transport.tee import StreamTee
@@ -224,6 +224,7 @@ class AIBridge:
 
     def __init__(self, default_config_dir: Path | None = None) -> None:
         self.config: Config | None = None
+        self._router: Router | None = None  # the config's routes
         self.recorder: LogWriter | None = None
         self.prices: PriceBook | None = None
         self.governor: Governor | None = None
@@ -362,6 +363,7 @@ class AIBridge:
         # A new guard: parked keys and open circuits start afresh, as after a restart.
         self.guard = UpstreamGuard(config.providers, config.circuit_breaker, config.key_pool)
         self.config = config
+        self._router = Router(config)
         self._config_error = None
         names = ", ".join(f"{p.name} ({p.base_url})" for p in config.providers)
         log.info(f"AI Bridge: {len(config.users)} user(s), providers: {names}")
@@ -515,7 +517,7 @@ class AIBridge:
             try:
                 decoded = await decode_body_in_thread(
                     req.raw_content or b"",
-                    req.headers.get("content-encoding", ""),
+                    header_value(req.headers, b"content-encoding"),
                     self.MAX_REQUEST_DECODED_BYTES,
                 )
             except ValueError as e:  # unsupported, corrupt or too large: _validate refuses it
@@ -532,7 +534,7 @@ class AIBridge:
         """A compressed body of a Responses request from a known client: decoded off the
         loop. Anyone else is refused (401) before anything is decoded."""
         req = flow.request
-        encoding = req.headers.get("content-encoding")
+        encoding = header_value(req.headers, b"content-encoding")
         if not encoding or not req.raw_content or encoding.strip().lower() == "identity":
             return False
         if self.config is None or not flow.live or flow.response is not None:
@@ -566,10 +568,9 @@ class AIBridge:
             self._refuse(flow, 500, message, None, self._api_guess(flow), "bridge_error")
 
     def _route(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> Route:
-        assert self.config is not None
+        assert self._router is not None
         req = flow.request
-        return classify(
-            self.config,
+        return self._router.route(
             req.method,
             req.host,
             req.port,
@@ -844,7 +845,7 @@ class AIBridge:
         if api.amend_request is None:
             return
         req = flow.request
-        encoding = req.headers.get("content-encoding", "").strip().lower()
+        encoding = header_value(req.headers, b"content-encoding").strip().lower()
         body = req.raw_content or b""
         amended = api.amend_request(body, info, self.config, encoding not in ("", "identity"))
         if amended is None:
@@ -863,7 +864,7 @@ class AIBridge:
                 raise decoded
             return decoded
         req = flow.request
-        encoding = req.headers.get("content-encoding")
+        encoding = header_value(req.headers, b"content-encoding")
         if not encoding:
             return req.raw_content or b""
         return decode_body(req.raw_content or b"", encoding, self.MAX_REQUEST_DECODED_BYTES)
@@ -1014,12 +1015,12 @@ class AIBridge:
         self._mask(flow, exchange)
         if exchange.admission is not None and exchange.admission.warnings:
             response.headers[WARNING_HEADER] = warning_header(exchange.admission.warnings)
-        content_type = response.headers.get("content-type", "")
+        content_type = header_value(response.headers, b"content-type")
         sse = exchange.request is not None and content_type.lower().startswith("text/event-stream")
         # Streamed: our SSE tee, or a large body mitmproxy streams by itself (stream=True).
         if not flow.live or not (sse or response.stream is True):
             return
-        encoding = response.headers.get("content-encoding", "")
+        encoding = header_value(response.headers, b"content-encoding")
         masker = echo.stream_masker(secrets, encoding, functools.partial(echo.kill, flow))
         if isinstance(masker, echo.StreamMasker):
             # Masking shortens the body: a length upstream announced would be wrong.

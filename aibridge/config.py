@@ -60,6 +60,10 @@ def database_url_problem(address: str) -> str | None:
     return None
 
 
+# A bridge token is at least this long; shorter values are never looked up as one.
+MIN_TOKEN_LENGTH = 8
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the operator."""
 
@@ -224,12 +228,16 @@ class Config:
     _users_by_digest: dict[str, User] = field(init=False, repr=False, compare=False)
     # The lengths a token can have, or None when a user is known only by its hash.
     token_lengths: frozenset[int] | None = field(init=False, repr=False, compare=False)
+    # No token is shorter (8 when some user is known only by its hash).
+    shortest_token: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass
         set_(self, "_users_by_digest", {user.token_sha256: user for user in self.users})
         lengths = [user.token_length for user in self.users]
-        set_(self, "token_lengths", None if None in lengths else frozenset(lengths))
+        known = None if None in lengths else frozenset(lengths)
+        set_(self, "token_lengths", known)
+        set_(self, "shortest_token", min(known) if known else MIN_TOKEN_LENGTH)
 
     def passthrough_for(self, provider: Provider) -> tuple[str, ...]:
         return provider.default_passthrough if self.passthrough is None else self.passthrough
@@ -816,8 +824,10 @@ def _users(r: _Reader, raw: Any) -> tuple[tuple[User, ...], list[UserEntry]]:
                     f"cannot sign in until it is set"
                 )
                 continue
-            if len(token) < 8:
-                raise r.fail(f"{key}.token", "is too short: use at least 8 characters")
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise r.fail(
+                    f"{key}.token", f"is too short: use at least {MIN_TOKEN_LENGTH} characters"
+                )
             digest = sha256_hex(token)
             length = len(token)
         else:

@@ -30,6 +30,7 @@ from mitmproxy import http
 
 from aibridge import auth
 from aibridge.config import Provider
+from aibridge.headers import header_value
 from aibridge.transport.inflate import (
     PASS_THROUGH,
     BoundedInflater,
@@ -440,7 +441,7 @@ def mask_buffered(
     raw = response.raw_content
     if not raw or response.stream:
         return None
-    encoding = normalize(response.headers.get("content-encoding", ""))
+    encoding = normalize(header_value(response.headers, b"content-encoding"))
     if encoding in PASS_THROUGH:
         masked = mask_bytes(raw, secrets)
         if masked is not raw:

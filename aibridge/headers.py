@@ -24,3 +24,14 @@ def header_view(headers: http.Headers) -> HeaderView:
         value = raw_value.decode("utf-8", "surrogateescape")
         view[name] = f"{view[name]}, {value}" if name in view else value
     return view
+
+
+def header_value(headers: http.Headers, name: bytes, default: str = "") -> str:
+    """``headers.get(name, default)`` in one pass over the raw fields, several times faster
+    (mitmproxy converts every field on every look-up); `name` is the lower-case name."""
+    found: str | None = None
+    for raw_name, raw_value in headers.fields:
+        if len(raw_name) == len(name) and raw_name.lower() == name:
+            value = raw_value.decode("utf-8", "surrogateescape")
+            found = value if found is None else f"{found}, {value}"
+    return default if found is None else found

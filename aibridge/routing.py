@@ -104,6 +104,35 @@ def classify(
     return Route(RouteKind.FORBIDDEN, provider, normalized, upstream_path)
 
 
+class Router:
+    """``classify`` for one config, remembering its answers: clients send the same few
+    requests over and over, and the hooks ask about each flow more than once."""
+
+    # Bounded: a client sending ever new paths costs at most this many entries, each with a
+    # path no longer than the next limit (longer ones are classified every time).
+    MAX_REMEMBERED = 1024
+    MAX_REMEMBERED_PATH = 512
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._routes: dict[tuple[str, str, int, str, bool], Route] = {}
+
+    def route(
+        self, method: str, host: str, port: int, path: str, *, websocket_upgrade: bool = False
+    ) -> Route:
+        key = (method, host, port, path, websocket_upgrade)
+        route = self._routes.get(key)
+        if route is None:
+            route = classify(
+                self.config, method, host, port, path, websocket_upgrade=websocket_upgrade
+            )
+            if len(path) <= self.MAX_REMEMBERED_PATH:
+                if len(self._routes) >= self.MAX_REMEMBERED:
+                    self._routes.clear()
+                self._routes[key] = route
+        return route
+
+
 def as_noted(config: Config, route: Route, provider_name: object) -> Route:
     """The route of a saved POST, judged for the provider the live bridge noted on it.
 

@@ -1,7 +1,7 @@
 import pytest
 
 from aibridge.config import parse_config
-from aibridge.routing import RouteKind, classify
+from aibridge.routing import RouteKind, Router, classify
 
 CONFIG = parse_config(
     {
@@ -445,3 +445,56 @@ def test_a_saved_flow_is_judged_for_its_noted_provider(path, noted, provider, ap
     else:
         assert judged.kind is RouteKind.BRIDGED and judged.api.name == api
         assert judged.api_path == first.api_path
+
+
+# ----------------------------------------------------------------- the remembering router
+
+ROUTER_CASES = [
+    (method, host, port, path, upgrade)
+    for method in ("POST", "GET", "DELETE")
+    for host, port in (("api.openai.com", 443), ("x.example.com", 443), ("127.0.0.1", 9999))
+    for path in (
+        "/v1/responses",
+        "/v1/responses?x=1",
+        "/openai/v1/responses",
+        "/v1/models/gpt-5",
+        "/v1/../responses",
+        "/openai/v1/chat/completions",
+        "/azure/v1/responses",
+        "/v1//responses",
+        "/elsewhere",
+    )
+    for upgrade in (False, True)
+]
+
+
+def test_the_router_answers_as_classify_does_asked_once_or_again() -> None:
+    router = Router(CONFIG)
+    for _ in range(2):  # the second time from what it remembers
+        for method, host, port, path, upgrade in ROUTER_CASES:
+            expected = classify(CONFIG, method, host, port, path, websocket_upgrade=upgrade)
+            got = router.route(method, host, port, path, websocket_upgrade=upgrade)
+            assert got == expected, (method, host, port, path, upgrade)
+
+
+def test_what_the_router_remembers_is_bounded() -> None:
+    router = Router(CONFIG)
+    for i in range(3 * Router.MAX_REMEMBERED):  # a client sending ever new paths
+        router.route("GET", "api.openai.com", 443, f"/v1/responses/resp_{i}")
+        assert len(router._routes) <= Router.MAX_REMEMBERED
+    long_path = "/v1/models/" + "m" * Router.MAX_REMEMBERED_PATH
+    before = len(router._routes)
+    route = router.route("GET", "api.openai.com", 443, long_path)
+    assert route == classify(CONFIG, "GET", "api.openai.com", 443, long_path)
+    assert len(router._routes) == before  # classified, not kept
+
+
+def test_a_router_answers_for_its_own_config_only() -> None:
+    other = parse_config(
+        {"providers": [{"name": "o", "base_url": "https://api.openai.com/v1", "api_key": "k"}]},
+        "other.yaml",
+        {},
+    )
+    first, second = Router(CONFIG), Router(other)
+    assert first.route("POST", "127.0.0.1", 9999, "/v1/responses").kind is RouteKind.BRIDGED
+    assert second.route("POST", "127.0.0.1", 9999, "/v1/responses").kind is RouteKind.UNRELATED

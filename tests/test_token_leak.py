@@ -280,3 +280,46 @@ def test_tokens_of_several_lengths_are_all_found() -> None:
             owner = auth.leaked_token_owner(config, headers)
             assert owner is not None and owner.id == user
     assert auth.leaked_token_owner(config, {"x-k": "t" * 9}) is None
+
+
+def test_a_token_among_many_short_list_items_is_found() -> None:
+    """Items shorter than any token are passed over; the one that holds it is not, wherever
+    it stands in the list and whatever separates it."""
+    junk = [f"k{i}={i}" for i in range(30)] + ['"n":0', "a", "", " ", "x=y"]
+    for position in (0, 7, len(junk)):
+        for separator in (", ", ";", ",", "; "):
+            for carrier in (f"session={ALICE}", f'key="{ALICE}"', f"Bearer {ALICE}", ALICE):
+                items = [*junk[:position], carrier, *junk[position:]]
+                value = separator.join(items)
+                owner = auth.leaked_token_owner(CONFIG, {"x-meta": value})
+                assert owner is not None and owner.id == "alice", value
+                clean = separator.join([*junk[:position], *junk[position:]])
+                assert auth.leaked_token_owner(CONFIG, {"x-meta": clean}) is None
+
+
+def test_the_shortest_token_bounds_the_scan_only_when_every_token_is_known() -> None:
+    assert CONFIG.shortest_token == 8  # carol is known by her token's hash only
+    short = "tok-1234"
+    config = parse_config(
+        {
+            "providers": [{"name": "o", "base_url": "https://h.example/v1", "api_key": "k"}],
+            "users": [{"id": "a", "token": "a" * 30}, {"id": "s", "token": short}],
+        },
+        "shortest.yaml",
+        {},
+    )
+    assert config.shortest_token == 8
+    for value in (short, f"{short},zz", f"x={short}", f"a=1; t={short}", basic("u", short)):
+        owner = auth.leaked_token_owner(config, {"x-k": value})
+        assert owner is not None and owner.id == "s", value
+    long_only = parse_config(
+        {
+            "providers": [{"name": "o", "base_url": "https://h.example/v1", "api_key": "k"}],
+            "users": [{"id": "a", "token": "a" * 30}],
+        },
+        "long.yaml",
+        {},
+    )
+    assert long_only.shortest_token == 30
+    owner = auth.leaked_token_owner(long_only, {"x-k": f"q, t={'a' * 30}, z"})
+    assert owner is not None and owner.id == "a"

@@ -11,6 +11,7 @@ from mitmproxy import http
 
 from aibridge.apis import Api
 from aibridge.apis.common import Accumulator, ResponseResult
+from aibridge.headers import header_value
 from aibridge.transport.inflate import DecodeLimitExceeded, decode_body
 from aibridge.transport.tee import StreamTee
 
@@ -67,8 +68,8 @@ def finish_exchange(
 
 def _feed_buffered(api: Api, accumulator: Accumulator, response: http.Response) -> str | None:
     raw = response.raw_content or b""
-    encoding = response.headers.get("content-encoding", "")
-    if response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+    encoding = header_value(response.headers, b"content-encoding")
+    if header_value(response.headers, b"content-type").lower().startswith("text/event-stream"):
         # A stream read back from a flow file (offline mode) arrives whole, still encoded:
         # the tee decodes it step by step, as it would have live.
         tee = StreamTee(accumulator, api, encoding)
@@ -92,7 +93,7 @@ def _feed_buffered(api: Api, accumulator: Accumulator, response: http.Response) 
 def upstream_error_text(response: http.Response) -> str:
     """The provider's own error message when it sent one, else the status line."""
     text = f"upstream answered HTTP {response.status_code}"
-    encoding = response.headers.get("content-encoding", "")
+    encoding = header_value(response.headers, b"content-encoding")
     try:
         body = decode_body(response.raw_content or b"", encoding, MAX_ERROR_DECODED_BYTES)
     except DecodeLimitExceeded as e:
