@@ -80,33 +80,70 @@ def leaked_token_owner(config: Config, headers: Mapping[str, str], query: str = 
     (any header value, bare or after a scheme such as ``Bearer``, inside Basic
     credentials, or a query parameter), or None. Such a request must not leave the bridge
     except to a provider, with the token swapped for the provider's credential."""
-    if not config.users:
+    return LeakScan(config, remembered=0).owner(headers, query)
+
+
+class LeakScan:
+    """``leaked_token_owner`` for one config, remembering header values it found clean.
+
+    A client repeats most of its headers on every request: Codex sends the same session
+    ids, and the same long turn metadata on each request of a turn. A value found clean
+    once is clean for as long as the config holds (whatever header carries it), so it is
+    not taken apart again. Bounded: at most `remembered` values, each at most
+    ``MAX_REMEMBERED_VALUE`` characters; the client's own credential headers are never
+    kept (they are checked every time, and no secret of theirs stays in memory).
+    """
+
+    MAX_REMEMBERED_VALUE = 4096
+
+    def __init__(self, config: Config, remembered: int = 256) -> None:
+        self.config = config
+        self._remembered = remembered
+        self._clean: set[str] = set()
+        # No candidate is longer than the value or list item it comes from: shorter ones
+        # are passed over whole (Codex's turn metadata alone is some twenty items).
+        self._shortest = config.shortest_token
+        self._lengths = config.token_lengths
+
+    def __repr__(self) -> str:
+        return f"LeakScan({len(self._clean)} clean values remembered)"
+
+    def owner(self, headers: Mapping[str, str], query: str = "") -> User | None:
+        if not self.config.users:
+            return None
+        shortest, clean = self._shortest, self._clean
+        for name, value in headers.items():
+            if len(value) < shortest or name in _PLAIN_HEADERS or value in clean:
+                continue
+            if user := self._value_owner(value):
+                return user
+            if (
+                self._remembered
+                and len(value) <= self.MAX_REMEMBERED_VALUE
+                and name not in CLIENT_CREDENTIAL_HEADERS
+            ):
+                if len(clean) >= self._remembered:
+                    clean.clear()
+                clean.add(value)
+        if query:
+            for _, value in parse_qsl(query, keep_blank_values=False):
+                if user := self._lookup(value.strip()):
+                    return user
         return None
-    lengths = config.token_lengths
-    # No candidate is longer than the value or list item it comes from: shorter ones are
-    # passed over whole (Codex's turn metadata alone is some twenty items).
-    shortest = config.shortest_token
 
-    def lookup(candidate: str) -> User | None:
-        if len(candidate) < shortest or (lengths is not None and len(candidate) not in lengths):
-            return None  # cannot be a token: no hash needed
-        return config.user_for_token(candidate)
-
-    for name, value in headers.items():
-        if len(value) < shortest or name in _PLAIN_HEADERS:
-            continue
+    def _value_owner(self, value: str) -> User | None:
         if _ONE_WORD.fullmatch(value):  # the common case: the value is the candidate
-            if user := lookup(value):
+            return self._lookup(value)
+        for candidate in _credential_candidates(value, self._shortest):
+            if user := self._lookup(candidate):
                 return user
-            continue
-        for candidate in _credential_candidates(value, shortest):
-            if user := lookup(candidate):
-                return user
-    if query:
-        for _, value in parse_qsl(query, keep_blank_values=False):
-            if user := lookup(value.strip()):
-                return user
-    return None
+        return None
+
+    def _lookup(self, candidate: str) -> User | None:
+        size = len(candidate)
+        if size < self._shortest or (self._lengths is not None and size not in self._lengths):
+            return None  # cannot be a token: no hash needed
+        return self.config.user_for_token(candidate)
 
 
 def _credential_candidates(value: str, shortest: int = MIN_TOKEN_LENGTH) -> Iterator[str]:

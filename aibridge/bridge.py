@@ -225,6 +225,7 @@ class AIBridge:
     def __init__(self, default_config_dir: Path | None = None) -> None:
         self.config: Config | None = None
         self._router: Router | None = None  # the config's routes
+        self._leaks: auth.LeakScan | None = None  # the config's tokens, looked for
         self.recorder: LogWriter | None = None
         self.prices: PriceBook | None = None
         self.governor: Governor | None = None
@@ -364,6 +365,7 @@ class AIBridge:
         self.guard = UpstreamGuard(config.providers, config.circuit_breaker, config.key_pool)
         self.config = config
         self._router = Router(config)
+        self._leaks = auth.LeakScan(config)
         self._config_error = None
         names = ", ".join(f"{p.name} ({p.base_url})" for p in config.providers)
         log.info(f"AI Bridge: {len(config.users)} user(s), providers: {names}")
@@ -635,7 +637,8 @@ class AIBridge:
             for name, value in headers.items()
             if name not in auth.CLIENT_CREDENTIAL_HEADERS
         }
-        owner = auth.leaked_token_owner(self.config, others, req.path.partition("?")[2])
+        assert self._leaks is not None
+        owner = self._leaks.owner(others, req.path.partition("?")[2])
         if owner is not None:
             message = (
                 "this request carries an AI Bridge token outside the API key header; "
@@ -932,8 +935,8 @@ class AIBridge:
     def _keep_tokens_in(self, flow: http.HTTPFlow, headers: Mapping[str, str]) -> None:
         """A request for a host that is not a provider must not carry a bridge token out
         (a client pointed at the real API with its bridge token, say): refused."""
-        assert self.config is not None
-        owner = auth.leaked_token_owner(self.config, headers, flow.request.path.partition("?")[2])
+        assert self._leaks is not None
+        owner = self._leaks.owner(headers, flow.request.path.partition("?")[2])
         if owner is None:
             return
         host = flow.request.pretty_host

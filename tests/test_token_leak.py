@@ -323,3 +323,46 @@ def test_the_shortest_token_bounds_the_scan_only_when_every_token_is_known() -> 
     assert long_only.shortest_token == 30
     owner = auth.leaked_token_owner(long_only, {"x-k": f"q, t={'a' * 30}, z"})
     assert owner is not None and owner.id == "a"
+
+
+# ------------------------------------------------------------- values remembered clean
+
+
+def test_a_remembered_clean_value_never_hides_a_token_sent_later() -> None:
+    scan = auth.LeakScan(CONFIG)
+    metadata = '{"turn_id":"0a1b","session_id":"01a2205c-42ef-7c52-9d98-dee5f8dadf59"}'
+    for _ in range(3):
+        assert scan.owner({"x-meta": metadata, "session-id": "01a2205c-42ef-7c52"}) is None
+    for carrier in (f"session={ALICE}", f"{metadata}, key={ALICE}", ALICE, basic("u", ALICE)):
+        owner = scan.owner({"x-meta": carrier, "session-id": "01a2205c-42ef-7c52"})
+        assert owner is not None and owner.id == "alice", carrier
+    owner = scan.owner({"x-meta": metadata}, f"api_key={ALICE}")
+    assert owner is not None and owner.id == "alice"
+
+
+def test_what_is_clean_under_one_config_is_looked_at_again_under_the_next() -> None:
+    value = "k=later-someones-token"
+    assert auth.LeakScan(CONFIG).owner({"x-k": value}) is None
+    later = parse_config(
+        {
+            "providers": [{"name": "o", "base_url": "https://h.example/v1", "api_key": "k"}],
+            "users": [{"id": "dave", "token": "later-someones-token"}],
+        },
+        "later.yaml",
+        {},
+    )
+    owner = auth.LeakScan(later).owner({"x-k": value})
+    assert owner is not None and owner.id == "dave"
+
+
+def test_what_a_scan_remembers_is_bounded_and_never_a_credential() -> None:
+    scan = auth.LeakScan(CONFIG, remembered=16)
+    for i in range(100):
+        assert scan.owner({"x-request-id": f"request-{i:08d}"}) is None
+        assert len(scan._clean) <= 16
+    scan = auth.LeakScan(CONFIG)
+    long_value = "v" * (auth.LeakScan.MAX_REMEMBERED_VALUE + 1)
+    headers = {"authorization": "Bearer sk-someone-elses-key", "x-api-key": "sk-other-key"}
+    assert scan.owner({**headers, "x-long": long_value}) is None
+    assert scan._clean == set()
+    assert "sk-" not in repr(scan)
