@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 from mitmproxy import http
 
-from aibridge.config import MIN_TOKEN_LENGTH, Config, Provider, User, hint
+from aibridge.config import Config, Provider, User, hint
 
 # Where clients put their API key: OpenAI's and most tools' bearer token, Anthropic's
 # x-api-key, Azure OpenAI's api-key; and mitmproxy's proxyauth.
@@ -75,21 +75,17 @@ _LIST_ITEMS = re.compile(r"[;,]")
 _ONE_WORD = re.compile(r"[^\s;,=]+")
 
 
-def leaked_token_owner(config: Config, headers: Mapping[str, str], query: str = "") -> User | None:
-    """The user whose bridge token this request carries anywhere a credential can travel
-    (any header value, bare or after a scheme such as ``Bearer``, inside Basic
-    credentials, or a query parameter), or None. Such a request must not leave the bridge
-    except to a provider, with the token swapped for the provider's credential."""
-    return LeakScan(config, remembered=0).owner(headers, query)
-
-
 class LeakScan:
-    """``leaked_token_owner`` for one config, remembering header values it found clean.
+    """Finds the user whose bridge token a request carries anywhere a credential can travel
+    (any header value, bare or after a scheme such as ``Bearer``, inside Basic credentials,
+    or a query parameter). Such a request must not leave the bridge except to a provider,
+    with the token swapped for the provider's credential.
 
-    A client repeats most of its headers on every request: Codex sends the same session
-    ids, and the same long turn metadata on each request of a turn. A value found clean
-    once is clean for as long as the config holds (whatever header carries it), so it is
-    not taken apart again. Bounded: at most `remembered` values, each at most
+    One scan per config, remembering header values it found clean. A client repeats most
+    of its headers on every request: Codex sends the same session ids, and the same long
+    turn metadata on each request of a turn. A value found clean once is clean for as long
+    as the config holds (whatever header carries it), so it is not taken apart again.
+    Bounded: at most `remembered` values (at least 1), each at most
     ``MAX_REMEMBERED_VALUE`` characters; the client's own credential headers are never
     kept (they are checked every time, and no secret of theirs stays in memory).
     """
@@ -109,6 +105,7 @@ class LeakScan:
         return f"LeakScan({len(self._clean)} clean values remembered)"
 
     def owner(self, headers: Mapping[str, str], query: str = "") -> User | None:
+        """The user whose token the request carries outside the API key header, or None."""
         if not self.config.users:
             return None
         shortest, clean = self._shortest, self._clean
@@ -117,11 +114,7 @@ class LeakScan:
                 continue
             if user := self._value_owner(value):
                 return user
-            if (
-                self._remembered
-                and len(value) <= self.MAX_REMEMBERED_VALUE
-                and name not in CLIENT_CREDENTIAL_HEADERS
-            ):
+            if len(value) <= self.MAX_REMEMBERED_VALUE and name not in CLIENT_CREDENTIAL_HEADERS:
                 if len(clean) >= self._remembered:
                     clean.clear()
                 clean.add(value)
@@ -146,7 +139,7 @@ class LeakScan:
         return self.config.user_for_token(candidate)
 
 
-def _credential_candidates(value: str, shortest: int = MIN_TOKEN_LENGTH) -> Iterator[str]:
+def _credential_candidates(value: str, shortest: int) -> Iterator[str]:
     """Where a token can sit in one header value: whole, after a scheme, in Basic
     credentials, as one item of a list (``a=1; key=<token>`` cookies, ``, ``-joined).
     Items shorter than `shortest` hold no candidate that long and are skipped."""

@@ -64,7 +64,7 @@ CARRIERS = [
 
 @pytest.mark.parametrize(("name", "value"), CARRIERS)
 def test_a_token_is_found_wherever_a_credential_travels(name: str, value: str) -> None:
-    owner = auth.leaked_token_owner(CONFIG, {name: value})
+    owner = auth.LeakScan(CONFIG).owner({name: value})
     assert owner is not None and owner.id == "alice"
 
 
@@ -73,12 +73,12 @@ def test_a_token_is_found_wherever_a_credential_travels(name: str, value: str) -
     [f"key={ALICE}", f"a=1&api_key={ALICE}", f"token=%20{ALICE}", f"x={ALICE.replace('-', '%2D')}"],
 )
 def test_a_token_in_the_query_is_found(query: str) -> None:
-    owner = auth.leaked_token_owner(CONFIG, {}, query)
+    owner = auth.LeakScan(CONFIG).owner({}, query)
     assert owner is not None and owner.id == "alice"
 
 
 def test_a_user_known_only_by_the_tokens_hash_is_found_too() -> None:
-    owner = auth.leaked_token_owner(CONFIG, {"x-api-key": "carol-token-hashed-only"})
+    owner = auth.LeakScan(CONFIG).owner({"x-api-key": "carol-token-hashed-only"})
     assert owner is not None and owner.id == "carol"
 
 
@@ -98,7 +98,7 @@ def test_a_user_known_only_by_the_tokens_hash_is_found_too() -> None:
     ],
 )
 def test_other_values_are_not_taken_for_a_token(headers: dict[str, str]) -> None:
-    assert auth.leaked_token_owner(CONFIG, headers) is None
+    assert auth.LeakScan(CONFIG).owner(headers) is None
 
 
 # ------------------------------------------------------------------------- hook level
@@ -277,9 +277,9 @@ def test_tokens_of_several_lengths_are_all_found() -> None:
             {"authorization": f"Bearer {token}"},
             {"c": f"a=1; b={token}"},
         ):
-            owner = auth.leaked_token_owner(config, headers)
+            owner = auth.LeakScan(config).owner(headers)
             assert owner is not None and owner.id == user
-    assert auth.leaked_token_owner(config, {"x-k": "t" * 9}) is None
+    assert auth.LeakScan(config).owner({"x-k": "t" * 9}) is None
 
 
 def test_a_token_among_many_short_list_items_is_found() -> None:
@@ -291,10 +291,10 @@ def test_a_token_among_many_short_list_items_is_found() -> None:
             for carrier in (f"session={ALICE}", f'key="{ALICE}"', f"Bearer {ALICE}", ALICE):
                 items = [*junk[:position], carrier, *junk[position:]]
                 value = separator.join(items)
-                owner = auth.leaked_token_owner(CONFIG, {"x-meta": value})
+                owner = auth.LeakScan(CONFIG).owner({"x-meta": value})
                 assert owner is not None and owner.id == "alice", value
                 clean = separator.join([*junk[:position], *junk[position:]])
-                assert auth.leaked_token_owner(CONFIG, {"x-meta": clean}) is None
+                assert auth.LeakScan(CONFIG).owner({"x-meta": clean}) is None
 
 
 def test_the_shortest_token_bounds_the_scan_only_when_every_token_is_known() -> None:
@@ -310,7 +310,7 @@ def test_the_shortest_token_bounds_the_scan_only_when_every_token_is_known() -> 
     )
     assert config.shortest_token == 8
     for value in (short, f"{short},zz", f"x={short}", f"a=1; t={short}", basic("u", short)):
-        owner = auth.leaked_token_owner(config, {"x-k": value})
+        owner = auth.LeakScan(config).owner({"x-k": value})
         assert owner is not None and owner.id == "s", value
     long_only = parse_config(
         {
@@ -321,7 +321,7 @@ def test_the_shortest_token_bounds_the_scan_only_when_every_token_is_known() -> 
         {},
     )
     assert long_only.shortest_token == 30
-    owner = auth.leaked_token_owner(long_only, {"x-k": f"q, t={'a' * 30}, z"})
+    owner = auth.LeakScan(long_only).owner({"x-k": f"q, t={'a' * 30}, z"})
     assert owner is not None and owner.id == "a"
 
 
